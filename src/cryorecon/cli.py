@@ -1,0 +1,62 @@
+"""Command-line entry point: ``cryorecon <command> ...``.
+
+Each command lives in ``cryorecon.commands.<name>`` and exposes ``register(subparsers)``,
+which adds its parser and sets ``func`` (a callable taking the parsed args and returning an
+exit code). Errors derived from :class:`cryorecon.errors.CryoreconError` print one line to
+stderr and exit with their own code; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from . import __version__
+from .errors import CryoreconError
+
+COMMANDS = [
+    "simulate",
+    "backproject",
+    "fsc",
+    "align",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cryorecon",
+        description="Ab-initio cryo-EM 3D reconstruction (Punjani, Brubaker & Fleet 2017).",
+    )
+    parser.add_argument("--version", action="version", version=f"cryorecon {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"cryorecon.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from . import progress
+
+    progress.configure(quiet=args.quiet, verbose=args.verbose)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except CryoreconError as exc:
+        print(f"cryorecon {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"cryorecon {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
