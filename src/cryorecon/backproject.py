@@ -1,0 +1,91 @@
+"""Oracle reconstruction: CTF-corrected Wiener back-projection from known poses.
+
+Given particle images with poses (RELION angles and origins), the least-squares estimate of
+the 3D spectrum under the forward model of Eq. 1 is, per 3D frequency,
+
+    V_hat = sum_i c_i conj(s_i) I_hat_i / sigma_i^2  /  (sum_i c_i^2 / sigma_i^2 + 1 / P(|k|))
+
+where ``c_i`` is the CTF, ``s_i`` the phase shift of the particle's translation, the sums
+run over all slices through that frequency (spread by the same trilinear kernel as the
+forward model, :func:`~cryorecon.fourier.slicing.backproject_spectrum`), and ``P(|k|)`` is
+the signal power per shell, estimated from the data by the method of moments
+(E|I_hat|^2 = c^2 P + sigma^2 for the unitary FFT). This is the best map the data allow
+(the "oracle" of DESIGN.md) and checks every convention end to end.
+
+Because the forward model samples the spectrum of the premultiplied volume (V / sinc^2),
+the inverse step multiplies back by sinc^2 — the adjoint-consistent choice, so that images
+made by :func:`~cryorecon.fourier.slicing.project` reconstruct to the volume that made them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .fourier.ctf import ctf_2d
+from .fourier.slicing import backproject_spectrum, full_freqs_px, premultiplier
+from .fourier.transforms import fft2c, ifft3c, phase_shift
+from .geometry.poses import relion_to_pose
+from .preprocess import default_diameter_A, float_and_sigma
+from .progress import bar
+
+
+def ctf_for(particles, idx, freqs_px: torch.Tensor, device) -> torch.Tensor:
+    """CTF values (len(idx), M) at integer frequencies ``freqs_px`` of the D box."""
+    ctf = particles.ctf
+    apix = torch.as_tensor(particles.apix[idx], dtype=torch.float32, device=device)
+    freqs_A = freqs_px[None, :, :] / (particles.D * apix[:, None, None])
+    t = lambda k: torch.as_tensor(ctf[k][idx], dtype=torch.float32, device=device)  # noqa: E731
+    return ctf_2d(freqs_A, t("defocus_u"), t("defocus_v"), t("defocus_angle"), t("voltage"),
+                  t("cs"), t("amp_contrast"), t("phase_shift"), t("bfactor"))
+
+
+def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, oversample: int = 2,
+                       diameter_A: float | None = None, idx=None) -> torch.Tensor:
+    """Reconstruct (D, D, D) float32 from ``particles`` (a ParticleSet with poses)."""
+    if particles.angles is None:
+        from .errors import InputError
+
+        raise InputError(f"{particles.source}: no poses (rlnAngleRot/Tilt/Psi) to back-project with")
+    D = particles.D
+    P = oversample * D
+    idx = np.arange(len(particles)) if idx is None else np.asarray(idx)
+    apix0 = float(np.median(particles.apix))
+    diameter_px = (diameter_A or default_diameter_A(D, apix0)) / apix0
+    freqs = full_freqs_px(D, device=device)
+    radius = freqs.norm(dim=-1)
+    keep = radius < D / 2
+    freqs, radius = freqs[keep], radius[keep]
+    n_shells = D // 2
+    shell = radius.long().clamp(max=n_shells - 1)
+    num = torch.zeros(P ** 3, dtype=torch.complex64, device=device)
+    den = torch.zeros(P ** 3, dtype=torch.float32, device=device)
+    pow_num = torch.zeros(n_shells, dtype=torch.float64, device=device)
+    pow_den = torch.zeros(n_shells, dtype=torch.float64, device=device)
+    for b in bar(range(0, len(idx), batch_size), desc="back-projecting", unit="batch"):
+        sel = idx[b:b + batch_size]
+        imgs = torch.as_tensor(particles.images(sel), device=device)
+        imgs, sigma = float_and_sigma(imgs, diameter_px)
+        y = fft2c(imgs).reshape(len(sel), -1)[:, keep]
+        shifts = None if particles.shifts is None else particles.shifts[sel]
+        R, t = relion_to_pose(particles.angles[sel], shifts, particles.apix[sel])
+        R, t = R.to(device), t.to(device)
+        c = ctf_for(particles, sel, freqs, device)
+        inv_var = (1.0 / sigma.double() ** 2).float()[:, None]
+        unshifted = y * phase_shift(freqs[None] / D, t).conj()
+        backproject_spectrum(c * unshifted * inv_var, R, freqs, P, oversample, out=num)
+        backproject_spectrum(c * c * inv_var, R, freqs, P, oversample, out=den)
+        excess = (y.abs() ** 2 - sigma[:, None] ** 2).double()
+        pow_num.index_add_(0, shell.expand_as(excess).reshape(-1), (excess * inv_var).reshape(-1))
+        pow_den.index_add_(0, shell.expand_as(excess).reshape(-1), (c.double() ** 2 * inv_var).reshape(-1))
+    power = (pow_num / pow_den.clamp_min(1e-30)).clamp_min(1e-12).float()
+    # 1/P on the padded grid: shell of the 3D frequency |k'| / oversample.
+    g = torch.arange(P, device=device, dtype=torch.float32) - P // 2
+    kz, ky, kx = torch.meshgrid(g, g, g, indexing="ij")
+    r3 = torch.sqrt(kx * kx + ky * ky + kz * kz) / oversample
+    inside = r3 < D / 2
+    reg = 1.0 / power[r3.long().clamp(max=n_shells - 1)]
+    spec = torch.where(inside, num.reshape(P, P, P) / (den.reshape(P, P, P) + reg), torch.zeros((), dtype=num.dtype, device=device))
+    lo = P // 2 - D // 2
+    vol = ifft3c(spec).real[lo:lo + D, lo:lo + D, lo:lo + D] * (D / P ** 1.5)
+    return vol * premultiplier(D, P, device=device)
