@@ -22,22 +22,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier.ctf import ctf_2d
-from .fourier.slicing import backproject_spectrum, full_freqs_px, premultiplier
-from .fourier.transforms import fft2c, ifft3c, phase_shift
+from .fourier.slicing import (
+    backproject_spectrum, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
+)
+from .fourier.transforms import fft2c, phase_shift
 from .geometry.poses import relion_to_pose
+from .model.batches import particle_ctf
 from .preprocess import default_diameter_A, float_and_sigma
 from .progress import bar
-
-
-def ctf_for(particles, idx, freqs_px: torch.Tensor, device) -> torch.Tensor:
-    """CTF values (len(idx), M) at integer frequencies ``freqs_px`` of the D box."""
-    ctf = particles.ctf
-    apix = torch.as_tensor(particles.apix[idx], dtype=torch.float32, device=device)
-    freqs_A = freqs_px[None, :, :] / (particles.D * apix[:, None, None])
-    t = lambda k: torch.as_tensor(ctf[k][idx], dtype=torch.float32, device=device)  # noqa: E731
-    return ctf_2d(freqs_A, t("defocus_u"), t("defocus_v"), t("defocus_angle"), t("voltage"),
-                  t("cs"), t("amp_contrast"), t("phase_shift"), t("bfactor"))
 
 
 def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, oversample: int = 2,
@@ -70,7 +62,7 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         shifts = None if particles.shifts is None else particles.shifts[sel]
         R, t = relion_to_pose(particles.angles[sel], shifts, particles.apix[sel])
         R, t = R.to(device), t.to(device)
-        c = ctf_for(particles, sel, freqs, device)
+        c = particle_ctf(particles, sel, freqs, device)
         inv_var = (1.0 / sigma.double() ** 2).float()[:, None]
         unshifted = y * phase_shift(freqs[None] / D, t).conj()
         backproject_spectrum(c * unshifted * inv_var, R, freqs, P, oversample, out=num)
@@ -79,13 +71,9 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         pow_num.index_add_(0, shell.expand_as(excess).reshape(-1), (excess * inv_var).reshape(-1))
         pow_den.index_add_(0, shell.expand_as(excess).reshape(-1), (c.double() ** 2 * inv_var).reshape(-1))
     power = (pow_num / pow_den.clamp_min(1e-30)).clamp_min(1e-12).float()
-    # 1/P on the padded grid: shell of the 3D frequency |k'| / oversample.
-    g = torch.arange(P, device=device, dtype=torch.float32) - P // 2
-    kz, ky, kx = torch.meshgrid(g, g, g, indexing="ij")
-    r3 = torch.sqrt(kx * kx + ky * ky + kz * kz) / oversample
+    r3 = spectrum_frequency_radius(P, oversample, device=device)
     inside = r3 < D / 2
     reg = 1.0 / power[r3.long().clamp(max=n_shells - 1)]
-    spec = torch.where(inside, num.reshape(P, P, P) / (den.reshape(P, P, P) + reg), torch.zeros((), dtype=num.dtype, device=device))
-    lo = P // 2 - D // 2
-    vol = ifft3c(spec).real[lo:lo + D, lo:lo + D, lo:lo + D] * (D / P ** 1.5)
-    return vol * premultiplier(D, P, device=device)
+    spec = torch.where(inside, num.reshape(P, P, P) / (den.reshape(P, P, P) + reg),
+                       torch.zeros((), dtype=num.dtype, device=device))
+    return volume_from_spectrum(spec, D)

@@ -21,6 +21,7 @@ COMMANDS = [
     "backproject",
     "fsc",
     "align",
+    "info",
 ]
 
 

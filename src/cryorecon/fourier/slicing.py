@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from .transforms import fft3c, ifft2c, ifft3c, phase_shift
+from .transforms import ifft2c, phase_shift
 
 
 def premultiplier(D: int, P: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -34,8 +34,17 @@ def premultiplier(D: int, P: int, device=None, dtype=torch.float32) -> torch.Ten
     return (s[:, None, None] * s[None, :, None] * s[None, None, :]).to(dtype)
 
 
+def _embed_index(D: int, P: int, device=None) -> torch.Tensor:
+    """Positions in an uncentred P-grid of the D-box voxels (box centre D//2 -> index 0)."""
+    return (torch.arange(D, device=device) - D // 2) % P
+
+
 def spectrum_from_volume(volume: torch.Tensor, oversample: int = 2) -> torch.Tensor:
-    """Premultiply, zero-pad to ``P = oversample * D`` and take the scaled centred 3D DFT.
+    """Premultiply, zero-pad to ``P = oversample * D`` and take the scaled 3D DFT.
+
+    The spectrum is kept in the *uncentred* FFT layout (frequency index ``k`` in
+    ``[-P/2, P/2)`` at array index ``k mod P``), which saves two shifts per transform; the
+    slicing functions below index it accordingly.
 
     Args:
         volume: real (D, D, D) tensor ``[z, y, x]``, centre at ``D//2``.
@@ -45,10 +54,10 @@ def spectrum_from_volume(volume: torch.Tensor, oversample: int = 2) -> torch.Ten
     D = volume.shape[-1]
     P = oversample * D
     v = volume / premultiplier(D, P, device=volume.device, dtype=volume.dtype)
-    lo = P // 2 - D // 2
+    i = _embed_index(D, P, volume.device)
     padded = torch.zeros((P, P, P), dtype=volume.dtype, device=volume.device)
-    padded[lo:lo + D, lo:lo + D, lo:lo + D] = v
-    return fft3c(padded) * (P ** 1.5 / D)
+    padded[i[:, None, None], i[None, :, None], i[None, None, :]] = v
+    return torch.fft.fftn(padded, norm="ortho") * (P ** 1.5 / D)
 
 
 def spectrum_adjoint_to_volume(spec: torch.Tensor, D: int) -> torch.Tensor:
@@ -57,18 +66,34 @@ def spectrum_adjoint_to_volume(spec: torch.Tensor, D: int) -> torch.Tensor:
     For a real volume ``V`` and complex spectrum ``S = T V``, ``Re <T V, S> = <V, T^H S>``.
     """
     P = spec.shape[-1]
-    lo = P // 2 - D // 2
-    back = ifft3c(spec).real * (P ** 1.5 / D)
-    v = back[lo:lo + D, lo:lo + D, lo:lo + D]
+    i = _embed_index(D, P, spec.device)
+    back = torch.fft.ifftn(spec, norm="ortho").real * (P ** 1.5 / D)
+    v = back[i[:, None, None], i[None, :, None], i[None, None, :]]
     return v / premultiplier(D, P, device=spec.device, dtype=v.dtype)
 
 
+def volume_from_spectrum(spec: torch.Tensor, D: int) -> torch.Tensor:
+    """Inverse of :func:`spectrum_from_volume` on its range: (P,P,P) -> real (D,D,D)."""
+    P = spec.shape[-1]
+    i = _embed_index(D, P, spec.device)
+    back = torch.fft.ifftn(spec, norm="ortho").real * (D / P ** 1.5)
+    v = back[i[:, None, None], i[None, :, None], i[None, None, :]]
+    return v * premultiplier(D, P, device=spec.device, dtype=v.dtype)
+
+
+def spectrum_frequency_radius(P: int, oversample: int, device=None) -> torch.Tensor:
+    """|k| in Fourier pixels of the D box for every point of the uncentred (P, P, P) grid."""
+    k = torch.fft.fftfreq(P, device=device) * P / oversample
+    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+    return torch.sqrt(kx * kx + ky * ky + kz * kz)
+
+
 def _trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, oversample: int):
-    """Flat corner indices (N, M, 8) and weights (N, M, 8) for slice sampling."""
+    """Flat corner indices (N, M, 8) into the uncentred (P,P,P) grid and weights (N, M, 8)."""
     R = rotations.to(torch.float32)
     f = freqs_px.to(device=R.device, dtype=torch.float32)
-    # 3D index coordinates (x, y, z) of each 2D frequency under each rotation.
-    xyz = oversample * (f[None, :, 0:1] * R[:, None, 0, :] + f[None, :, 1:2] * R[:, None, 1, :]) + P // 2
+    # 3D frequency coordinates (x, y, z) on the padded grid of each 2D frequency per rotation.
+    xyz = oversample * (f[None, :, 0:1] * R[:, None, 0, :] + f[None, :, 1:2] * R[:, None, 1, :])
     base = torch.floor(xyz)
     frac = xyz - base
     base = base.to(torch.long)
@@ -77,9 +102,9 @@ def _trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, ov
     )  # (8, 3) as (x, y, z)
     idx = base[:, :, None, :] + corners  # (N, M, 8, 3)
     w = torch.where(corners.bool(), frac[:, :, None, :], 1 - frac[:, :, None, :]).prod(-1)
-    inside = ((idx >= 0) & (idx < P)).all(-1)
+    inside = ((idx >= -(P // 2)) & (idx < P // 2)).all(-1)
     w = w * inside
-    idx = idx.clamp(0, P - 1)
+    idx = idx % P
     flat = (idx[..., 2] * P + idx[..., 1]) * P + idx[..., 0]
     return flat, w
 
@@ -160,3 +185,48 @@ def project(volume: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tens
             coeffs = coeffs * phase_shift(freqs / D, shifts_px[s:s + batch_size].to(freqs))
         out.append(ifft2c(coeffs.reshape(-1, D, D)).real)
     return torch.cat(out, 0)
+
+
+class SliceOperator:
+    """Slicing at fixed rotations and frequencies, with the trilinear set-up computed once.
+
+    The corner indices and weights of :func:`_trilinear_setup` depend only on the poses and
+    the frequencies in use, which stay fixed while omega* does; caching them removes most of
+    the cost of slicing and back-projection in the SAGD loop. Chunked over rotations to bound
+    memory (``chunk`` rotations at a time).
+    """
+
+    def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int, oversample: int = 2,
+                 cache_bytes: int = 2 ** 29):
+        self.rotations = rotations
+        self.freqs_px = freqs_px
+        self.D, self.oversample, self.P = D, oversample, oversample * D
+        J, M = rotations.shape[0], freqs_px.shape[0]
+        self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
+        self._cache = None
+        if J * M * 8 * 12 <= cache_bytes:
+            self._cache = [_trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
+                           for r in range(0, J, self.chunk)]
+
+    def _setup(self, i: int, r: int):
+        if self._cache is not None:
+            return self._cache[i]
+        return _trilinear_setup(self.rotations[r:r + self.chunk], self.freqs_px, self.P, self.oversample)
+
+    def slice(self, spec: torch.Tensor) -> torch.Tensor:
+        """(J, M) slices of a padded spectrum from :func:`spectrum_from_volume`."""
+        flat_spec = spec.reshape(-1)
+        out = []
+        for i, r in enumerate(range(0, self.rotations.shape[0], self.chunk)):
+            flat, w = self._setup(i, r)
+            out.append((flat_spec[flat] * w).sum(-1))
+        return torch.cat(out, 0)
+
+    def backproject(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Adjoint of :meth:`slice`: (J, M) -> (P, P, P)."""
+        out = torch.zeros(self.P ** 3, dtype=coeffs.dtype, device=coeffs.device)
+        for i, r in enumerate(range(0, self.rotations.shape[0], self.chunk)):
+            flat, w = self._setup(i, r)
+            c = coeffs[r:r + self.chunk]
+            out.index_add_(0, flat.reshape(-1), (c[..., None] * w.to(c.real.dtype)).reshape(-1))
+        return out.reshape(self.P, self.P, self.P)

@@ -155,30 +155,27 @@ def marginal_loglik(
 def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch.Tensor,
                        shifts_px: torch.Tensor, log_w_rot: torch.Tensor, log_w_shift: torch.Tensor,
                        oversample: int = 2, want_grad: bool = True, want_posteriors: bool = False,
-                       rot_chunk: int | None = None):
+                       slice_op=None, spectrum: torch.Tensor | None = None):
     """``-sum_i log p(I_i | V)`` for a minibatch and its gradient w.r.t. the real density.
 
     Returns ``(value (float), grad (D, D, D) float32 or None, LikelihoodResult)``. The
     gradient is the posterior-weighted back-projection (adjoint of slicing) of the slice
     gradient followed by the adjoint of premultiply/pad/FFT (Appendix A: the inverse FFT of
-    the gradient w.r.t. the spectrum).
+    the gradient w.r.t. the spectrum). ``slice_op`` (a
+    :class:`~cryorecon.fourier.slicing.SliceOperator` for ``rotations`` and the batch's
+    frequencies) and ``spectrum`` (the volume's padded spectrum) may be passed to reuse work.
     """
-    from ..fourier.slicing import VolumeSlicer, backproject_spectrum, spectrum_adjoint_to_volume
+    from ..fourier.slicing import SliceOperator, spectrum_adjoint_to_volume, spectrum_from_volume
 
     D = volume.shape[-1]
-    slicer = VolumeSlicer(volume, oversample)
-    freqs_px = batch.freqs.to(volume.device) * D
-    J = rotations.shape[0]
-    M = freqs_px.shape[0]
-    rc = rot_chunk or max(1, 2 ** 22 // max(1, 8 * M))
-    slices = torch.cat([slicer.slice(rotations[r:r + rc], freqs_px) for r in range(0, J, rc)], 0)
+    if slice_op is None:
+        slice_op = SliceOperator(rotations, batch.freqs.to(volume.device) * D, D, oversample)
+    if spectrum is None:
+        spectrum = spectrum_from_volume(volume, oversample)
+    slices = slice_op.slice(spectrum)
     res = marginal_loglik(slices, batch, shifts_px, log_w_rot, log_w_shift, want_grad, want_posteriors)
     grad = None
     if want_grad:
-        spec = torch.zeros(slicer.P ** 3, dtype=slices.dtype, device=volume.device)
-        for r in range(0, J, rc):
-            backproject_spectrum(res.grad_slices[r:r + rc], rotations[r:r + rc], freqs_px, slicer.P,
-                                 oversample, out=spec)
-        grad = spectrum_adjoint_to_volume(spec.reshape(slicer.P, slicer.P, slicer.P), D)
+        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), D)
         res.grad_slices = None
     return float(-res.loglik.sum()), grad, res

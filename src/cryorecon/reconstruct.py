@@ -1,0 +1,410 @@
+"""The reconstruction driver: random start, SAGD loop, held-out error, checkpoints (Sec. 3-4).
+
+It owns state and time; the math lives in :mod:`cryorecon.model` and :mod:`cryorecon.optim`.
+
+Per iteration tau: omega* from the schedule (Sec. 4.2) sets the Fourier coefficients in use
+and the quadrature (Sec. 3.2); one minibatch's marginal likelihood gradient (Eq. 2-4) and
+the prior's gradient feed one SAGD step (Algorithm 1); every ``line_search_every`` iterations
+the Lipschitz line search runs; every ``heldout_every`` iterations the mean negative
+log-likelihood of the held-out particles (200 by default, never trained on) is measured.
+The run stops at ``max_iters``, at ``max_time``, or once omega* has reached its final value
+and the held-out error has not improved for ``patience`` evaluations.
+
+Outputs in the run folder: ``volume.mrc`` (current map, voxel size in the header),
+``snapshots/volume_XXXXXX.mrc``, ``metrics.jsonl`` (one JSON object per iteration),
+``checkpoint.pt`` (everything needed by ``resume``), ``run.json`` (parameters, versions,
+timings, and ``finished``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import InputError, OutputExistsError
+from .fourier.slicing import SliceOperator, VolumeSlicer
+from .fourier.transforms import HalfPlane, cutoff_radius
+from .geometry.grids import PoseGrid
+from .io.mrc import write_map
+from .model.batches import load_batch
+from .model.likelihood import neg_log_likelihood
+from .model.priors import make_prior
+from .optim.sagd import SAGD
+from .optim.schedules import Schedule
+from .preprocess import default_diameter_A
+from .progress import bar, log
+
+
+@dataclass
+class ReconstructConfig:
+    """Parameters of a run. Lengths in Å, frequencies in 1/Å, times in seconds."""
+
+    minibatch: int = 200
+    prior: str = "exponential"
+    prior_lambda: float | None = None
+    car_sigma: float | None = None
+    seed: int = 0
+    max_iters: int = 5000
+    max_time: float | None = None
+    omega_start: float = 0.02
+    omega_step: float = 0.005
+    omega_every: int = 150
+    omega_max: float = 0.11
+    device: str = "cpu"
+    oversample: int = 2
+    diameter_A: float | None = None
+    shift_sigma_A: float | None = None
+    grid_scale: float = 1.0
+    heldout: int = 200
+    heldout_every: int = 10
+    patience: int = 5
+    line_search_every: int = 20
+    checkpoint_every: int = 25
+    snapshot_every: int = 100
+    n_spheres: int = 8
+
+    def schedule(self, apix: float) -> Schedule:
+        return Schedule(omega_start=self.omega_start, omega_step=self.omega_step, omega_every=self.omega_every,
+                        omega_max=self.omega_max, apix=apix)
+
+
+@dataclass
+class Level:
+    """Everything that depends only on omega*: coefficients in use and the quadrature."""
+
+    omega: float
+    halfplane: HalfPlane
+    grid: PoseGrid
+    rotations: torch.Tensor
+    log_w_rot: torch.Tensor
+    shifts: torch.Tensor
+    log_w_shift: torch.Tensor
+    slice_op: SliceOperator
+
+    @property
+    def n_poses(self) -> int:
+        return int(self.rotations.shape[0] * self.shifts.shape[0])
+
+
+def make_level(omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
+               oversample: int = 2) -> Level:
+    grid = PoseGrid(D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale)
+    hp = HalfPlane(D, cutoff_radius(D, apix, omega), device=device)
+    R = grid.rotations(device=device)
+    op = SliceOperator(R, hp.freqs().to(device) * D, D, oversample)
+    return Level(omega, hp, grid, R, grid.log_w_R().to(device), grid.shifts.to(device, torch.float32),
+                 grid.log_w_t.to(device), op)
+
+
+def split_particles(n: int, heldout: int, minibatch: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Held-out indices and fixed training minibatches, from a seeded permutation."""
+    if n < 2:
+        raise InputError(f"need at least 2 particles, got {n}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    h = min(heldout, max(1, n // 10))
+    held, train = np.sort(perm[:h]), perm[h:]
+    K = max(1, math.ceil(len(train) / minibatch))
+    return held, [np.sort(b) for b in np.array_split(train, K)]
+
+
+def random_spheres(D: int, radius_px: float, n_spheres: int, generator: torch.Generator) -> torch.Tensor:
+    """Random initial density (Sec. 4): a union of ``n_spheres`` solid spheres of random
+    radius and position inside a ball of ``radius_px`` about the centre, softened by one voxel."""
+    g = torch.arange(D, dtype=torch.float32) - D // 2
+    z, y, x = torch.meshgrid(g, g, g, indexing="ij")
+    V = torch.zeros(D, D, D)
+    for _ in range(n_spheres):
+        r = float(torch.empty(()).uniform_(0.15, 0.4, generator=generator)) * radius_px
+        c = torch.randn(3, generator=generator)
+        c = c / c.norm() * float(torch.rand((), generator=generator)) * (radius_px - r)
+        d = torch.sqrt((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2)
+        V = torch.maximum(V, torch.sigmoid((r - d) * 2.0))
+    return V
+
+
+def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: float, oversample: int,
+                  generator: torch.Generator, device) -> torch.Tensor:
+    """Scale the start so its CTF-modulated slices carry the images' signal power:
+    a^2 = sum w (|y|^2 - sigma^2) / sum w c^2 |S(R)|^2 over a pilot batch at random poses."""
+    from .geometry.rotations import random_rotations
+
+    batch = load_batch(particles, idx, level.halfplane, diameter_px, device)
+    R = random_rotations(len(idx), generator=generator).to(device, torch.float32)
+    S = VolumeSlicer(V.to(device), oversample).slice(R, level.halfplane.freqs().to(device) * V.shape[-1])
+    w = batch.weight
+    signal = float((w * (batch.y.abs() ** 2 - batch.sigma2[:, None])).sum())
+    model = float((w * batch.ctf ** 2 * S.abs() ** 2).sum())
+    if signal <= 0 or model <= 0:
+        log.warning("could not measure the images' signal power; keeping the start's scale")
+        return V
+    return V * math.sqrt(signal / model)
+
+
+class Run:
+    """A reconstruction run bound to an output folder (fresh, resumed, or refused)."""
+
+    def __init__(self, particles, out_dir, config: ReconstructConfig, resume: bool = False, force: bool = False):
+        self.p = particles
+        self.cfg = config
+        self.out = Path(out_dir)
+        self.device = torch.device(config.device)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise InputError("--device cuda requested but CUDA is not available")
+        self.ckpt_path = self.out / "checkpoint.pt"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.D = particles.D
+        self.apix = float(np.median(particles.apix))
+        self.diameter_px = (config.diameter_A or default_diameter_A(self.D, self.apix)) / self.apix
+        shift_sigma_A = config.shift_sigma_A if config.shift_sigma_A is not None else 0.05 * self.D * self.apix
+        self.shift_sigma_px = shift_sigma_A / self.apix
+        self.schedule = config.schedule(self.apix)
+        self._check_out_dir(resume, force)
+        self.heldout, self.batches = split_particles(len(particles), config.heldout, config.minibatch, config.seed)
+        self.K = len(self.batches)
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.levels: dict[float, Level] = {}
+        self.prior = None
+        self.tau = 0
+        self.elapsed = 0.0
+        self.order: list[int] = []
+        self.best_heldout = math.inf
+        self.since_improve = 0
+        self.last_heldout = None
+        if resume and self.ckpt_path.exists():
+            self._load()
+        else:
+            self._start()
+
+    # ---- set-up -------------------------------------------------------------------
+    def _check_out_dir(self, resume: bool, force: bool) -> None:
+        info = self.out / "run.json"
+        if force or not self.out.exists():
+            if force and self.out.exists():
+                for name in ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc"):
+                    (self.out / name).unlink(missing_ok=True)
+            self.out.mkdir(parents=True, exist_ok=True)
+            return
+        finished = info.exists() and json.loads(info.read_text()).get("finished", False)
+        if resume:
+            if finished:
+                raise OutputExistsError(f"{self.out}: this run has finished; nothing to resume (use --force to start over)")
+            if not self.ckpt_path.exists():
+                raise InputError(f"{self.out}: no checkpoint.pt to resume from")
+            return
+        if self.ckpt_path.exists() or finished or (self.out / "volume.mrc").exists():
+            what = "a finished run" if finished else "an unfinished run (use --resume to continue it)"
+            raise OutputExistsError(f"{self.out} holds {what}; refusing to overwrite (use --force to start over)")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def level(self, omega: float) -> Level:
+        if omega not in self.levels:
+            self.levels = {omega: make_level(omega, self.D, self.apix, self.shift_sigma_px, self.cfg.grid_scale,
+                                             self.device, self.cfg.oversample)}
+        return self.levels[omega]
+
+    def _make_prior(self):
+        c = self.cfg
+        if c.prior == "exponential":
+            return make_prior("exponential", lam=c.prior_lambda) if c.prior_lambda else \
+                make_prior("exponential", volume=self.V)
+        if c.prior == "car":
+            sigma = c.car_sigma or float(self.V.std())
+            return make_prior("car", sigma_car=sigma)
+        return make_prior(c.prior)
+
+    def _start(self) -> None:
+        c = self.cfg
+        V = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
+        pilot = self.batches[0][: min(200, len(self.batches[0]))]
+        lvl = self.level(self.schedule.omega_star(0))
+        self.V = scale_to_data(V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
+        self.V = self.V.to(self.device)
+        self.prior = self._make_prior()
+        self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
+        self.metrics_path.write_text("")
+        write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+        self._write_info(finished=False)
+
+    # ---- objective ------------------------------------------------------------------
+    def batch_objective(self, idx, lvl: Level, want_grad=True):
+        batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
+        K = self.K
+
+        def f(V):
+            val, _, _ = neg_log_likelihood(V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift,
+                                           self.cfg.oversample, want_grad=False, slice_op=lvl.slice_op)
+            return val + float(self.prior.neg_log_prior(V)) / K
+
+        val, grad, res = neg_log_likelihood(self.V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot,
+                                            lvl.log_w_shift, self.cfg.oversample, want_grad=want_grad,
+                                            slice_op=lvl.slice_op)
+        return val, grad, res, f
+
+    def heldout_error(self, lvl: Level) -> float:
+        """Mean negative log-likelihood per held-out particle at the current omega*."""
+        total = 0.0
+        for s in range(0, len(self.heldout), self.cfg.minibatch):
+            idx = self.heldout[s:s + self.cfg.minibatch]
+            batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
+            val, _, _ = neg_log_likelihood(self.V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot,
+                                           lvl.log_w_shift, self.cfg.oversample, want_grad=False,
+                                           slice_op=lvl.slice_op)
+            total += val
+        return total / len(self.heldout)
+
+    # ---- loop ---------------------------------------------------------------------------
+    def next_batch(self) -> int:
+        if not self.order:
+            self.order = torch.randperm(self.K, generator=self.gen).tolist()
+        return self.order.pop()
+
+    def should_stop(self) -> str | None:
+        c = self.cfg
+        if self.tau >= c.max_iters:
+            return "max_iters"
+        if c.max_time is not None and self.elapsed >= c.max_time:
+            return "max_time"
+        at_top = self.schedule.omega_star(self.tau) >= self.schedule.omega_star(10 ** 12)
+        if at_top and self.since_improve >= c.patience:
+            return "converged"
+        return None
+
+    def run(self) -> dict:
+        c = self.cfg
+        pb = bar(total=c.max_iters, initial=self.tau, desc="reconstructing", unit="it")
+        reason = self.should_stop()
+        t_last = time.perf_counter()
+        while reason is None:
+            self.tau += 1
+            tau = self.tau
+            omega = self.schedule.omega_star(tau)
+            lvl = self.level(omega)
+            k = self.next_batch()
+            idx = self.batches[k]
+            val, grad, res, f = self.batch_objective(idx, lvl)
+            prior_grad = self.prior.grad(self.V)
+            f_V = val + float(self.prior.neg_log_prior(self.V)) / self.K
+            g_k = grad + prior_grad / self.K
+            doublings = 0
+            if self.sagd.L is None:
+                L0 = float((g_k.double() ** 2).sum().sqrt() / max(1e-12, float(self.V.double().norm()))) or 1.0
+                self.sagd.initial_L(f, self.V, f_V, g_k, L0)
+            elif tau % c.line_search_every == 0:
+                doublings = self.sagd.line_search(f, self.V, f_V, g_k)
+            else:
+                self.sagd.decay_L()
+            eps = self.schedule.epsilon(tau)
+            self.V = self.sagd.step(self.V, k, grad, prior_grad, eps)
+            heldout = None
+            if tau % c.heldout_every == 0:
+                heldout = self.heldout_error(lvl)
+                at_top = omega >= self.schedule.omega_star(10 ** 12)
+                if heldout < self.best_heldout - 1e-6 * abs(self.best_heldout):
+                    self.best_heldout, self.since_improve = heldout, 0
+                elif at_top:
+                    self.since_improve += 1
+                if not at_top:
+                    self.best_heldout, self.since_improve = heldout, 0
+                self.last_heldout = heldout
+            now = time.perf_counter()
+            self.elapsed += now - t_last
+            t_last = now
+            self._log({
+                "iteration": tau, "seconds": round(self.elapsed, 3), "omega_star": omega,
+                "resolution_A": 1.0 / omega, "epsilon": eps, "L": self.sagd.L, "line_search_doublings": doublings,
+                "train_nll": val / len(idx), "heldout_nll": heldout, "minibatch": int(len(idx)),
+                "poses_evaluated": int(len(idx)) * lvl.n_poses, "poses_full": int(len(idx)) * lvl.n_poses,
+                "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
+            })
+            pb.update(1)
+            pb.set_postfix(res=f"{1 / omega:.1f}A", heldout="-" if self.last_heldout is None else f"{self.last_heldout:.4g}")
+            if tau % c.snapshot_every == 0:
+                write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+            if tau % c.checkpoint_every == 0:
+                self._save()
+            reason = self.should_stop()
+        pb.close()
+        self._save()
+        self._write_info(finished=True, reason=reason)
+        log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
+        return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
+
+    # ---- persistence ---------------------------------------------------------------------
+    def _log(self, rec: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    def _save(self) -> None:
+        state = {
+            "V": self.V.cpu(), "sagd": self.sagd.state_dict(), "tau": self.tau, "elapsed": self.elapsed,
+            "gen": self.gen.get_state(), "order": list(self.order), "best_heldout": self.best_heldout,
+            "since_improve": self.since_improve, "last_heldout": self.last_heldout,
+            "config": asdict(self.cfg), "prior_state": _prior_state(self.prior),
+        }
+        tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+        write_map(self.out / "volume.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+
+    def _load(self) -> None:
+        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        self.V = s["V"].to(self.device)
+        self.sagd = SAGD(self.K, self.V.shape, self.device)
+        self.sagd.load_state_dict(s["sagd"])
+        self.tau, self.elapsed = s["tau"], s["elapsed"]
+        self.gen.set_state(s["gen"])
+        self.order = list(s["order"])
+        self.best_heldout, self.since_improve = s["best_heldout"], s["since_improve"]
+        self.last_heldout = s["last_heldout"]
+        self.prior = _prior_from_state(s["prior_state"])
+        # Drop metric lines written after the checkpoint: they will be recomputed.
+        if self.metrics_path.exists():
+            lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["iteration"] <= self.tau]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        log.info(f"resuming {self.out} at iteration {self.tau}")
+
+    def _write_info(self, finished: bool, reason: str | None = None) -> None:
+        info = {
+            "finished": finished, "stop_reason": reason, "iterations": self.tau, "seconds": self.elapsed,
+            "config": asdict(self.cfg), "particles": str(self.p.source), "n_particles": len(self.p),
+            "n_heldout": int(len(self.heldout)), "n_minibatches": self.K, "box": self.D, "apix": self.apix,
+            "diameter_A": self.diameter_px * self.apix, "shift_sigma_A": self.shift_sigma_px * self.apix,
+            "versions": {"cryorecon": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+        }
+        tmp = self.out / ".run.json.tmp"
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, self.out / "run.json")
+
+
+def _prior_state(prior) -> dict:
+    return {"name": prior.name, "attrs": {k: v for k, v in vars(prior).items() if isinstance(v, (int, float))}}
+
+
+def _prior_from_state(state: dict):
+    name = state["name"]
+    attrs = state["attrs"]
+    if name == "exponential":
+        return make_prior("exponential", lam=attrs["lam"])
+    if name == "car":
+        return make_prior("car", sigma_car=attrs["sigma_car"])
+    return make_prior(name)
+
+
+def reconstruct(particles, out_dir, config: ReconstructConfig, resume=False, force=False) -> dict:
+    """Run (or resume) a reconstruction; returns a summary dict."""
+    return Run(particles, out_dir, config, resume=resume, force=force).run()
