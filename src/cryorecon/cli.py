@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 
 from . import __version__
@@ -22,6 +21,7 @@ COMMANDS = [
     "fsc",
     "align",
     "info",
+    "reconstruct",
 ]
 
 
@@ -31,13 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ab-initio cryo-EM 3D reconstruction (Punjani, Brubaker & Fleet 2017).",
     )
     parser.add_argument("--version", action="version", version=f"cryorecon {__version__}")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug messages")
+    _add_verbosity(parser, default=False)
+    # -q/-v also work after the command name; SUPPRESS keeps the top-level value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_verbosity(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def add_parser_with_common(*a, **kw):
+        kw.setdefault("parents", [common])
+        return add_parser(*a, **kw)
+
+    sub.add_parser = add_parser_with_common
     for name in COMMANDS:
         importlib.import_module(f"cryorecon.commands.{name}").register(sub)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only errors; no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -96,6 +96,12 @@ def shell_counts(D: int) -> torch.Tensor:
     return torch.bincount(idx[idx <= D // 2], minlength=D // 2 + 1)
 
 
+def _as_float64_array(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
 def resolution_at(freq, curve, threshold: float) -> float:
     """Resolution (Å) where ``curve`` first drops below ``threshold``.
 
@@ -104,8 +110,10 @@ def resolution_at(freq, curve, threshold: float) -> float:
     below the threshold, the Nyquist resolution ``1 / freq[-1]`` (= 2 apix) is returned; if it
     starts below (shell 0), ``inf``.
     """
-    f = np.asarray(torch.as_tensor(freq).cpu(), dtype=np.float64)
-    c = np.asarray(torch.as_tensor(curve).cpu(), dtype=np.float64)
+    f = _as_float64_array(freq)
+    c = _as_float64_array(curve)
+    if f.shape != c.shape or f.ndim != 1 or f.size < 2:
+        raise ValueError(f"resolution_at: freq and curve must be 1D of equal length >= 2, got {f.shape}, {c.shape}")
     below = np.nonzero(c < threshold)[0]
     if below.size == 0:
         return float(1.0 / f[-1])
@@ -134,19 +142,40 @@ def spherical_mask(D: int, radius: float, edge: float = 3.0, device=None, dtype=
 # Transforms
 # --------------------------------------------------------------------------------------------
 
+_BASE_CACHE: dict = {}
+
+
+def _base_coords(D: int, device, dtype) -> torch.Tensor:
+    """Voxel positions ``(x, y, z)`` relative to the centre D//2, shape (D^3, 3), cached."""
+    key = (D, str(device), dtype)
+    p = _BASE_CACHE.get(key)
+    if p is None:
+        k = torch.arange(D, device=device, dtype=torch.float64) - D // 2
+        pz, py, px = torch.meshgrid(k, k, k, indexing="ij")
+        p = torch.stack([px, py, pz], -1).reshape(-1, 3).to(dtype)
+        if len(_BASE_CACHE) > 8:
+            _BASE_CACHE.clear()
+        _BASE_CACHE[key] = p
+    return p
+
+
 def _sample_grid(D: int, M: torch.Tensor, t: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """grid_sample grid for ``out(p) = vol(M^T (p - t))``; M (B,3,3), t (B,3) in (x,y,z) voxels.
 
     Returns (1, B*D, D, D, 3) normalised for ``align_corners=True`` (index 0 -> -1,
     index D-1 -> +1); the last axis is (x, y, z) as grid_sample wants for ``[z, y, x]`` input.
     """
-    device = M.device
-    k = torch.arange(D, device=device, dtype=torch.float64) - D // 2
-    pz, py, px = torch.meshgrid(k, k, k, indexing="ij")
-    p = torch.stack([px, py, pz], -1).reshape(1, -1, 3)  # (1, D^3, 3)
-    src = (p - t[:, None, :].double()) @ M.double()  # row-vector form of M^T (p - t)
-    grid = (src + D // 2) * (2.0 / (D - 1)) - 1.0
-    return grid.to(dtype).reshape(1, -1, D, D, 3)
+    s = 2.0 / (D - 1)
+    M = M.double()
+    # row-vector form: src = (p - t) @ M = p @ M - t @ M; grid = (src + D//2) * s - 1
+    Ms = (M * s).to(dtype)
+    off = (((D // 2) - (t.double()[:, None, :] @ M)) * s - 1.0).to(dtype)  # (B, 1, 3)
+    base = _base_coords(D, M.device, dtype)
+    if Ms.shape[0] == 1:  # a plain 2D GEMM is much faster than a broadcast batched matmul
+        grid = torch.addmm(off[0], base, Ms[0])[None]
+    else:
+        grid = torch.matmul(base, Ms) + off  # (B, D^3, 3)
+    return grid.reshape(1, -1, D, D, 3)
 
 
 def rotate_volume(vol, R, shift=None) -> torch.Tensor:
@@ -282,25 +311,50 @@ def _downsample(vol: torch.Tensor, d: int) -> torch.Tensor:
     return ifft3c(Fv * taper).real.float()
 
 
-def _prepare(vol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Background-subtract, mask and scale to unit norm (so the rotated copies stay inside)."""
-    D = vol.shape[-1]
-    # background level: the mean over the box corners outside the mask
+def _background(vol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Background level of a map: its mean outside the (soft) mask, i.e. in the box corners."""
     out = mask < 1e-3
-    bg = vol[out].mean() if bool(out.any()) else vol.mean()
-    v = (vol - bg) * mask
+    return vol[out].mean() if bool(out.any()) else vol.mean()
+
+
+def _prepare(vol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Background-subtract, mask, make zero-mean within the mask and scale to unit norm."""
+    v = (vol - _background(vol, mask)) * mask
     v = v - (v.sum() / mask.sum()) * mask
     return v / v.norm().clamp_min(1e-30)
 
 
-def _ncc(ref_n: torch.Tensor, mov_p: torch.Tensor, M: np.ndarray, t: np.ndarray) -> float:
-    moved = rotate_volume(mov_p, torch.as_tensor(M, device=mov_p.device), torch.as_tensor(t))
-    return float((ref_n * moved).sum() / moved.norm().clamp_min(1e-30))
+class _Score:
+    """Normalised cross-correlation of ``ref`` and the transformed ``mov`` over a soft sphere
+    fixed in the reference frame: the ``mask``-weighted Pearson correlation.
+
+    Only the reference is masked; ``mov`` is moved whole (background-subtracted, so the zero
+    padding of :func:`rotate_volume` matches it), so the mask never cuts the two maps
+    differently, which would bias the optimum.
+    """
+
+    def __init__(self, ref: torch.Tensor, mov: torch.Tensor, mask: torch.Tensor):
+        w = mask.to(torch.float32)
+        self.w, self.sw = w, w.sum()
+        rbar = (w * ref).sum() / self.sw
+        rc = w * (ref - rbar)
+        self.rc = rc / torch.sqrt((rc * (ref - rbar)).sum()).clamp_min(1e-30)
+        self.mov = mov - _background(mov, mask)
+
+    def __call__(self, M: np.ndarray, t: np.ndarray) -> float:
+        x = rotate_volume(self.mov, torch.as_tensor(M, device=self.mov.device), torch.as_tensor(t))
+        wx = self.w * x
+        var = (wx * x).sum() - wx.sum() ** 2 / self.sw
+        return float((self.rc * x).sum() / torch.sqrt(var.clamp_min(1e-30)))
 
 
-def _refine(ref_n, mov_p, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot_step: float,
+def _refine(score: _Score, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot_step: float,
             shift_step: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Nelder-Mead over (rotation vector, shift) around (R0, t0); returns (R, t, ncc)."""
+    """Nelder-Mead over (rotation vector, shift) around (R0, t0); returns (R, t, ncc).
+
+    The parameters are scaled so that one unit is ``rot_step`` radians or ``shift_step``
+    voxels; the initial simplex spans one unit along each axis.
+    """
     from scipy.optimize import minimize
 
     def params(x):
@@ -309,7 +363,7 @@ def _refine(ref_n, mov_p, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot_
 
     def f(x):
         R, t = params(x)
-        return -_ncc(ref_n, mov_p, R @ hand, t)
+        return -score(R @ hand, t)
 
     x0 = np.zeros(6)
     simplex = np.vstack([x0, np.eye(6)])
@@ -364,9 +418,10 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     # ---- 1. global search on small maps
     d = min(D, search_box)
     d -= d % 2
-    mask_d = spherical_mask(d, 0.45 * d - 2, edge=2.0, device=dev)
-    ref_d = _prepare(_downsample(ref, d), mask_d)
-    mov_d = _prepare(_downsample(mov, d), mask_d)
+    mask_d = spherical_mask(d, d / 2 - 2, edge=2.0, device=dev)
+    ref_small, mov_small = _downsample(ref, d), _downsample(mov, d)
+    ref_d = _prepare(ref_small, mask_d)
+    mov_d = _prepare(mov_small, mask_d)
 
     gen = torch.Generator().manual_seed(int(seed))
     from .geometry.rotations import random_rotations
@@ -375,7 +430,13 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     rots = (turn @ super_fibonacci_rotations(n_global)).to(dev)  # (N, 3, 3) float64
 
     hands = [torch.eye(3, dtype=torch.float64)] + ([HAND_FLIP] if try_flip else [])
-    Fref = torch.fft.rfftn(ref_d.double(), dim=(-3, -2, -1)).to(torch.complex64)
+    # The mirror hand costs no extra interpolation: cc(ref, T_{R F, t} mov) equals
+    # cc(flip(ref), T_{F R F, F t} mov) (apply the flip F to both maps), so correlating each
+    # rotated copy of mov with flip(ref) scores the hand-flipped transform with R' = F R F.
+    refs_d = [ref_d] + ([flip_hand(ref_d)] if try_flip else [])
+    Frefs = [torch.fft.rfftn(x, dim=(-3, -2, -1)) for x in refs_d]
+    Fd = HAND_FLIP.to(dev)
+    rots_h = [rots] + ([Fd @ rots @ Fd] if try_flip else [])
     smax = int(round(max_shift * d))
     k = torch.arange(d, device=dev)
     kc = torch.where(k > d // 2, k - d, k)  # circular shift value of each index
@@ -384,35 +445,38 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     nb = math.ceil(n_global / batch)
     scores = torch.empty(len(hands), n_global, dtype=torch.float64)
     shifts = torch.empty(len(hands), n_global, 3, dtype=torch.float64)
-    pbar = bar(total=nb * len(hands), desc="align: global search", unit="batch") if progress else None
+    pbar = bar(total=nb, desc="align: global search", unit="batch") if progress else None
     with torch.no_grad():
-        for h, hand in enumerate(hands):
-            hand_d = hand.to(dev)
-            for b0 in range(0, n_global, batch):
-                Rb = rots[b0:b0 + batch]
-                moved = rotate_volume(mov_d, Rb @ hand_d)  # (B, d, d, d)
-                norms = moved.reshape(moved.shape[0], -1).norm(dim=1).clamp_min(1e-30)
-                Fm = torch.fft.rfftn(moved, dim=(-3, -2, -1))
-                cc = torch.fft.irfftn(Fref * Fm.conj(), s=(d, d, d), dim=(-3, -2, -1))
-                # cc[t] = sum_y ref(y) moved(y - t): best t shifts moved onto ref
+        for b0 in range(0, n_global, batch):
+            moved = rotate_volume(mov_d, rots[b0:b0 + batch])  # (B, d, d, d)
+            norms = moved.reshape(moved.shape[0], -1).norm(dim=1).clamp_min(1e-30)
+            Fm = torch.fft.rfftn(moved, dim=(-3, -2, -1)).conj()
+            for h, Fr in enumerate(Frefs):
+                cc = torch.fft.irfftn(Fr * Fm, s=(d, d, d), dim=(-3, -2, -1))
+                # cc[t] = sum_y ref(y) moved(y - t): the best t moves the rotated copy onto ref
                 cc = cc.reshape(cc.shape[0], -1)
                 cc = torch.where(allowed, cc, torch.full_like(cc, -math.inf))
                 best, arg = cc.max(dim=1)
                 scores[h, b0:b0 + batch] = (best / norms).double().cpu()
                 iz, iy, ix = arg // (d * d), (arg // d) % d, arg % d
-                shifts[h, b0:b0 + batch] = torch.stack([kc[ix], kc[iy], kc[iz]], -1).double().cpu()
-                if pbar is not None:
-                    pbar.update(1)
+                t = torch.stack([kc[ix], kc[iy], kc[iz]], -1).double()
+                shifts[h, b0:b0 + batch] = (t @ hands[h].to(dev)).cpu()  # F t for the flipped hand
+            if pbar is not None:
+                pbar.update(1)
     if pbar is not None:
         pbar.close()
 
+    t_global = time.perf_counter()
+
     # ---- 2. refine the best distinct candidates per hand on the small maps
+    score_d = _Score(ref_small, mov_small, mask_d)
     per_hand = []
     for h, hand in enumerate(hands):
-        cands = _select_distinct(scores[h], rots.cpu(), n_candidates, math.radians(20))
+        rh = rots_h[h].cpu()
+        cands = _select_distinct(scores[h], rh, n_candidates, math.radians(20))
         best = None
         for i in cands:
-            R, t, c = _refine(ref_d, mov_d, rots[i].cpu().numpy(), shifts[h, i].numpy(), hand.numpy(),
+            R, t, c = _refine(score_d, rh[i].numpy(), shifts[h, i].numpy(), hand.numpy(),
                               rot_step=math.radians(6), shift_step=0.5, max_iter=400)
             log.debug("align: hand %d candidate %d global %.4f refined %.4f", h, i, float(scores[h, i]), c)
             if best is None or c > best[2]:
@@ -423,14 +487,15 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     hand = hands[h_best].numpy()
     cc_other = per_hand[1 - h_best][2] if len(hands) == 2 else float("nan")
 
+    t_local = time.perf_counter()
+
     # ---- 3. final refinement at (up to) full size
     r = min(D, refine_box or 64)
     r -= r % 2
-    mask_r = spherical_mask(r, 0.45 * r - 2, edge=3.0, device=dev)
-    ref_r = _prepare(_downsample(ref, r) if r < D else ref, mask_r)
-    mov_r = _prepare(_downsample(mov, r) if r < D else mov, mask_r)
+    mask_r = spherical_mask(r, r / 2 - 3, edge=3.0, device=dev)
+    score_r = _Score(_downsample(ref, r) if r < D else ref, _downsample(mov, r) if r < D else mov, mask_r)
     t_r = t_d * (r / d)  # small voxels -> refine voxels
-    R, t_r, c_full = _refine(ref_r, mov_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d,
+    R, t_r, c_full = _refine(score_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d,
                              max_iter=600)
     t_full = t_r * (D / r)
 
@@ -448,6 +513,7 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
         apix=float(apix),
         cc_other_hand=float(cc_other),
         seconds=time.perf_counter() - t_start,
-        details={"search_box": d, "refine_box": r, "ncc_search": float(c_small), "ncc_refine": float(c_full),
+        details={"seconds_global": t_global - t_start, "seconds_local_small": t_local - t_global,
+                 "seconds_local_full": time.perf_counter() - t_local, "search_box": d, "refine_box": r, "ncc_search": float(c_small), "ncc_refine": float(c_full),
                  "global_best": [float(scores[h].max()) for h in range(len(hands))]},
     )

@@ -1,0 +1,76 @@
+"""``cryorecon reconstruct particles.star -o OUT``: ab-initio reconstruction from a random start
+(marginalised MAP with SAGD; see :mod:`cryorecon.reconstruct`)."""
+
+from __future__ import annotations
+
+from ..io.particles import read_particles
+from ..reconstruct import ReconstructConfig, reconstruct
+
+
+def add_reconstruct_arguments(p) -> None:
+    """Options shared by ``reconstruct`` and ``demo``."""
+    d = ReconstructConfig()
+    p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
+    p.add_argument("--prior", choices=["exponential", "uniform", "car"], default=d.prior,
+                   help="density prior (default exponential, Sec. 3.3)")
+    p.add_argument("--prior-lambda", type=float, default=None,
+                   help="exponential prior rate (default 1 / mean density of the start)")
+    p.add_argument("--car-sigma", type=float, default=None, help="CAR prior sigma (default: std of the start)")
+    p.add_argument("--minibatch", type=int, default=d.minibatch, help="particles per minibatch (default 200)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
+    p.add_argument("--max-iters", type=int, default=d.max_iters, help="iteration limit (default 5000)")
+    p.add_argument("--max-time", type=float, default=None, help="wall-time limit in minutes")
+    p.add_argument("--resolution", type=float, default=None,
+                   help="final resolution cut-off in Å (default 1/0.11 = 9.1 Å, capped at Nyquist)")
+    p.add_argument("--start-resolution", type=float, default=1 / d.omega_start,
+                   help="initial cut-off in Å (default 50)")
+    p.add_argument("--omega-step", type=float, default=d.omega_step, help="cut-off increase in 1/Å (default 0.005)")
+    p.add_argument("--omega-every", type=int, default=d.omega_every,
+                   help="iterations between cut-off increases (default 150)")
+    p.add_argument("--diameter", type=float, default=None, help="particle diameter in Å (default 80%% of box)")
+    p.add_argument("--shift-sigma", type=float, default=None,
+                   help="std of the Gaussian shift prior in Å (default 5%% of the box)")
+    p.add_argument("--grid-scale", type=float, default=d.grid_scale,
+                   help="coarsen the pose quadrature by this factor (1 = the paper's, Sec. 3.2)")
+    p.add_argument("--heldout", type=int, default=d.heldout, help="held-out particles (default 200)")
+    p.add_argument("--heldout-every", type=int, default=d.heldout_every,
+                   help="iterations between held-out evaluations (default 10)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="held-out evaluations without improvement at the final cut-off before stopping")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
+
+
+def config_from_args(args) -> ReconstructConfig:
+    d = ReconstructConfig()
+    return ReconstructConfig(
+        minibatch=args.minibatch, prior=args.prior, prior_lambda=args.prior_lambda, car_sigma=args.car_sigma,
+        seed=args.seed, max_iters=args.max_iters,
+        max_time=None if args.max_time is None else 60.0 * args.max_time,
+        omega_start=1.0 / args.start_resolution, omega_step=args.omega_step, omega_every=args.omega_every,
+        omega_max=d.omega_max if args.resolution is None else 1.0 / args.resolution,
+        device=args.device, diameter_A=args.diameter, shift_sigma_A=args.shift_sigma, grid_scale=args.grid_scale,
+        heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
+        checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
+    )
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "reconstruct", help="ab-initio 3D reconstruction from a random start",
+        description="Estimate a 3D density from particle images without any initial model: marginalised "
+        "MAP estimation with stochastic average gradient descent (Punjani, Brubaker & Fleet 2017).")
+    p.add_argument("particles", help="RELION .star or cryoSPARC .cs with CTF parameters")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
+    p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
+    add_reconstruct_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    particles = read_particles(args.particles)
+    summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
+    print(f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
+          f"stopped: {summary['reason']})")
+    return 0
