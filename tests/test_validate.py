@@ -194,7 +194,7 @@ def _check_recovered(res, v, R_true, t_true):
 
 def test_align_recovers_rotation_and_shift(aligned_problem):
     v, mov, R_true, t_true = aligned_problem
-    res = align(v, mov, apix=2.5, seed=0, progress=False)
+    res = align(v, mov, apix=2.5, seed=0, n_global=1500, progress=False)
     assert not res.flipped
     _check_recovered(res, v, R_true, t_true)
     assert torch.allclose(res.shift_A, res.shift_px * 2.5)
@@ -207,7 +207,7 @@ def test_align_recovers_rotation_and_shift(aligned_problem):
 def test_align_detects_mirror(aligned_problem):
     v, mov, R_true, t_true = aligned_problem
     mirrored = flip_hand(mov)
-    res = align(v, mirrored, apix=1.0, seed=1, progress=False)
+    res = align(v, mirrored, apix=1.0, seed=1, n_global=1500, progress=False)
     assert res.flipped
     # flip_hand is an involution, so the rotation to find is the same as without the mirror
     _check_recovered(res, v, R_true, t_true)
