@@ -61,3 +61,21 @@ def test_chunking_does_not_change_result():
     b = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=1)
     assert torch.allclose(a.loglik, b.loglik)
     assert torch.allclose(a.grad_slices, b.grad_slices, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_estimator_with_all_poses_equals_full_quadrature():
+    """Eq. 13 with every pose given to every image (weights = quadrature weights) is Eq. 4."""
+    from cryorecon.fourier.slicing import VolumeSlicer
+    from cryorecon.model.likelihood import marginal_loglik, sampled_loglik
+
+    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=3)
+    S = VolumeSlicer(V).slice(R, hp.freqs() * hp.D)
+    full = marginal_loglik(S, batch, t, lw_r, lw_t)
+    B, J, L = batch.B, R.shape[0], t.shape[0]
+    # Each image gets the rotations in a different order, padded with one unused slot.
+    perm = torch.stack([torch.randperm(J, generator=torch.Generator().manual_seed(i)) for i in range(B)])
+    rot_idx = torch.cat([perm, torch.zeros(B, 1, dtype=torch.long)], 1)
+    rot_logw = torch.cat([lw_r[perm], torch.full((B, 1), -math.inf, dtype=torch.float64)], 1)
+    sampled = sampled_loglik(S, batch, rot_idx, rot_logw, t.expand(B, L, 2), lw_t.expand(B, L), max_chunk_bytes=1)
+    assert torch.allclose(sampled.loglik, full.loglik, rtol=1e-6)
+    assert torch.allclose(sampled.grad_slices, full.grad_slices, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,9 @@ Conventions (DESIGN.md):
   content is rotated *actively* by ``R`` about the centre and then moved by ``+t``.
   Pinned: ``M`` = +90 deg about z (``x -> y``) equals
   ``torch.roll(torch.rot90(vol, 1, dims=(2, 1)), 1, dims=2)`` (the roll re-centres on D//2
-  for even D).
+  for even D). With ``M = euler_to_matrix(rot, tilt, psi)`` (RELION's A), the z-projection of
+  ``rotate_volume(vol, A)`` is the particle view at those angles, since RELION puts image
+  point ``(x, y)`` at ``A^T (x, y, 0)`` in the map frame (see geometry/rotations.py).
 - hand: :func:`flip_hand` mirrors ``z -> -z`` about the centre, ``out(x, y, z) = vol(x, y, -z)``,
   which equals ``rotate_volume(vol, diag(1, 1, -1))``. :func:`align` reports
   ``aligned = rotate_volume(flip_hand(mov) if flipped else mov, rotation, shift_px)``.
@@ -23,6 +25,7 @@ Conventions (DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -373,6 +376,23 @@ def _refine(score: _Score, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot
     return R, t, float(-res.fun)
 
 
+class _single_thread:
+    """Run torch on one CPU thread inside the block (restored after).
+
+    The Nelder-Mead evaluations are small, serial and latency-bound: with several intra-op
+    threads on a busy machine each evaluation waits for all threads to be scheduled (measured
+    20x slower for 24^3 maps, 4-5x for 64^3 on a loaded 2-core machine).
+    """
+
+    def __enter__(self):
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.n)
+        return False
+
+
 def _select_distinct(scores: torch.Tensor, rots: torch.Tensor, k: int, min_angle: float) -> list[int]:
     order = torch.argsort(scores, descending=True).tolist()
     chosen: list[int] = []
@@ -391,20 +411,28 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     """Align ``mov`` onto ``ref`` over rotation, translation and handedness.
 
     Maximises the normalised cross-correlation of ``ref`` and the transformed ``mov``
-    (Sec. 4.3). Both maps are background-subtracted and softly masked to a sphere of radius
-    0.45 D before scoring.
+    (Sec. 4.3, simplex search), returning ``aligned = rotate_volume(mov, M, shift_px)`` with
+    ``M = rotation`` or ``rotation @ HAND_FLIP`` (mirror z -> -z first) if ``flipped``.
 
-    1. Global search: both maps low-passed and Fourier-cropped to ``search_box``; ``n_global``
-       near-uniform rotations (super-Fibonacci spiral, turned by a random rotation drawn from
-       ``seed``) for each hand; for each rotation the best translation comes from an FFT
-       cross-correlation (limited to ``max_shift * D``).
-    2. The ``n_candidates`` best distinct rotations per hand are refined by Nelder-Mead on the
-       small maps; the hand with the higher correlation wins.
-    3. The winner is refined by Nelder-Mead at ``refine_box`` (default: full size, capped at
-       64) and the transform applied to the full-resolution ``mov`` by trilinear interpolation.
+    1. Global search: both maps low-passed (cosine taper) and Fourier-cropped to
+       ``search_box`` voxels, background-subtracted and softly masked to the inscribed sphere.
+       ``n_global`` near-uniform rotations (super-Fibonacci spiral on S^3, turned by a random
+       rotation drawn from ``seed``) are applied in batches by trilinear interpolation; for
+       each, the best translation (within ``max_shift * D`` per axis) is the peak of an FFT
+       cross-correlation. The mirror hand is scored from the same rotated copies by
+       correlating them with the mirrored reference (no extra interpolation).
+    2. The ``n_candidates`` best rotations per hand (at least 20 deg apart) are refined by
+       Nelder-Mead over 6 parameters (rotation vector about the current best, shift) on the
+       small maps; the score is the Pearson correlation within a soft sphere fixed in the
+       reference frame (only ``ref`` is masked, so the mask never biases the optimum). The
+       hand with the higher score wins.
+    3. The winner is refined again by Nelder-Mead at ``refine_box`` voxels (default: the full
+       box, capped at 64 for speed) and the transform applied to the full-resolution ``mov``.
 
-    Deterministic for a given ``seed``. ``apix`` (Å/voxel) only scales ``AlignResult.shift_A``.
-    Raises :class:`InputError` if the boxes differ or are not cubic.
+    ``AlignResult.cc`` is the plain Pearson correlation of ``ref`` and ``aligned`` over the
+    whole box. Deterministic for a given ``seed``. ``apix`` (Å/voxel) only scales
+    ``AlignResult.shift_A``. About 3-5 s for 64^3 maps on 2 CPU cores. Raises
+    :class:`InputError` if the boxes differ, are not cubic, odd or smaller than 8.
     """
     t_start = time.perf_counter()
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -468,36 +496,37 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
 
     t_global = time.perf_counter()
 
-    # ---- 2. refine the best distinct candidates per hand on the small maps
-    score_d = _Score(ref_small, mov_small, mask_d)
-    per_hand = []
-    for h, hand in enumerate(hands):
-        rh = rots_h[h].cpu()
-        cands = _select_distinct(scores[h], rh, n_candidates, math.radians(20))
-        best = None
-        for i in cands:
-            R, t, c = _refine(score_d, rh[i].numpy(), shifts[h, i].numpy(), hand.numpy(),
-                              rot_step=math.radians(6), shift_step=0.5, max_iter=400)
-            log.debug("align: hand %d candidate %d global %.4f refined %.4f", h, i, float(scores[h, i]), c)
-            if best is None or c > best[2]:
-                best = (R, t, c)
-        per_hand.append(best)
-    h_best = int(np.argmax([p[2] for p in per_hand]))
-    R, t_d, c_small = per_hand[h_best]
-    hand = hands[h_best].numpy()
-    cc_other = per_hand[1 - h_best][2] if len(hands) == 2 else float("nan")
+    with _single_thread() if dev.type == "cpu" else contextlib.nullcontext():
+        # ---- 2. refine the best distinct candidates per hand on the small maps
+        score_d = _Score(ref_small, mov_small, mask_d)
+        per_hand = []
+        for h, hand in enumerate(hands):
+            rh = rots_h[h].cpu()
+            cands = _select_distinct(scores[h], rh, n_candidates, math.radians(20))
+            best = None
+            for i in cands:
+                R, t, c = _refine(score_d, rh[i].numpy(), shifts[h, i].numpy(), hand.numpy(),
+                                  rot_step=math.radians(6), shift_step=0.5, max_iter=400)
+                log.debug("align: hand %d candidate %d global %.4f refined %.4f", h, i, float(scores[h, i]), c)
+                if best is None or c > best[2]:
+                    best = (R, t, c)
+            per_hand.append(best)
+        h_best = int(np.argmax([p[2] for p in per_hand]))
+        R, t_d, c_small = per_hand[h_best]
+        hand = hands[h_best].numpy()
+        cc_other = per_hand[1 - h_best][2] if len(hands) == 2 else float("nan")
 
-    t_local = time.perf_counter()
+        t_local = time.perf_counter()
 
-    # ---- 3. final refinement at (up to) full size
-    r = min(D, refine_box or 64)
-    r -= r % 2
-    mask_r = spherical_mask(r, r / 2 - 3, edge=3.0, device=dev)
-    score_r = _Score(_downsample(ref, r) if r < D else ref, _downsample(mov, r) if r < D else mov, mask_r)
-    t_r = t_d * (r / d)  # small voxels -> refine voxels
-    R, t_r, c_full = _refine(score_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d,
-                             max_iter=600)
-    t_full = t_r * (D / r)
+        # ---- 3. final refinement at (up to) full size
+        r = min(D, refine_box or 64)
+        r -= r % 2
+        mask_r = spherical_mask(r, r / 2 - 3, edge=3.0, device=dev)
+        score_r = _Score(_downsample(ref, r) if r < D else ref, _downsample(mov, r) if r < D else mov, mask_r)
+        t_r = t_d * (r / d)  # small voxels -> refine voxels
+        R, t_r, c_full = _refine(score_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d,
+                                 max_iter=600)
+        t_full = t_r * (D / r)
 
     M = torch.as_tensor(R @ hand, device=dev)
     aligned = rotate_volume(mov, M, torch.as_tensor(t_full, device=dev))

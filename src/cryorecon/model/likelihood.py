@@ -179,3 +179,96 @@ def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch
         grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), D)
         res.grad_slices = None
     return float(-res.loglik.sum()), grad, res
+
+
+@dataclass
+class SampledResult:
+    """Result of :func:`sampled_loglik`: per-image log p (B,), gradient on the union slices
+    (U, M) or None, and per-image posteriors over the image's own rotations (B, R) and
+    shifts (B, Lt) (padded entries are 0)."""
+
+    loglik: torch.Tensor
+    grad_slices: torch.Tensor | None
+    post_rot: torch.Tensor
+    post_shift: torch.Tensor
+
+
+def sampled_loglik(
+    slices: torch.Tensor,
+    batch: ImageBatch,
+    rot_idx: torch.Tensor,
+    rot_logw: torch.Tensor,
+    shifts_px: torch.Tensor,
+    shift_logw: torch.Tensor,
+    want_grad: bool = True,
+    max_chunk_bytes: int = 2 ** 28,
+) -> SampledResult:
+    """Eq. 13: the likelihood as a weighted sum over each image's own set of poses.
+
+    Each image ``i`` is evaluated at rotations ``rot_idx[i]`` (indices into ``slices``, the
+    union of all images' rotations, (U, M)) and shifts ``shifts_px[i]`` ((Lt, 2) pixels);
+    the pose weight is ``exp(rot_logw[i, r] + shift_logw[i, l])``, which carries the
+    quadrature weight, the prior and the importance correction ``count / (N q)`` (padding:
+    ``-inf``). Same likelihood terms as :func:`marginal_loglik`; the cross terms are batched
+    matrix products per image.
+    """
+    U, M = slices.shape
+    B, R = rot_idx.shape
+    Lt = shifts_px.shape[1]
+    dev = slices.device
+    w = batch.weight.to(dev)
+    per_image = R * M * 8 * 3 + Lt * R * 4 * 4 + Lt * M * 8 * 3
+    chunk = max(1, int(max_chunk_bytes // max(1, per_image)))
+    loglik = torch.empty(B, dtype=torch.float64, device=dev)
+    post_rot = torch.zeros(B, R, device=dev)
+    post_shift = torch.zeros(B, Lt, device=dev)
+    grad = torch.zeros(U, M, dtype=slices.dtype, device=dev) if want_grad else None
+    freqs = batch.freqs.to(dev)
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        n = b1 - b0
+        y, c = batch.y[b0:b1], batch.ctf[b0:b1]
+        sig2 = batch.sigma2[b0:b1].to(torch.float32)
+        S = slices[rot_idx[b0:b1]]  # (n, R, M)
+        s = phase_shift(freqs[None, None], shifts_px[b0:b1].to(torch.float32))  # (n, Lt, M)
+        wc = w * c
+        A = (wc * y.conj())[:, None, :] * s
+        X = torch.bmm(torch.cat([A.real, -A.imag], -1), torch.cat([S.real, S.imag], -1).transpose(1, 2))
+        S_abs2 = S.real ** 2 + S.imag ** 2  # (n, R, M)
+        Q = torch.bmm(S_abs2, (wc * c)[:, :, None]).squeeze(-1)  # (n, R)
+        yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)
+        ll = (2 * X - Q[:, None, :] - yy[:, None, None]) * (0.5 / sig2)[:, None, None]
+        ll = ll + rot_logw[b0:b1, None, :].to(ll.dtype) + shift_logw[b0:b1, :, None].to(ll.dtype)  # (n, Lt, R)
+        flat = ll.reshape(n, Lt * R)
+        lse = torch.logsumexp(flat.double(), -1)
+        loglik[b0:b1] = lse
+        gamma = torch.exp(ll - lse[:, None, None].float())  # (n, Lt, R)
+        g_rot = gamma.sum(1)
+        post_rot[b0:b1] = g_rot
+        post_shift[b0:b1] = gamma.sum(2)
+        if want_grad:
+            winv = w[None, :] / sig2[:, None]
+            Z = (winv * c * y)[:, None, :] * s.conj()  # (n, Lt, M)
+            GZ = torch.bmm(gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1))  # (n, R, 2M)
+            G = (g_rot[:, :, None] * (winv * c * c)[:, None, :]) * S - torch.complex(GZ[..., :M], GZ[..., M:])
+            grad.index_add_(0, rot_idx[b0:b1].reshape(-1), G.reshape(-1, M))
+    return SampledResult(loglik, grad, post_rot, post_shift)
+
+
+def neg_log_likelihood_sampled(volume: torch.Tensor, batch: ImageBatch, slice_op, rot_idx, rot_logw,
+                               shifts_px, shift_logw, oversample: int = 2, want_grad: bool = True):
+    """Like :func:`neg_log_likelihood` for per-image pose samples (Eq. 13).
+
+    ``slice_op`` slices the union of the images' rotations; see :func:`sampled_loglik`.
+    Returns ``(value, grad or None, SampledResult)``.
+    """
+    from ..fourier.slicing import spectrum_adjoint_to_volume, spectrum_from_volume
+
+    D = volume.shape[-1]
+    slices = slice_op.slice(spectrum_from_volume(volume, oversample))
+    res = sampled_loglik(slices, batch, rot_idx, rot_logw, shifts_px, shift_logw, want_grad)
+    grad = None
+    if want_grad:
+        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), D)
+        res.grad_slices = None
+    return float(-res.loglik.sum()), grad, res
