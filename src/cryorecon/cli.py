@@ -22,6 +22,8 @@ COMMANDS = [
     "align",
     "info",
     "reconstruct",
+    "report",
+    "demo",
 ]
 
 

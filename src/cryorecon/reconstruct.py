@@ -37,7 +37,8 @@ from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
 from .io.mrc import write_map
 from .model.batches import load_batch
-from .model.likelihood import neg_log_likelihood
+from .model.importance import ImportanceSampler, ISConfig
+from .model.likelihood import neg_log_likelihood, neg_log_likelihood_sampled
 from .model.priors import make_prior
 from .optim.sagd import SAGD
 from .optim.schedules import Schedule
@@ -52,6 +53,7 @@ class ReconstructConfig:
     minibatch: int = 200
     prior: str = "exponential"
     prior_lambda: float | None = None
+    prior_strength: float = 0.01
     car_sigma: float | None = None
     seed: int = 0
     max_iters: int = 5000
@@ -72,6 +74,9 @@ class ReconstructConfig:
     checkpoint_every: int = 25
     snapshot_every: int = 100
     n_spheres: int = 8
+    importance: bool = True
+    s0: float = 10.0
+    report_every: float | None = 60.0
 
     def schedule(self, apix: float) -> Schedule:
         return Schedule(omega_start=self.omega_start, omega_step=self.omega_step, omega_every=self.omega_every,
@@ -134,21 +139,42 @@ def random_spheres(D: int, radius_px: float, n_spheres: int, generator: torch.Ge
 
 
 def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: float, oversample: int,
-                  generator: torch.Generator, device) -> torch.Tensor:
-    """Scale the start so its CTF-modulated slices carry the images' signal power:
-    a^2 = sum w (|y|^2 - sigma^2) / sum w c^2 |S(R)|^2 over a pilot batch at random poses."""
+                  generator: torch.Generator, device) -> tuple[torch.Tensor, float]:
+    """Scale the start so its CTF-modulated slices carry the images' signal power, and
+    measure the data's curvature per voxel.
+
+    Scale: a^2 = sum w (|y|^2 - sigma^2) / sum w c^2 |S(R)|^2 over a pilot batch at random
+    poses. Curvature: a unit change of one voxel changes every slice coefficient by 1/D in
+    modulus, so the diagonal of the negative log-likelihood's Hessian is, per particle,
+    h = sum_m w_m c_m^2 / (sigma^2 D^2) (averaged over the pilot batch, current band).
+    """
     from .geometry.rotations import random_rotations
 
+    D = V.shape[-1]
     batch = load_batch(particles, idx, level.halfplane, diameter_px, device)
     R = random_rotations(len(idx), generator=generator).to(device, torch.float32)
-    S = VolumeSlicer(V.to(device), oversample).slice(R, level.halfplane.freqs().to(device) * V.shape[-1])
+    S = VolumeSlicer(V.to(device), oversample).slice(R, level.halfplane.freqs().to(device) * D)
     w = batch.weight
     signal = float((w * (batch.y.abs() ** 2 - batch.sigma2[:, None])).sum())
     model = float((w * batch.ctf ** 2 * S.abs() ** 2).sum())
+    h = float(((w * batch.ctf ** 2).sum(-1) / batch.sigma2).mean()) / D ** 2
     if signal <= 0 or model <= 0:
         log.warning("could not measure the images' signal power; keeping the start's scale")
-        return V
-    return V * math.sqrt(signal / model)
+        return V, h
+    return V * math.sqrt(signal / model), h
+
+
+def default_exponential_lambda(V0: torch.Tensor, n_train: int, h: float, strength: float) -> float:
+    """Default rate of the exponential prior (Sec. 3.3).
+
+    The MAP soft-thresholds each voxel by about lambda / H_vv, where H_vv = n_train * h is the
+    data's curvature per voxel (see :func:`scale_to_data`). The exponential's own estimate,
+    lambda = 1 / mean(V0), does not see how much data there is, and for small or noisy sets
+    it empties the map; we cap lambda so that the threshold is ``strength`` (default 1%) of
+    the start's peak density: lambda = min(1 / mean(V0), strength * max(V0) * n_train * h).
+    """
+    mle = 1.0 / max(float(V0.mean()), 1e-30)
+    return min(mle, strength * float(V0.max()) * n_train * h)
 
 
 class Run:
@@ -156,12 +182,16 @@ class Run:
 
     def __init__(self, particles, out_dir, config: ReconstructConfig, resume: bool = False, force: bool = False):
         self.p = particles
-        self.cfg = config
         self.out = Path(out_dir)
+        self.ckpt_path = self.out / "checkpoint.pt"
+        state = None
+        if resume and self.ckpt_path.exists() and not force:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            config = _resumed_config(state["config"], config)
+        self.cfg = config
         self.device = torch.device(config.device)
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("--device cuda requested but CUDA is not available")
-        self.ckpt_path = self.out / "checkpoint.pt"
         self.metrics_path = self.out / "metrics.jsonl"
         self.D = particles.D
         self.apix = float(np.median(particles.apix))
@@ -181,8 +211,11 @@ class Run:
         self.best_heldout = math.inf
         self.since_improve = 0
         self.last_heldout = None
-        if resume and self.ckpt_path.exists():
-            self._load()
+        self.sampler = ImportanceSampler(len(particles), ISConfig(s0=config.s0), self.schedule, config.seed) \
+            if config.importance else None
+        self.best_dir = np.full((len(particles), 3), np.nan, dtype=np.float32)
+        if state is not None:
+            self._load(state)
         else:
             self._start()
 
@@ -198,7 +231,7 @@ class Run:
         finished = info.exists() and json.loads(info.read_text()).get("finished", False)
         if resume:
             if finished:
-                raise OutputExistsError(f"{self.out}: this run has finished; nothing to resume (use --force to start over)")
+                raise OutputExistsError(f"{self.out}: this run converged; nothing to resume (use --force to start over)")
             if not self.ckpt_path.exists():
                 raise InputError(f"{self.out}: no checkpoint.pt to resume from")
             return
@@ -213,11 +246,12 @@ class Run:
                                              self.device, self.cfg.oversample)}
         return self.levels[omega]
 
-    def _make_prior(self):
+    def _make_prior(self, n_train: int, h: float):
         c = self.cfg
         if c.prior == "exponential":
-            return make_prior("exponential", lam=c.prior_lambda) if c.prior_lambda else \
-                make_prior("exponential", volume=self.V)
+            lam = c.prior_lambda or default_exponential_lambda(self.V, n_train, h, c.prior_strength)
+            log.info(f"exponential prior: lambda = {lam:.4g}")
+            return make_prior("exponential", lam=lam)
         if c.prior == "car":
             sigma = c.car_sigma or float(self.V.std())
             return make_prior("car", sigma_car=sigma)
@@ -228,9 +262,9 @@ class Run:
         V = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
         pilot = self.batches[0][: min(200, len(self.batches[0]))]
         lvl = self.level(self.schedule.omega_star(0))
-        self.V = scale_to_data(V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
-        self.V = self.V.to(self.device)
-        self.prior = self._make_prior()
+        V, h = scale_to_data(V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
+        self.V = V.to(self.device)
+        self.prior = self._make_prior(n_train=sum(len(b) for b in self.batches), h=h)
         self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
         self.metrics_path.write_text("")
         write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
@@ -238,28 +272,59 @@ class Run:
 
     # ---- objective ------------------------------------------------------------------
     def batch_objective(self, idx, lvl: Level, want_grad=True):
+        """Objective of one minibatch at the current map, with importance sampling when on.
+
+        Returns ``(value, grad, f, info)``: the minibatch negative log-likelihood and its
+        gradient at ``self.V``, a closure ``f(V)`` = likelihood part + prior / K on the same
+        pose samples (for the line search), and diagnostics. The pose history of the
+        particles is updated from this evaluation's posteriors.
+        """
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
-        K = self.K
+        plan = self.sampler.plan(idx, lvl.grid) if self.sampler is not None else None
+        K, ov = self.K, self.cfg.oversample
+        if plan is None:
+            def nll(V, want_grad=False, want_posteriors=False):
+                return neg_log_likelihood(V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, ov,
+                                          want_grad=want_grad, want_posteriors=want_posteriors,
+                                          slice_op=lvl.slice_op)
+            fraction = 1.0
+        else:
+            op = SliceOperator(self.sampler.rotations(plan, lvl.grid).to(self.device),
+                               lvl.halfplane.freqs().to(self.device) * self.D, self.D, ov)
+            dev = self.device
+
+            def nll(V, want_grad=False, want_posteriors=False):
+                return neg_log_likelihood_sampled(V, batch, op, plan.rot_idx.to(dev), plan.rot_logw.to(dev),
+                                                  plan.shifts.to(dev), plan.shift_logw.to(dev), ov, want_grad)
+            fraction = plan.fraction
 
         def f(V):
-            val, _, _ = neg_log_likelihood(V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift,
-                                           self.cfg.oversample, want_grad=False, slice_op=lvl.slice_op)
-            return val + float(self.prior.neg_log_prior(V)) / K
+            return nll(V)[0] + float(self.prior.neg_log_prior(V)) / K
 
-        val, grad, res = neg_log_likelihood(self.V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot,
-                                            lvl.log_w_shift, self.cfg.oversample, want_grad=want_grad,
-                                            slice_op=lvl.slice_op)
-        return val, grad, res, f
+        val, grad, res = nll(self.V, want_grad=want_grad, want_posteriors=True)
+        kl = self._update_poses(idx, lvl, plan, res)
+        return val, grad, f, {"fraction": fraction, "kl_directions": kl}
+
+    def _update_poses(self, idx, lvl: Level, plan, res) -> float | None:
+        """Record each particle's most probable view and, with importance sampling, its phi~."""
+        g = lvl.grid
+        if plan is None:
+            j = (res.best_rot // g.M_psi).cpu()
+            kl = self.sampler.update_exact(idx, self.tau, res.post_rot.cpu(), res.post_shift.cpu(), g) \
+                if self.sampler is not None else float("nan")
+        else:
+            best = torch.gather(plan.rot_idx, 1, res.post_rot.cpu().argmax(-1, keepdim=True)).squeeze(1)
+            j = plan.rot_ids[best] // g.M_psi
+            kl = self.sampler.update_sampled(idx, self.tau, plan, res.post_rot.cpu(), res.post_shift.cpu(), g)
+        self.best_dir[np.asarray(idx)] = g.directions[j].numpy()
+        return None if not math.isfinite(kl) else kl
 
     def heldout_error(self, lvl: Level) -> float:
         """Mean negative log-likelihood per held-out particle at the current omega*."""
         total = 0.0
         for s in range(0, len(self.heldout), self.cfg.minibatch):
             idx = self.heldout[s:s + self.cfg.minibatch]
-            batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
-            val, _, _ = neg_log_likelihood(self.V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot,
-                                           lvl.log_w_shift, self.cfg.oversample, want_grad=False,
-                                           slice_op=lvl.slice_op)
+            val, _, _, _ = self.batch_objective(idx, lvl, want_grad=False)
             total += val
         return total / len(self.heldout)
 
@@ -292,7 +357,7 @@ class Run:
             lvl = self.level(omega)
             k = self.next_batch()
             idx = self.batches[k]
-            val, grad, res, f = self.batch_objective(idx, lvl)
+            val, grad, f, info = self.batch_objective(idx, lvl)
             prior_grad = self.prior.grad(self.V)
             f_V = val + float(self.prior.neg_log_prior(self.V)) / self.K
             g_k = grad + prior_grad / self.K
@@ -324,7 +389,9 @@ class Run:
                 "iteration": tau, "seconds": round(self.elapsed, 3), "omega_star": omega,
                 "resolution_A": 1.0 / omega, "epsilon": eps, "L": self.sagd.L, "line_search_doublings": doublings,
                 "train_nll": val / len(idx), "heldout_nll": heldout, "minibatch": int(len(idx)),
-                "poses_evaluated": int(len(idx)) * lvl.n_poses, "poses_full": int(len(idx)) * lvl.n_poses,
+                "poses_evaluated": round(info["fraction"] * len(idx) * lvl.n_poses),
+                "poses_full": int(len(idx)) * lvl.n_poses, "fraction_evaluated": info["fraction"],
+                "kl_directions": info["kl_directions"],
                 "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
             })
             pb.update(1)
@@ -333,12 +400,26 @@ class Run:
                 write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
             if tau % c.checkpoint_every == 0:
                 self._save()
+                self._write_info(finished=False)
+            self._refresh_report()
             reason = self.should_stop()
         pb.close()
         self._save()
-        self._write_info(finished=True, reason=reason)
+        self._write_info(finished=reason == "converged", reason=reason)
+        self._refresh_report(force=True)
         log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
         return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
+
+    def _refresh_report(self, force: bool = False) -> None:
+        """Rebuild OUT/report.html at most every ``report_every`` seconds (and at the end)."""
+        if self.cfg.report_every is None:
+            return
+        now = time.monotonic()
+        if force or now - getattr(self, "_last_report", -math.inf) >= self.cfg.report_every:
+            from .report import refresh_report
+
+            refresh_report(self.out)
+            self._last_report = time.monotonic()
 
     # ---- persistence ---------------------------------------------------------------------
     def _log(self, rec: dict) -> None:
@@ -351,14 +432,19 @@ class Run:
             "gen": self.gen.get_state(), "order": list(self.order), "best_heldout": self.best_heldout,
             "since_improve": self.since_improve, "last_heldout": self.last_heldout,
             "config": asdict(self.cfg), "prior_state": _prior_state(self.prior),
+            "best_dir": self.best_dir,
+            "importance": None if self.sampler is None else self.sampler.hist.state_dict(),
+            "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
         write_map(self.out / "volume.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+        tmp = self.out / ".poses.tmp.npz"
+        np.savez(tmp, directions=self.best_dir)
+        os.replace(tmp, self.out / "poses.npz")
 
-    def _load(self) -> None:
-        s = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+    def _load(self, s: dict) -> None:
         self.V = s["V"].to(self.device)
         self.sagd = SAGD(self.K, self.V.shape, self.device)
         self.sagd.load_state_dict(s["sagd"])
@@ -368,6 +454,10 @@ class Run:
         self.best_heldout, self.since_improve = s["best_heldout"], s["since_improve"]
         self.last_heldout = s["last_heldout"]
         self.prior = _prior_from_state(s["prior_state"])
+        self.best_dir = s["best_dir"]
+        if self.sampler is not None and s.get("importance") is not None:
+            self.sampler.hist.load_state_dict(s["importance"])
+            self.sampler.gen.set_state(s["importance_gen"])
         # Drop metric lines written after the checkpoint: they will be recomputed.
         if self.metrics_path.exists():
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
@@ -389,6 +479,21 @@ class Run:
         tmp = self.out / ".run.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.out / "run.json")
+
+
+RESUME_OVERRIDES = ("max_iters", "max_time", "device", "report_every")
+
+
+def _resumed_config(saved: dict, requested: ReconstructConfig) -> ReconstructConfig:
+    """The checkpoint's configuration, with the limits and device the user asked for now.
+
+    Everything that shapes the optimisation (seed, minibatches, schedule, prior, grids) comes
+    from the checkpoint, so a resumed run continues the same computation.
+    """
+    known = {k: v for k, v in saved.items() if k in ReconstructConfig.__dataclass_fields__}
+    for k in RESUME_OVERRIDES:
+        known[k] = getattr(requested, k)
+    return ReconstructConfig(**known)
 
 
 def _prior_state(prior) -> dict:

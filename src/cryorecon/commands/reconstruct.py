@@ -14,7 +14,10 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--prior", choices=["exponential", "uniform", "car"], default=d.prior,
                    help="density prior (default exponential, Sec. 3.3)")
     p.add_argument("--prior-lambda", type=float, default=None,
-                   help="exponential prior rate (default 1 / mean density of the start)")
+                   help="exponential prior rate (default: from --prior-strength)")
+    p.add_argument("--prior-strength", type=float, default=d.prior_strength,
+                   help="default exponential rate shrinks voxels by this fraction of the start's peak "
+                        "density given the data's curvature (default 0.01)")
     p.add_argument("--car-sigma", type=float, default=None, help="CAR prior sigma (default: std of the start)")
     p.add_argument("--minibatch", type=int, default=d.minibatch, help="particles per minibatch (default 200)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
@@ -37,14 +40,23 @@ def add_reconstruct_arguments(p) -> None:
                    help="iterations between held-out evaluations (default 10)")
     p.add_argument("--patience", type=int, default=d.patience,
                    help="held-out evaluations without improvement at the final cut-off before stopping")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every)
+    p.add_argument("--exact", action="store_true",
+                   help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
+    p.add_argument("--s0", type=float, default=d.s0,
+                   help="importance-sampling draws per effective sample (default 10)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help="iterations between checkpoints (default 25)")
+    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+                   help="iterations between map snapshots (default 100)")
+    p.add_argument("--report-every", type=float, default=d.report_every,
+                   help="seconds between refreshes of RUN/report.html (default 60)")
 
 
 def config_from_args(args) -> ReconstructConfig:
     d = ReconstructConfig()
     return ReconstructConfig(
-        minibatch=args.minibatch, prior=args.prior, prior_lambda=args.prior_lambda, car_sigma=args.car_sigma,
+        minibatch=args.minibatch, prior=args.prior, prior_lambda=args.prior_lambda,
+        prior_strength=args.prior_strength, car_sigma=args.car_sigma,
         seed=args.seed, max_iters=args.max_iters,
         max_time=None if args.max_time is None else 60.0 * args.max_time,
         omega_start=1.0 / args.start_resolution, omega_step=args.omega_step, omega_every=args.omega_every,
@@ -52,6 +64,7 @@ def config_from_args(args) -> ReconstructConfig:
         device=args.device, diameter_A=args.diameter, shift_sigma_A=args.shift_sigma, grid_scale=args.grid_scale,
         heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
+        importance=not args.exact, s0=args.s0, report_every=args.report_every,
     )
 
 

@@ -1,0 +1,274 @@
+"""The run report: a self-contained HTML page built from a (fake) run folder, robust to
+missing files, rebuilt by ``cryorecon report``, and rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryorecon.cli import main
+from cryorecon.io.mrc import write_map
+from cryorecon.report import write_report
+from cryorecon.report import data as rdata
+from cryorecon.report import plots
+
+SECTION_TITLES = ["Summary", "Convergence", "Current map", "Progress over time", "FSC against a reference",
+                  "View directions", "Run parameters, versions, timings and machine", "Files"]
+
+
+def blob_volume(D: int, seed: int = 0, n: int = 24) -> np.ndarray:
+    """A protein-like positive density: a few Gaussian blobs near the centre plus noise."""
+    rng = np.random.default_rng(seed)
+    g = np.arange(D, dtype=np.float32) - D // 2
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    V = np.zeros((D, D, D), np.float32)
+    for _ in range(n):
+        c = rng.normal(size=3) * D / 9
+        s = rng.uniform(0.04, 0.07) * D
+        V += np.exp(-((x - c[0]) ** 2 + (y - c[1]) ** 2 + (z - c[2]) ** 2) / (2 * s * s))
+    V += 0.02 * rng.standard_normal(V.shape).astype(np.float32)
+    return np.maximum(V, 0)
+
+
+def make_fake_run(root: Path, D: int = 64, iterations: int = 3000, finished: bool = True, apix: float = 5.6,
+                  n_particles: int = 5000, snapshot_every: int = 500) -> Path:
+    """A run folder with everything ``cryorecon reconstruct`` writes, made without running one."""
+    out = root / "run"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    seconds = 0.0
+    with open(out / "metrics.jsonl", "w") as fh:
+        for it in range(1, iterations + 1):
+            omega = min(0.11, 0.02 + 0.005 * (it // 150))
+            seconds += 0.5 + 0.05 * rng.random()
+            coeffs = int(3.1 * (omega * D * apix) ** 2 * 10)
+            base = 1000 + 40 * coeffs / 100
+            frac = max(1e-4, math.exp(-it / 400))
+            rec = {
+                "iteration": it, "seconds": round(seconds, 3), "omega_star": omega, "resolution_A": 1 / omega,
+                "epsilon": max(1 / 16, 2.0 ** (1 - it // 150)), "L": 1e3 * 2 ** (-it / 150) * (1 + (it // 20) % 3),
+                "line_search_doublings": int(it % 20 == 0 and it % 60 == 0),
+                "train_nll": base + 300 * math.exp(-it / 300) + 20 * rng.standard_normal(),
+                "heldout_nll": (base + 300 * math.exp(-it / 300) + 5) if it % 10 == 0 else None,
+                "minibatch": 200, "poses_evaluated": int(200 * 5000 * frac), "poses_full": 200 * 5000,
+                "coefficients": coeffs, "epoch": round(it / 24, 3), "kl_directions": 2 * (1 - frac),
+            }
+            fh.write(json.dumps(rec) + "\n")
+    final = blob_volume(D, seed=0)
+    write_map(out / "initial.mrc", blob_volume(D, seed=5, n=6), apix)
+    for it in range(snapshot_every, iterations + 1, snapshot_every):
+        w = it / iterations
+        vol = w * final + (1 - w) * blob_volume(D, seed=5, n=6)
+        write_map(out / "snapshots" / f"volume_{it:06d}.mrc", vol, apix)
+    write_map(out / "volume.mrc", final, apix)
+    # view directions: an equatorial belt (as paper Fig. 10), a quarter not visited yet
+    v = rng.standard_normal((n_particles, 3))
+    v[:, 2] *= 0.3
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    v[rng.random(n_particles) < 0.25] = np.nan
+    np.savez(out / "poses.npz", directions=v)
+    info = {
+        "finished": finished, "stop_reason": "converged" if finished else None, "iterations": iterations,
+        "seconds": seconds, "config": {"minibatch": 200, "prior": "exponential", "seed": 0, "max_iters": 5000,
+                                       "checkpoint_every": 25, "snapshot_every": snapshot_every, "device": "cpu"},
+        "particles": "/data/particles.star", "n_particles": n_particles, "n_heldout": 200, "n_minibatches": 24,
+        "box": D, "apix": apix, "diameter_A": 0.8 * D * apix, "shift_sigma_A": 0.05 * D * apix,
+        "versions": {"cryorecon": "0.1.0", "torch": "2.13.0", "python": "3.11"},
+        "machine": {"platform": "Linux-test", "processor": "x86_64", "cpus": 2, "torch_threads": 2, "cuda": None},
+    }
+    (out / "run.json").write_text(json.dumps(info))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory) -> Path:
+    return make_fake_run(tmp_path_factory.mktemp("report"))
+
+
+@pytest.fixture(scope="module")
+def report(fake_run) -> tuple[Path, float]:
+    t0 = time.perf_counter()
+    path = write_report(fake_run)
+    return path, time.perf_counter() - t0
+
+
+def _check_self_contained(text: str) -> None:
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I), "external reference"
+    assert "http://" not in text and "https://" not in text
+    assert "<script" not in text.lower()
+    for src in re.findall(r"""src\s*=\s*["']([^"']*)["']""", text):
+        assert src.startswith("data:image/png;base64,"), src[:60]
+
+
+def test_report_is_self_contained_with_all_sections(fake_run, report):
+    path, seconds = report
+    assert path == fake_run / "report.html"
+    text = path.read_text(encoding="utf-8")
+    _check_self_contained(text)
+    for title in SECTION_TITLES:
+        assert f">{title}</h2>" in text, title
+    # figures: convergence, slices, isosurface, snapshots, view directions
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 5
+    assert 'class="error"' not in text and 'class="missing"' not in text
+    assert "finished (converged)" in text
+    assert "http-equiv=\"refresh\"" not in text  # a finished run does not reload
+    assert "3750 of 5000" in text or re.search(r"\d+ of 5000 particles", text)
+    assert not list(fake_run.glob(".report.html.tmp*"))
+    assert seconds < 30, f"report took {seconds:.1f} s"
+
+
+def test_report_survives_an_empty_and_a_young_run(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = write_report(empty).read_text()
+    _check_self_contained(text)
+    assert text.count('class="missing"') >= 4
+    assert 'class="error"' not in text
+
+    # early in a run: run.json and a few metric lines (the last one half written), no maps yet
+    young = tmp_path / "young"
+    young.mkdir()
+    (young / "run.json").write_text(json.dumps({"finished": False, "iterations": 0, "config": {}, "box": 32,
+                                                "apix": 2.0}))
+    lines = [json.dumps({"iteration": i, "seconds": i * 0.1, "omega_star": 0.02, "resolution_A": 50.0,
+                         "epsilon": 2.0, "L": 10.0, "train_nll": 5.0 - 0.1 * i, "heldout_nll": None,
+                         "poses_evaluated": 10, "poses_full": 10}) for i in range(1, 4)]
+    (young / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 4, "sec')
+    text = write_report(young).read_text()
+    assert 'class="error"' not in text
+    assert "http-equiv=\"refresh\"" in text
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 1  # convergence only
+    m = rdata.read_metrics(young)
+    assert len(m) == 3 and m.get("heldout_nll") is None
+
+
+def test_report_fsc_against_reference(tmp_path):
+    run = make_fake_run(tmp_path, D=32, iterations=200, snapshot_every=100, n_particles=300)
+    ref = tmp_path / "ref.mrc"
+    vol, apix = rdata.read_map_quiet(run / "volume.mrc")
+    write_map(ref, vol, apix)
+    out = write_report(run, reference=ref, out=tmp_path / "r.html")
+    text = out.read_text()
+    assert 'class="error"' not in text
+    assert "assuming the map is already aligned" in text
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == 6
+    # identical maps: FSC 1 everywhere -> Nyquist resolution (2 apix)
+    assert f"{2 * apix:.2f} Å" in text
+
+
+def test_report_fsc_with_alignment_finds_the_hand(tmp_path, monkeypatch):
+    import cryorecon.validate as validate
+
+    real_align = validate.align
+    monkeypatch.setattr(validate, "align", lambda ref, mov, **kw: real_align(ref, mov, **kw, n_global=300))
+    run = make_fake_run(tmp_path, D=24, iterations=100, snapshot_every=50, n_particles=200)
+    vol, apix = rdata.read_map_quiet(run / "volume.mrc")
+    ref = tmp_path / "mirror.mrc"
+    write_map(ref, np.roll(vol[::-1], 1, axis=0), apix)  # mirrored z -> -z about the centre D//2
+    text = write_report(run, reference=ref, align=True).read_text()
+    assert 'class="error"' not in text
+    assert "aligned to the reference first" in text and "hand <b>flipped</b>" in text
+    assert f"<td>FSC 0.5</td><td>{2 * apix:.2f} Å" in text
+
+
+def test_report_command(tmp_path, capsys):
+    run = make_fake_run(tmp_path, D=32, iterations=100, snapshot_every=50, n_particles=200, finished=False)
+    assert main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run / 'report.html'}" in out and "KiB" in out
+    ref = tmp_path / "small.mrc"
+    write_map(ref, np.zeros((16, 16, 16), np.float32), 5.6)
+    assert main(["report", str(run), "--reference", str(ref)]) == 2  # box differs: clear input error
+    assert "box sizes differ" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert main(["report", str(run), "--align"]) == 2  # --align needs --reference
+    alt = tmp_path / "elsewhere" / "r.html"
+    assert main(["report", str(run), "-o", str(alt), "--level", "0.5"]) == 0
+    assert alt.is_file() and "(set by the user)" in alt.read_text()
+
+
+def test_direction_histogram_is_equal_area():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((400_000, 3))
+    az, el, rel, n = plots.direction_histogram(v)
+    assert n == len(v) and rel.shape == (len(el) - 1, len(az) - 1)
+    assert abs(rel.mean() - 1) < 1e-9
+    # uniform directions fill every equal-area cell about equally, poles included
+    assert 0.55 < rel.min() and rel.max() < 1.45  # Poisson: ~154 per cell
+    assert abs(rel[0].mean() - 1) < 0.05 and abs(rel[len(rel) // 2].mean() - 1) < 0.05
+
+
+def test_surface_level_encloses_the_requested_volume():
+    vol = blob_volume(48)
+    d = 0.8 * 48
+    level = plots.surface_level(vol, d, fraction=0.2)
+    enclosed = (vol > level).sum()
+    assert abs(enclosed - 0.2 * math.pi * d ** 3 / 6) / enclosed < 0.05
+    assert plots.surface_level(np.ones((8, 8, 8), np.float32)) is None
+    tris = plots.surface(vol, level)
+    assert tris is not None and tris.shape[1:] == (3, 3)
+    assert np.abs(tris).max() <= 24  # positions about the box centre, inside the box
+
+
+# ------------------------------------------------------------------------------------------------
+# headless Chromium: the page renders, and its figures are visible
+# ------------------------------------------------------------------------------------------------
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    for path in ("/usr/bin/chromium", "/usr/bin/chromium-browser"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed (Debian: apt-get install chromium; CI runs .ci/install-chromium.sh)")
+    path, _ = report
+    shot = tmp_path / "shot.png"
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
+           f"--screenshot={shot}", "--window-size=1400,4000", path.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"no screenshot; chromium said:\n{proc.stdout}\n{proc.stderr}"
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(str(shot))[..., :3]
+    assert img.shape[0] >= 3000 and img.shape[1] >= 1000, img.shape
+    rgb = np.round(img * 255).astype(np.uint8)
+    non_white = (rgb < 235).any(axis=-1).mean()
+    assert non_white > 0.15, f"page mostly blank ({non_white:.1%} non-white)"
+    # the figures bring many distinct, saturated colours (colour maps, coloured curves, shaded surfaces)
+    sat = rgb.max(axis=-1).astype(int) - rgb.min(axis=-1).astype(int)
+    colourful = rgb[sat > 60]
+    assert len(colourful) > 0.03 * rgb.shape[0] * rgb.shape[1], "hardly any coloured pixels: plots missing?"
+    distinct = len(np.unique(colourful // 16, axis=0))
+    assert distinct > 150, f"only {distinct} distinct colours"
+    # every figure region: the images fill rows across the page, not just the top banner
+    rows_with_colour = (sat > 60).any(axis=1)
+    assert rows_with_colour[1000:].mean() > 0.25  # an empty report: ~0.02
+
+
+def test_refresh_report_never_raises(tmp_path, monkeypatch):
+    from cryorecon.report import html, refresh_report
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(html, "build_html", boom)
+    assert refresh_report(tmp_path) is None
