@@ -1,0 +1,86 @@
+"""Importance sampling (Sec. 3.4): unbiased draws, mixtures, kernels, and the estimator."""
+
+import math
+
+import numpy as np
+import torch
+
+from cryorecon.fourier.slicing import SliceOperator, VolumeSlicer, project
+from cryorecon.fourier.transforms import HalfPlane, fft2c
+from cryorecon.geometry.grids import PoseGrid
+from cryorecon.model.importance import ISConfig, ImportanceSampler, draw, kernel_log_mixture, mixture
+from cryorecon.model.likelihood import ImageBatch, marginal_loglik, sampled_loglik
+from cryorecon.optim.schedules import Schedule
+
+
+def test_draw_is_unbiased_and_exact_when_grid_is_small():
+    g = torch.Generator().manual_seed(0)
+    M = 200
+    f = torch.rand(M, generator=g, dtype=torch.float64) ** 4
+    q = torch.softmax(torch.randn(M, generator=g, dtype=torch.float64) * 2, 0)[None].repeat(400, 1)
+    idx, lc, n_unique, exact = draw(q, s0=0.3, generator=g)
+    assert not exact.any()
+    est = (torch.exp(lc) * f[idx]).sum(-1)  # one estimate of sum_j f_j per row
+    se = est.std() / math.sqrt(len(est))
+    assert abs(float(est.mean() - f.sum())) < 4 * float(se), (est.mean(), f.sum(), se)
+    assert (n_unique < M).all()
+    # With s0 * ESS >= M the whole grid is used with weight 1: the sum is exact.
+    u = torch.full((3, M), 1.0 / M, dtype=torch.float64)
+    idx, lc, n_unique, exact = draw(u, s0=10, generator=g)
+    assert exact.all() and (n_unique == M).all()
+    assert torch.allclose((torch.exp(lc) * f[idx]).sum(-1), f.sum().expand(3))
+
+
+def test_mixture_is_a_distribution_with_uniform_floor():
+    log_smooth = torch.randn(4, 50, dtype=torch.float64) * 5
+    has = torch.tensor([True, True, False, True])
+    q = mixture(log_smooth, alpha=0.2, has_history=has)
+    assert torch.allclose(q.sum(-1), torch.ones(4, dtype=torch.float64))
+    assert (q[has] >= 0.2 / 50 - 1e-15).all()
+    assert torch.allclose(q[2], torch.full((50,), 1 / 50, dtype=torch.float64))
+
+
+def test_kernel_carries_direction_across_grid_refinement():
+    coarse = PoseGrid(D=32, apix=10.0, omega_star=0.02, shift_sigma_px=2.0)
+    fine = PoseGrid(D=32, apix=10.0, omega_star=0.04, shift_sigma_px=2.0)
+    d0 = coarse.directions[17]
+    logphi = torch.full((1, coarse.M_d), -math.inf, dtype=torch.float64)
+    logphi[0, 17] = 0.0
+    k = math.log(4.0) / (1 - math.cos(fine.r_d))
+    q = torch.softmax(kernel_log_mixture(coarse.directions[None], logphi, fine.directions, "d", k, 1.0), -1)[0]
+    best = fine.directions[int(q.argmax())]
+    assert float(best @ d0) > math.cos(fine.r_d)  # the mode lands next to the old sample
+    assert float(q.max()) > 20.0 / fine.M_d
+
+
+def test_sampled_likelihood_matches_exact_after_a_visit():
+    """After one exact visit, sampled poses reproduce log p of the full quadrature closely,
+    evaluating only a fraction of the poses (Fig. 8)."""
+    torch.manual_seed(0)
+    D, apix = 24, 8.0
+    g = torch.arange(D, dtype=torch.float32) - D // 2
+    z, y, x = torch.meshgrid(g, g, g, indexing="ij")
+    V = torch.exp(-((x - 3) ** 2 + y ** 2 + (z + 2) ** 2) / 8) + 0.7 * torch.exp(-((x + 4) ** 2 + (y - 3) ** 2 + z ** 2) / 5)
+    grid = PoseGrid(D=D, apix=apix, omega_star=0.05, shift_sigma_px=1.5, scale=1.5)
+    hp = HalfPlane(D, D * apix * 0.05)
+    B = 6
+    true_r = torch.randint(0, grid.n_rotations, (B,))
+    R = grid.rotations()
+    imgs = project(V, R[true_r]) + 0.3 * torch.randn(B, D, D)
+    batch = ImageBatch(hp.gather(fft2c(imgs)), torch.ones(B, hp.M), torch.full((B,), 0.09), hp.weight, hp.freqs())
+    S = SliceOperator(R, hp.freqs() * D, D).slice(VolumeSlicer(V).spectrum)
+    exact = marginal_loglik(S, batch, grid.shifts.float(), grid.log_w_R(), grid.log_w_t, want_grad=False,
+                            want_posteriors=True)
+    sched = Schedule(apix=apix)
+    sampler = ImportanceSampler(B, ISConfig(s0=10), sched, seed=0)
+    idx = np.arange(B)
+    sampler.update_exact(idx, 1000, exact.post_rot, exact.post_shift, grid)
+    plan = sampler.plan(idx, grid)
+    assert plan is not None and plan.fraction < 0.05
+    Su = SliceOperator(sampler.rotations(plan, grid), hp.freqs() * D, D).slice(VolumeSlicer(V).spectrum)
+    est = sampled_loglik(Su, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw, want_grad=False)
+    rel = ((est.loglik - exact.loglik).abs() / exact.loglik.abs())
+    # |log p| is ~150 nats for these 24^2 images, so 0.3% is about half a nat: p within ~40%
+    # for any one draw (the estimator of p itself is unbiased, tested above). The paper's 0.1%
+    # is for 128^2 images, whose log p is orders of magnitude larger.
+    assert float(rel.max()) < 3e-3, rel
