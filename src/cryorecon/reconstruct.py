@@ -209,6 +209,7 @@ class Run:
         self.elapsed = 0.0
         self.order: list[int] = []
         self.best_heldout = math.inf
+        self.best_omega = None
         self.since_improve = 0
         self.last_heldout = None
         self.sampler = ImportanceSampler(len(particles), ISConfig(s0=config.s0), self.schedule, config.seed) \
@@ -222,6 +223,8 @@ class Run:
     # ---- set-up -------------------------------------------------------------------
     def _check_out_dir(self, resume: bool, force: bool) -> None:
         info = self.out / "run.json"
+        if resume and not force and not self.ckpt_path.exists():
+            raise InputError(f"{self.out}: no checkpoint.pt to resume from")
         if force or not self.out.exists():
             if force and self.out.exists():
                 for name in ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc"):
@@ -374,13 +377,13 @@ class Run:
             heldout = None
             if tau % c.heldout_every == 0:
                 heldout = self.heldout_error(lvl)
-                at_top = omega >= self.schedule.omega_star(10 ** 12)
-                if heldout < self.best_heldout - 1e-6 * abs(self.best_heldout):
+                # Held-out errors are comparable only at one cut-off (more coefficients, larger NLL).
+                if omega != self.best_omega:
+                    self.best_heldout, self.since_improve, self.best_omega = heldout, 0, omega
+                elif heldout < self.best_heldout - 1e-6 * abs(self.best_heldout):
                     self.best_heldout, self.since_improve = heldout, 0
-                elif at_top:
+                else:
                     self.since_improve += 1
-                if not at_top:
-                    self.best_heldout, self.since_improve = heldout, 0
                 self.last_heldout = heldout
             now = time.perf_counter()
             self.elapsed += now - t_last
@@ -430,6 +433,7 @@ class Run:
         state = {
             "V": self.V.cpu(), "sagd": self.sagd.state_dict(), "tau": self.tau, "elapsed": self.elapsed,
             "gen": self.gen.get_state(), "order": list(self.order), "best_heldout": self.best_heldout,
+            "best_omega": self.best_omega,
             "since_improve": self.since_improve, "last_heldout": self.last_heldout,
             "config": asdict(self.cfg), "prior_state": _prior_state(self.prior),
             "best_dir": self.best_dir,
@@ -452,6 +456,7 @@ class Run:
         self.gen.set_state(s["gen"])
         self.order = list(s["order"])
         self.best_heldout, self.since_improve = s["best_heldout"], s["since_improve"]
+        self.best_omega = s.get("best_omega")
         self.last_heldout = s["last_heldout"]
         self.prior = _prior_from_state(s["prior_state"])
         self.best_dir = s["best_dir"]

@@ -61,7 +61,8 @@ class LikelihoodResult:
     """Per-image log marginal likelihood (float64, (B,)), slice gradient and pose summaries.
 
     grad_slices: (J, M) complex, ``2 d(-sum log p)/d conj(S)`` or None.
-    best_rot, best_shift: (B,) indices of the maximum-posterior pose.
+    best_rot, best_shift: (B,) the most probable rotation and shift (argmax of each
+    posterior marginal).
     post_rot: (B, J) posterior marginal over rotations, post_shift: (B, L) over shifts
     (float32; present when ``want_posteriors``).
     """
@@ -105,9 +106,11 @@ def marginal_loglik(
     dev = slices.device
     w = batch.weight.to(dev)
     s = phase_shift(batch.freqs.to(dev)[None], shifts_px.to(dev, torch.float32))  # (L, M)
-    S_real = _as_real(slices).T.contiguous()  # (2M, J)
+    # Columns of the augmented GEMM: [Re S, Im S, log w_rot, 1] (see the loop).
+    S_aug = torch.cat([_as_real(slices), log_w_rot.to(dev, slices.real.dtype)[:, None],
+                       torch.ones(J, 1, device=dev, dtype=slices.real.dtype)], -1).T.contiguous()  # (2M+2, J)
     S_abs2 = (slices.real ** 2 + slices.imag ** 2).T.contiguous()  # (M, J)
-    log_w = (log_w_rot.to(dev, torch.float32)[None, :, None] + log_w_shift.to(dev, torch.float32)[None, None, :])
+    lw_shift = log_w_shift.to(dev, torch.float32)
     chunk = max(1, int(max_chunk_elems // max(1, L * J)))
     loglik = torch.empty(B, dtype=torch.float64, device=dev)
     best_rot = torch.empty(B, dtype=torch.long, device=dev)
@@ -121,34 +124,44 @@ def marginal_loglik(
         n = b1 - b0
         wc = w * c  # (n, M)
         A = (wc * y.conj())[:, None, :] * s[None]  # (n, L, M)
-        # Re(A S^T) = Re A Re S^T - Im A Im S^T
-        A_real = torch.cat([A.real, -A.imag], dim=-1).reshape(n * L, 2 * M)
-        X = (A_real @ S_real).reshape(n, L, J)
-        Q = (wc * c) @ S_abs2  # (n, J)
-        yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)  # (n,)
+        # l_ijl = (2 Re X - Q - |y|^2) / (2 sigma^2) + log w_j + log w_l. One GEMM with rows
+        # [A / sigma^2 (as Re, -Im), 1, log w_l - |y|^2 / (2 sigma^2)] gives all but the Q term,
+        # Q_ij = sum_m w c^2 |S_jm|^2, a small (images x rotations) GEMM subtracted after.
         inv2s = (0.5 / sig2)[:, None, None]
-        ll = (2 * X - Q[:, None, :] - yy[:, None, None]) * inv2s  # (n, L, J)
-        ll = ll.transpose(1, 2) + log_w  # (n, J, L)
-        flat = ll.reshape(n, J * L)
-        lse = torch.logsumexp(flat.double(), dim=-1)
-        loglik[b0:b1] = lse
-        am = flat.argmax(-1)
-        best_rot[b0:b1], best_shift[b0:b1] = am // L, am % L
-        if want_grad or want_posteriors:
-            gamma = torch.exp(flat - lse[:, None].float()).reshape(n, J, L)
-            g_rot = gamma.sum(-1)  # (n, J)
-            if want_posteriors:
-                post_rot[b0:b1] = g_rot
-                post_shift[b0:b1] = gamma.sum(1)
-            if want_grad:
-                winv = w[None, :] / sig2[:, None]  # (n, M)
-                # sum_{i,l} gamma_ijl conj(s_lm) c y w / sigma^2  -> (J, M)
-                Z = (winv * c * y)[:, None, :] * s.conj()[None]  # (n, L, M)
-                Zr = _as_real(Z).reshape(n * L, 2 * M)
-                GZ = gamma.transpose(1, 2).reshape(n * L, J).T @ Zr  # (J, 2M)
-                term1 = torch.complex(GZ[:, :M], GZ[:, M:])
-                term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
-                grad += term2 - term1
+        yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)  # (n,)
+        rows = torch.cat([
+            torch.cat([A.real, -A.imag], dim=-1) * (2 * inv2s),
+            torch.ones(n, L, 1, device=dev),
+            (lw_shift[None, :] - yy[:, None] * inv2s[:, :, 0])[:, :, None],
+        ], -1).reshape(n * L, 2 * M + 2)
+        ll = (rows @ S_aug).view(n, L, J)
+        ll.sub_((((wc * c) @ S_abs2) * inv2s[:, :, 0])[:, None, :])
+        # log-sum-exp: max in float32, exp in place, sums over shifts in float32 (<= ~10^3
+        # terms of at most 1) and over rotations in float64. Terms below e^-80 (relative to
+        # the largest) are clamped there first: exp is several times slower in its underflow
+        # range, and such terms change the sum by less than 1e-30 relative.
+        m = ll.amax(dim=(1, 2))
+        e = ll.sub_(m[:, None, None]).clamp_(min=-80.0).exp_()
+        per_rot = e.sum(1)  # (n, J)
+        total = per_rot.double().sum(-1)
+        loglik[b0:b1] = m.double() + torch.log(total)
+        inv_total = (1.0 / total).float()
+        gamma = e.mul_(inv_total[:, None, None])  # posterior over (shift, rotation)
+        g_rot = per_rot.mul_(inv_total[:, None])  # (n, J)
+        g_shift = gamma.sum(2)  # (n, L)
+        best_rot[b0:b1], best_shift[b0:b1] = g_rot.argmax(-1), g_shift.argmax(-1)
+        if want_posteriors:
+            post_rot[b0:b1] = g_rot
+            post_shift[b0:b1] = g_shift
+        if want_grad:
+            winv = w[None, :] / sig2[:, None]  # (n, M)
+            # sum_{i,l} gamma_ijl conj(s_lm) c y w / sigma^2  -> (J, M)
+            Z = (winv * c * y)[:, None, :] * s.conj()[None]  # (n, L, M)
+            Zr = _as_real(Z).reshape(n * L, 2 * M)
+            GZ = gamma.reshape(n * L, J).T @ Zr  # (J, 2M)
+            term1 = torch.complex(GZ[:, :M], GZ[:, M:])
+            term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
+            grad += term2 - term1
     return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift)
 
 

@@ -128,7 +128,7 @@ class SAGD:
 
     def load_state_dict(self, s: dict) -> None:
         self.K, self.shape = s["K"], tuple(s["shape"])
-        self.stored = {int(k): v.to(self.device) for k, v in s["stored"].items()}
-        self.g_bar = s["g_bar"].to(self.device)
+        self.stored = {int(k): v.to(self.device).clone() for k, v in s["stored"].items()}
+        self.g_bar = s["g_bar"].to(self.device).clone()
         self.L, self.tau = s["L"], s["tau"]
         self.line_search_every, self.decay = s["line_search_every"], s["decay"]
