@@ -53,7 +53,7 @@ class ReconstructConfig:
     minibatch: int = 200
     prior: str = "exponential"
     prior_lambda: float | None = None
-    prior_strength: float = 0.01
+    prior_strength: float = 3.0
     car_sigma: float | None = None
     seed: int = 0
     max_iters: int = 5000
@@ -165,13 +165,20 @@ def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: fl
 
 
 def default_exponential_lambda(V0: torch.Tensor, n_train: int, h: float, strength: float) -> float:
-    """Default rate of the exponential prior (Sec. 3.3).
+    """Default rate of the exponential prior (Sec. 3.3; the paper gives no value).
 
-    The MAP soft-thresholds each voxel by about lambda / H_vv, where H_vv = n_train * h is the
-    data's curvature per voxel (see :func:`scale_to_data`). The exponential's own estimate,
-    lambda = 1 / mean(V0), does not see how much data there is, and for small or noisy sets
-    it empties the map; we cap lambda so that the threshold is ``strength`` (default 1%) of
-    the start's peak density: lambda = min(1 / mean(V0), strength * max(V0) * n_train * h).
+    The exponential's own estimate, lambda = 1 / mean(V0), does not see how much data there
+    is: with few or noisy particles it empties the map (measured: 400-500 particles at SNR
+    0.05 collapse to zero within ~10 iterations). The MAP soft-thresholds a voxel by about
+    lambda / H_vv, with H_vv = n_train * h the data's curvature per voxel measured on the
+    start's band (:func:`scale_to_data`), so we cap lambda in those units:
+    lambda = min(1 / mean(V0), strength * max(V0) * n_train * h).
+
+    ``strength`` is an empirical knob (h is measured on the first, lowest band, so it
+    understates the final curvature). Measured on the demo set (2,000 particles, SNR 0.1),
+    FSC 0.5 vs truth: strength 0.01 -> 54 Å, 1 -> 31 Å, 3 -> 28 Å, >= 10 (= 1/mean) -> 27 Å;
+    on 400 particles at SNR 0.05, strength 10 leaves 0.3% of voxels non-zero, 3 keeps 7%.
+    The default is 3.
     """
     mle = 1.0 / max(float(V0.mean()), 1e-30)
     return min(mle, strength * float(V0.max()) * n_train * h)

@@ -16,8 +16,8 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--prior-lambda", type=float, default=None,
                    help="exponential prior rate (default: from --prior-strength)")
     p.add_argument("--prior-strength", type=float, default=d.prior_strength,
-                   help="default exponential rate shrinks voxels by this fraction of the start's peak "
-                        "density given the data's curvature (default 0.01)")
+                   help="scale of the default exponential rate relative to the data's curvature "
+                        "(default 3; larger = sparser maps, too large empties maps of small data sets)")
     p.add_argument("--car-sigma", type=float, default=None, help="CAR prior sigma (default: std of the start)")
     p.add_argument("--minibatch", type=int, default=d.minibatch, help="particles per minibatch (default 200)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
