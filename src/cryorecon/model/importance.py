@@ -92,10 +92,10 @@ def mixture(log_smooth: torch.Tensor, alpha: float, has_history: torch.Tensor) -
 def draw(q: torch.Tensor, s0: float, generator: torch.Generator):
     """Draw N_i = ceil(s0 ESS(q_i)) indices per row of q (B, M), with replacement.
 
-    Returns ``(idx (B, n_max) long, log_corr (B, n_max) float64, n_unique (B,), exact (B,))``
-    where ``log_corr = log(count / (N q))`` for the evaluated unique indices (``-inf`` in the
-    padding) and, for rows with N >= M, all M indices with ``log_corr = log(1 / (M q))`` ...
-    i.e. 0 for the plain quadrature (q uniform) -- see the module notes.
+    Returns ``(idx (B, n_max) long, log_corr (B, n_max) float64, n_unique (B,), exact (B,))``:
+    each row's distinct drawn indices first, with ``log_corr = log(count / (N q))`` (the
+    weight of Eq. 13 beyond the quadrature weight), padded with ``-inf``. Rows with
+    ``N >= M`` (``exact``) list the whole grid with ``log_corr = 0``: the plain quadrature.
     """
     B, M = q.shape
     ess = 1.0 / (q ** 2).sum(-1)
