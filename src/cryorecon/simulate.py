@@ -507,7 +507,7 @@ def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
     finally:
         progress.close()
     summary.update(
-        n=n, box=D, apix=apix, snr=snr, seed=seed, defocus_range_um=list(defocus_range_um),
+        n=n, box=D, apix=apix, snr=sim.snr, seed=seed, defocus_range_um=list(defocus_range_um),
         astigmatism_A=astigmatism_A, voltage_kv=voltage, cs_mm=cs, amp_contrast=amp_contrast,
         max_shift_px=shift_range_px, bfactor=bfactor, signal_variance=sim.signal_var,
         noise_sigma=sim.noise_sigma,
