@@ -46,6 +46,11 @@ from .preprocess import default_diameter_A
 from .progress import bar, log
 
 
+# Above this fraction of the full quadrature (after padding each image's pose set to the
+# batch's largest), importance sampling is no cheaper than the exact, shared-GEMM path.
+MAX_SAMPLED_FRACTION = 0.25
+
+
 @dataclass
 class ReconstructConfig:
     """Parameters of a run. Lengths in Å, frequencies in 1/Å, times in seconds."""
@@ -291,13 +296,15 @@ class Run:
         """
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
         plan = self.sampler.plan(idx, lvl.grid) if self.sampler is not None else None
+        if plan is not None and plan.fraction_computed > MAX_SAMPLED_FRACTION:
+            plan = None  # padded per-image sets cost more than the shared exact GEMMs
         K, ov = self.K, self.cfg.oversample
         if plan is None:
             def nll(V, want_grad=False, want_posteriors=False):
                 return neg_log_likelihood(V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, ov,
                                           want_grad=want_grad, want_posteriors=want_posteriors,
                                           slice_op=lvl.slice_op)
-            fraction = 1.0
+            fraction = computed = 1.0
         else:
             op = SliceOperator(self.sampler.rotations(plan, lvl.grid).to(self.device),
                                lvl.halfplane.freqs().to(self.device) * self.D, self.D, ov)
@@ -306,14 +313,14 @@ class Run:
             def nll(V, want_grad=False, want_posteriors=False):
                 return neg_log_likelihood_sampled(V, batch, op, plan.rot_idx.to(dev), plan.rot_logw.to(dev),
                                                   plan.shifts.to(dev), plan.shift_logw.to(dev), ov, want_grad)
-            fraction = plan.fraction
+            fraction, computed = plan.fraction, plan.fraction_computed
 
         def f(V):
             return nll(V)[0] + float(self.prior.neg_log_prior(V)) / K
 
         val, grad, res = nll(self.V, want_grad=want_grad, want_posteriors=True)
         kl = self._update_poses(idx, lvl, plan, res)
-        return val, grad, f, {"fraction": fraction, "kl_directions": kl}
+        return val, grad, f, {"fraction": fraction, "computed": computed, "kl_directions": kl}
 
     def _update_poses(self, idx, lvl: Level, plan, res) -> float | None:
         """Record each particle's most probable view and, with importance sampling, its phi~."""
@@ -401,6 +408,7 @@ class Run:
                 "train_nll": val / len(idx), "heldout_nll": heldout, "minibatch": int(len(idx)),
                 "poses_evaluated": round(info["fraction"] * len(idx) * lvl.n_poses),
                 "poses_full": int(len(idx)) * lvl.n_poses, "fraction_evaluated": info["fraction"],
+                "fraction_computed": info["computed"],
                 "kl_directions": info["kl_directions"],
                 "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
             })

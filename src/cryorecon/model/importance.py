@@ -170,7 +170,8 @@ class Plan:
     lc_psi: torch.Tensor
     idx_t: torch.Tensor
     lc_t: torch.Tensor
-    fraction: float            # poses evaluated / poses of the full quadrature
+    fraction: float            # poses sampled (distinct) / poses of the full quadrature
+    fraction_computed: float   # poses computed incl. padding to the batch's largest set
 
 
 def _chunked_log_mixture(pts, logphi, grid_pts, kind, kappa, T, chunk_elems=2 ** 24):
@@ -239,9 +240,11 @@ class ImportanceSampler:
         rot_idx[valid] = inverse
         shift_logw = grid.log_w_t[idx_t] + lc_t
         n_eval = (valid.sum(-1) * torch.isfinite(shift_logw).sum(-1)).sum()
-        fraction = float(n_eval) / (B * grid.n_rotations * grid.M_t)
+        full = grid.n_rotations * grid.M_t
+        fraction = float(n_eval) / (B * full)
+        computed = rot_idx.shape[1] * shift_logw.shape[1] / full
         return Plan(rot_ids, rot_idx, rot_logw, grid.shifts[idx_t], shift_logw, idx_d, lc_d, idx_psi, lc_psi,
-                    idx_t, lc_t, fraction)
+                    idx_t, lc_t, fraction, computed)
 
     def rotations(self, plan: Plan, grid) -> torch.Tensor:
         """(U, 3, 3) rotation matrices of the plan's union of rotations."""
