@@ -337,7 +337,12 @@ class Run:
         return None if not math.isfinite(kl) else kl
 
     def heldout_error(self, lvl: Level) -> float:
-        """Mean negative log-likelihood per held-out particle at the current omega*."""
+        """Mean negative log-likelihood per held-out particle at the current omega*.
+
+        Evaluated like a training minibatch (without a gradient), so with importance sampling
+        it is the Eq. 13 estimate (log of an unbiased estimate of p: slightly pessimistic)
+        and the held-out particles keep their own pose histories; they never enter SAGD.
+        """
         total = 0.0
         for s in range(0, len(self.heldout), self.cfg.minibatch):
             idx = self.heldout[s:s + self.cfg.minibatch]

@@ -200,7 +200,11 @@ class ImportanceSampler:
         self.gen = torch.Generator().manual_seed(seed + 7919)
 
     def distributions(self, idx: np.ndarray, grid):
-        """q^d (B, M_d), q^psi (B, M_psi), q^t (B, M_t) for particles ``idx`` (Eq. 20)."""
+        """q^d (B, M_d), q^psi (B, M_psi), q^t (B, M_t) for particles ``idx`` (Eq. 20).
+
+        alpha and T come from the batch's latest previous visit: the driver's minibatches are
+        fixed, so all particles of a batch share it.
+        """
         h = self.hist
         t_prev = int(h.tau_prev[idx].max())
         has = torch.as_tensor(h.tau_prev[idx] >= 0)
