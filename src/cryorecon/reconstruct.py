@@ -81,11 +81,12 @@ class ReconstructConfig:
     n_spheres: int = 8
     importance: bool = True
     s0: float = 10.0
+    is_every: int = 50
     report_every: float | None = 60.0
 
     def schedule(self, apix: float) -> Schedule:
         return Schedule(omega_start=self.omega_start, omega_step=self.omega_step, omega_every=self.omega_every,
-                        omega_max=self.omega_max, apix=apix)
+                        omega_max=self.omega_max, apix=apix, is_every=self.is_every)
 
 
 @dataclass

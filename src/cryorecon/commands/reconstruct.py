@@ -44,6 +44,9 @@ def add_reconstruct_arguments(p) -> None:
                    help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
     p.add_argument("--s0", type=float, default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
+    p.add_argument("--is-every", type=int, default=d.is_every,
+                   help="iterations per step of the importance annealing: alpha = max(0.05, "
+                        "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default 50, Sec. 3.4.1)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="iterations between checkpoints (default 25)")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
@@ -64,7 +67,7 @@ def config_from_args(args) -> ReconstructConfig:
         device=args.device, diameter_A=args.diameter, shift_sigma_A=args.shift_sigma, grid_scale=args.grid_scale,
         heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
-        importance=not args.exact, s0=args.s0, report_every=args.report_every,
+        importance=not args.exact, s0=args.s0, is_every=args.is_every, report_every=args.report_every,
     )
 
 
