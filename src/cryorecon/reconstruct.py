@@ -46,6 +46,9 @@ from .preprocess import default_diameter_A
 from .progress import bar, log
 
 
+# What a run writes in its folder (besides snapshots/); --force removes these first.
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz", "report.html")
+
 # Above this fraction of the full quadrature (after padding each image's pose set to the
 # batch's largest), importance sampling is no cheaper than the exact, shared-GEMM path.
 MAX_SAMPLED_FRACTION = 0.25
@@ -240,16 +243,16 @@ class Run:
             raise InputError(f"{self.out}: no checkpoint.pt to resume from")
         if force or not self.out.exists():
             if force and self.out.exists():
-                for name in ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc"):
+                for name in RUN_FILES:
                     (self.out / name).unlink(missing_ok=True)
+                for snap in (self.out / "snapshots").glob("volume_*.mrc"):
+                    snap.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
             return
         finished = info.exists() and json.loads(info.read_text()).get("finished", False)
         if resume:
             if finished:
                 raise OutputExistsError(f"{self.out}: this run converged; nothing to resume (use --force to start over)")
-            if not self.ckpt_path.exists():
-                raise InputError(f"{self.out}: no checkpoint.pt to resume from")
             return
         if self.ckpt_path.exists() or finished or (self.out / "volume.mrc").exists():
             what = "a finished run" if finished else "an unfinished run (use --resume to continue it)"
