@@ -14,7 +14,6 @@ The A_k below are built with a known spectrum so those bounds are sharp.
 from __future__ import annotations
 
 import io
-import math
 
 import numpy as np
 import pytest

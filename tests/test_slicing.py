@@ -1,6 +1,5 @@
 """Fourier slicing: adjointness, RELION golden projections, shift and scale conventions."""
 
-import math
 
 import mrcfile
 import numpy as np

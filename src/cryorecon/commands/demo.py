@@ -230,34 +230,7 @@ def _finite(x: float):
 
 
 def plot_fsc_curves(path, freq, curves: dict, title: str = "") -> None:
-    """Several FSC curves on one plot, with the 0.5 and 0.143 thresholds; x axis linear in
-    1/Å, labelled in Å (the style of :func:`cryorecon.commands.fsc.plot_fsc`, which draws one
-    curve). Agg canvas, no pyplot."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
+    """Several FSC curves against the truth on one plot (PNG); see :func:`cryorecon.report.plots.draw_fsc`."""
+    from ..report.plots import save_fsc_png
 
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    lo = -0.1
-    for i, (label, (curve, res)) in enumerate(curves.items()):
-        c = f"C{i}"
-        r05, r0143 = res.get(0.5, math.nan), res.get(0.143, math.nan)
-        txt = " / ".join(f"{r:.1f}" if math.isfinite(r) else "n/a" for r in (r05, r0143))
-        ax.plot(freq, curve, "-", color=c, lw=1.8, label=f"{label}: {txt} Å")
-        lo = min(lo, float(min(curve)) - 0.05)
-    for thr, c in ((0.5, "0.4"), (0.143, "0.6")):
-        ax.axhline(thr, color=c, ls="--", lw=1)
-        ax.annotate(f"{thr:g}", xy=(0, thr), xytext=(2, 2), textcoords="offset points", color=c, fontsize=8)
-    ax.set_xlim(0, float(freq[-1]))
-    ax.set_ylim(lo, 1.05)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda f, _: "∞" if f <= 0 else f"{1.0 / f:.3g}"))
-    ax.set_xlabel("resolution (Å)  [axis linear in spatial frequency, 1/Å]")
-    ax.set_ylabel("FSC against the true map")
-    if title:
-        ax.set_title(title, fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8, title="resolution at FSC 0.5 / 0.143", title_fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    save_fsc_png(path, freq, curves, title=title, ylabel="FSC against the true map")

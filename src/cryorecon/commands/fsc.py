@@ -48,39 +48,10 @@ def _json_float(x: float):
 
 
 def plot_fsc(path, freq, curve, resolutions: dict, title: str = "") -> None:
-    """Save the FSC curve with threshold lines; x axis in 1/Å labelled in Å.
+    """Write the FSC curve with the 0.5 / 0.143 thresholds and crossings to ``path`` (PNG)."""
+    from ..report.plots import save_fsc_png
 
-    Uses the Agg canvas directly (``matplotlib.figure.Figure``), never pyplot, so it works
-    headless and does not touch a global backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    fig = Figure(figsize=(6.4, 4.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(freq, curve, "-", color="C0", lw=1.8, label="FSC")
-    colors = {0.5: "C1", 0.143: "C2"}
-    for thr, res in resolutions.items():
-        c = colors.get(thr, "C3")
-        ax.axhline(thr, color=c, ls="--", lw=1)
-        if math.isfinite(res) and res > 0:
-            ax.axvline(1.0 / res, color=c, ls=":", lw=1)
-            ax.annotate(f"{thr:g}: {res:.2f} Å", xy=(1.0 / res, thr), xytext=(4, 6),
-                        textcoords="offset points", color=c, fontsize=9)
-    fmax = float(freq[-1])
-    ax.set_xlim(0, fmax)
-    ax.set_ylim(min(-0.1, float(min(curve)) - 0.05), 1.05)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda f, _: "∞" if f <= 0 else f"{1.0 / f:.3g}"))
-    ax.set_xlabel("resolution (Å)  [axis linear in spatial frequency, 1/Å]")
-    ax.set_ylabel("Fourier shell correlation")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    save_fsc_png(path, freq, {"FSC": (curve, resolutions)}, title=title)
 
 
 def run(args) -> int:

@@ -20,7 +20,6 @@ premultiply-pad-FFT step, so ``<slice(V), u> == <V, adjoint(u)>`` (tested).
 
 from __future__ import annotations
 
-import math
 
 import torch
 

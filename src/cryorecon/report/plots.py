@@ -446,34 +446,73 @@ def plot_snapshots(items: list[tuple[str, np.ndarray, float | None]], view=VIEWS
 # FSC and view directions
 # ---------------------------------------------------------------------------------------------
 
+def draw_fsc(ax, freq, curves: dict, cutoff_A: float | None = None, title: str = "",
+             ylabel: str = "Fourier shell correlation") -> None:
+    """Draw FSC curves on a matplotlib axis: ``curves = {label: (curve, {threshold: Å})}``.
+
+    The x axis is linear in spatial frequency (1/Å) and labelled in Å. One curve: the
+    0.5 / 0.143 thresholds in colour with their crossings marked. Several curves: one colour
+    each, with their resolutions in the legend. ``cutoff_A`` marks the finest resolution a
+    run has used. Shared by ``cryorecon fsc``, the run report and the demo.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    single = len(curves) == 1
+    colors = {0.5: "C1", 0.143: "C2"}
+    lo = -0.1
+    for i, (label, (curve, res)) in enumerate(curves.items()):
+        lo = min(lo, float(np.min(curve)) - 0.05)
+        if single:
+            ax.plot(freq, curve, "-", color="C0", lw=1.8, label=label)
+            for thr, r in res.items():
+                c = colors.get(thr, "C3")
+                ax.axhline(thr, color=c, ls="--", lw=1)
+                if r is not None and math.isfinite(r) and r > 0:
+                    ax.axvline(1.0 / r, color=c, ls=":", lw=1)
+                    ax.annotate(f"{thr:g}: {r:.2f} Å", xy=(1.0 / r, thr), xytext=(4, 6),
+                                textcoords="offset points", color=c, fontsize=9)
+        else:
+            txt = " / ".join(f"{r:.1f}" if r is not None and math.isfinite(r) else "n/a"
+                             for r in (res.get(0.5), res.get(0.143)))
+            ax.plot(freq, curve, "-", color=f"C{i}", lw=1.8, label=f"{label}: {txt} Å")
+    if not single:
+        for thr, c in ((0.5, "0.4"), (0.143, "0.6")):
+            ax.axhline(thr, color=c, ls="--", lw=1)
+            ax.annotate(f"{thr:g}", xy=(0, thr), xytext=(2, 2), textcoords="offset points", color=c, fontsize=8)
+    if cutoff_A and cutoff_A > 0 and 1.0 / cutoff_A <= float(freq[-1]):
+        ax.axvline(1.0 / cutoff_A, color="0.4", lw=1.2, label=f"cut-off used ({cutoff_A:.1f} Å)")
+    ax.set_xlim(0, float(freq[-1]))
+    ax.set_ylim(lo, 1.05)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda f, _: "∞" if f <= 0 else f"{1.0 / f:.3g}"))
+    ax.set_xlabel("resolution (Å)  [axis linear in spatial frequency, 1/Å]")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if single:
+        ax.legend(loc="upper right", fontsize=9)
+    else:
+        ax.legend(loc="upper right", fontsize=8, title="resolution at FSC 0.5 / 0.143", title_fontsize=8)
+
+
+def save_fsc_png(path, freq, curves: dict, title: str = "", **kw) -> None:
+    """:func:`draw_fsc` on its own figure, written to ``path`` as PNG (Agg, no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    draw_fsc(fig.add_subplot(1, 1, 1), freq, curves, title=title, **kw)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def plot_fsc(freq: np.ndarray, curve: np.ndarray, resolutions: dict, cutoff_A: float | None = None,
              title: str = "") -> bytes:
     """FSC against spatial frequency, with the 0.5 and 0.143 thresholds and the current
     resolution cut-off (the finest detail the run has used so far)."""
-    from matplotlib.ticker import FuncFormatter
-
     fig = _figure(7.5, 4.4)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(freq, curve, "-", color="C0", lw=1.8, label="FSC")
-    colors = {0.5: "C1", 0.143: "C2"}
-    for thr, res in resolutions.items():
-        c = colors.get(thr, "C3")
-        ax.axhline(thr, color=c, ls="--", lw=1)
-        if res is not None and math.isfinite(res) and res > 0:
-            ax.axvline(1.0 / res, color=c, ls=":", lw=1)
-            ax.annotate(f"{thr:g}: {res:.1f} Å", xy=(1.0 / res, thr), xytext=(4, 6), textcoords="offset points",
-                        color=c, fontsize=9)
-    if cutoff_A and cutoff_A > 0 and 1.0 / cutoff_A <= float(freq[-1]):
-        ax.axvline(1.0 / cutoff_A, color="0.4", lw=1.2, label=f"cut-off used ({cutoff_A:.1f} Å)")
-    ax.set_xlim(0, float(freq[-1]))
-    ax.set_ylim(min(-0.1, float(np.min(curve)) - 0.05), 1.05)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda f, _: "∞" if f <= 0 else f"{1.0 / f:.3g}"))
-    ax.set_xlabel("resolution (Å)   [axis linear in spatial frequency 1/Å]")
-    ax.set_ylabel("Fourier shell correlation")
-    if title:
-        ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=9)
+    draw_fsc(fig.add_subplot(1, 1, 1), freq, {"FSC": (curve, resolutions)}, cutoff_A=cutoff_A, title=title)
     fig.tight_layout()
     return to_png(fig)
 
