@@ -11,3 +11,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"reference data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def formats_dir(shared_data) -> Path:
+    """``../shared/data/formats`` (real RELION and cryoSPARC files); skips when absent."""
+    d = shared_data / "formats"
+    if not d.is_dir():
+        pytest.skip(f"{d} absent")
+    return d

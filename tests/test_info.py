@@ -16,12 +16,6 @@ from cryorecon.io.particles import write_particles
 CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
 
 
-def _formats(shared_data):
-    d = shared_data / "formats"
-    if not d.is_dir():
-        pytest.skip(f"{d} absent")
-    return d
-
 
 def _info(args, monkeypatch, capsys):
     monkeypatch.setattr(cli, "COMMANDS", ["info"])  # only this command's module is needed
@@ -36,8 +30,8 @@ def _json(args, monkeypatch, capsys) -> dict:
     return json.loads(out)
 
 
-def test_info_relion31(shared_data, monkeypatch, capsys):
-    d = _formats(shared_data)
+def test_info_relion31(formats_dir, monkeypatch, capsys):
+    d = formats_dir
     info = _json([d / "relion31.star"], monkeypatch, capsys)
     raw = starfile.read(d / "relion31.star", always_dict=True)
     dfs = raw["particles"][["rlnDefocusU", "rlnDefocusV"]].to_numpy()
@@ -57,8 +51,8 @@ def test_info_relion31(shared_data, monkeypatch, capsys):
     assert "particles      5" in out and "box            256 px" in out and "poses          yes" in out
 
 
-def test_info_two_optics_groups_and_legacy(shared_data, monkeypatch, capsys):
-    d = _formats(shared_data)
+def test_info_two_optics_groups_and_legacy(formats_dir, monkeypatch, capsys):
+    d = formats_dir
     info = _json([d / "sample_particles_relion31.star"], monkeypatch, capsys)
     assert [g["voltage_kV"] for g in info["optics_groups"]] == [300.0, 200.0]
     assert [g["particles"] for g in info["optics_groups"]] == [8, 9]
@@ -72,8 +66,8 @@ def test_info_two_optics_groups_and_legacy(shared_data, monkeypatch, capsys):
     assert cs["ctf"]["defocus_um"] == pytest.approx(legacy["ctf"]["defocus_um"], abs=1e-4)
 
 
-def test_info_without_stacks(shared_data, monkeypatch, capsys):
-    d = _formats(shared_data)
+def test_info_without_stacks(formats_dir, monkeypatch, capsys):
+    d = formats_dir
     rc, _, err = _info([d / "relion5.star"], monkeypatch, capsys)
     assert rc == 2 and "toy_images_a.mrcs" in err  # stacks not shipped: an error by default
     r5 = _json([d / "relion5.star", "--no-stacks"], monkeypatch, capsys)

@@ -19,12 +19,6 @@ from cryorecon.geometry.rotations import euler_to_matrix
 from cryorecon.io.particles import read_particles, write_particles
 
 
-def _formats(shared_data):
-    d = shared_data / "formats"
-    if not d.is_dir():
-        pytest.skip(f"{d} absent")
-    return d
-
 
 def _relion_matrices(angles_deg: np.ndarray) -> np.ndarray:
     a = torch.from_numpy(np.deg2rad(angles_deg))
@@ -51,8 +45,8 @@ def _save_cs(path, arr):
         np.save(f, arr)
 
 
-def test_cs_and_star_agree_empiar(shared_data):
-    d = _formats(shared_data)
+def test_cs_and_star_agree_empiar(formats_dir):
+    d = formats_dir
     cs = read_particles(d / "empiar_10076_7.cs")
     st = read_particles(d / "empiar_10076_7.star")
     assert len(cs) == len(st) == 7 and cs.D == st.D == 320
@@ -67,8 +61,8 @@ def test_cs_and_star_agree_empiar(shared_data):
     np.testing.assert_array_equal(cs.images(np.arange(7)), st.images(np.arange(7)))
 
 
-def test_cs_poses_follow_pyem_and_cryodrgn(shared_data):
-    d = _formats(shared_data)
+def test_cs_poses_follow_pyem_and_cryodrgn(formats_dir):
+    d = formats_dir
     f = d / "cryosparc_P12_J24_001_particles.cs"
     raw = np.load(f)
     ps = read_particles(f, check_images=False)  # stacks not shipped

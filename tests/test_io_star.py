@@ -21,12 +21,6 @@ from cryorecon.io.particles import read_particles, write_particles
 CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
 
 
-def _formats(shared_data):
-    d = shared_data / "formats"
-    if not d.is_dir():
-        pytest.skip(f"{d} absent")
-    return d
-
 
 def _raw_stack(path):
     with warnings.catch_warnings():
@@ -36,8 +30,8 @@ def _raw_stack(path):
 
 
 # ----------------------------------------------------------------- RELION 3.1
-def test_relion31_values_and_images(shared_data):
-    d = _formats(shared_data)
+def test_relion31_values_and_images(formats_dir):
+    d = formats_dir
     ps = read_particles(d / "relion31.star")
     raw = starfile.read(d / "relion31.star", always_dict=True)
     optics, parts = raw["optics"], raw["particles"]
@@ -67,8 +61,8 @@ def test_relion31_values_and_images(shared_data):
     assert ps.images([1]).dtype == np.float32
 
 
-def test_relion31_six_optics_groups_join(shared_data):
-    d = _formats(shared_data)
+def test_relion31_six_optics_groups_join(formats_dir):
+    d = formats_dir
     f = d / "relion31.6opticsgroups.star"
     ps = read_particles(f, check_images=False)  # no stacks shipped
     raw = starfile.read(f, always_dict=True)
@@ -87,8 +81,8 @@ def test_relion31_six_optics_groups_join(shared_data):
     assert not any(p.is_file() for p in ps.stacks)
 
 
-def test_relion5(shared_data):
-    d = _formats(shared_data)
+def test_relion5(formats_dir):
+    d = formats_dir
     ps = read_particles(d / "relion5.star", check_images=False)
     assert len(ps) == 17 and ps.D == 448
     np.testing.assert_allclose(ps.apix, 0.89)
@@ -103,8 +97,8 @@ def test_relion5(shared_data):
 
 
 # ----------------------------------------------------------------- RELION 3.0 vs 3.1
-def test_sample_relion30_vs_31(shared_data):
-    d = _formats(shared_data)
+def test_sample_relion30_vs_31(formats_dir):
+    d = formats_dir
     p31 = read_particles(d / "sample_particles_relion31.star")
     p30 = read_particles(d / "sample_particles_relion30.star")
     raw30 = starfile.read(d / "sample_particles_relion30.star")
@@ -137,8 +131,8 @@ def test_sample_relion30_vs_31(shared_data):
     np.testing.assert_array_equal(p30.images(np.arange(17)), p31.images(np.arange(17)))
 
 
-def test_legacy_mrc_stack_empiar(shared_data):
-    d = _formats(shared_data)
+def test_legacy_mrc_stack_empiar(formats_dir):
+    d = formats_dir
     ps = read_particles(d / "empiar_10076_7.star")
     raw = starfile.read(d / "empiar_10076_7.star")
     assert len(ps) == 7 and ps.D == 320
