@@ -178,18 +178,29 @@ def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch
     :class:`~cryorecon.fourier.slicing.SliceOperator` for ``rotations`` and the batch's
     frequencies) and ``spectrum`` (the volume's padded spectrum) may be passed to reuse work.
     """
-    from ..fourier.slicing import SliceOperator, spectrum_adjoint_to_volume, spectrum_from_volume
+
+    from ..fourier.slicing import SliceOperator
 
     D = volume.shape[-1]
     if slice_op is None:
         slice_op = SliceOperator(rotations, batch.freqs.to(volume.device) * D, D, oversample)
+    return _volume_objective(
+        volume, slice_op, oversample, want_grad, spectrum,
+        lambda slices: marginal_loglik(slices, batch, shifts_px, log_w_rot, log_w_shift, want_grad, want_posteriors))
+
+
+def _volume_objective(volume, slice_op, oversample, want_grad, spectrum, evaluate):
+    """Slice the volume, ``evaluate`` the likelihood on the slices, and turn the slice
+    gradient into the density gradient (back-projection, then the adjoint of
+    premultiply/pad/FFT). Returns ``(-sum log p, grad or None, result)``."""
+    from ..fourier.slicing import spectrum_adjoint_to_volume, spectrum_from_volume
+
     if spectrum is None:
         spectrum = spectrum_from_volume(volume, oversample)
-    slices = slice_op.slice(spectrum)
-    res = marginal_loglik(slices, batch, shifts_px, log_w_rot, log_w_shift, want_grad, want_posteriors)
+    res = evaluate(slice_op.slice(spectrum))
     grad = None
     if want_grad:
-        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), D)
+        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), volume.shape[-1])
         res.grad_slices = None
     return float(-res.loglik.sum()), grad, res
 
@@ -275,13 +286,6 @@ def neg_log_likelihood_sampled(volume: torch.Tensor, batch: ImageBatch, slice_op
     ``slice_op`` slices the union of the images' rotations; see :func:`sampled_loglik`.
     Returns ``(value, grad or None, SampledResult)``.
     """
-    from ..fourier.slicing import spectrum_adjoint_to_volume, spectrum_from_volume
-
-    D = volume.shape[-1]
-    slices = slice_op.slice(spectrum_from_volume(volume, oversample))
-    res = sampled_loglik(slices, batch, rot_idx, rot_logw, shifts_px, shift_logw, want_grad)
-    grad = None
-    if want_grad:
-        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), D)
-        res.grad_slices = None
-    return float(-res.loglik.sum()), grad, res
+    return _volume_objective(
+        volume, slice_op, oversample, want_grad, None,
+        lambda slices: sampled_loglik(slices, batch, rot_idx, rot_logw, shifts_px, shift_logw, want_grad))
