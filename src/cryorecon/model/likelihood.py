@@ -178,7 +178,6 @@ def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch
     :class:`~cryorecon.fourier.slicing.SliceOperator` for ``rotations`` and the batch's
     frequencies) and ``spectrum`` (the volume's padded spectrum) may be passed to reuse work.
     """
-
     from ..fourier.slicing import SliceOperator
 
     D = volume.shape[-1]
