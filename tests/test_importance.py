@@ -9,7 +9,8 @@ from cryorecon.fourier.slicing import SliceOperator, VolumeSlicer, project
 from cryorecon.fourier.transforms import HalfPlane, fft2c
 from cryorecon.geometry.grids import PoseGrid
 from cryorecon.model.importance import ISConfig, ImportanceSampler, draw, kernel_log_mixture, mixture
-from cryorecon.model.likelihood import ImageBatch, marginal_loglik, sampled_loglik
+from cryorecon.model.likelihood import (ImageBatch, marginal_loglik, sampled_loglik, sampled_loglik_groups,
+                                       volume_objective)
 from cryorecon.optim.schedules import Schedule
 
 
@@ -53,9 +54,8 @@ def test_kernel_carries_direction_across_grid_refinement():
     assert float(q.max()) > 20.0 / fine.M_d
 
 
-def test_sampled_likelihood_matches_exact_after_a_visit():
-    """After one exact visit, sampled poses reproduce log p of the full quadrature closely,
-    evaluating only a fraction of the poses (Fig. 8)."""
+def _toy_problem(B=6):
+    """A two-blob volume, B noisy projections at grid rotations, and the exact marginal."""
     torch.manual_seed(0)
     D, apix = 24, 8.0
     g = torch.arange(D, dtype=torch.float32) - D // 2
@@ -63,14 +63,23 @@ def test_sampled_likelihood_matches_exact_after_a_visit():
     V = torch.exp(-((x - 3) ** 2 + y ** 2 + (z + 2) ** 2) / 8) + 0.7 * torch.exp(-((x + 4) ** 2 + (y - 3) ** 2 + z ** 2) / 5)
     grid = PoseGrid(D=D, apix=apix, omega_star=0.05, shift_sigma_px=1.5, scale=1.5)
     hp = HalfPlane(D, D * apix * 0.05)
-    B = 6
     true_r = torch.randint(0, grid.n_rotations, (B,))
     R = grid.rotations()
     imgs = project(V, R[true_r]) + 0.3 * torch.randn(B, D, D)
     batch = ImageBatch(hp.gather(fft2c(imgs)), torch.ones(B, hp.M), torch.full((B,), 0.09), hp.weight, hp.freqs())
-    S = SliceOperator(R, hp.freqs() * D, D).slice(VolumeSlicer(V).spectrum)
-    exact = marginal_loglik(S, batch, grid.shifts.float(), grid.log_w_R(), grid.log_w_t, want_grad=False,
-                            want_posteriors=True)
+    op = SliceOperator(R, hp.freqs() * D, D)
+    exact = marginal_loglik(op.slice(VolumeSlicer(V).spectrum), batch, grid.shifts.float(), grid.log_w_R(),
+                            grid.log_w_t, want_grad=False, want_posteriors=True)
+    return V, grid, hp, batch, op, exact
+
+
+def test_sampled_likelihood_matches_exact_after_a_visit():
+    """After one exact visit, sampled poses reproduce log p of the full quadrature closely,
+    evaluating only a fraction of the poses (Fig. 8)."""
+    B = 6
+    V, grid, hp, batch, _, exact = _toy_problem(B)
+    D = V.shape[-1]
+    apix = 8.0
     sched = Schedule(apix=apix)
     sampler = ImportanceSampler(B, ISConfig(s0=10), sched, seed=0)
     idx = np.arange(B)
@@ -84,3 +93,44 @@ def test_sampled_likelihood_matches_exact_after_a_visit():
     # for any one draw (the estimator of p itself is unbiased, tested above). The paper's 0.1%
     # is for 128^2 images, whose log p is orders of magnitude larger.
     assert float(rel.max()) < 3e-3, rel
+
+
+def test_slice_operator_subset_equals_fresh_operator():
+    grid = PoseGrid(D=16, apix=8.0, omega_star=0.05, shift_sigma_px=1.5)
+    hp = HalfPlane(16, 5.0)
+    R = grid.rotations()
+    op = SliceOperator(R, hp.freqs() * 16, 16)
+    rows = torch.tensor([5, 0, 17, 17, 3])
+    spec = VolumeSlicer(torch.rand(16, 16, 16)).spectrum
+    fresh = SliceOperator(R[rows], hp.freqs() * 16, 16)
+    assert torch.allclose(op.subset(rows).slice(spec), fresh.slice(spec))
+    c = torch.randn(len(rows), hp.M, dtype=torch.complex64)
+    assert torch.allclose(op.subset(rows).backproject(c), fresh.backproject(c), atol=1e-6)
+
+
+def test_split_plan_routes_diffuse_images_to_the_exact_path():
+    """Images without a history (uniform q) take the exact path, the rest are sampled in
+    groups; the combined objective is exact for the former and close for the latter, and its
+    gradient is the sum of the parts' gradients."""
+    B = 6
+    V, grid, hp, batch, op, exact = _toy_problem(B)
+    sampler = ImportanceSampler(B, ISConfig(s0=10), Schedule(apix=8.0), seed=0)
+    visited = np.arange(4)
+    sampler.update_exact(visited, 1000, exact.post_rot[:4], exact.post_shift[:4], grid)
+    plan = sampler.split_plan(np.arange(B), grid, max_fraction=0.25, bucket=1.5)
+    assert plan.exact_rows.tolist() == [4, 5]
+    assert sorted(torch.cat([g.rows for g in plan.groups]).tolist()) == [0, 1, 2, 3]
+    assert 2 / B < plan.fraction < 2 / B + 0.05 and plan.fraction <= plan.fraction_computed
+    union = op.subset(plan.rot_ids)
+    shifts, lw_R, lw_t = grid.shifts.float(), grid.log_w_R(), grid.log_w_t
+    sampled_part = (union, lambda S: sampled_loglik_groups(S, batch, plan.groups))
+    exact_part = (op, lambda S: marginal_loglik(S, batch.rows(plan.exact_rows), shifts, lw_R, lw_t))
+    Vr = V.clone()
+    value, grad, (rs, re) = volume_objective(Vr, [sampled_part, exact_part], 2, True)
+    order = torch.cat([g.rows for g in plan.groups])
+    assert torch.allclose(re.loglik, exact.loglik[4:], rtol=1e-5)
+    assert float(((rs.loglik - exact.loglik[order]).abs() / exact.loglik[order].abs()).max()) < 3e-3
+    v1, g1, _ = volume_objective(Vr, [sampled_part], 2, True)
+    v2, g2, _ = volume_objective(Vr, [exact_part], 2, True)
+    assert math.isclose(value, v1 + v2, rel_tol=1e-6)
+    assert torch.allclose(grad, g1 + g2, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))

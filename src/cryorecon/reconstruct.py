@@ -38,7 +38,7 @@ from .geometry.grids import PoseGrid
 from .io.mrc import write_map
 from .model.batches import load_batch
 from .model.importance import ImportanceSampler, ISConfig
-from .model.likelihood import neg_log_likelihood, neg_log_likelihood_sampled
+from .model.likelihood import marginal_loglik, sampled_loglik_groups, volume_objective
 from .model.priors import make_prior
 from .optim.sagd import SAGD
 from .optim.schedules import Schedule
@@ -299,25 +299,28 @@ class Run:
         particles is updated from this evaluation's posteriors.
         """
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
-        plan = self.sampler.plan(idx, lvl.grid) if self.sampler is not None else None
-        if plan is not None and plan.fraction_computed > MAX_SAMPLED_FRACTION:
-            plan = None  # padded per-image sets cost more than the shared exact GEMMs
-        K, ov = self.K, self.cfg.oversample
+        plan = self.sampler.split_plan(idx, lvl.grid, MAX_SAMPLED_FRACTION) if self.sampler is not None else None
+        K, ov, dev = self.K, self.cfg.oversample, self.device
+
+        def exact_part(b, want_grad, want_posteriors):
+            return lvl.slice_op, lambda S: marginal_loglik(S, b, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift,
+                                                           want_grad, want_posteriors)
+
         if plan is None:
-            def nll(V, want_grad=False, want_posteriors=False):
-                return neg_log_likelihood(V, batch, lvl.rotations, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, ov,
-                                          want_grad=want_grad, want_posteriors=want_posteriors,
-                                          slice_op=lvl.slice_op)
             fraction = computed = 1.0
-        else:
-            op = SliceOperator(self.sampler.rotations(plan, lvl.grid).to(self.device),
-                               lvl.halfplane.freqs().to(self.device) * self.D, self.D, ov)
-            dev = self.device
 
             def nll(V, want_grad=False, want_posteriors=False):
-                return neg_log_likelihood_sampled(V, batch, op, plan.rot_idx.to(dev), plan.rot_logw.to(dev),
-                                                  plan.shifts.to(dev), plan.shift_logw.to(dev), ov, want_grad)
+                return volume_objective(V, [exact_part(batch, want_grad, want_posteriors)], ov, want_grad)
+        else:
             fraction, computed = plan.fraction, plan.fraction_computed
+            union_op = lvl.slice_op.subset(plan.rot_ids.to(dev))
+            exact_batch = batch.rows(plan.exact_rows) if len(plan.exact_rows) else None
+
+            def nll(V, want_grad=False, want_posteriors=False):
+                parts = [(union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad))]
+                if exact_batch is not None:
+                    parts.append(exact_part(exact_batch, want_grad, want_posteriors))
+                return volume_objective(V, parts, ov, want_grad)
 
         def f(V):
             return nll(V)[0] + float(self.prior.neg_log_prior(V)) / K
@@ -326,19 +329,37 @@ class Run:
         kl = self._update_poses(idx, lvl, plan, res)
         return val, grad, f, {"fraction": fraction, "computed": computed, "kl_directions": kl}
 
-    def _update_poses(self, idx, lvl: Level, plan, res) -> float | None:
-        """Record each particle's most probable view and, with importance sampling, its phi~."""
-        g = lvl.grid
-        if plan is None:
+    def _update_poses(self, idx, lvl: Level, plan, results) -> float | None:
+        """Record each particle's most probable view and, with importance sampling, its phi~.
+
+        ``results`` come from :meth:`batch_objective`'s parts: the exact result alone, or the
+        grouped sampled result followed by the exact one for ``plan.exact_rows``."""
+        g, idx = lvl.grid, np.asarray(idx)
+        kls, weights = [], []
+
+        def exact(rows, res):
             j = (res.best_rot // g.M_psi).cpu()
-            kl = self.sampler.update_exact(idx, self.tau, res.post_rot.cpu(), res.post_shift.cpu(), g) \
-                if self.sampler is not None else float("nan")
+            self.best_dir[idx[rows]] = g.directions[j].numpy()
+            if self.sampler is not None:
+                kls.append(self.sampler.update_exact(idx[rows], self.tau, res.post_rot.cpu(), res.post_shift.cpu(), g))
+                weights.append(len(rows))
+
+        if plan is None:
+            exact(np.arange(len(idx)), results[0])
         else:
-            best = torch.gather(plan.rot_idx, 1, res.post_rot.cpu().argmax(-1, keepdim=True)).squeeze(1)
-            j = plan.rot_ids[best] // g.M_psi
-            kl = self.sampler.update_sampled(idx, self.tau, plan, res.post_rot.cpu(), res.post_shift.cpu(), g)
-        self.best_dir[np.asarray(idx)] = g.directions[j].numpy()
-        return None if not math.isfinite(kl) else kl
+            for grp, res in zip(plan.groups, results[0].groups):
+                rows = grp.rows.numpy()
+                best = torch.gather(grp.rot_idx, 1, res.post_rot.cpu().argmax(-1, keepdim=True)).squeeze(1)
+                self.best_dir[idx[rows]] = g.directions[plan.rot_ids[best] // g.M_psi].numpy()
+                kls.append(self.sampler.update_sampled(idx[rows], self.tau, grp, res.post_rot.cpu(),
+                                                       res.post_shift.cpu(), g))
+                weights.append(len(rows))
+            if len(plan.exact_rows):
+                exact(plan.exact_rows.numpy(), results[1])
+        pairs = [(k, w) for k, w in zip(kls, weights) if math.isfinite(k)]
+        if not pairs:
+            return None
+        return sum(k * w for k, w in pairs) / sum(w for _, w in pairs)
 
     def heldout_error(self, lvl: Level) -> float:
         """Mean negative log-likelihood per held-out particle at the current omega*.

@@ -196,36 +196,44 @@ class SliceOperator:
     """
 
     def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int, oversample: int = 2,
-                 cache_bytes: int = 2 ** 29):
+                 cache_bytes: int = 2 ** 29, _cache=None):
         self.rotations = rotations
         self.freqs_px = freqs_px
+        self.cache_bytes = cache_bytes
         self.D, self.oversample, self.P = D, oversample, oversample * D
         J, M = rotations.shape[0], freqs_px.shape[0]
         self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
-        self._cache = None
-        if J * M * 8 * 12 <= cache_bytes:
-            self._cache = [_trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
-                           for r in range(0, J, self.chunk)]
+        self._cache = _cache  # (flat (J, M, 8) long, w (J, M, 8) float) or None
+        if self._cache is None and J * M * 8 * 12 <= cache_bytes:
+            parts = [_trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
+                     for r in range(0, J, self.chunk)]
+            self._cache = (torch.cat([f for f, _ in parts], 0), torch.cat([w for _, w in parts], 0))
 
-    def _setup(self, i: int, r: int):
+    def subset(self, rows: torch.Tensor) -> "SliceOperator":
+        """The operator for ``rotations[rows]``: indexes the cached set-up instead of recomputing it."""
+        rows = rows.to(self.rotations.device)
+        cache = None if self._cache is None else (self._cache[0][rows], self._cache[1][rows])
+        return SliceOperator(self.rotations[rows], self.freqs_px, self.D, self.oversample, self.cache_bytes, cache)
+
+    def _setup(self, r: int):
         if self._cache is not None:
-            return self._cache[i]
+            return self._cache[0][r:r + self.chunk], self._cache[1][r:r + self.chunk]
         return _trilinear_setup(self.rotations[r:r + self.chunk], self.freqs_px, self.P, self.oversample)
 
     def slice(self, spec: torch.Tensor) -> torch.Tensor:
         """(J, M) slices of a padded spectrum from :func:`spectrum_from_volume`."""
         flat_spec = spec.reshape(-1)
         out = []
-        for i, r in enumerate(range(0, self.rotations.shape[0], self.chunk)):
-            flat, w = self._setup(i, r)
+        for r in range(0, self.rotations.shape[0], self.chunk):
+            flat, w = self._setup(r)
             out.append((flat_spec[flat] * w).sum(-1))
         return torch.cat(out, 0)
 
     def backproject(self, coeffs: torch.Tensor) -> torch.Tensor:
         """Adjoint of :meth:`slice`: (J, M) -> (P, P, P)."""
         out = torch.zeros(self.P ** 3, dtype=coeffs.dtype, device=coeffs.device)
-        for i, r in enumerate(range(0, self.rotations.shape[0], self.chunk)):
-            flat, w = self._setup(i, r)
+        for r in range(0, self.rotations.shape[0], self.chunk):
+            flat, w = self._setup(r)
             c = coeffs[r:r + self.chunk]
             out.index_add_(0, flat.reshape(-1), (c[..., None] * w.to(c.real.dtype)).reshape(-1))
         return out.reshape(self.P, self.P, self.P)

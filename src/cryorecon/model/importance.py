@@ -171,7 +171,21 @@ class Plan:
     idx_t: torch.Tensor
     lc_t: torch.Tensor
     fraction: float            # poses sampled (distinct) / poses of the full quadrature
-    fraction_computed: float   # poses computed incl. padding to the batch's largest set
+    fraction_computed: float   # poses computed incl. padding to the plan's largest set
+    rows: torch.Tensor         # (B,) rows of the minibatch this plan covers
+
+
+@dataclass
+class SplitPlan:
+    """A minibatch split between the exact path (``exact_rows``) and sampled ``groups``
+    whose ``rot_idx`` index the shared union ``rot_ids``. Fractions are per-image means
+    over the whole minibatch, exact images counting 1."""
+
+    exact_rows: torch.Tensor
+    groups: list[Plan]
+    rot_ids: torch.Tensor
+    fraction: float
+    fraction_computed: float
 
 
 def _chunked_log_mixture(pts, logphi, grid_pts, kind, kappa, T, chunk_elems=2 ** 24):
@@ -220,24 +234,27 @@ class ImportanceSampler:
                       alpha, has)
         return q_d, q_psi, q_t
 
-    def plan(self, idx: np.ndarray, grid) -> Plan | None:
-        """Sample poses for particles ``idx``; None when every draw covers its whole grid
-        (then the exact quadrature is both equal and cheaper)."""
+    def _draws(self, idx: np.ndarray, grid):
+        """Per-dimension draws (Eq. 13) for particles ``idx``, or None without any history."""
         if (self.hist.tau_prev[idx] < 0).all():
             return None
         q_d, q_psi, q_t = self.distributions(idx, grid)
         s0 = self.cfg.s0
-        idx_d, lc_d, _, ex_d = draw(q_d, s0, self.gen)
-        idx_psi, lc_psi, _, ex_psi = draw(q_psi, s0, self.gen)
-        idx_t, lc_t, _, ex_t = draw(q_t, s0, self.gen)
-        if bool(ex_d.all() and ex_psi.all() and ex_t.all()):
-            return None
-        B = len(idx)
-        M_psi = grid.M_psi
+        return draw(q_d, s0, self.gen), draw(q_psi, s0, self.gen), draw(q_t, s0, self.gen)
+
+    @staticmethod
+    def _build(grid, rows: torch.Tensor, draws) -> Plan:
+        """The product-layout plan for batch rows ``rows``, trimmed to their largest sets."""
+        (idx_d, lc_d, n_d, _), (idx_psi, lc_psi, n_psi, _), (idx_t, lc_t, n_t, _) = draws
+        wd, wp, wt = (int(n[rows].max()) for n in (n_d, n_psi, n_t))
+        idx_d, lc_d = idx_d[rows, :wd], lc_d[rows, :wd]
+        idx_psi, lc_psi = idx_psi[rows, :wp], lc_psi[rows, :wp]
+        idx_t, lc_t = idx_t[rows, :wt], lc_t[rows, :wt]
+        B = len(rows)
         log_wd = grid.log_w_d[idx_d] + lc_d
         log_wpsi = grid.log_w_psi[idx_psi] + lc_psi
         rot_logw = (log_wd[:, :, None] + log_wpsi[:, None, :] + grid.log_p_R).reshape(B, -1)
-        gid = (idx_d[:, :, None] * M_psi + idx_psi[:, None, :]).reshape(B, -1)
+        gid = (idx_d[:, :, None] * grid.M_psi + idx_psi[:, None, :]).reshape(B, -1)
         valid = torch.isfinite(rot_logw)
         rot_ids, inverse = torch.unique(gid[valid], return_inverse=True)
         rot_idx = torch.zeros_like(gid)
@@ -245,13 +262,49 @@ class ImportanceSampler:
         shift_logw = grid.log_w_t[idx_t] + lc_t
         n_eval = (valid.sum(-1) * torch.isfinite(shift_logw).sum(-1)).sum()
         full = grid.n_rotations * grid.M_t
-        fraction = float(n_eval) / (B * full)
-        computed = rot_idx.shape[1] * shift_logw.shape[1] / full
         return Plan(rot_ids, rot_idx, rot_logw, grid.shifts[idx_t], shift_logw, idx_d, lc_d, idx_psi, lc_psi,
-                    idx_t, lc_t, fraction, computed)
+                    idx_t, lc_t, float(n_eval) / (B * full), rot_idx.shape[1] * shift_logw.shape[1] / full, rows)
 
-    def rotations(self, plan: Plan, grid) -> torch.Tensor:
-        """(U, 3, 3) rotation matrices of the plan's union of rotations."""
+    def plan(self, idx: np.ndarray, grid) -> Plan | None:
+        """Sample poses for particles ``idx``, all images padded to the largest set; None when
+        every draw covers its whole grid (then the exact quadrature is both equal and cheaper)."""
+        draws = self._draws(idx, grid)
+        if draws is None or all(bool(d[3].all()) for d in draws):
+            return None
+        return self._build(grid, torch.arange(len(idx)), draws)
+
+    def split_plan(self, idx: np.ndarray, grid, max_fraction: float = 0.25, bucket: float = 2.0) -> SplitPlan | None:
+        """Sample poses for particles ``idx`` and route each image to the cheaper path.
+
+        An image whose own pose set (n_d n_psi n_t distinct points) exceeds ``max_fraction`` of
+        the full quadrature (a first visit, or a still diffuse posterior) goes to the exact,
+        shared-GEMM path; the others are grouped by set size (within a factor ``bucket``), so
+        padding each group to its largest set wastes little. The groups share one union of
+        rotations. None when every image is exact.
+        """
+        draws = self._draws(idx, grid)
+        if draws is None:
+            return None
+        B = len(idx)
+        full = grid.n_rotations * grid.M_t
+        own = (draws[0][2] * draws[1][2] * draws[2][2]).double()
+        heavy = own > max_fraction * full
+        if bool(heavy.all()):
+            return None
+        light = (~heavy).nonzero().squeeze(-1)
+        key = torch.floor(torch.log(own[light]) / math.log(bucket)).long()
+        groups = [self._build(grid, light[key == k], draws) for k in torch.unique(key).tolist()]
+        rot_ids = torch.unique(torch.cat([g.rot_ids for g in groups]))
+        for g in groups:
+            g.rot_idx = torch.searchsorted(rot_ids, g.rot_ids)[g.rot_idx]
+            g.rot_ids = rot_ids
+        n_heavy = int(heavy.sum())
+        fraction = (sum(g.fraction * len(g.rows) for g in groups) + n_heavy) / B
+        computed = (sum(g.fraction_computed * len(g.rows) for g in groups) + n_heavy) / B
+        return SplitPlan(heavy.nonzero().squeeze(-1), groups, rot_ids, fraction, computed)
+
+    def rotations(self, plan, grid) -> torch.Tensor:
+        """(U, 3, 3) rotation matrices of the plan's union of rotations (``Plan`` or ``SplitPlan``)."""
         from ..geometry.rotations import direction_inplane_to_matrix
 
         j, k = plan.rot_ids // grid.M_psi, plan.rot_ids % grid.M_psi

@@ -55,6 +55,11 @@ class ImageBatch:
     def B(self) -> int:
         return self.y.shape[0]
 
+    def rows(self, r: torch.Tensor) -> "ImageBatch":
+        """The images ``r`` (index tensor) of this batch."""
+        r = r.to(self.y.device)
+        return ImageBatch(self.y[r], self.ctf[r], self.sigma2[r], self.weight, self.freqs)
+
 
 @dataclass
 class LikelihoodResult:
@@ -189,19 +194,36 @@ def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch
 
 
 def _volume_objective(volume, slice_op, oversample, want_grad, spectrum, evaluate):
-    """Slice the volume, ``evaluate`` the likelihood on the slices, and turn the slice
-    gradient into the density gradient (back-projection, then the adjoint of
-    premultiply/pad/FFT). Returns ``(-sum log p, grad or None, result)``."""
+    """One-part :func:`volume_objective`: returns ``(-sum log p, grad or None, result)``."""
+    val, grad, results = volume_objective(volume, [(slice_op, evaluate)], oversample, want_grad, spectrum)
+    return val, grad, results[0]
+
+
+def volume_objective(volume, parts, oversample, want_grad, spectrum=None):
+    """Slice the volume once per part, ``evaluate`` the likelihood on the slices, and turn
+    the summed slice gradients into the density gradient (back-projection, then the adjoint
+    of premultiply/pad/FFT).
+
+    ``parts``: ``[(slice_op, evaluate)]`` with ``evaluate(slices)`` returning a result with
+    ``loglik`` (per image) and ``grad_slices`` (2 d(-sum log p)/d conj(S), or None). The
+    parts share the spectrum and one inverse transform. Returns
+    ``(-sum log p over all parts, grad or None, [result per part])``.
+    """
     from ..fourier.slicing import spectrum_adjoint_to_volume, spectrum_from_volume
 
     if spectrum is None:
         spectrum = spectrum_from_volume(volume, oversample)
-    res = evaluate(slice_op.slice(spectrum))
-    grad = None
-    if want_grad:
-        grad = spectrum_adjoint_to_volume(slice_op.backproject(res.grad_slices), volume.shape[-1])
-        res.grad_slices = None
-    return float(-res.loglik.sum()), grad, res
+    value, grad_spec, results = 0.0, None, []
+    for slice_op, evaluate in parts:
+        res = evaluate(slice_op.slice(spectrum))
+        value -= float(res.loglik.sum())
+        if want_grad:
+            g = slice_op.backproject(res.grad_slices)
+            grad_spec = g if grad_spec is None else grad_spec.add_(g)
+            res.grad_slices = None
+        results.append(res)
+    grad = spectrum_adjoint_to_volume(grad_spec, volume.shape[-1]) if want_grad else None
+    return value, grad, results
 
 
 @dataclass
@@ -276,6 +298,33 @@ def sampled_loglik(
             G = (g_rot[:, :, None] * (winv * c * c)[:, None, :]) * S - torch.complex(GZ[..., :M], GZ[..., M:])
             grad.index_add_(0, rot_idx[b0:b1].reshape(-1), G.reshape(-1, M))
     return SampledResult(loglik, grad, post_rot, post_shift)
+
+
+@dataclass
+class GroupedResult:
+    """:func:`sampled_loglik` over several groups of images sharing one set of slices:
+    ``loglik`` concatenated in group order, ``grad_slices`` summed, ``groups`` per group."""
+
+    loglik: torch.Tensor
+    grad_slices: torch.Tensor | None
+    groups: list[SampledResult]
+
+
+def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_grad: bool = True) -> GroupedResult:
+    """Eq. 13 for groups of images (each with ``rows``, ``rot_idx``, ``rot_logw``,
+    ``shifts``, ``shift_logw``: see :class:`~cryorecon.model.importance.Plan`) whose
+    ``rot_idx`` index the shared ``slices``. Groups bound the padding of per-image sets."""
+    dev = slices.device
+    res = [sampled_loglik(slices, batch.rows(g.rows), g.rot_idx.to(dev), g.rot_logw.to(dev),
+                          g.shifts.to(dev, torch.float32), g.shift_logw.to(dev), want_grad) for g in groups]
+    grad = None
+    if want_grad:
+        grad = res[0].grad_slices
+        for r in res[1:]:
+            grad.add_(r.grad_slices)
+        for r in res:
+            r.grad_slices = None
+    return GroupedResult(torch.cat([r.loglik for r in res]), grad, res)
 
 
 def neg_log_likelihood_sampled(volume: torch.Tensor, batch: ImageBatch, slice_op, rot_idx, rot_logw,
