@@ -262,41 +262,52 @@ def sampled_loglik(
     Lt = shifts_px.shape[1]
     dev = slices.device
     w = batch.weight.to(dev)
-    per_image = R * M * 8 * 3 + Lt * R * 4 * 4 + Lt * M * 8 * 3
+    per_image = R * M * 4 * 2 * 3 + Lt * R * 4 * 2 + Lt * M * 4 * 2 * 3
     chunk = max(1, int(max_chunk_bytes // max(1, per_image)))
     loglik = torch.empty(B, dtype=torch.float64, device=dev)
     post_rot = torch.zeros(B, R, device=dev)
     post_shift = torch.zeros(B, Lt, device=dev)
-    grad = torch.zeros(U, M, dtype=slices.dtype, device=dev) if want_grad else None
+    # Everything in real arithmetic on [Re, Im] stacks: one gather of (n, R, 2M) per chunk.
+    S_r = _as_real(slices)  # (U, 2M)
+    S_abs2 = slices.real ** 2 + slices.imag ** 2  # (U, M)
+    grad_r = torch.zeros(U, 2 * M, dtype=S_r.dtype, device=dev) if want_grad else None
     freqs = batch.freqs.to(dev)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        n = b1 - b0
         y, c = batch.y[b0:b1], batch.ctf[b0:b1]
         sig2 = batch.sigma2[b0:b1].to(torch.float32)
-        S = slices[rot_idx[b0:b1]]  # (n, R, M)
+        ri = rot_idx[b0:b1]
+        inv2s = (0.5 / sig2)[:, None, None]
         s = phase_shift(freqs[None, None], shifts_px[b0:b1].to(torch.float32))  # (n, Lt, M)
         wc = w * c
         A = (wc * y.conj())[:, None, :] * s
-        X = torch.bmm(torch.cat([A.real, -A.imag], -1), torch.cat([S.real, S.imag], -1).transpose(1, 2))
-        S_abs2 = S.real ** 2 + S.imag ** 2  # (n, R, M)
-        Q = torch.bmm(S_abs2, (wc * c)[:, :, None]).squeeze(-1)  # (n, R)
+        S = S_r[ri]  # (n, R, 2M)
+        # Q_ir = sum_m w c^2 |S_rm|^2: per union rotation when the images share most of them.
+        if U <= 4 * R:
+            Q = torch.gather((wc * c) @ S_abs2.T, 1, ri)  # (n, R)
+        else:
+            Q = torch.bmm(S_abs2[ri], (wc * c)[:, :, None]).squeeze(-1)
         yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)
-        ll = (2 * X - Q[:, None, :] - yy[:, None, None]) * (0.5 / sig2)[:, None, None]
-        ll = ll + rot_logw[b0:b1, None, :].to(ll.dtype) + shift_logw[b0:b1, :, None].to(ll.dtype)  # (n, Lt, R)
-        flat = ll.reshape(n, Lt * R)
-        lse = torch.logsumexp(flat.double(), -1)
-        loglik[b0:b1] = lse
-        gamma = torch.exp(ll - lse[:, None, None].float())  # (n, Lt, R)
+        ll = torch.bmm(torch.cat([A.real, -A.imag], -1) * (2 * inv2s), S.transpose(1, 2))  # (n, Lt, R)
+        ll.add_(((rot_logw[b0:b1].to(ll.dtype) - Q * inv2s[:, :, 0]))[:, None, :])
+        ll.add_((shift_logw[b0:b1].to(ll.dtype) - yy[:, None] * inv2s[:, :, 0])[:, :, None])
+        m = ll.amax(dim=(1, 2))
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = ll.sub_(m[:, None, None]).exp_()  # padding (-inf) -> 0
+        total = e.sum(1).double().sum(-1)
+        loglik[b0:b1] = m.double() + torch.log(total)
+        gamma = e.mul_((1.0 / total).float()[:, None, None])  # (n, Lt, R)
         g_rot = gamma.sum(1)
         post_rot[b0:b1] = g_rot
         post_shift[b0:b1] = gamma.sum(2)
         if want_grad:
             winv = w[None, :] / sig2[:, None]
             Z = (winv * c * y)[:, None, :] * s.conj()  # (n, Lt, M)
-            GZ = torch.bmm(gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1))  # (n, R, 2M)
-            G = (g_rot[:, :, None] * (winv * c * c)[:, None, :]) * S - torch.complex(GZ[..., :M], GZ[..., M:])
-            grad.index_add_(0, rot_idx[b0:b1].reshape(-1), G.reshape(-1, M))
+            G = torch.bmm(gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1)).neg_()  # (n, R, 2M)
+            wcc = (winv * c * c).repeat(1, 2)  # (n, 2M)
+            G.addcmul_(g_rot[:, :, None] * wcc[:, None, :], S)
+            grad_r.index_add_(0, ri.reshape(-1), G.reshape(-1, 2 * M))
+    grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad else None
     return SampledResult(loglik, grad, post_rot, post_shift)
 
 
