@@ -88,24 +88,28 @@ def spectrum_frequency_radius(P: int, oversample: int, device=None) -> torch.Ten
 
 
 def _trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, oversample: int):
-    """Flat corner indices (N, M, 8) into the uncentred (P,P,P) grid and weights (N, M, 8)."""
+    """Flat corner indices (N, M, 8) int64 into the uncentred (P,P,P) grid and weights (N, M, 8).
+
+    Corners are ordered z-major (index ``4 dz + 2 dy + dx``); a corner outside the padded
+    grid gets weight 0. Built per axis and combined by outer products.
+    """
     R = rotations.to(torch.float32)
     f = freqs_px.to(device=R.device, dtype=torch.float32)
     # 3D frequency coordinates (x, y, z) on the padded grid of each 2D frequency per rotation.
     xyz = oversample * (f[None, :, 0:1] * R[:, None, 0, :] + f[None, :, 1:2] * R[:, None, 1, :])
     base = torch.floor(xyz)
     frac = xyz - base
-    base = base.to(torch.long)
-    corners = torch.tensor(
-        [[dx, dy, dz] for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)], device=R.device
-    )  # (8, 3) as (x, y, z)
-    idx = base[:, :, None, :] + corners  # (N, M, 8, 3)
-    w = torch.where(corners.bool(), frac[:, :, None, :], 1 - frac[:, :, None, :]).prod(-1)
-    inside = ((idx >= -(P // 2)) & (idx < P // 2)).all(-1)
-    w = w * inside
-    idx = idx % P
-    flat = (idx[..., 2] * P + idx[..., 1]) * P + idx[..., 0]
-    return flat, w
+    lo = base.to(torch.long)  # int64: indexing with int32 is slower (converted on each use)
+    i01 = torch.stack([lo, lo + 1], -1)  # (N, M, 3, 2)
+    w01 = torch.stack([1 - frac, frac], -1)
+    w01 = w01 * ((i01 >= -(P // 2)) & (i01 < P // 2))
+    i01 = torch.remainder(i01, P)
+    ix, iy, iz = i01[:, :, 0], i01[:, :, 1], i01[:, :, 2]  # (N, M, 2) each
+    wx, wy, wz = w01[:, :, 0], w01[:, :, 1], w01[:, :, 2]
+    flat = (iz[..., :, None, None] * P + iy[..., None, :, None]) * P + ix[..., None, None, :]
+    w = wz[..., :, None, None] * wy[..., None, :, None] * wx[..., None, None, :]
+    N, M = xyz.shape[:2]
+    return flat.reshape(N, M, 8), w.reshape(N, M, 8)
 
 
 def slice_spectrum(spec: torch.Tensor, rotations: torch.Tensor, freqs_px: torch.Tensor,
@@ -196,14 +200,14 @@ class SliceOperator:
     """
 
     def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int, oversample: int = 2,
-                 cache_bytes: int = 2 ** 29, _cache=None):
+                 cache_bytes: int = 2 ** 31, _cache=None):
         self.rotations = rotations
         self.freqs_px = freqs_px
         self.cache_bytes = cache_bytes
         self.D, self.oversample, self.P = D, oversample, oversample * D
         J, M = rotations.shape[0], freqs_px.shape[0]
         self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
-        self._cache = _cache  # (flat (J, M, 8) long, w (J, M, 8) float) or None
+        self._cache = _cache  # (flat (J, M, 8) int64, w (J, M, 8) float32) or None
         if self._cache is None and J * M * 8 * 12 <= cache_bytes:
             parts = [_trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
                      for r in range(0, J, self.chunk)]
