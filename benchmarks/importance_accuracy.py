@@ -17,19 +17,20 @@ For ``--n-particles`` particles (seeded choice) of a run folder it
    epoch); ``auto`` (default) uses ``run`` when the checkpoint holds history for at least
    ``--n-particles`` particles (they are then drawn among those), else ``exact``;
 4. for each s0 and each of ``--repeats`` independent draws, plans poses
-   (``ImportanceSampler.plan``, per group of ``--chunk`` particles like the engine's
-   minibatches) and evaluates Eq. 13 with :func:`~cryorecon.model.likelihood.sampled_loglik`.
+   (``ImportanceSampler.split_plan``, per group of ``--chunk`` particles like the engine's
+   minibatches: images whose own pose set exceeds ``MAX_SAMPLED_FRACTION`` of the grid take
+   the exact sum, the rest are sampled in size groups) and evaluates Eq. 13 with
+   :func:`~cryorecon.model.likelihood.sampled_loglik_groups`.
 
 Recorded per particle and draw: relative error ``|log p_IS - log p| / |log p|``, absolute and
 signed error in nats, and the fraction of the full quadrature (rotations x shifts) evaluated
 for that particle. A ``None`` plan (every draw of the group covers whole grids) means the
-exact sum is used: fraction 1, error 0; it is counted (``plans_none``). Rows of a plan whose
-three draws all fall back to whole grids are exact too (``rows_exact``); their error is the
-numerical floor of the two code paths (``floor_abs_nats``; ``numerical_floor_nats`` is the
-same check on the whole grid for ``--floor-check`` particles). ``fraction`` counts each
+exact sum is used: fraction 1, error 0; it is counted (``plans_none``). Rows routed to the
+exact sum (``rows_exact``) count fraction 1 and error 0 (``numerical_floor_nats`` checks the
+sampled code path against the exact one on the whole grid for ``--floor-check`` particles). ``fraction`` counts each
 particle's own poses (as ``Plan.fraction`` and the run's ``fraction_evaluated`` do);
-``fraction_computed`` counts what :func:`sampled_loglik` really evaluates: every image of a
-group padded to the group's largest n_d x n_psi and n_t. Per-s0 ``seconds`` cover
+``fraction_computed`` counts what the engine really evaluates: exact images whole, sampled
+images padded to their group's largest n_d x n_psi and n_t. Per-s0 ``seconds`` cover
 ``--repeats`` passes; ``exact_seconds`` one exact pass.
 
 Note on the scale of the relative error: the likelihood drops constants (see
@@ -116,7 +117,8 @@ def main(argv=None) -> int:
     from cryorecon.io.particles import read_particles
     from cryorecon.model.batches import load_batch
     from cryorecon.model.importance import ImportanceSampler, ISConfig, PoseHistory
-    from cryorecon.model.likelihood import marginal_loglik, sampled_loglik
+    from cryorecon.model.likelihood import marginal_loglik, sampled_loglik, sampled_loglik_groups
+    from cryorecon.reconstruct import MAX_SAMPLED_FRACTION
     from cryorecon.reconstruct import ReconstructConfig, make_level
 
     t_start = time.perf_counter()
@@ -231,7 +233,7 @@ def main(argv=None) -> int:
             sampler.gen.manual_seed(args.seed * 1_000_003 + 7919 * si + rep)
             for g, b, ll in zip(groups, batches, exact_ll):
                 plans_total += 1
-                plan = sampler.plan(g, grid)
+                plan = sampler.split_plan(g, grid, MAX_SAMPLED_FRACTION)
                 if plan is None:
                     plans_none += 1
                     est = ll.clone()
@@ -242,22 +244,28 @@ def main(argv=None) -> int:
                     for k, M in (("d", grid.M_d), ("psi", grid.M_psi), ("t", grid.M_t)):
                         uniq[k].append(np.full(len(g), M))
                 else:
+                    # As the engine: diffuse images exact, the rest sampled in size groups.
                     op = SliceOperator(sampler.rotations(plan, grid), freqs_px, D, ov)
-                    Su = op.slice(spec)
-                    r = sampled_loglik(Su, b, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw,
-                                       want_grad=False)
-                    est = r.loglik
-                    n_rot = torch.isfinite(plan.rot_logw).sum(-1)
-                    n_sh = torch.isfinite(plan.shift_logw).sum(-1)
-                    f_row = (n_rot * n_sh).double().numpy() / full
-                    ex_row = f_row >= 1.0 - 1e-12
+                    r = sampled_loglik_groups(op.slice(spec), b, plan.groups, want_grad=False)
+                    est = ll.clone()
+                    f_row = np.ones(len(g))
+                    ex_row = np.zeros(len(g), bool)
+                    ex_row[plan.exact_rows.numpy()] = True
+                    for k, M in (("d", grid.M_d), ("psi", grid.M_psi), ("t", grid.M_t)):
+                        uniq[k].append(np.full(len(plan.exact_rows), M))
+                    for grp, res in zip(plan.groups, r.groups):
+                        gr = grp.rows.numpy()
+                        est[gr] = res.loglik
+                        n_rot = torch.isfinite(grp.rot_logw).sum(-1)
+                        n_sh = torch.isfinite(grp.shift_logw).sum(-1)
+                        f_row[gr] = (n_rot * n_sh).double().numpy() / full
+                        for k, lc in (("d", grp.lc_d), ("psi", grp.lc_psi), ("t", grp.lc_t)):
+                            uniq[k].append(torch.isfinite(lc).sum(-1).numpy())
                     plan_fracs.append(plan.fraction)
-                    # What sampled_loglik actually computes: every image of the group is padded
-                    # to the group's largest n_d x n_psi and n_t (padding has weight 0).
-                    comp_fracs.append(plan.rot_idx.shape[1] * plan.shifts.shape[1] / full)
-                    for k, lc in (("d", plan.lc_d), ("psi", plan.lc_psi), ("t", plan.lc_t)):
-                        uniq[k].append(torch.isfinite(lc).sum(-1).numpy())
-                    del op, Su
+                    # What the engine computes: exact images count 1, sampled groups are padded
+                    # to their largest n_d x n_psi and n_t.
+                    comp_fracs.append(plan.fraction_computed)
+                    del op
                 d = (est - ll).numpy()
                 rel.append(np.abs(d) / np.abs(ll.numpy()))
                 absn.append(np.abs(d))
@@ -302,8 +310,8 @@ def main(argv=None) -> int:
               f"{r['rows_exact']:>5}/{r['n']:<4} "
               f"{r['plans_none']:>3}/{r['plans_total']:<2}  {u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}")
     print("(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full quadrature; "
-          "computed: the same with the padding sampled_loglik evaluates (group max n_d x n_psi x n_t); "
-          "exact rows: draws covering whole grids; None: plans that fell back to the exact sum)")
+          "computed: what the engine evaluates (exact images whole, groups padded to max n_d x n_psi x n_t); "
+          "exact rows: images routed to the exact sum; None: plans entirely exact)")
 
     result = {
         "benchmark": "importance_accuracy",

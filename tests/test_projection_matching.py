@@ -66,6 +66,20 @@ def _band_mean(curve: torch.Tensor, radius: float) -> float:
     return float(curve[1:int(radius) + 1].mean())
 
 
+def test_pose_change_is_the_geodesic_angle():
+    """:func:`pose_change` agrees with :func:`cryorecon.validate.rotation_angle`, gives 0 for
+    equal rotations (exactly, also in float32) and the Euclidean shift distance."""
+    from cryorecon.validate import rotation_angle
+
+    g = torch.Generator().manual_seed(5)
+    R1, R2 = random_rotations(20, generator=g), random_rotations(20, generator=g)
+    t1, t2 = torch.zeros(20, 2), torch.full((20, 2), 3.0)
+    angle, dist = pose_change(R1, R2, t1, t2)
+    assert angle.numpy() == pytest.approx([rotation_angle(a, b) for a, b in zip(R1, R2)], abs=1e-9)
+    assert dist.numpy() == pytest.approx(np.full(20, math.sqrt(18.0)))
+    assert float(pose_change(R1.float(), R1.float(), t1, t1)[0].abs().max()) == 0.0
+
+
 def test_true_reference_recovers_true_poses(dataset):
     """With the TRUE volume as reference, the global search must find each particle's true
     pose up to the grid: the median rotation error below 3/4 of the grid's angular step

@@ -50,8 +50,11 @@ header), ``snapshots/volume_XXXXXX.mrc``, ``metrics.jsonl`` (one JSON object per
 per particle, nats, as cryorecon's ``-train_nll``), ``mean_best_loglik`` (log-likelihood at the
 assigned pose, constants dropped), ``mean_correlation`` (CTF-weighted normalised
 cross-correlation of image and model projection at the assigned pose), ``fraction_changed``
-(particles whose pose moved by more than half a grid step since the last iteration; ``null``
-at iteration 1) and ``median_angle_change_deg``), ``poses.npz`` (assigned rotations, shifts,
+(particles whose rotation moved by more than half the grid's angular step, or whose shift by
+more than half the shift-node spacing, since the last iteration; ``null`` at iteration 1) and
+``median_angle_change_deg``. Pose changes are absolute: for a symmetric molecule a jump to a
+symmetry-related pose counts, and so does a rotation of the whole map's frame, which the
+data do not fix), ``poses.npz`` (assigned rotations, shifts,
 RELION angles and origins) and ``run.json`` (settings, stop reason, timings).
 
 Deterministic given the seed: every random draw comes from the seeded generator of the start,
@@ -212,9 +215,13 @@ def backproject_poses(particles, rotations: torch.Tensor, shifts_px: torch.Tenso
 
 def pose_change(R_old: torch.Tensor, R_new: torch.Tensor, t_old: torch.Tensor, t_new: torch.Tensor):
     """Per-particle rotation angle between ``R_old`` and ``R_new`` (radians, geodesic on SO(3))
-    and shift distance (pixels). Returns two (N,) float64 tensors."""
-    tr = torch.einsum("nij,nij->n", R_old.double(), R_new.double())  # trace(R_old^T R_new)
-    angle = torch.arccos(((tr - 1) / 2).clamp(-1.0, 1.0))
+    and shift distance (pixels). Returns two (N,) float64 tensors.
+
+    The angle is ``2 asin(||R_old - R_new||_F / sqrt(8))`` (``||R_old - R_new||_F^2 = 8
+    sin^2(angle / 2)``), which unlike ``arccos((tr - 1) / 2)`` stays exact for small angles.
+    """
+    diff = (R_old.double() - R_new.double()).flatten(1).norm(dim=-1)
+    angle = 2 * torch.arcsin((diff / 8 ** 0.5).clamp(max=1.0))
     return angle, (t_old.double() - t_new.double()).norm(dim=-1)
 
 
@@ -260,14 +267,15 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
     if max_iterations is None and max_cpu_seconds is None:
         raise InputError("give max_iterations or max_cpu_seconds (or both)")
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    out = Path(out_dir)
-    _prepare_out_dir(out, force)
-    dev = torch.device(config.device)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda requested but CUDA is not available")
+    dev = torch.device(config.device)
+    out = Path(out_dir)
+    _prepare_out_dir(out, force)
     geo = run_geometry(particles, config)
     V = initial_volume(particles, config, geo)
     write_map(out / "initial.mrc", V.cpu().numpy(), geo.apix, overwrite=True)
+    write_map(out / "volume.mrc", V.cpu().numpy(), geo.apix, overwrite=True)
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
     log.info(f"projection matching: {len(particles)} particles, epoch = {geo.K} minibatches of cryorecon")

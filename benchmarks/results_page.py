@@ -1,0 +1,188 @@
+#!/usr/bin/env python
+"""Build ``docs/results.md`` from the benchmarks' JSON (issue 6: one results page).
+
+Every number on the page is read from ``benchmarks/results/*.json`` as the benchmark wrote
+it; nothing is typed in. Figures are the PNGs the benchmarks wrote beside their JSON
+(linked, not copied). A benchmark that has not been run yet is listed with its command.
+
+    python benchmarks/results_page.py            # -> docs/results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+
+
+def load(name: str) -> dict | None:
+    p = RESULTS / f"{name}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def fig(name: str, alt: str, out: Path) -> str:
+    p = RESULTS / f"{name}.png"
+    if not p.exists():
+        return ""
+    return f"![{alt}]({os.path.relpath(p, out.parent)})\n"
+
+
+def fmt(x, nd=2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}" if abs(x) >= 10 ** (-nd) or x == 0 else f"{x:.2e}"
+    return str(x)
+
+
+def machine_line(m: dict | None) -> str:
+    if not m:
+        return ""
+    cpus = m.get("cpus", m.get("cpu_count"))
+    load = m.get("loadavg_start")
+    load = f", load average at start {load[0]:.1f}" if load else ""
+    return f"\nMachine: {m.get('platform', '?')}, {cpus} CPU cores, torch {m.get('torch', '?')}{load}.\n"
+
+
+def not_run(cmd: str) -> str:
+    return f"*Not run yet.* Command: `{cmd}`\n"
+
+
+# ---- sections ------------------------------------------------------------------------------------
+
+def section_foundations(out: Path) -> str:
+    s = "## Foundations: projector and oracle (issue 2)\n\nCommand: `python benchmarks/foundations.py`\n\n"
+    md = RESULTS / "foundations.md"
+    if not md.exists():
+        return s + not_run("python benchmarks/foundations.py")
+    body = md.read_text().split("\n", 1)[1].strip()  # drop its own title
+    return s + body + "\n"
+
+
+SMALL_CMD = "python benchmarks/small.py --n 4000 --minibatch 100 --grid-scale 3 --omega-every 25 --max-minutes 14"
+PAPER_CMD = ("python benchmarks/small.py --n 50000 --box 128 --apix 2.8 --resolution 9 --seeds 1 "
+             "--work benchmarks/results/paper_work --out benchmarks/results/paper.json")
+
+
+def section_small(out: Path, name: str = "small", cmd: str = SMALL_CMD,
+                  title: str = "Ab initio on the `small` set from random starts (issue 3)") -> str:
+    d = load(name)
+    s = f"## {title}\n\nCommand: `{cmd}`\n\n"
+    if d is None:
+        return s + not_run(cmd)
+    ds, st = d["dataset"], d["settings"]
+    s += (f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']}; cut-off capped at "
+          f"{st['resolution']} Å, pose grid ×{st['grid_scale']} coarser, minibatch {st['minibatch']}.\n"
+          f"Oracle (true poses) band-limited at the cap: FSC 0.5 = {d['oracle_capped']['fsc05_A']} Å; "
+          f"unlimited: {d['oracle']['fsc05_A']} / {d['oracle']['fsc0143_A']} Å.\n\n")
+    s += "| seed | iterations | stop | wall s | CPU s | peak RSS MiB | FSC 0.5 Å | FSC 0.143 Å | ÷ oracle@cap |\n"
+    s += "|---|---:|---|---:|---:|---:|---:|---:|---:|\n"
+    for r in d["runs"]:
+        s += (f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} | "
+              f"{r['ratio_to_oracle_capped']} |\n")
+    s += "\nResolution (FSC 0.5 vs truth, aligned snapshots) over time:\n\n"
+    for r in d["runs"]:
+        pts = ", ".join(f"{p['fsc05_A']} Å at {p['seconds']:.0f} s" for p in r["resolution_vs_time"]
+                        if p.get("seconds") is not None)
+        s += f"- seed {r['seed']}: {pts}\n"
+    return s + machine_line(d.get("machine"))
+
+
+def section_importance_accuracy(out: Path) -> str:
+    s = "## Importance sampling: accuracy against the exact sum (issue 4, Fig. 8)\n\n"
+    found = False
+    for name in sorted(p.stem for p in RESULTS.glob("importance_accuracy*.json")):
+        d = load(name)
+        found = True
+        g = d["grid"]
+        s += (f"### {name}\n\nCommand: `{d.get('command', '')}`\n\n"
+              f"Box {d['box']}, {d['apix']} Å/px, cut-off {d['resolution_A']:.1f} Å, grid ×{d['grid_scale']}: "
+              f"{g['M_d']} directions × {g['M_psi']} in-plane × {g['M_t']} shifts = {g['poses']:,} poses, "
+              f"{d['coefficients']} coefficients; {d['n_particles']} particles × {d['repeats']} draws; "
+              f"history '{d['history']}', alpha {d['alpha']}, T {d['temperature']}; exact pass "
+              f"{d['exact_seconds']} s; median |log p| {abs(d['exact_loglik']['median']):.0f} nats.\n\n")
+        s += "| s0 | median rel. error | p90 rel. error | median abs. error (nats) | fraction evaluated | padded fraction computed |\n"
+        s += "|---:|---:|---:|---:|---:|---:|\n"
+        for r in d["rows"]:
+            s += (f"| {r['s0']:g} | {r['rel_median']:.2e} | {r['rel_p90']:.2e} | {r['abs_nats_median']:.3g} | "
+                  f"{r['fraction_mean']:.3g} | {r['fraction_computed_mean']:.3g} |\n")
+        s += "\n" + fig(name, "relative error and fraction vs s0", out) + "\n"
+    if not found:
+        s += not_run("python benchmarks/importance_accuracy.py RUN --history exact --tau-prev 2000")
+    return s
+
+
+def section_importance_speedup(out: Path) -> str:
+    d = load("importance_speedup")
+    cmd = "python benchmarks/importance_speedup.py"
+    s = f"## Importance sampling vs exact marginalisation, end to end (issue 4, Fig. 9)\n\nCommand: `{cmd}`\n\n"
+    if d is None:
+        return s + not_run(cmd)
+    st = d["settings"]
+    s += (f"Same data as `small`, {st['iters']} iterations each, cut-off capped at {st['resolution']} Å, grid "
+          f"×{st['grid_scale']}, minibatch {st['minibatch']}, s0 = {st['s0']}, annealing step every "
+          f"{st['is_every']} iterations.\n\n")
+    s += "| seed | path | wall s | CPU s | peak RSS MiB | s/iteration at the cap | last fraction evaluated | FSC 0.5 Å | FSC 0.143 Å |\n"
+    s += "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    cap = f"{st['resolution']:.2f}"
+    for c in d["comparisons"]:
+        for key in ("importance", "exact"):
+            r = c[key]
+            s += (f"| {c['seed']} | {key} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+                  f"{fmt(r['seconds_per_iteration_by_resolution_A'].get(cap), 3)} | "
+                  f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |\n")
+        s += (f"\nSeed {c['seed']}: speed-up (exact ÷ IS) ×{c['speedup_wall']} wall, ×{c['speedup_cpu']} CPU; "
+              f"resolution IS ÷ exact ×{c['resolution_ratio_fsc05']} (FSC 0.5), "
+              f"×{c['resolution_ratio_fsc0143']} (0.143).\n\n")
+    return s + fig("importance_speedup", "time, fraction evaluated, speed-up per iteration", out) + \
+        machine_line(d.get("machine"))
+
+
+def section_generic(name: str, title: str, cmd: str, out: Path, summarise) -> str:
+    d = load(name)
+    s = f"## {title}\n\nCommand: `{cmd}`\n\n"
+    if d is None:
+        return s + not_run(cmd)
+    s += summarise(d) + "\n" + fig(name, title, out) + machine_line(d.get("machine"))
+    return s
+
+
+SECTIONS_EXTRA: list = []  # (name, title, cmd, summarise) added by the paper-experiment benchmarks
+
+
+def build(out: Path) -> str:
+    parts = [
+        "# cryorecon: measured results\n\n"
+        "Generated by `python benchmarks/results_page.py` from `benchmarks/results/*.json`; every number "
+        "below was measured by the command shown with it, on the machine named with it. Rerun a "
+        "benchmark, then this script, to refresh the page.\n",
+        section_foundations(out),
+        section_small(out),
+        section_importance_accuracy(out),
+        section_importance_speedup(out),
+        section_small(out, "paper", PAPER_CMD, "GroEL-GroES at paper scale (issue 6, Sec. 4.1-4.3, Fig. 5-7)"),
+    ]
+    for name, title, cmd, summarise in SECTIONS_EXTRA:
+        parts.append(section_generic(name, title, cmd, out, summarise))
+    return "\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
+    args = ap.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(build(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
