@@ -11,7 +11,9 @@ Reconstructions run in this process (``cryorecon.reconstruct.reconstruct``); wal
 ``time.perf_counter`` and CPU time (user + system, all threads) by ``getrusage`` around the
 call. A finished run folder whose ``bench.json`` records the same configuration is reused
 (its recorded times are reported) unless ``fresh``; so an interrupted benchmark can be
-rerun cheaply. Note that a run stopped by ``max_time`` (6 min) is not reproducible: that
+rerun cheaply. The commit of the code that ran each reconstruction is recorded with it
+(``code``; ``None`` for runs made before this was recorded) -- rerun with ``--fresh`` after
+engine changes. Note that a run stopped by ``max_time`` (6 min) is not reproducible: that
 cap only bites on a heavily loaded machine, and the stop reason is recorded.
 """
 
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -48,8 +51,20 @@ def quiet() -> None:
     configure(quiet=True)
 
 
+def code_version() -> dict:
+    """Commit of the checkout and whether ``src/`` differs from it (read-only git calls)."""
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", str(HERE.parent), *a], capture_output=True, text=True,
+                                  timeout=20).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "--short", "HEAD") or None,
+            "src_modified": bool(git("status", "--porcelain", "--", "src"))}
+
+
 def machine_info() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    return {"code": code_version(), "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "python": sys.version.split()[0], "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
@@ -106,13 +121,13 @@ def run_reconstruction(particles, run_dir: Path, cfg, fresh: bool = False) -> di
     if not fresh and bench.exists() and (run_dir / "volume.mrc").exists():
         rec = json.loads(bench.read_text())
         if rec.get("config") == want:
-            return {**rec["result"], "reused": True}
+            return {"code": None, **rec["result"], "reused": True}
     t0, c0 = time.perf_counter(), cpu_seconds()
     summary = reconstruct(particles, run_dir, cfg, force=True)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     prior = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["prior_state"]
     result = {"iterations": int(summary["iterations"]), "stop_reason": summary["reason"],
-              "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "prior": prior}
+              "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "prior": prior, "code": code_version()}
     tmp = run_dir / ".bench.json.tmp"
     tmp.write_text(json.dumps({"config": want, "result": result}, indent=2))
     os.replace(tmp, bench)
@@ -145,7 +160,16 @@ def score_vs_truth(truth: torch.Tensor, vol: torch.Tensor, apix: float, seed: in
     freq, curve = fsc(truth, al.aligned, apix)
     return {"aligned": al.aligned, "freq": freq.numpy(), "curve": curve.numpy(), "flipped": bool(al.flipped),
             "cc": round(float(al.cc), 4), "cc_other_hand": finite(al.cc_other_hand, 4),
+            "hand_margin": hand_margin(al),
             "align_s": round(al.seconds, 2), "resolution_A": fsc_resolutions(freq, curve)}
+
+
+def hand_margin(al):
+    """How much better the chosen hand scored than the other one in ``align``'s search (the
+    masked correlation on the downsampled maps, where both hands are refined alike): small
+    values mean the hand is not determined by the maps."""
+    x = al.details.get("ncc_search", float("nan")) - al.cc_other_hand
+    return finite(x, 4)
 
 
 def fmt_A(x) -> str:
@@ -159,9 +183,9 @@ def central_slice(vol: torch.Tensor, axis: int = 0) -> np.ndarray:
 
 
 def show_slice(ax, img: np.ndarray, title: str = "") -> None:
-    """One slice, coloured like the paper's Fig. 13 (blue = low / zero, red = high), own scale 0..max."""
+    """One slice, coloured like the paper's Fig. 13 (blue = zero or below, red = high), own scale 0..max."""
     hi = float(np.max(img)) if np.max(img) > 0 else 1.0
-    ax.imshow(img, cmap="jet", vmin=min(0.0, float(np.min(img))), vmax=hi, origin="lower", interpolation="nearest")
+    ax.imshow(img, cmap="jet", vmin=0.0, vmax=hi, origin="lower", interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     if title:

@@ -26,7 +26,8 @@ voxels outside that are exactly zero.
 Writes ``results/priors.json`` and ``results/priors.png`` (central slices of the truth and
 each map, z- and y-planes; FSC vs truth; background variance bars); prints a table. Work files
 (dataset, run folders) go to ``results/priors_work/`` (not in git); a finished run with the same
-settings is reused unless ``--fresh``. About 3-6 minutes on 2 CPU cores.
+settings is reused unless ``--fresh``. Three reconstructions of ~2-4 min each on 2 CPU
+cores (measured under load from another job: 212-241 s wall each, 12 min in all).
 
     python benchmarks/priors.py
     python benchmarks/priors.py --priors exponential uniform --seed 2
@@ -123,8 +124,8 @@ def main() -> int:
         bg = background(sc["aligned"], inside, outside)
         result["priors"][name] = {
             "seed": args.seed, "prior": rec["prior"], "iterations": rec["iterations"],
-            "stop_reason": rec["stop_reason"], "wall_s": rec["wall_s"], "cpu_s": rec["cpu_s"], "reused_run": rec["reused"],
-            "fsc_resolution_A": sc["resolution_A"], "hand_flipped": sc["flipped"], "align_cc": sc["cc"],
+            "stop_reason": rec["stop_reason"], "wall_s": rec["wall_s"], "cpu_s": rec["cpu_s"], "reused_run": rec["reused"], "code": rec["code"],
+            "fsc_resolution_A": sc["resolution_A"], "hand_flipped": sc["flipped"], "hand_margin": sc["hand_margin"], "align_cc": sc["cc"],
             "align_s": sc["align_s"], "background": bg, "fsc_curve": [round(float(x), 5) for x in sc["curve"]],
             "run": str(run_dir)}
         r = sc["resolution_A"]

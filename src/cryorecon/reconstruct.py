@@ -38,7 +38,7 @@ from .geometry.grids import PoseGrid
 from .io.mrc import write_map
 from .model.batches import load_batch
 from .model.importance import ImportanceSampler, ISConfig
-from .model.likelihood import marginal_loglik, sampled_loglik_groups, volume_objective
+from .model.likelihood import CombinedResult, marginal_loglik, sampled_loglik_groups, volume_objective
 from .model.priors import make_prior
 from .optim.sagd import SAGD
 from .optim.schedules import Schedule
@@ -313,14 +313,28 @@ class Run:
                 return volume_objective(V, [exact_part(batch, want_grad, want_posteriors)], ov, want_grad)
         else:
             fraction, computed = plan.fraction, plan.fraction_computed
-            union_op = lvl.slice_op.subset(plan.rot_ids.to(dev))
+            rot_ids = plan.rot_ids.to(dev)
             exact_batch = batch.rows(plan.exact_rows) if len(plan.exact_rows) else None
+            if exact_batch is None:
+                union_op = lvl.slice_op.subset(rot_ids)
 
-            def nll(V, want_grad=False, want_posteriors=False):
-                parts = [(union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad))]
-                if exact_batch is not None:
-                    parts.append(exact_part(exact_batch, want_grad, want_posteriors))
-                return volume_objective(V, parts, ov, want_grad)
+                def nll(V, want_grad=False, want_posteriors=False):
+                    part = (union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad))
+                    return volume_objective(V, [part], ov, want_grad)
+            else:
+                # Diffuse images need every slice: slice the whole grid once and hand the
+                # sampled groups their rows of it (no second slicing or back-projection).
+                def both(S, want_grad):
+                    ex = marginal_loglik(S, exact_batch, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, want_grad, True)
+                    sm = sampled_loglik_groups(S[rot_ids], batch, plan.groups, want_grad)
+                    if want_grad:
+                        ex.grad_slices.index_add_(0, rot_ids, sm.grad_slices)
+                        sm.grad_slices = None
+                    return CombinedResult(torch.cat([sm.loglik, ex.loglik]), ex.grad_slices, [sm, ex])
+
+                def nll(V, want_grad=False, want_posteriors=False):
+                    val, grad, res = volume_objective(V, [(lvl.slice_op, lambda S: both(S, want_grad))], ov, want_grad)
+                    return val, grad, res[0].parts
 
         def f(V):
             return nll(V)[0] + float(self.prior.neg_log_prior(V)) / K

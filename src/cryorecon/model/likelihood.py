@@ -321,6 +321,16 @@ class GroupedResult:
     groups: list[SampledResult]
 
 
+@dataclass
+class CombinedResult:
+    """Several likelihood results evaluated on one set of slices: ``loglik`` concatenated,
+    ``grad_slices`` summed on that set, ``parts`` the individual results."""
+
+    loglik: torch.Tensor
+    grad_slices: torch.Tensor | None
+    parts: list
+
+
 def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_grad: bool = True) -> GroupedResult:
     """Eq. 13 for groups of images (each with ``rows``, ``rot_idx``, ``rot_logw``,
     ``shifts``, ``shift_logw``: see :class:`~cryorecon.model.importance.Plan`) whose

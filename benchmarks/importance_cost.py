@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""Cost of one SAGD minibatch with and without importance sampling, on the paper's pose grid.
+
+Issue 4 / paper Sec. 3.4: the exact marginalisation grows like (D omega*)^7; importance
+sampling should make a minibatch far cheaper at high resolution. End-to-end runs at the
+paper's grid are out of reach on a CPU, so this benchmark measures single minibatches of the
+engine itself (``Run.batch_objective``: likelihood, gradient, pose-history update) at several
+cut-offs, from a finished run's map:
+
+1. resume the run (``RUN``, e.g. ``benchmarks/results/small_work/run_seed2``) in a scratch
+   copy, switch the quadrature to ``--grid-scale`` (1 = the paper's) and set the iteration
+   to ``--tau`` (late in a run: alpha = 0.05, T = 1.25 with the paper's annealing);
+2. for each omega*: evaluate one minibatch of ``--batch`` training particles exactly (their
+   history is cleared first, so the engine takes the exact path; this visit stores their
+   posteriors as the history), then evaluate the same minibatch again with importance
+   sampling (Eq. 13, s0 = the run's);
+3. report wall seconds of each evaluation, their ratio, the fraction of the full quadrature
+   evaluated (and computed, with padding), the relative error of the minibatch's summed
+   log-likelihood, and the cosine between the two density gradients.
+
+The pose grid, map, particles and code path are those of a real run; only the number of
+minibatches is one. Writes ``results/importance_cost.json`` and a PNG.
+
+    python benchmarks/importance_cost.py benchmarks/results/small_work/run_seed2 --omegas 0.02 0.025 0.033 0.04
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path, help="a run folder with checkpoint.pt and run.json")
+    ap.add_argument("--omegas", type=float, nargs="+", default=[0.02, 0.025, 0.0333, 0.04])
+    ap.add_argument("--grid-scale", type=float, default=1.0)
+    ap.add_argument("--batch", type=int, default=50)
+    ap.add_argument("--tau", type=int, default=2000, help="iteration of the previous visit (fixes alpha, T)")
+    ap.add_argument("--work", type=Path, default=HERE / "results" / "importance_cost_work")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_cost.json")
+    args = ap.parse_args()
+
+    from cryorecon.io.particles import read_particles
+    from cryorecon.reconstruct import ReconstructConfig, Run
+
+    info = json.loads((args.run / "run.json").read_text())
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    shutil.copy(args.run / "checkpoint.pt", args.work / "checkpoint.pt")
+    (args.work / "run.json").write_text(json.dumps({**info, "finished": False}))
+    particles = read_particles(info["particles"])
+    run = Run(particles, args.work, ReconstructConfig(), resume=True)
+    run.cfg = dataclasses.replace(run.cfg, grid_scale=args.grid_scale, report_every=None)
+    run.levels = {}
+    run.tau = args.tau
+    idx = np.asarray(run.batches[0][: args.batch])
+    sampler = run.sampler
+    print(f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid x{args.grid_scale}; "
+          f"alpha {run.schedule.alpha(args.tau):.3g}, T {run.schedule.temperature(args.tau):.3g}, s0 {run.cfg.s0}",
+          flush=True)
+    rows = []
+    for omega in args.omegas:
+        t0 = time.perf_counter()
+        lvl = run.level(omega)
+        t_level = time.perf_counter() - t0
+        g = lvl.grid
+        sampler.hist.tau_prev[idx] = -1  # no history: the engine's exact path, which stores one
+        t0 = time.perf_counter()
+        v_ex, g_ex, _, i_ex = run.batch_objective(idx, lvl)
+        t_ex = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        v_is, g_is, _, i_is = run.batch_objective(idx, lvl)
+        t_is = time.perf_counter() - t0
+        cos = float((g_ex.double() * g_is.double()).sum() / (g_ex.double().norm() * g_is.double().norm()))
+        row = {"omega_star": omega, "resolution_A": round(1 / omega, 2), "M_d": g.M_d, "M_psi": g.M_psi,
+               "M_t": g.M_t, "poses": g.n_rotations * g.M_t, "coefficients": lvl.halfplane.M,
+               "level_build_s": round(t_level, 2), "exact_s": round(t_ex, 3), "importance_s": round(t_is, 3),
+               "speedup": round(t_ex / t_is, 2), "fraction_evaluated": i_is["fraction"],
+               "fraction_computed": i_is["computed"], "exact_fraction": i_ex["fraction"],
+               "rel_error_sum_loglik": abs(v_is - v_ex) / abs(v_ex), "gradient_cosine": round(cos, 5)}
+        rows.append(row)
+        print(f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; exact "
+              f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction {row['fraction_evaluated']:.3g} "
+              f"(computed {row['fraction_computed']:.3g}); rel. error {row['rel_error_sum_loglik']:.2e}; "
+              f"gradient cosine {cos:.4f}", flush=True)
+    result = {"benchmark": "importance_cost", "run": str(args.run), "batch": len(idx), "grid_scale": args.grid_scale,
+              "tau_prev": args.tau, "alpha": run.schedule.alpha(args.tau), "temperature": run.schedule.temperature(args.tau),
+              "s0": run.cfg.s0, "rows": rows, "command": " ".join(sys.argv),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                          "loadavg_start": os.getloadavg()}}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    shutil.rmtree(args.work)
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    res = [r["resolution_A"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot(res, [r["exact_s"] for r in rows], "o-", label="exact quadrature")
+    a.plot(res, [r["importance_s"] for r in rows], "s-", label="importance sampling")
+    a.set(xlabel="cut-off 1/omega* (Å)", ylabel="seconds per minibatch", yscale="log",
+          title=f"one minibatch of {result['batch']} (likelihood + gradient), grid x{result['grid_scale']:g}")
+    b.plot(res, [r["fraction_evaluated"] for r in rows], "o-", label="fraction evaluated")
+    b.plot(res, [r["fraction_computed"] for r in rows], "s--", label="fraction computed (padding)")
+    b.set(xlabel="cut-off 1/omega* (Å)", ylabel="fraction of the full quadrature", yscale="log",
+          title="poses evaluated")
+    for ax in (a, b):
+        ax.invert_xaxis()
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
