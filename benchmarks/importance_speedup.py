@@ -13,7 +13,8 @@ speed-up is exact time / importance-sampling time; the resolution ratio is IS / 
 The data and the oracle are those of ``benchmarks/small.py`` (its ``--work`` folder; simulated
 if absent). Annealing of the importance distributions: the paper's ``alpha``, ``T`` steps every
 50 iterations suit runs of thousands of iterations; a CPU run of a few hundred uses
-``--is-every`` (default 5) so that the schedule covers the same fraction of the run.
+``--is-every`` (default: one run with 5 and one with 15) so that the schedule covers the same
+fraction of the run; the exact run is shared by the variants of a seed.
 
     python benchmarks/importance_speedup.py                 # seed 1, 250 iterations each
     python benchmarks/importance_speedup.py --seeds 1 2 --iters 300
@@ -48,15 +49,16 @@ def per_level_seconds(metrics: list[dict]) -> dict:
     return {k: round(statistics.median(v), 4) for k, v in out.items()}
 
 
-def run_one(py, data: Path, run: Path, seed: int, args, exact: bool) -> dict:
+def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: int = 50) -> dict:
     cmd = py + ["reconstruct", str(data / "particles.star"), "-o", str(run), "--force", "--seed", str(seed),
                 "--resolution", str(args.resolution), "--grid-scale", str(args.grid_scale),
                 "--omega-every", str(args.omega_every), "--minibatch", str(args.minibatch),
-                "--max-iters", str(args.iters), "--patience", "1000000", "--is-every", str(args.is_every),
+                "--max-iters", str(args.iters), "--patience", "1000000", "--is-every", str(is_every),
                 "--s0", str(args.s0), "--snapshot-every", str(args.iters), "--report-every", "100000"]
     if exact:
         cmd.append("--exact")
-    print(f"  {'exact' if exact else 'importance sampling'} ...", flush=True)
+    print(f"  {'exact' if exact else f'importance sampling (annealing step every {is_every} iterations)'} ...",
+          flush=True)
     t = timed(cmd)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     final = score(data / "truth.mrc", run / "volume.mrc", seed=seed)
@@ -83,18 +85,21 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    seen_exact = set()
     for cmp in result["comparisons"]:
-        s = cmp["seed"]
-        for key, style in (("importance", "-"), ("exact", "--")):
-            r = cmp[key]
+        s, ie = cmp["seed"], cmp["is_every"]
+        runs = [(f"seed {s} importance (step {ie})", "-", cmp["importance"])]
+        if s not in seen_exact:
+            runs.append((f"seed {s} exact", "--", cmp["exact"]))
+            seen_exact.add(s)
+        for label, style, r in runs:
             it = range(1, len(r["seconds"]) + 1)
-            axes[0].plot(it, r["seconds"], style, label=f"seed {s} {key}")
-            axes[1].plot(it, r["fraction_evaluated"], style, label=f"seed {s} {key}")
-        ax2 = axes[2]
+            axes[0].plot(it, r["seconds"], style, label=label)
+            axes[1].plot(it, r["fraction_evaluated"], style, label=label)
         levels = sorted(cmp["exact"]["seconds_per_iteration_by_resolution_A"], key=float, reverse=True)
         ex = [cmp["exact"]["seconds_per_iteration_by_resolution_A"][k] for k in levels]
         im = [cmp["importance"]["seconds_per_iteration_by_resolution_A"].get(k, float("nan")) for k in levels]
-        ax2.plot([float(k) for k in levels], [e / i for e, i in zip(ex, im)], "o-", label=f"seed {s}")
+        axes[2].plot([float(k) for k in levels], [e / i for e, i in zip(ex, im)], "o-", label=f"seed {s}, step {ie}")
     axes[0].set(xlabel="iteration", ylabel="cumulative run seconds", title="time")
     axes[1].set(xlabel="iteration", ylabel="fraction of full quadrature", yscale="log",
                 title="poses evaluated (Fig. 9)")
@@ -118,7 +123,8 @@ def main() -> int:
     ap.add_argument("--grid-scale", type=float, default=3.0)
     ap.add_argument("--omega-every", type=int, default=25)
     ap.add_argument("--minibatch", type=int, default=100)
-    ap.add_argument("--is-every", type=int, default=5)
+    ap.add_argument("--is-every", type=int, nargs="+", default=[5, 15],
+                    help="annealing steps of the importance runs (one run per value)")
     ap.add_argument("--s0", type=float, default=10.0)
     ap.add_argument("--work", type=Path, default=HERE / "results" / "small_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_speedup.json")
@@ -139,15 +145,16 @@ def main() -> int:
                           "loadavg_start": os.getloadavg()}, "comparisons": []}
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        imp = run_one(py, data, args.work / f"speedup_is_seed{seed}", seed, args, exact=False)
         ex = run_one(py, data, args.work / f"speedup_exact_seed{seed}", seed, args, exact=True)
-        cmp = {"seed": seed, "importance": imp, "exact": ex,
-               "speedup_wall": round(ex["wall_s"] / imp["wall_s"], 3),
-               "speedup_cpu": round(ex["cpu_s"] / imp["cpu_s"], 3),
-               "speedup_run_seconds": round(ex["run_seconds"] / imp["run_seconds"], 3),
-               "resolution_ratio_fsc05": round(imp["final"]["fsc05_A"] / ex["final"]["fsc05_A"], 3),
-               "resolution_ratio_fsc0143": round(imp["final"]["fsc0143_A"] / ex["final"]["fsc0143_A"], 3)}
-        result["comparisons"].append(cmp)
+        for ie in args.is_every:
+            imp = run_one(py, data, args.work / f"speedup_is{ie}_seed{seed}", seed, args, exact=False, is_every=ie)
+            result["comparisons"].append({
+                "seed": seed, "is_every": ie, "importance": imp, "exact": ex,
+                "speedup_wall": round(ex["wall_s"] / imp["wall_s"], 3),
+                "speedup_cpu": round(ex["cpu_s"] / imp["cpu_s"], 3),
+                "speedup_run_seconds": round(ex["run_seconds"] / imp["run_seconds"], 3),
+                "resolution_ratio_fsc05": round(imp["final"]["fsc05_A"] / ex["final"]["fsc05_A"], 3),
+                "resolution_ratio_fsc0143": round(imp["final"]["fsc0143_A"] / ex["final"]["fsc0143_A"], 3)})
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -155,14 +162,20 @@ def main() -> int:
     print("\n| seed | path | wall s | CPU s | peak RSS MiB | s/it at cap | last fraction | FSC 0.5 Å | FSC 0.143 Å |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     cap = f"{args.resolution:.2f}"
+
+    def line(seed, label, r):
+        print(f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+              f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
+              f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |")
+
     for c in result["comparisons"]:
-        for key in ("importance", "exact"):
-            r = c[key]
-            print(f"| {c['seed']} | {key} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
-                  f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
-                  f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |")
-        print(f"speed-up (exact / IS): wall x{c['speedup_wall']}, CPU x{c['speedup_cpu']}; "
-              f"resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, 0.143 x{c['resolution_ratio_fsc0143']}")
+        line(c["seed"], f"importance, step {c['is_every']}", c["importance"])
+    for seed in args.seeds:
+        line(seed, "exact", next(c["exact"] for c in result["comparisons"] if c["seed"] == seed))
+    for c in result["comparisons"]:
+        print(f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall x{c['speedup_wall']}, CPU "
+              f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
+              f"0.143 x{c['resolution_ratio_fsc0143']}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 
