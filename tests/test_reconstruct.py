@@ -303,3 +303,47 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     snap = _snapshot(out)
     assert main(["-q", "demo", "--quick", "-o", str(out)]) == 3
     assert _snapshot(out) == snap
+
+
+# ------------------------------------------------------------------------------ importance sampling
+
+def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path):
+    """A minibatch with both diffuse images (exact path) and sampled ones is evaluated on one
+    full-grid slicing in ``Run.batch_objective``; its value and gradient must equal those of
+    the two paths evaluated separately (own slice operators) on the same pose draws."""
+    import copy
+    import dataclasses
+
+    from cryorecon.io.particles import read_particles
+    from cryorecon.model.likelihood import marginal_loglik, sampled_loglik_groups, volume_objective
+    from cryorecon.model.batches import load_batch
+    from cryorecon.reconstruct import MAX_SAMPLED_FRACTION, ReconstructConfig, Run
+
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    info = json.loads((work / "run.json").read_text())
+    (work / "run.json").write_text(json.dumps({**info, "finished": False}))
+    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run.cfg = dataclasses.replace(run.cfg, report_every=None)
+    lvl = run.level(run.schedule.omega_star(run.tau))
+    idx = np.asarray(run.batches[0])
+    sampler = run.sampler
+    sampler.hist.tau_prev[idx] = -1
+    run.tau = 5000  # late in a run: alpha = 0.05, T = 1.25
+    run.batch_objective(idx, lvl)  # exact visit: stores every image's history
+    sampler.hist.tau_prev[idx[:3]] = -1  # three images become diffuse again
+    hist, gen = copy.deepcopy(sampler.hist.state_dict()), sampler.gen.get_state()
+    val, grad, _, info = run.batch_objective(idx, lvl)
+
+    sampler.hist.load_state_dict(hist)
+    sampler.gen.set_state(gen)
+    plan = sampler.split_plan(idx, lvl.grid, MAX_SAMPLED_FRACTION)
+    assert plan is not None and {0, 1, 2} <= set(plan.exact_rows.tolist()) and len(plan.groups) >= 1
+    assert info["fraction"] == plan.fraction < 1
+    batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px)
+    parts = [(lvl.slice_op.subset(plan.rot_ids), lambda S: sampled_loglik_groups(S, batch, plan.groups)),
+             (lvl.slice_op, lambda S: marginal_loglik(S, batch.rows(plan.exact_rows), lvl.shifts, lvl.log_w_rot,
+                                                      lvl.log_w_shift))]
+    val2, grad2, _ = volume_objective(run.V, parts, run.cfg.oversample, True)
+    assert math.isclose(val, val2, rel_tol=1e-6)
+    assert torch.allclose(grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
