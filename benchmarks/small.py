@@ -95,6 +95,11 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=None, help="wall-time cap per run")
     ap.add_argument("--max-iters", type=int, default=5000)
     ap.add_argument("--exact", action="store_true", help="no importance sampling")
+    ap.add_argument("--is-every", type=int, default=None, help="annealing step of importance sampling (default: the CLI's)")
+    ap.add_argument("--omega-step", type=float, default=None, help="cut-off increase in 1/Å (default: the CLI's)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="an existing simulated dataset folder (particles.star, truth.mrc); default WORK/data")
+    ap.add_argument("--reuse-oracle", action="store_true", help="keep WORK/oracle.mrc if it exists")
     ap.add_argument("--snapshots", type=int, default=4, help="snapshots per run scored for resolution vs time")
     ap.add_argument("--work", type=Path, default=HERE / "results" / "small_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "small.json")
@@ -103,10 +108,12 @@ def main() -> int:
     py = [sys.executable, "-m", "cryorecon", "-q"]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "data"
+    data = args.data or work / "data"
     result = {"benchmark": "small", "dataset": {k: getattr(args, k) for k in ("n", "box", "apix", "snr", "data_seed")},
               "settings": {k: getattr(args, k) for k in ("resolution", "grid_scale", "omega_every", "minibatch",
-                                                          "max_minutes", "max_iters", "exact")},
+                                                          "max_minutes", "max_iters", "exact", "is_every",
+                                                          "omega_step")},
+              "command": " ".join(sys.argv),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "loadavg_start": os.getloadavg()}, "runs": []}
     if not (data / "particles.star").exists():
@@ -114,8 +121,9 @@ def main() -> int:
                               "--apix", str(args.apix), "--snr", str(args.snr), "--seed", str(args.data_seed),
                               "-o", str(data), "--force"]).items() if k != "stdout"}
     oracle = work / "oracle.mrc"
-    result["oracle_backproject"] = {k: v for k, v in timed(py + ["backproject", str(data / "particles.star"), "-o",
-                                    str(oracle), "--force"]).items() if k != "stdout"}
+    if not (args.reuse_oracle and oracle.exists()):
+        result["oracle_backproject"] = {k: v for k, v in timed(py + ["backproject", str(data / "particles.star"),
+                                        "-o", str(oracle), "--force"]).items() if k != "stdout"}
     lowpass(oracle, work / "oracle_capped.mrc", args.resolution)
     result["oracle"] = score(data / "truth.mrc", oracle, align=False)
     result["oracle_capped"] = score(data / "truth.mrc", work / "oracle_capped.mrc", align=False)
@@ -133,6 +141,10 @@ def main() -> int:
             cmd += ["--max-time", str(args.max_minutes)]
         if args.exact:
             cmd += ["--exact"]
+        if args.is_every is not None:
+            cmd += ["--is-every", str(args.is_every)]
+        if args.omega_step is not None:
+            cmd += ["--omega-step", str(args.omega_step)]
         print(f"run seed {seed} ...", flush=True)
         t = timed(cmd)
         info = json.loads((run / "run.json").read_text())
