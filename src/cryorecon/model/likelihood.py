@@ -346,15 +346,3 @@ def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_
         for r in res:
             r.grad_slices = None
     return GroupedResult(torch.cat([r.loglik for r in res]), grad, res)
-
-
-def neg_log_likelihood_sampled(volume: torch.Tensor, batch: ImageBatch, slice_op, rot_idx, rot_logw,
-                               shifts_px, shift_logw, oversample: int = 2, want_grad: bool = True):
-    """Like :func:`neg_log_likelihood` for per-image pose samples (Eq. 13).
-
-    ``slice_op`` slices the union of the images' rotations; see :func:`sampled_loglik`.
-    Returns ``(value, grad or None, SampledResult)``.
-    """
-    return _volume_objective(
-        volume, slice_op, oversample, want_grad, None,
-        lambda slices: sampled_loglik(slices, batch, rot_idx, rot_logw, shifts_px, shift_logw, want_grad))
