@@ -21,7 +21,7 @@ Choices made here where the paper is silent (documented in the issue note):
   stored (the rest of the mass is covered by the uniform component), so memory is
   O(particles x keep), not O(particles x grid).
 - an image whose own pose set (n_d n_psi n_t) exceeds a fraction of the full quadrature
-  (``ReconstructConfig``'s ``MAX_SAMPLED_FRACTION``, 0.25) is evaluated by the exact
+  (``cryorecon.reconstruct.MAX_SAMPLED_FRACTION``, 0.25) is evaluated by the exact
   shared-GEMM quadrature instead (:meth:`ImportanceSampler.split_plan`); the rest are grouped
   by set size so that padding per-image sets to a common size wastes little.
 """
