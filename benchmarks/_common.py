@@ -100,6 +100,15 @@ def ensure_dataset(work: Path, seed: int = DATA_SEED) -> tuple[Path, dict]:
     return data, {**info, "simulate_seconds": round(time.perf_counter() - t, 2)}
 
 
+def open_dataset(work: Path, seed: int = DATA_SEED):
+    """:func:`ensure_dataset`, then read it: ``(info, particles, truth (D, D, D) tensor, apix)``."""
+    from cryorecon.io.particles import read_particles
+
+    data, info = ensure_dataset(work, seed)
+    truth, apix = load_map(data / "truth.mrc")
+    return info, read_particles(data / "particles.star"), truth, apix
+
+
 def demo_config(seed: int, prior: str = "exponential"):
     """The demo's ReconstructConfig for ``seed`` and ``prior`` (no HTML report)."""
     from cryorecon.reconstruct import ReconstructConfig

@@ -42,6 +42,22 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+def timed(fn, *args):
+    """``(fn(*args), wall seconds)``."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t0
+
+
+def level_row(omega: float, lvl, t_level: float, t_is: float, info: dict) -> dict:
+    """The grid sizes of a level and its importance-sampled minibatch: time and fractions."""
+    g = lvl.grid
+    return {"omega_star": omega, "resolution_A": round(1 / omega, 2), "M_d": g.M_d, "M_psi": g.M_psi,
+            "M_t": g.M_t, "poses": g.n_rotations * g.M_t, "coefficients": lvl.halfplane.M,
+            "level_build_s": round(t_level, 2), "importance_s": round(t_is, 3),
+            "fraction_evaluated": info["fraction"], "fraction_computed": info["computed"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path, help="a run folder with checkpoint.pt and run.json")
@@ -78,23 +94,13 @@ def main() -> int:
           flush=True)
     rows = []
     for omega in args.omegas:
-        t0 = time.perf_counter()
-        lvl = run.level(omega)
-        t_level = time.perf_counter() - t0
-        g = lvl.grid
+        lvl, t_level = timed(run.level, omega)
         sampler.hist.tau_prev[idx] = -1  # no history: the engine's exact path, which stores one
-        t0 = time.perf_counter()
-        v_ex, g_ex, _, i_ex = run.batch_objective(idx, lvl)
-        t_ex = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        v_is, g_is, _, i_is = run.batch_objective(idx, lvl)
-        t_is = time.perf_counter() - t0
+        (v_ex, g_ex, _, i_ex), t_ex = timed(run.batch_objective, idx, lvl)
+        (v_is, g_is, _, i_is), t_is = timed(run.batch_objective, idx, lvl)
         cos = float((g_ex.double() * g_is.double()).sum() / (g_ex.double().norm() * g_is.double().norm()))
-        row = {"omega_star": omega, "resolution_A": round(1 / omega, 2), "M_d": g.M_d, "M_psi": g.M_psi,
-               "M_t": g.M_t, "poses": g.n_rotations * g.M_t, "coefficients": lvl.halfplane.M,
-               "level_build_s": round(t_level, 2), "exact_s": round(t_ex, 3), "importance_s": round(t_is, 3),
-               "speedup": round(t_ex / t_is, 2), "fraction_evaluated": i_is["fraction"],
-               "fraction_computed": i_is["computed"], "exact_fraction": i_ex["fraction"],
+        row = {**level_row(omega, lvl, t_level, t_is, i_is), "exact_s": round(t_ex, 3),
+               "speedup": round(t_ex / t_is, 2), "exact_fraction": i_ex["fraction"],
                "rel_error_sum_loglik": abs(v_is - v_ex) / abs(v_ex), "gradient_cosine": round(cos, 5)}
         rows.append(row)
         print(f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; exact "
@@ -103,20 +109,11 @@ def main() -> int:
               f"gradient cosine {cos:.4f}", flush=True)
     sampled_only = []
     for omega in args.sampled_only:
-        t0 = time.perf_counter()
-        lvl = run.level(omega)
-        t_level = time.perf_counter() - t0
-        g = lvl.grid
-        saved = sampler.hist.state_dict()
-        saved = {k: (v.copy() if isinstance(v, np.ndarray) else v.clone()) for k, v in saved.items()}
-        t0 = time.perf_counter()
-        v_is, _, _, i_is = run.batch_objective(idx, lvl)
-        t_is = time.perf_counter() - t0
+        lvl, t_level = timed(run.level, omega)
+        saved = {k: (v.copy() if isinstance(v, np.ndarray) else v.clone()) for k, v in sampler.hist.state_dict().items()}
+        (_, _, _, i_is), t_is = timed(run.batch_objective, idx, lvl)
         sampler.hist.load_state_dict(saved)  # every level starts from the same (last exact) history
-        row = {"omega_star": omega, "resolution_A": round(1 / omega, 2), "M_d": g.M_d, "M_psi": g.M_psi,
-               "M_t": g.M_t, "poses": g.n_rotations * g.M_t, "coefficients": lvl.halfplane.M,
-               "level_build_s": round(t_level, 2), "importance_s": round(t_is, 3),
-               "fraction_evaluated": i_is["fraction"], "fraction_computed": i_is["computed"]}
+        row = level_row(omega, lvl, t_level, t_is, i_is)
         sampled_only.append(row)
         print(f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} coefficients; "
               f"IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed {row['fraction_computed']:.3g})",

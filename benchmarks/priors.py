@@ -90,13 +90,10 @@ def main() -> int:
     C.quiet()
     t_all = time.perf_counter()
 
-    from cryorecon.io.particles import read_particles
     from cryorecon.validate import fsc
 
     args.work.mkdir(parents=True, exist_ok=True)
-    data, dataset = C.ensure_dataset(args.work)
-    particles = read_particles(data / "particles.star")
-    truth, apix = C.load_map(data / "truth.mrc")
+    dataset, particles, truth, apix = C.open_dataset(args.work)
     inside, outside = particle_mask(truth, args.mask_level, args.mask_dilate)
     s = C.demo_settings()
     result = {

@@ -109,13 +109,10 @@ def main() -> int:
     C.quiet()
     t_all = time.perf_counter()
 
-    from cryorecon.io.particles import read_particles
     from cryorecon.validate import align, fsc
 
     args.work.mkdir(parents=True, exist_ok=True)
-    data, dataset = C.ensure_dataset(args.work)
-    particles = read_particles(data / "particles.star")
-    truth, apix = C.load_map(data / "truth.mrc")
+    dataset, particles, truth, apix = C.open_dataset(args.work)
     s = C.demo_settings()
     seeds = list(range(1, args.starts + 1))
     result = {
