@@ -12,12 +12,13 @@ speed-up is exact time / importance-sampling time; the resolution ratio is IS / 
 
 The data and the oracle are those of ``benchmarks/small.py`` (its ``--work`` folder; simulated
 if absent). Annealing of the importance distributions: the paper's ``alpha``, ``T`` steps every
-50 iterations suit runs of thousands of iterations; a CPU run of a few hundred uses
-``--is-every`` (default: one run with 5 and one with 15) so that the schedule covers the same
-fraction of the run; the exact run is shared by the variants of a seed.
+50 iterations for a cut-off step of 150; the CLI's default keeps that ratio (a third of
+``--omega-every``), and ``--is-every`` adds runs with other steps (0 = the CLI's default); the
+exact run is shared by the variants of a seed. With several seeds the summary gives the
+median speed-up and the mean resolution of each path (single runs vary by seed).
 
-    python benchmarks/importance_speedup.py                 # seed 1, 250 iterations each
-    python benchmarks/importance_speedup.py --seeds 1 2 --iters 300
+    python benchmarks/importance_speedup.py                       # seed 1, 200 iterations each
+    python benchmarks/importance_speedup.py --seeds 1 2 3 --is-every 0 5
 
 Writes ``results/importance_speedup.json`` and ``results/importance_speedup.png``.
 """
@@ -49,15 +50,17 @@ def per_level_seconds(metrics: list[dict]) -> dict:
     return {k: round(statistics.median(v), 4) for k, v in out.items()}
 
 
-def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: int = 50) -> dict:
+def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: int = 0) -> dict:
     cmd = py + ["reconstruct", str(data / "particles.star"), "-o", str(run), "--force", "--seed", str(seed),
                 "--resolution", str(args.resolution), "--grid-scale", str(args.grid_scale),
                 "--omega-every", str(args.omega_every), "--minibatch", str(args.minibatch),
-                "--max-iters", str(args.iters), "--patience", "1000000", "--is-every", str(is_every),
+                "--max-iters", str(args.iters), "--patience", "1000000",
                 "--s0", str(args.s0), "--snapshot-every", str(args.iters), "--report-every", "100000"]
+    if is_every:
+        cmd += ["--is-every", str(is_every)]
     if exact:
         cmd.append("--exact")
-    print(f"  {'exact' if exact else f'importance sampling (annealing step every {is_every} iterations)'} ...",
+    print(f"  {'exact' if exact else f'importance sampling (annealing step {step_label(is_every, args)})'} ...",
           flush=True)
     t = timed(cmd)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -78,6 +81,31 @@ def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: i
     return rec
 
 
+def step_label(is_every: int, args) -> str:
+    return str(is_every) if is_every else f"{max(1, args.omega_every // 3)} (default)"
+
+
+def summarise(comparisons: list[dict]) -> list[dict]:
+    """Per annealing step, over seeds: median speed-ups, mean FSC resolutions of both paths."""
+    out = []
+    for ie in sorted({c["is_every"] for c in comparisons}):
+        cs = [c for c in comparisons if c["is_every"] == ie]
+        mean = lambda xs: round(statistics.fmean(xs), 2)  # noqa: E731
+        out.append({
+            "is_every": ie, "seeds": [c["seed"] for c in cs],
+            "median_speedup_wall": round(statistics.median(c["speedup_wall"] for c in cs), 3),
+            "median_speedup_cpu": round(statistics.median(c["speedup_cpu"] for c in cs), 3),
+            "mean_fsc05_A": {"importance": mean([c["importance"]["final"]["fsc05_A"] for c in cs]),
+                             "exact": mean([c["exact"]["final"]["fsc05_A"] for c in cs])},
+            "mean_fsc0143_A": {"importance": mean([c["importance"]["final"]["fsc0143_A"] for c in cs]),
+                               "exact": mean([c["exact"]["final"]["fsc0143_A"] for c in cs])},
+        })
+        for k in ("fsc05_A", "fsc0143_A"):
+            m = out[-1][f"mean_{k}"]
+            out[-1][f"mean_ratio_{k}"] = round(m["importance"] / m["exact"], 3)
+    return out
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -88,7 +116,7 @@ def plot(result: dict, path: Path) -> None:
     seen_exact = set()
     for cmp in result["comparisons"]:
         s, ie = cmp["seed"], cmp["is_every"]
-        runs = [(f"seed {s} importance (step {ie})", "-", cmp["importance"])]
+        runs = [(f"seed {s} importance (step {ie or 'default'})", "-", cmp["importance"])]
         if s not in seen_exact:
             runs.append((f"seed {s} exact", "--", cmp["exact"]))
             seen_exact.add(s)
@@ -99,7 +127,8 @@ def plot(result: dict, path: Path) -> None:
         levels = sorted(cmp["exact"]["seconds_per_iteration_by_resolution_A"], key=float, reverse=True)
         ex = [cmp["exact"]["seconds_per_iteration_by_resolution_A"][k] for k in levels]
         im = [cmp["importance"]["seconds_per_iteration_by_resolution_A"].get(k, float("nan")) for k in levels]
-        axes[2].plot([float(k) for k in levels], [e / i for e, i in zip(ex, im)], "o-", label=f"seed {s}, step {ie}")
+        axes[2].plot([float(k) for k in levels], [e / i for e, i in zip(ex, im)], "o-",
+                     label=f"seed {s}, step {ie or 'default'}")
     axes[0].set(xlabel="iteration", ylabel="cumulative run seconds", title="time")
     axes[1].set(xlabel="iteration", ylabel="fraction of full quadrature", yscale="log",
                 title="poses evaluated (Fig. 9)")
@@ -118,13 +147,14 @@ def plot(result: dict, path: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
-    ap.add_argument("--iters", type=int, default=250, help="iterations per run (both runs)")
+    ap.add_argument("--iters", type=int, default=200, help="iterations per run (both runs)")
     ap.add_argument("--resolution", type=float, default=20.0, help="omega* cap, Å")
     ap.add_argument("--grid-scale", type=float, default=3.0)
     ap.add_argument("--omega-every", type=int, default=25)
     ap.add_argument("--minibatch", type=int, default=100)
-    ap.add_argument("--is-every", type=int, nargs="+", default=[5, 15],
-                    help="annealing steps of the importance runs (one run per value)")
+    ap.add_argument("--is-every", type=int, nargs="+", default=[0],
+                    help="annealing steps of the importance runs, one run per value (0: the CLI's default, "
+                         "a third of --omega-every)")
     ap.add_argument("--s0", type=float, default=10.0)
     ap.add_argument("--work", type=Path, default=HERE / "results" / "small_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_speedup.json")
@@ -147,7 +177,8 @@ def main() -> int:
         print(f"seed {seed}", flush=True)
         ex = run_one(py, data, args.work / f"speedup_exact_seed{seed}", seed, args, exact=True)
         for ie in args.is_every:
-            imp = run_one(py, data, args.work / f"speedup_is{ie}_seed{seed}", seed, args, exact=False, is_every=ie)
+            imp = run_one(py, data, args.work / f"speedup_is{ie or 'default'}_seed{seed}", seed, args,
+                          exact=False, is_every=ie)
             result["comparisons"].append({
                 "seed": seed, "is_every": ie, "importance": imp, "exact": ex,
                 "speedup_wall": round(ex["wall_s"] / imp["wall_s"], 3),
@@ -155,6 +186,7 @@ def main() -> int:
                 "speedup_run_seconds": round(ex["run_seconds"] / imp["run_seconds"], 3),
                 "resolution_ratio_fsc05": round(imp["final"]["fsc05_A"] / ex["final"]["fsc05_A"], 3),
                 "resolution_ratio_fsc0143": round(imp["final"]["fsc0143_A"] / ex["final"]["fsc0143_A"], 3)})
+    result["summary"] = summarise(result["comparisons"])
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
@@ -169,13 +201,19 @@ def main() -> int:
               f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |")
 
     for c in result["comparisons"]:
-        line(c["seed"], f"importance, step {c['is_every']}", c["importance"])
+        line(c["seed"], f"importance, step {step_label(c['is_every'], args)}", c["importance"])
     for seed in args.seeds:
         line(seed, "exact", next(c["exact"] for c in result["comparisons"] if c["seed"] == seed))
     for c in result["comparisons"]:
         print(f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall x{c['speedup_wall']}, CPU "
               f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
               f"0.143 x{c['resolution_ratio_fsc0143']}")
+    for m in result["summary"]:
+        f05, f0143 = m["mean_fsc05_A"], m["mean_fsc0143_A"]
+        print(f"step {step_label(m['is_every'], args)} over seeds {m['seeds']}: median speed-up wall "
+              f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS {f05['importance']}"
+              f" vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
+              f"{f0143['importance']} vs {f0143['exact']} Å (x{m['mean_ratio_fsc0143_A']})")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

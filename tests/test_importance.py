@@ -108,6 +108,33 @@ def test_slice_operator_subset_equals_fresh_operator():
     assert torch.allclose(op.subset(rows).backproject(c), fresh.backproject(c), atol=1e-6)
 
 
+def test_cached_and_uncached_slice_operators_agree():
+    """The cached set-up (int32 corner indices) gives the same slices and back-projection as
+    recomputing it per chunk (cache budget 0), and the cache is 64 bytes per pose-frequency pair."""
+    grid = PoseGrid(D=16, apix=8.0, omega_star=0.05, shift_sigma_px=1.5)
+    hp = HalfPlane(16, 5.0)
+    R = grid.rotations()
+    cached = SliceOperator(R, hp.freqs() * 16, 16)
+    uncached = SliceOperator(R, hp.freqs() * 16, 16, cache_bytes=0)
+    assert cached._cache is not None and uncached._cache is None
+    assert cached._cache[0].dtype == torch.int32
+    assert sum(t.numel() * t.element_size() for t in cached._cache) == len(R) * hp.M * 64
+    spec = VolumeSlicer(torch.rand(16, 16, 16)).spectrum
+    assert torch.equal(cached.slice(spec), uncached.slice(spec))
+    c = torch.randn(len(R), hp.M, dtype=torch.complex64)
+    assert torch.allclose(cached.backproject(c), uncached.backproject(c), atol=1e-5)
+
+
+def test_annealing_step_defaults_to_a_third_of_the_cutoff_step():
+    """The paper anneals alpha and T every 50 iterations while omega* steps every 150."""
+    from cryorecon.reconstruct import ReconstructConfig
+
+    assert ReconstructConfig().annealing_step == 50
+    assert ReconstructConfig(omega_every=25).annealing_step == 8
+    assert ReconstructConfig(omega_every=25, is_every=5).annealing_step == 5
+    assert ReconstructConfig(omega_every=25).schedule(apix=5.0).alpha(16) == 2 ** -0.5
+
+
 def test_split_plan_routes_diffuse_images_to_the_exact_path():
     """Images without a history (uniform q) take the exact path, the rest are sampled in
     groups; the combined objective is exact for the former and close for the latter, and its

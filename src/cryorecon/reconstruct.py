@@ -84,12 +84,20 @@ class ReconstructConfig:
     n_spheres: int = 8
     importance: bool = True
     s0: float = 10.0
-    is_every: int = 50
+    is_every: int | None = None
     report_every: float | None = 60.0
+    cache_gib: float = 2.0
+
+    @property
+    def annealing_step(self) -> int:
+        """Iterations per step of the importance annealing (Sec. 3.4.1): ``is_every``, or by
+        default a third of ``omega_every``, the paper's ratio (50 to 150 iterations), so that
+        sampling anneals at the same pace relative to the cut-off schedule."""
+        return self.is_every if self.is_every else max(1, self.omega_every // 3)
 
     def schedule(self, apix: float) -> Schedule:
         return Schedule(omega_start=self.omega_start, omega_step=self.omega_step, omega_every=self.omega_every,
-                        omega_max=self.omega_max, apix=apix, is_every=self.is_every)
+                        omega_max=self.omega_max, apix=apix, is_every=self.annealing_step)
 
 
 @dataclass
@@ -111,11 +119,11 @@ class Level:
 
 
 def make_level(omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
-               oversample: int = 2) -> Level:
+               oversample: int = 2, cache_bytes: int = 2 ** 31) -> Level:
     grid = PoseGrid(D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale)
     hp = HalfPlane(D, cutoff_radius(D, apix, omega), device=device)
     R = grid.rotations(device=device)
-    op = SliceOperator(R, hp.freqs().to(device) * D, D, oversample)
+    op = SliceOperator(R, hp.freqs().to(device) * D, D, oversample, cache_bytes=cache_bytes)
     return Level(omega, hp, grid, R, grid.log_w_R().to(device), grid.shifts.to(device, torch.float32),
                  grid.log_w_t.to(device), op)
 
@@ -262,7 +270,7 @@ class Run:
     def level(self, omega: float) -> Level:
         if omega not in self.levels:
             self.levels = {omega: make_level(omega, self.D, self.apix, self.shift_sigma_px, self.cfg.grid_scale,
-                                             self.device, self.cfg.oversample)}
+                                             self.device, self.cfg.oversample, int(self.cfg.cache_gib * 2 ** 30))}
         return self.levels[omega]
 
     def _make_prior(self, n_train: int, h: float):
@@ -545,7 +553,7 @@ class Run:
         os.replace(tmp, self.out / "run.json")
 
 
-RESUME_OVERRIDES = ("max_iters", "max_time", "device", "report_every")
+RESUME_OVERRIDES = ("max_iters", "max_time", "device", "report_every", "cache_gib")
 
 
 def _resumed_config(saved: dict, requested: ReconstructConfig) -> ReconstructConfig:

@@ -46,7 +46,11 @@ def add_reconstruct_arguments(p) -> None:
                    help="importance-sampling draws per effective sample (default 10)")
     p.add_argument("--is-every", type=int, default=d.is_every,
                    help="iterations per step of the importance annealing: alpha = max(0.05, "
-                        "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default 50, Sec. 3.4.1)")
+                        "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default: a third of "
+                        "--omega-every, the paper's 50 for 150; Sec. 3.4.1)")
+    p.add_argument("--cache-gib", type=float, default=d.cache_gib,
+                   help="memory for the cached interpolation set-up of the pose grid, in GiB (default 2); "
+                        "a grid that needs more is recomputed per chunk: less memory, slower")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="iterations between checkpoints (default 25)")
     p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
@@ -68,6 +72,7 @@ def config_from_args(args) -> ReconstructConfig:
         heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
         importance=not args.exact, s0=args.s0, is_every=args.is_every, report_every=args.report_every,
+        cache_gib=args.cache_gib,
     )
 
 

@@ -197,6 +197,10 @@ class SliceOperator:
     the frequencies in use, which stay fixed while omega* does; caching them removes most of
     the cost of slicing and back-projection in the SAGD loop. Chunked over rotations to bound
     memory (``chunk`` rotations at a time).
+
+    The cache holds 8 corner indices (int32 when the padded grid has fewer than 2^31 voxels,
+    else int64) and 8 float32 weights per (rotation, frequency) pair: 64 bytes a pair. It is
+    kept only when it fits in ``cache_bytes``; otherwise the set-up is recomputed per chunk.
     """
 
     def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int, oversample: int = 2,
@@ -207,11 +211,12 @@ class SliceOperator:
         self.D, self.oversample, self.P = D, oversample, oversample * D
         J, M = rotations.shape[0], freqs_px.shape[0]
         self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
-        self._cache = _cache  # (flat (J, M, 8) int64, w (J, M, 8) float32) or None
-        if self._cache is None and J * M * 8 * 12 <= cache_bytes:
+        self._cache = _cache  # (flat (J, M, 8) int32 or int64, w (J, M, 8) float32) or None
+        index_dtype = torch.int32 if self.P ** 3 < 2 ** 31 else torch.int64
+        if self._cache is None and J * M * 8 * (index_dtype.itemsize + 4) <= cache_bytes:
             parts = [_trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
                      for r in range(0, J, self.chunk)]
-            self._cache = (torch.cat([f for f, _ in parts], 0), torch.cat([w for _, w in parts], 0))
+            self._cache = (torch.cat([f.to(index_dtype) for f, _ in parts], 0), torch.cat([w for _, w in parts], 0))
 
     def subset(self, rows: torch.Tensor) -> "SliceOperator":
         """The operator for ``rotations[rows]``: indexes the cached set-up instead of recomputing it."""
@@ -230,7 +235,7 @@ class SliceOperator:
         out = []
         for r in range(0, self.rotations.shape[0], self.chunk):
             flat, w = self._setup(r)
-            out.append((flat_spec[flat] * w).sum(-1))
+            out.append((flat_spec.index_select(0, flat.reshape(-1)).view(flat.shape) * w).sum(-1))
         return torch.cat(out, 0)
 
     def backproject(self, coeffs: torch.Tensor) -> torch.Tensor:

@@ -85,6 +85,11 @@ def _as_real(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
 
 
+def _real_slices(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, M) complex slices -> ([Re, Im] (U, 2M), |S|^2 (U, M))."""
+    return _as_real(slices), slices.real ** 2 + slices.imag ** 2
+
+
 def marginal_loglik(
     slices: torch.Tensor,
     batch: ImageBatch,
@@ -247,6 +252,8 @@ def sampled_loglik(
     shift_logw: torch.Tensor,
     want_grad: bool = True,
     max_chunk_bytes: int = 2 ** 28,
+    grad_out: torch.Tensor | None = None,
+    real_slices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledResult:
     """Eq. 13: the likelihood as a weighted sum over each image's own set of poses.
 
@@ -256,6 +263,11 @@ def sampled_loglik(
     quadrature weight, the prior and the importance correction ``count / (N q)`` (padding:
     ``-inf``). Same likelihood terms as :func:`marginal_loglik`; the cross terms are batched
     matrix products per image.
+
+    ``grad_out``: an optional real (U, 2M) buffer ([Re, Im] of the slice gradient) to which
+    this call adds its gradient; the result's ``grad_slices`` is then None (groups sharing one
+    union accumulate into one buffer and convert it to complex once). ``real_slices``: the
+    slices' ``([Re, Im] (U, 2M), |S|^2 (U, M))`` when already computed.
     """
     U, M = slices.shape
     B, R = rot_idx.shape
@@ -268,9 +280,10 @@ def sampled_loglik(
     post_rot = torch.zeros(B, R, device=dev)
     post_shift = torch.zeros(B, Lt, device=dev)
     # Everything in real arithmetic on [Re, Im] stacks: one gather of (n, R, 2M) per chunk.
-    S_r = _as_real(slices)  # (U, 2M)
-    S_abs2 = slices.real ** 2 + slices.imag ** 2  # (U, M)
-    grad_r = torch.zeros(U, 2 * M, dtype=S_r.dtype, device=dev) if want_grad else None
+    S_r, S_abs2 = real_slices if real_slices is not None else _real_slices(slices)
+    grad_r = None
+    if want_grad:
+        grad_r = grad_out if grad_out is not None else torch.zeros(U, 2 * M, dtype=S_r.dtype, device=dev)
     freqs = batch.freqs.to(dev)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
@@ -307,7 +320,7 @@ def sampled_loglik(
             wcc = (winv * c * c).repeat(1, 2)  # (n, 2M)
             G.addcmul_(g_rot[:, :, None] * wcc[:, None, :], S)
             grad_r.index_add_(0, ri.reshape(-1), G.reshape(-1, 2 * M))
-    grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad else None
+    grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad and grad_out is None else None
     return SampledResult(loglik, grad, post_rot, post_shift)
 
 
@@ -336,13 +349,12 @@ def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_
     ``shifts``, ``shift_logw``: see :class:`~cryorecon.model.importance.Plan`) whose
     ``rot_idx`` index the shared ``slices``. Groups bound the padding of per-image sets."""
     dev = slices.device
+    U, M = slices.shape
+    grad_r = torch.zeros(U, 2 * M, dtype=slices.real.dtype, device=dev) if want_grad else None
+    real = _real_slices(slices)
     res = [sampled_loglik(slices, batch.rows(g.rows), g.rot_idx.to(dev), g.rot_logw.to(dev),
-                          g.shifts.to(dev, torch.float32), g.shift_logw.to(dev), want_grad) for g in groups]
-    grad = None
-    if want_grad:
-        grad = res[0].grad_slices
-        for r in res[1:]:
-            grad.add_(r.grad_slices)
-        for r in res:
-            r.grad_slices = None
+                          g.shifts.to(dev, torch.float32), g.shift_logw.to(dev), want_grad, grad_out=grad_r,
+                          real_slices=real)
+           for g in groups]
+    grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad else None
     return GroupedResult(torch.cat([r.loglik for r in res]), grad, res)
