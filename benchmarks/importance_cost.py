@@ -31,6 +31,7 @@ minibatches is one. Writes ``results/importance_cost.json`` and a PNG.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -135,17 +136,18 @@ def main() -> int:
               f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction {row['fraction_evaluated']:.3g} "
               f"(computed {row['fraction_computed']:.3g}); rel. error {row['rel_error_sum_loglik']:.2e}; "
               f"gradient cosine {cos:.4f}", flush=True)
-    sampled_only = []
+    sampled_only, saved = [], None
     for omega in args.sampled_only:
         lvl, t_level = timed(run.level, omega)
-        saved = {k: (v.copy() if isinstance(v, np.ndarray) else v.clone()) for k, v in sampler.hist.state_dict().items()}
+        if saved is None:  # the history of the last exact visit, kept for every finer level
+            saved = copy.deepcopy(sampler.hist.state_dict())
         (_, _, _, i_is), t_is = timed(run.batch_objective, idx, lvl)
-        sampler.hist.load_state_dict(saved)  # every level starts from the same (last exact) history
+        sampler.hist.load_state_dict(copy.deepcopy(saved))
         row = level_row(omega, lvl, t_level, t_is, i_is)
         if omega in args.reference_at:
             sub = idx[: args.reference_particles]
             v_sub, _, _, _ = run.batch_objective(sub, lvl, want_grad=False)
-            sampler.hist.load_state_dict(saved)
+            sampler.hist.load_state_dict(copy.deepcopy(saved))
             v_ref, t_ref = timed(exact_neg_loglik, run, sub, lvl)
             row.update({"reference_particles": len(sub), "reference_s": round(t_ref, 1),
                         "rel_error_sum_loglik": abs(v_sub - v_ref) / abs(v_ref)})

@@ -347,3 +347,39 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
     val2, grad2, _ = volume_objective(run.V, parts, run.cfg.oversample, True)
     assert math.isclose(val, val2, rel_tol=1e-6)
     assert torch.allclose(grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
+
+
+def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference_run, tmp_path):
+    """Held-out check of importance sampling (``Run.importance_check``): with a history from an
+    exact visit at the current map the sampled likelihood is within the tolerance and the
+    annealing clock is kept; with the history moved to the antipodal views (particles locked
+    onto wrong poses) the error is large and the clock is halved, and the checked particles'
+    history becomes their exact posterior again."""
+    import dataclasses
+
+    from cryorecon.io.particles import read_particles
+    from cryorecon.reconstruct import ReconstructConfig, Run
+
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    info = json.loads((work / "run.json").read_text())
+    (work / "run.json").write_text(json.dumps({**info, "finished": False}))
+    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=16, is_tolerance=1e-3)
+    lvl = run.level(run.schedule.omega_star(run.tau))
+    hist = run.sampler.hist
+    idx = run.heldout[:16]
+    run.tau = 5000  # late in a run: alpha = 0.05, T = 1.25
+    hist.tau_prev[idx] = -1
+    run.batch_objective(idx, lvl, want_grad=False)  # exact visit at this map: the history
+    rel_good = run.importance_check(lvl)
+    assert rel_good is not None and rel_good < 1e-3
+    assert run.sampler.anneal_from == 0
+
+    stored = hist.d[torch.as_tensor(idx)].clone()
+    hist.d[torch.as_tensor(idx)] = -stored  # every stored view direction flipped
+    rel_bad = run.importance_check(lvl)
+    assert rel_bad is not None and rel_bad > 1e-3 > rel_good
+    assert run.sampler.anneal_from == 2500 and run.sampler.annealing_clock(run.tau) == 2500
+    assert (hist.tau_prev[idx] == run.tau).all()
+    assert not torch.equal(hist.d[torch.as_tensor(idx)], -stored)  # replaced by the exact visit

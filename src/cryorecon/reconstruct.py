@@ -85,6 +85,8 @@ class ReconstructConfig:
     importance: bool = True
     s0: float = 10.0
     is_every: int | None = None
+    is_check: int = 16
+    is_tolerance: float = 1e-3
     report_every: float | None = 60.0
     cache_gib: float = 2.0
 
@@ -383,6 +385,40 @@ class Run:
             return None
         return sum(k * w for k, w in pairs) / sum(w for _, w in pairs)
 
+    def importance_check(self, lvl: Level) -> float | None:
+        """Relative error of the importance-sampled log-likelihood on ``is_check`` held-out
+        particles, against the exact quadrature at the current map; re-anneals on failure.
+
+        Importance sampling only looks near each particle's previous posterior (plus the
+        uniform share alpha, 5% once annealed). While the map still changes a lot between
+        visits, particles can lock onto poses that the current map no longer favours; the
+        sampled estimate then falls short of the exact marginal (measured: 8.9 nats a particle,
+        1.6%, at the end of a 200-iteration run on the `small` set). When
+        ``|sum log p_IS - sum log p| / |sum log p| > is_tolerance`` (default 1e-3, the paper's
+        0.1%), the annealing clock is halved (``anneal_from`` moves to the middle of the
+        elapsed clock), so alpha and T grow again and draws spread out. The checked particles
+        are held out, never trained on; their exact visit becomes their history. Returns the
+        relative error, or None when nothing was sampled.
+        """
+        c = self.cfg
+        if self.sampler is None or c.is_check <= 0:
+            return None
+        idx = self.heldout[: c.is_check]
+        if (self.sampler.hist.tau_prev[idx] < 0).all():
+            return None
+        v_is, _, _, info = self.batch_objective(idx, lvl, want_grad=False)
+        if info["fraction"] >= 1.0:
+            return None
+        self.sampler.hist.tau_prev[idx] = -1
+        v_ex, _, _, _ = self.batch_objective(idx, lvl, want_grad=False)
+        rel = abs(v_is - v_ex) / max(abs(v_ex), 1e-30)
+        if rel > c.is_tolerance:
+            clock = self.sampler.annealing_clock(self.tau)
+            self.sampler.anneal_from += clock - clock // 2
+            log.info(f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> {c.is_tolerance:g}); "
+                     f"annealing clock {clock} -> {self.sampler.annealing_clock(self.tau)}")
+        return rel
+
     def heldout_error(self, lvl: Level) -> float:
         """Mean negative log-likelihood per held-out particle at the current omega*.
 
@@ -440,8 +476,9 @@ class Run:
                 self.sagd.decay_L()
             eps = self.schedule.epsilon(tau)
             self.V = self.sagd.step(self.V, k, grad, prior_grad, eps)
-            heldout = None
+            heldout = is_check = None
             if tau % c.heldout_every == 0:
+                is_check = self.importance_check(lvl)
                 heldout = self.heldout_error(lvl)
                 # Held-out errors are comparable only at one cut-off (more coefficients, larger NLL).
                 if omega != self.best_omega:
@@ -461,7 +498,8 @@ class Run:
                 "poses_evaluated": round(info["fraction"] * len(idx) * lvl.n_poses),
                 "poses_full": int(len(idx)) * lvl.n_poses, "fraction_evaluated": info["fraction"],
                 "fraction_computed": info["computed"],
-                "kl_directions": info["kl_directions"],
+                "kl_directions": info["kl_directions"], "is_check_rel_error": is_check,
+                "annealing_clock": None if self.sampler is None else self.sampler.annealing_clock(tau),
                 "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
             })
             pb.update(1)
@@ -506,6 +544,7 @@ class Run:
             "best_dir": self.best_dir,
             "importance": None if self.sampler is None else self.sampler.hist.state_dict(),
             "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
+            "importance_anneal_from": None if self.sampler is None else self.sampler.anneal_from,
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
@@ -530,6 +569,7 @@ class Run:
         if self.sampler is not None and s.get("importance") is not None:
             self.sampler.hist.load_state_dict(s["importance"])
             self.sampler.gen.set_state(s["importance_gen"])
+            self.sampler.anneal_from = s.get("importance_anneal_from") or 0
         # Drop metric lines written after the checkpoint: they will be recomputed.
         if self.metrics_path.exists():
             lines = [ln for ln in self.metrics_path.read_text().splitlines()

@@ -48,6 +48,12 @@ def add_reconstruct_arguments(p) -> None:
                    help="iterations per step of the importance annealing: alpha = max(0.05, "
                         "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default: a third of "
                         "--omega-every, the paper's 50 for 150; Sec. 3.4.1)")
+    p.add_argument("--is-check", type=int, default=d.is_check,
+                   help="held-out particles on which each held-out evaluation compares the sampled likelihood "
+                        "with the exact one (default 16; 0 turns the check off)")
+    p.add_argument("--is-tolerance", type=float, default=d.is_tolerance,
+                   help="relative error of that check above which the importance annealing steps back "
+                        "(default 1e-3)")
     p.add_argument("--cache-gib", type=float, default=d.cache_gib,
                    help="memory for the cached interpolation set-up of the pose grid, in GiB (default 2); "
                         "a grid that needs more is recomputed per chunk: less memory, slower")
@@ -72,7 +78,7 @@ def config_from_args(args) -> ReconstructConfig:
         heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
         importance=not args.exact, s0=args.s0, is_every=args.is_every, report_every=args.report_every,
-        cache_gib=args.cache_gib,
+        cache_gib=args.cache_gib, is_check=args.is_check, is_tolerance=args.is_tolerance,
     )
 
 

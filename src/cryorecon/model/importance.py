@@ -213,13 +213,24 @@ def kappas(grid) -> tuple[float, float, float]:
 
 
 class ImportanceSampler:
-    """Builds per-particle importance distributions and sample plans; keeps the history."""
+    """Builds per-particle importance distributions and sample plans; keeps the history.
+
+    ``anneal_from``: the iteration from which the annealing clock of alpha and T counts
+    (0 in the paper). The driver moves it forward when a check of the sampled likelihood
+    against the exact one fails (:meth:`cryorecon.reconstruct.Run.importance_check`), which
+    widens the distributions again.
+    """
 
     def __init__(self, n_particles: int, cfg: ISConfig, schedule, seed: int):
         self.cfg = cfg
         self.schedule = schedule
         self.hist = PoseHistory(n_particles, cfg)
         self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.anneal_from = 0
+
+    def annealing_clock(self, tau_prev: int) -> int:
+        """The iteration count that alpha and T see for a previous visit at ``tau_prev``."""
+        return max(int(tau_prev) - self.anneal_from, 0)
 
     def distributions(self, idx: np.ndarray, grid):
         """q^d (B, M_d), q^psi (B, M_psi), q^t (B, M_t) for particles ``idx`` (Eq. 20).
@@ -228,10 +239,10 @@ class ImportanceSampler:
         fixed, so all particles of a batch share it.
         """
         h = self.hist
-        t_prev = int(h.tau_prev[idx].max())
+        t_prev = self.annealing_clock(h.tau_prev[idx].max())
         has = torch.as_tensor(h.tau_prev[idx] >= 0)
-        alpha = self.schedule.alpha(max(t_prev, 0))
-        T = self.schedule.temperature(max(t_prev, 0))
+        alpha = self.schedule.alpha(t_prev)
+        T = self.schedule.temperature(t_prev)
         k_d, k_psi, k_t = kappas(grid)
         i = torch.as_tensor(idx)
         q_d = mixture(_chunked_log_mixture(h.d[i].double(), h.d_logphi[i].double(), grid.directions, "d", k_d, T),
