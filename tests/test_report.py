@@ -61,6 +61,7 @@ def make_fake_run(root: Path, D: int = 64, iterations: int = 3000, finished: boo
                 "heldout_nll": (base + 300 * math.exp(-it / 300) + 5) if it % 10 == 0 else None,
                 "minibatch": 200, "poses_evaluated": int(200 * 5000 * frac), "poses_full": 200 * 5000,
                 "coefficients": coeffs, "epoch": round(it / 24, 3), "kl_directions": 2 * (1 - frac),
+                "is_check_rel_error": 10.0 ** (-2 - it / 500) if it % 10 == 0 else None,
             }
             fh.write(json.dumps(rec) + "\n")
     final = blob_volume(D, seed=0)

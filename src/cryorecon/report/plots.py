@@ -189,6 +189,13 @@ def plot_metrics(metrics) -> bytes | None:
         a_pose.set_yscale("log")
         top = max(1.5, float(np.nanmax(frac[ok])) * 1.5) if ok.any() else 1.5
         bottom = min(0.5, float(np.nanmin(frac[ok])) / 2) if ok.any() else 0.5
+        chk = metrics.get("is_check_rel_error")
+        if chk is not None and (np.isfinite(chk) & (chk > 0)).any():
+            okc = np.isfinite(chk) & (chk > 0)
+            a_pose.plot(it[okc], chk[okc], "x", color="C3", ms=5,
+                        label="held-out check: rel. error of sampled log p")
+            a_pose.axhline(1e-3, color="C3", lw=0.8, ls="--", label="0.1% (paper's bound)")
+            bottom = min(bottom, float(chk[okc].min()) / 2)
         a_pose.set_ylim(bottom, top)
         a_pose.set_ylabel("fraction")
         kl = metrics.get("kl_directions")
@@ -215,7 +222,7 @@ def plot_metrics(metrics) -> bytes | None:
             ax.set_xlim(it[0] - 1, it[0] + 1)
         _time_axis(ax, it, sec)
     # fixed margins: tight_layout would draw the whole figure once more (slow with log axes)
-    fig.subplots_adjust(left=0.075, right=0.93, bottom=0.07, top=0.91, wspace=0.32, hspace=0.5)
+    fig.subplots_adjust(left=0.075, right=0.93, bottom=0.07, top=0.91, wspace=0.45, hspace=0.5)
     return to_png(fig)
 
 
