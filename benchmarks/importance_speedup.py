@@ -64,7 +64,7 @@ def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: i
           flush=True)
     t = timed(cmd)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    final = score(data / "truth.mrc", run / "volume.mrc", seed=seed)
+    final = score(data / "truth.mrc", run / "volume.mrc", seed=seed, band_A=args.resolution)
     rec = {k: v for k, v in t.items() if k != "stdout"}
     rec.update({
         "iterations": len(metrics), "final": final,

@@ -51,7 +51,10 @@ def timed(cmd: list[str]) -> dict:
             "peak_rss_mib": round(field("Maximum resident set size (kbytes)") / 1024, 1), "stdout": proc.stdout}
 
 
-def score(truth_path: Path, map_path: Path, seed: int = 0, align: bool = True) -> dict:
+def score(truth_path: Path, map_path: Path, seed: int = 0, align: bool = True, band_A: float | None = None) -> dict:
+    """FSC of a map against the truth (after alignment, hand included): resolutions at 0.5 and
+    0.143, and with ``band_A`` the mean FSC over the shells up to 1/band_A (a steadier summary
+    when the curve dips below 0.5 and recovers)."""
     from cryorecon.io.mrc import read_map
     from cryorecon.validate import align as align_maps, fsc, resolution_at
 
@@ -64,7 +67,11 @@ def score(truth_path: Path, map_path: Path, seed: int = 0, align: bool = True) -
         v = res.aligned
         info = {"cc": round(float(res.cc), 4), "flipped": bool(res.flipped)}
     f, c = fsc(t, v, apix)
-    return {**info, "fsc05_A": round(resolution_at(f, c, 0.5), 2), "fsc0143_A": round(resolution_at(f, c, 0.143), 2)}
+    out = {**info, "fsc05_A": round(resolution_at(f, c, 0.5), 2), "fsc0143_A": round(resolution_at(f, c, 0.143), 2)}
+    if band_A is not None:
+        keep = (f > 0) & (f <= 1.0 / band_A)
+        out["mean_fsc_to_band"] = round(float(c[keep].mean()), 4)
+    return out
 
 
 def lowpass(path: Path, out: Path, resolution_A: float) -> None:
