@@ -168,7 +168,7 @@ def main() -> int:
         timed(py + ["simulate", "-n", "4000", "--box", "64", "--apix", "5.6", "--snr", "0.05", "--seed", "0",
                     "-o", str(data), "--force"])
     sim = json.loads((data / "simulation.json").read_text()) if (data / "simulation.json").exists() else {}
-    result = {"benchmark": "importance_speedup", "data": str(data), "simulation": sim,
+    result = {"benchmark": "importance_speedup", "command": " ".join(sys.argv), "data": str(data), "simulation": sim,
               "settings": {k: getattr(args, k) for k in ("iters", "resolution", "grid_scale", "omega_every",
                                                           "minibatch", "is_every", "s0")},
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

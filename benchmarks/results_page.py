@@ -66,6 +66,9 @@ def section_foundations(out: Path) -> str:
 
 
 SMALL_CMD = "python benchmarks/small.py --n 4000 --minibatch 100 --grid-scale 3 --omega-every 25 --max-minutes 14"
+PAPER50K_CMD = ("python benchmarks/small.py --n 50000 --box 128 --apix 2.8 --resolution 9 --grid-scale 3 "
+                "--omega-every 25 --minibatch 200 --max-minutes 40 --seeds 1 --work benchmarks/results/paper50k_work "
+                "--out benchmarks/results/paper50k.json")
 PAPER_CMD = ("python benchmarks/small.py --n 50000 --box 128 --apix 2.8 --resolution 9 --seeds 1 --is-every 15 "
              "--work benchmarks/results/paper_work --out benchmarks/results/paper.json")
 
@@ -122,16 +125,31 @@ def section_importance_accuracy(out: Path) -> str:
     return s
 
 
+def step_name(c: dict, st: dict) -> str:
+    """The annealing step of a comparison: 0 (or absent) is the CLI's default, a third of omega_every."""
+    ie = c.get("is_every", st.get("is_every"))
+    return str(ie) if ie else f"{max(1, st['omega_every'] // 3)} (default)"
+
+
 def section_importance_speedup(out: Path) -> str:
     d = load("importance_speedup")
-    cmd = "python benchmarks/importance_speedup.py"
+    cmd = "python benchmarks/importance_speedup.py --seeds 1 --iters 400"
     s = f"## Importance sampling vs exact marginalisation, end to end (issue 4, Fig. 9)\n\nCommand: `{cmd}`\n\n"
     if d is None:
         return s + not_run(cmd)
     st = d["settings"]
     s += (f"Same data as `small`, {st['iters']} iterations each, cut-off capped at {st['resolution']} Å, grid "
           f"×{st['grid_scale']}, minibatch {st['minibatch']}, s0 = {st['s0']}; alpha and T of Eq. 20 step every "
-          "'annealing step' iterations (the paper: 50).\n\n")
+          "'annealing step' iterations (the paper: 50 for a cut-off step of 150; the default keeps that ratio). "
+          "The importance-sampling run checks its likelihood against the exact one on 16 held-out particles at "
+          "every held-out evaluation and steps the annealing back when the error exceeds 0.1% "
+          "(`Run.importance_check`).\n\n"
+          "Before that check existed, the same comparison over 200 iterations gave, for seed 1: exact 19.25 / "
+          "15.00 Å (FSC 0.5 / 0.143); importance sampling with annealing step 5: 29.99 / 19.23 Å, ×1.30 faster; "
+          "step 8: 27.24 / 18.58 Å, ×1.33 faster; step 15: 22.51 / 15.09 Å, ×1.06 faster. At the end of the "
+          "step-8 run, the sampled log-likelihood of held-out particles fell short of the exact one by 8.9 nats a "
+          "particle (1.6%), and the median held-out particle's sampled view direction was 88° from its exact "
+          "posterior mode: particles had locked onto poses that the changing map no longer favoured.\n\n")
     s += "| seed | path | wall s | CPU s | peak RSS MiB | s/iteration at the cap | last fraction evaluated | FSC 0.5 Å | FSC 0.143 Å |\n"
     s += "|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
     cap = f"{st['resolution']:.2f}"
@@ -143,14 +161,14 @@ def section_importance_speedup(out: Path) -> str:
 
     seeds = []
     for c in d["comparisons"]:
-        s += line(c["seed"], f"importance sampling, annealing step {c.get('is_every', st['is_every'])}", c["importance"])
+        s += line(c["seed"], f"importance sampling, annealing step {step_name(c, st)}", c["importance"])
         if c["seed"] not in seeds:
             seeds.append(c["seed"])
     for seed in seeds:
         s += line(seed, "exact", next(c["exact"] for c in d["comparisons"] if c["seed"] == seed))
     s += "\n"
     for c in d["comparisons"]:
-        s += (f"- seed {c['seed']}, annealing step {c.get('is_every', st['is_every'])}: speed-up (exact ÷ IS) "
+        s += (f"- seed {c['seed']}, annealing step {step_name(c, st)}: speed-up (exact ÷ IS) "
               f"×{c['speedup_wall']} wall, ×{c['speedup_cpu']} CPU; resolution IS ÷ exact "
               f"×{c['resolution_ratio_fsc05']} (FSC 0.5), ×{c['resolution_ratio_fsc0143']} (0.143)\n")
     s += "\n"
@@ -275,6 +293,8 @@ def build(out: Path) -> str:
         section_importance_speedup(out),
         section_small(out, "paper", PAPER_CMD, "GroEL-GroES at the paper's box and pixel size (issue 6, Sec. 4.1-4.3, "
                       "Fig. 5-7)"),
+        section_small(out, "paper50k", PAPER50K_CMD, "The paper set: 50,000 particles at box 128, 2.8 Å/px, "
+                      "time-capped (issue 4)"),
     ]
     for name, title, cmd, summarise in SECTIONS_EXTRA:
         parts.append(section_generic(name, title, cmd, out, summarise))

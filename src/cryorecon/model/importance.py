@@ -23,7 +23,11 @@ Choices made here where the paper is silent (documented in the issue note):
 - an image whose own pose set (n_d n_psi n_t) exceeds a fraction of the full quadrature
   (``cryorecon.reconstruct.MAX_SAMPLED_FRACTION``, 0.25) is evaluated by the exact
   shared-GEMM quadrature instead (:meth:`ImportanceSampler.split_plan`); the rest are grouped
-  by set size so that padding per-image sets to a common size wastes little.
+  by set size so that padding per-image sets to a common size wastes little;
+- the annealing clock behind alpha and T can be stepped back (``anneal_from``) by the driver's
+  held-out check of the sampled likelihood against the exact one
+  (:meth:`cryorecon.reconstruct.Run.importance_check`): the paper's clock assumes the map
+  changes slowly between a particle's visits, which short runs violate.
 """
 
 from __future__ import annotations
