@@ -1,4 +1,5 @@
-"""Shared helpers of `robustness.py` (paper Fig. 12) and `priors.py` (paper Fig. 13).
+"""Shared helpers of the benchmarks: mostly those of `robustness.py` (paper Fig. 12) and
+`priors.py` (paper Fig. 13); :func:`resume_copy` serves the importance-sampling ones.
 
 Both benchmarks use the dataset and reconstruction settings of ``cryorecon demo`` (default
 mode): GroEL-GroES (built-in 1AON), 2,000 particles, box 32 at 10 Å/pixel (Nyquist 20 Å),
@@ -199,6 +200,26 @@ def show_slice(ax, img: np.ndarray, title: str = "") -> None:
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=9)
+
+
+def resume_copy(run: Path, work: Path):
+    """A finished run's state, resumed in ``work`` (a fresh scratch folder, replaced if present)
+    so that benchmarks can evaluate minibatches at its map without touching ``run``.
+
+    Copies ``checkpoint.pt`` and ``run.json`` (marked unfinished, so that it may resume) and
+    returns the :class:`cryorecon.reconstruct.Run`, with the HTML report off."""
+    import shutil
+
+    from cryorecon.io.particles import read_particles
+    from cryorecon.reconstruct import ReconstructConfig, Run
+
+    info = json.loads((run / "run.json").read_text())
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copy(run / "checkpoint.pt", work / "checkpoint.pt")
+    (work / "run.json").write_text(json.dumps({**info, "finished": False}))
+    return Run(read_particles(info["particles"]), work, ReconstructConfig(report_every=None), resume=True)
 
 
 def write_json(path: Path, obj) -> None:

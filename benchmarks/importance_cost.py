@@ -45,6 +45,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import resume_copy  # noqa: E402
 
 
 def timed(fn, *args):
@@ -102,18 +104,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_cost.json")
     args = ap.parse_args()
 
-    from cryorecon.io.particles import read_particles
-    from cryorecon.reconstruct import ReconstructConfig, Run
-
-    info = json.loads((args.run / "run.json").read_text())
-    if args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
-    shutil.copy(args.run / "checkpoint.pt", args.work / "checkpoint.pt")
-    (args.work / "run.json").write_text(json.dumps({**info, "finished": False}))
-    particles = read_particles(info["particles"])
-    run = Run(particles, args.work, ReconstructConfig(), resume=True)
-    run.cfg = dataclasses.replace(run.cfg, grid_scale=args.grid_scale, report_every=None)
+    run = resume_copy(args.run, args.work)
+    run.cfg = dataclasses.replace(run.cfg, grid_scale=args.grid_scale)
     run.levels = {}
     run.tau = args.tau
     idx = np.asarray(run.batches[0][: args.batch])

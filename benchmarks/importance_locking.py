@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import resume_copy  # noqa: E402
 
 
 def main() -> int:
@@ -45,17 +46,11 @@ def main() -> int:
     args = ap.parse_args()
 
     from cryorecon.fourier.slicing import spectrum_from_volume
-    from cryorecon.io.particles import read_particles
     from cryorecon.model.batches import load_batch
     from cryorecon.model.likelihood import marginal_loglik
-    from cryorecon.reconstruct import ReconstructConfig, Run
 
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "run"
-        shutil.copytree(args.run, work, ignore=shutil.ignore_patterns("snapshots", "report.html"))
-        info = json.loads((work / "run.json").read_text())
-        (work / "run.json").write_text(json.dumps({**info, "finished": False}))
-        run = Run(read_particles(info["particles"]), work, ReconstructConfig(report_every=None), resume=True)
+        run = resume_copy(args.run, Path(tmp) / "run")
         if run.sampler is None:
             print("this run did not use importance sampling", file=sys.stderr)
             return 2
