@@ -246,6 +246,15 @@ def test_resume_of_missing_folder_is_an_error(dataset, tmp_path):
 
 # ------------------------------------------------------------------------------ demo
 
+@pytest.mark.parametrize("option, value", [("--is-every", "0"), ("--is-check", "-1"), ("--is-tolerance", "0"),
+                                           ("--cache-gib", "-2"), ("--is-tolerance", "abc")])
+def test_importance_options_refuse_bad_values(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["reconstruct", "p.star", "-o", "out", option, value])
+    assert exc.value.code == 2
+    assert option in capsys.readouterr().err
+
+
 def test_demo_arguments():
     p = build_parser()
     a = p.parse_args(["demo"])

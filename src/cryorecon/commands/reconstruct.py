@@ -3,8 +3,23 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..io.particles import read_particles
 from ..reconstruct import ReconstructConfig, reconstruct
+
+
+def _bounded(kind, low: float, strict: bool):
+    """argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` unless ``strict``)."""
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if x < low or (strict and x == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return x
+    return parse
 
 
 def add_reconstruct_arguments(p) -> None:
@@ -44,17 +59,17 @@ def add_reconstruct_arguments(p) -> None:
                    help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
     p.add_argument("--s0", type=float, default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
-    p.add_argument("--is-every", type=int, default=d.is_every,
+    p.add_argument("--is-every", type=_bounded(int, 0, strict=True), default=d.is_every,
                    help="iterations per step of the importance annealing: alpha = max(0.05, "
                         "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default: a third of "
                         "--omega-every, the paper's 50 for 150; Sec. 3.4.1)")
-    p.add_argument("--is-check", type=int, default=d.is_check,
+    p.add_argument("--is-check", type=_bounded(int, 0, strict=False), default=d.is_check,
                    help="held-out particles on which each held-out evaluation compares the sampled likelihood "
                         "with the exact one (default 16; 0 turns the check off)")
-    p.add_argument("--is-tolerance", type=float, default=d.is_tolerance,
+    p.add_argument("--is-tolerance", type=_bounded(float, 0, strict=True), default=d.is_tolerance,
                    help="relative error of that check above which the importance annealing steps back "
                         "(default 1e-3)")
-    p.add_argument("--cache-gib", type=float, default=d.cache_gib,
+    p.add_argument("--cache-gib", type=_bounded(float, 0, strict=False), default=d.cache_gib,
                    help="memory for the cached interpolation set-up of the pose grid, in GiB (default 2); "
                         "a grid that needs more is recomputed per chunk: less memory, slower")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
