@@ -156,6 +156,7 @@ def main() -> int:
                     help="annealing steps of the importance runs, one run per value (0: the CLI's default, "
                          "a third of --omega-every)")
     ap.add_argument("--s0", type=float, default=10.0)
+    ap.add_argument("--tag", default="", help="suffix of the run folders, to keep other settings' runs (e.g. _g2)")
     ap.add_argument("--work", type=Path, default=HERE / "results" / "small_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_speedup.json")
     args = ap.parse_args()
@@ -175,9 +176,9 @@ def main() -> int:
                           "loadavg_start": os.getloadavg()}, "comparisons": []}
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        ex = run_one(py, data, args.work / f"speedup_exact_seed{seed}", seed, args, exact=True)
+        ex = run_one(py, data, args.work / f"speedup_exact{args.tag}_seed{seed}", seed, args, exact=True)
         for ie in args.is_every:
-            imp = run_one(py, data, args.work / f"speedup_is{ie or 'default'}_seed{seed}", seed, args,
+            imp = run_one(py, data, args.work / f"speedup_is{ie or 'default'}{args.tag}_seed{seed}", seed, args,
                           exact=False, is_every=ie)
             result["comparisons"].append({
                 "seed": seed, "is_every": ie, "importance": imp, "exact": ex,

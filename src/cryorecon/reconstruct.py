@@ -300,8 +300,9 @@ class Run:
         self._write_info(finished=False)
 
     # ---- objective ------------------------------------------------------------------
-    def batch_objective(self, idx, lvl: Level, want_grad=True):
-        """Objective of one minibatch at the current map, with importance sampling when on.
+    def batch_objective(self, idx, lvl: Level, want_grad=True, exact=False):
+        """Objective of one minibatch at the current map, with importance sampling when on
+        (``exact``: the full quadrature regardless).
 
         Returns ``(value, grad, f, info)``: the minibatch negative log-likelihood and its
         gradient at ``self.V``, a closure ``f(V)`` = likelihood part + prior / K on the same
@@ -309,7 +310,8 @@ class Run:
         particles is updated from this evaluation's posteriors.
         """
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
-        plan = self.sampler.split_plan(idx, lvl.grid, MAX_SAMPLED_FRACTION) if self.sampler is not None else None
+        plan = self.sampler.split_plan(idx, lvl.grid, MAX_SAMPLED_FRACTION) \
+            if self.sampler is not None and not exact else None
         K, ov, dev = self.K, self.cfg.oversample, self.device
 
         def exact_part(b, want_grad, want_posteriors):
@@ -410,8 +412,7 @@ class Run:
         v_is, _, _, info = self.batch_objective(idx, lvl, want_grad=False)
         if info["fraction"] >= 1.0:
             return None
-        self.sampler.hist.tau_prev[idx] = -1
-        v_ex, _, _, _ = self.batch_objective(idx, lvl, want_grad=False)
+        v_ex, _, _, _ = self.batch_objective(idx, lvl, want_grad=False, exact=True)
         rel = abs(v_is - v_ex) / max(abs(v_ex), 1e-30)
         if rel > c.is_tolerance:
             clock = self.sampler.annealing_clock(self.tau)
