@@ -246,13 +246,25 @@ def test_resume_of_missing_folder_is_an_error(dataset, tmp_path):
 
 # ------------------------------------------------------------------------------ demo
 
-@pytest.mark.parametrize("option, value", [("--is-every", "0"), ("--is-check", "-1"), ("--is-tolerance", "0"),
-                                           ("--cache-gib", "-2"), ("--is-tolerance", "abc")])
-def test_importance_options_refuse_bad_values(option, value, capsys):
+@pytest.mark.parametrize("option, value", [
+    ("--is-every", "0"), ("--is-check", "-1"), ("--is-tolerance", "0"), ("--cache-gib", "-2"),
+    ("--is-tolerance", "abc"), ("--minibatch", "0"), ("--heldout", "0"), ("--heldout-every", "0"),
+    ("--omega-every", "0"), ("--checkpoint-every", "0"), ("--snapshot-every", "0"), ("--s0", "0"),
+    ("--resolution", "-8"), ("--start-resolution", "0"), ("--grid-scale", "0"), ("--max-time", "0"),
+    ("--prior-lambda", "-1"), ("--diameter", "0"), ("--omega-step", "-0.01"), ("--max-iters", "1.5")])
+def test_numeric_options_refuse_bad_values(option, value, capsys):
+    """Out-of-range values stop at the parser with a one-line message naming the option
+    (several would otherwise fail deep in the run, e.g. a modulo by zero)."""
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["reconstruct", "p.star", "-o", "out", option, value])
     assert exc.value.code == 2
     assert option in capsys.readouterr().err
+
+
+def test_numeric_options_accept_edge_values():
+    a = build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--patience", "0", "--omega-step", "0",
+                                   "--report-every", "0", "--minibatch", "1"])
+    assert (a.patience, a.omega_step, a.report_every, a.minibatch) == (0, 0.0, 0.0, 1)
 
 
 def test_demo_arguments():

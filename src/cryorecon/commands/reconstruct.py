@@ -28,36 +28,36 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
     p.add_argument("--prior", choices=["exponential", "uniform", "car"], default=d.prior,
                    help="density prior (default exponential, Sec. 3.3)")
-    p.add_argument("--prior-lambda", type=float, default=None,
+    p.add_argument("--prior-lambda", type=_bounded(float, 0, strict=True), default=None,
                    help="exponential prior rate (default: from --prior-strength)")
-    p.add_argument("--prior-strength", type=float, default=d.prior_strength,
+    p.add_argument("--prior-strength", type=_bounded(float, 0, strict=True), default=d.prior_strength,
                    help="scale of the default exponential rate relative to the data's curvature "
                         "(default 3; larger = sparser maps, too large empties maps of small data sets)")
-    p.add_argument("--car-sigma", type=float, default=None, help="CAR prior sigma (default: std of the start)")
-    p.add_argument("--minibatch", type=int, default=d.minibatch, help="particles per minibatch (default 200)")
+    p.add_argument("--car-sigma", type=_bounded(float, 0, strict=True), default=None, help="CAR prior sigma (default: std of the start)")
+    p.add_argument("--minibatch", type=_bounded(int, 1, strict=False), default=d.minibatch, help="particles per minibatch (default 200)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
-    p.add_argument("--max-iters", type=int, default=d.max_iters, help="iteration limit (default 5000)")
-    p.add_argument("--max-time", type=float, default=None, help="wall-time limit in minutes")
-    p.add_argument("--resolution", type=float, default=None,
+    p.add_argument("--max-iters", type=_bounded(int, 1, strict=False), default=d.max_iters, help="iteration limit (default 5000)")
+    p.add_argument("--max-time", type=_bounded(float, 0, strict=True), default=None, help="wall-time limit in minutes")
+    p.add_argument("--resolution", type=_bounded(float, 0, strict=True), default=None,
                    help="final resolution cut-off in Å (default 1/0.11 = 9.1 Å, capped at Nyquist)")
-    p.add_argument("--start-resolution", type=float, default=1 / d.omega_start,
+    p.add_argument("--start-resolution", type=_bounded(float, 0, strict=True), default=1 / d.omega_start,
                    help="initial cut-off in Å (default 50)")
-    p.add_argument("--omega-step", type=float, default=d.omega_step, help="cut-off increase in 1/Å (default 0.005)")
-    p.add_argument("--omega-every", type=int, default=d.omega_every,
+    p.add_argument("--omega-step", type=_bounded(float, 0, strict=False), default=d.omega_step, help="cut-off increase in 1/Å (default 0.005)")
+    p.add_argument("--omega-every", type=_bounded(int, 1, strict=False), default=d.omega_every,
                    help="iterations between cut-off increases (default 150)")
-    p.add_argument("--diameter", type=float, default=None, help="particle diameter in Å (default 80%% of box)")
-    p.add_argument("--shift-sigma", type=float, default=None,
+    p.add_argument("--diameter", type=_bounded(float, 0, strict=True), default=None, help="particle diameter in Å (default 80%% of box)")
+    p.add_argument("--shift-sigma", type=_bounded(float, 0, strict=True), default=None,
                    help="std of the Gaussian shift prior in Å (default 5%% of the box)")
-    p.add_argument("--grid-scale", type=float, default=d.grid_scale,
+    p.add_argument("--grid-scale", type=_bounded(float, 0, strict=True), default=d.grid_scale,
                    help="coarsen the pose quadrature by this factor (1 = the paper's, Sec. 3.2)")
-    p.add_argument("--heldout", type=int, default=d.heldout, help="held-out particles (default 200)")
-    p.add_argument("--heldout-every", type=int, default=d.heldout_every,
+    p.add_argument("--heldout", type=_bounded(int, 1, strict=False), default=d.heldout, help="held-out particles (default 200)")
+    p.add_argument("--heldout-every", type=_bounded(int, 1, strict=False), default=d.heldout_every,
                    help="iterations between held-out evaluations (default 10)")
-    p.add_argument("--patience", type=int, default=d.patience,
+    p.add_argument("--patience", type=_bounded(int, 0, strict=False), default=d.patience,
                    help="held-out evaluations without improvement at the final cut-off before stopping")
     p.add_argument("--exact", action="store_true",
                    help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
-    p.add_argument("--s0", type=float, default=d.s0,
+    p.add_argument("--s0", type=_bounded(float, 0, strict=True), default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
     p.add_argument("--is-every", type=_bounded(int, 0, strict=True), default=d.is_every,
                    help="iterations per step of the importance annealing: alpha = max(0.05, "
@@ -72,11 +72,11 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--cache-gib", type=_bounded(float, 0, strict=False), default=d.cache_gib,
                    help="memory for the cached interpolation set-up of the pose grid, in GiB (default 2); "
                         "a grid that needs more is recomputed per chunk: less memory, slower")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=_bounded(int, 1, strict=False), default=d.checkpoint_every,
                    help="iterations between checkpoints (default 25)")
-    p.add_argument("--snapshot-every", type=int, default=d.snapshot_every,
+    p.add_argument("--snapshot-every", type=_bounded(int, 1, strict=False), default=d.snapshot_every,
                    help="iterations between map snapshots (default 100)")
-    p.add_argument("--report-every", type=float, default=d.report_every,
+    p.add_argument("--report-every", type=_bounded(float, 0, strict=False), default=d.report_every,
                    help="seconds between refreshes of RUN/report.html (default 60)")
 
 
