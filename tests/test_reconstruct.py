@@ -261,6 +261,17 @@ def test_numeric_options_refuse_bad_values(option, value, capsys):
     assert option in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [
+    ["simulate", "-o", "d", "-n", "0"], ["simulate", "-o", "d", "--apix", "0"], ["simulate", "-o", "d", "--snr", "-1"],
+    ["simulate", "-o", "d", "--box", "4"], ["backproject", "p.star", "-o", "m.mrc", "--batch-size", "0"],
+    ["align", "a.mrc", "b.mrc", "--n-global", "0"], ["fsc", "a.mrc", "b.mrc", "--mask-radius", "0"]])
+def test_other_commands_refuse_bad_numbers(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
 def test_numeric_options_accept_edge_values():
     a = build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--patience", "0", "--omega-step", "0",
                                    "--report-every", "0", "--minibatch", "1"])

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InputError
 from ..io.mrc import check_writable, read_map, write_map
+from ._args import at_least
 from .fsc import check_same_grid
 
 HELP = "align MAP onto REF: rotation, shift and hand (mirror) by normalised cross-correlation"
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", metavar="OUT.mrc", default=None,
                    help="aligned map (default: MAP_aligned.mrc next to MAP); OUT.json gets the transform")
     p.add_argument("--seed", type=int, default=0, help="seed of the global rotation search (default 0)")
-    p.add_argument("--n-global", type=int, default=3000,
+    p.add_argument("--n-global", type=at_least(1), default=3000,
                    help="rotations tried per hand in the global search (default 3000)")
     p.add_argument("--no-flip", action="store_true", help="do not try the mirror image (keep the hand)")
     p.add_argument("--device", default="cpu", help="torch device: cpu or cuda (default cpu)")

@@ -11,6 +11,7 @@ from ..backproject import wiener_backproject
 from ..io.mrc import check_writable, write_map
 from ..io.particles import read_particles
 from ..progress import log
+from ._args import at_least, positive
 
 
 def register(subparsers) -> None:
@@ -21,9 +22,9 @@ def register(subparsers) -> None:
         "the true poses it is the best map the data allow.")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
     p.add_argument("-o", "--out", required=True, metavar="MAP", help="output MRC map")
-    p.add_argument("--diameter", type=float, default=None, help="particle diameter in Å (default: 80%% of the box)")
-    p.add_argument("--batch-size", type=int, default=500, help="particles per batch (default 500)")
-    p.add_argument("--oversample", type=int, default=2, help="Fourier padding factor (default 2)")
+    p.add_argument("--diameter", type=positive(), default=None, help="particle diameter in Å (default: 80%% of the box)")
+    p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")
+    p.add_argument("--oversample", type=at_least(1), default=2, help="Fourier padding factor (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output map")
     p.set_defaults(func=run)

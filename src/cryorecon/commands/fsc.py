@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..io.mrc import check_writable, read_map
+from ._args import positive
 
 HELP = "Fourier shell correlation of two aligned maps; resolution at 0.5 and 0.143"
 
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("map_b", metavar="B.mrc", help="second map (same box and voxel size)")
     p.add_argument("-o", "--output", metavar="PREFIX", default=None,
                    help="write PREFIX.json and PREFIX.png (default: 'fsc' next to B.mrc)")
-    p.add_argument("--mask-radius", type=float, default=None, metavar="Å",
+    p.add_argument("--mask-radius", type=positive(), default=None, metavar="Å",
                    help="apply a soft spherical mask of this radius (Å, about the box centre, "
                         "cosine edge of 3 voxels) to both maps first")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")

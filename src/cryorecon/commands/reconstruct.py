@@ -3,23 +3,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 from ..io.particles import read_particles
 from ..reconstruct import ReconstructConfig, reconstruct
-
-
-def _bounded(kind, low: float, strict: bool):
-    """argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` unless ``strict``)."""
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if x < low or (strict and x == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
-        return x
-    return parse
+from ._args import bounded as _bounded
 
 
 def add_reconstruct_arguments(p) -> None:
