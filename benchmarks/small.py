@@ -52,21 +52,23 @@ def timed(cmd: list[str]) -> dict:
 
 
 def score(truth_path: Path, map_path: Path, seed: int = 0, align: bool = True, band_A: float | None = None) -> dict:
-    """FSC of a map against the truth (after alignment, hand included): resolutions at 0.5 and
-    0.143, and with ``band_A`` the mean FSC over the shells up to 1/band_A (a steadier summary
-    when the curve dips below 0.5 and recovers)."""
+    """FSC of a map against the truth (after alignment, hand included, by
+    :func:`_common.score_vs_truth`): resolutions at 0.5 and 0.143, and with ``band_A`` the mean
+    FSC over the shells up to 1/band_A (a steadier summary when the curve dips below 0.5 and
+    recovers)."""
+    from _common import score_vs_truth
+
     from cryorecon.io.mrc import read_map
-    from cryorecon.validate import align as align_maps, fsc, resolution_at
+    from cryorecon.validate import fsc, resolution_at
 
     truth, apix = read_map(truth_path)
     vol, _ = read_map(map_path)
     t, v = torch.from_numpy(truth), torch.from_numpy(vol)
-    info = {}
     if align:
-        res = align_maps(t, v, apix=apix, seed=seed, n_global=1500, progress=False)
-        v = res.aligned
-        info = {"cc": round(float(res.cc), 4), "flipped": bool(res.flipped)}
-    f, c = fsc(t, v, apix)
+        s = score_vs_truth(t, v, apix, seed=seed, n_global=1500)
+        info, f, c = {"cc": s["cc"], "flipped": s["flipped"]}, torch.from_numpy(s["freq"]), torch.from_numpy(s["curve"])
+    else:
+        info, (f, c) = {}, fsc(t, v, apix)
     out = {**info, "fsc05_A": round(resolution_at(f, c, 0.5), 2), "fsc0143_A": round(resolution_at(f, c, 0.143), 2)}
     if band_A is not None:
         keep = (f > 0) & (f <= 1.0 / band_A)
