@@ -131,12 +131,16 @@ def slice_spectrum(spec: torch.Tensor, rotations: torch.Tensor, freqs_px: torch.
 
 
 def backproject_spectrum(coeffs: torch.Tensor, rotations: torch.Tensor, freqs_px: torch.Tensor,
-                         P: int, oversample: int = 2, out: torch.Tensor | None = None) -> torch.Tensor:
+                         P: int, oversample: int = 2, out: torch.Tensor | None = None,
+                         setup: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Exact adjoint of :func:`slice_spectrum`: scatter (N, M) coefficients into (P, P, P).
 
     Works for real (e.g. CTF^2 weights) or complex coefficients; accumulates into ``out``.
+    ``setup``: the interpolation set-up of these rotations and frequencies from
+    :func:`_trilinear_setup`, when the caller back-projects several arrays at the same poses
+    (it dominates the cost: 10.4 of 13.5 s when ``cryorecon backproject`` built it twice).
     """
-    flat, w = _trilinear_setup(rotations, freqs_px, P, oversample)
+    flat, w = setup if setup is not None else _trilinear_setup(rotations, freqs_px, P, oversample)
     if out is None:
         out = torch.zeros(P * P * P, dtype=coeffs.dtype, device=coeffs.device)
     else:
