@@ -98,6 +98,13 @@ def section_small(out: Path, name: str = "small", cmd: str = SMALL_CMD,
         pts = ", ".join(f"{p['fsc05_A']} Å at {p['seconds']:.0f} s" for p in r["resolution_vs_time"]
                         if p.get("seconds") is not None)
         s += f"- seed {r['seed']}: {pts}\n"
+    o = load(f"{name}_oracle")
+    if o is not None:
+        bp = o["backproject"]
+        s += (f"\nOracle of this very set (`{o['command']}`): {bp['wall_s']:.0f} s wall, {bp['cpu_s']:.0f} s CPU, "
+              f"{bp['peak_rss_mib'] / 1024:.1f} GiB peak; FSC 0.5 / 0.143 = {o['oracle']['fsc05_A']} / "
+              f"{o['oracle']['fsc0143_A']} Å, band-limited at {o['resolution_cap_A']} Å: "
+              f"{o['oracle_capped']['fsc05_A']} Å.\n")
     return s + machine_line(d.get("machine"))
 
 
@@ -321,6 +328,10 @@ def build(out: Path) -> str:
         section_importance_cost(out, "importance_cost_reference",
                                 "Importance sampling on the paper's pose grid: an exact reference at 20 Å (issue 4)"),
         section_importance_speedup(out),
+        section_importance_speedup(out, "importance_speedup_grid2",
+                                   "python benchmarks/importance_speedup.py --seeds 1 --iters 200 --grid-scale 2 "
+                                   "--resolution 25 --tag _g2 --out benchmarks/results/importance_speedup_grid2.json",
+                                   "Importance sampling vs exact on a finer pose grid (×2, cap 25 Å; issue 4)"),
         section_importance_locking(out),
         section_importance_speedup(out, "importance_speedup_before_check",
                                    "python benchmarks/importance_speedup.py --iters 200 --is-every 5 15",
