@@ -385,8 +385,8 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     """Held-out check of importance sampling (``Run.importance_check``): with a history from an
     exact visit at the current map the sampled likelihood is within the tolerance and the
     annealing clock is kept; with the history moved to the antipodal views (particles locked
-    onto wrong poses) the error is large and the clock is halved, and the checked particles'
-    history becomes their exact posterior again."""
+    onto wrong poses) the error is large and the clock is halved. Like training particles,
+    the checked ones keep the history of their sampled visit (the exact score is a peek)."""
     import dataclasses
 
     from cryorecon.io.particles import read_particles
@@ -400,8 +400,9 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=16, is_tolerance=1e-3)
     lvl = run.level(run.schedule.omega_star(run.tau))
     hist = run.sampler.hist
-    idx = run.heldout[:16]
     run.tau = 5000  # late in a run: alpha = 0.05, T = 1.25
+    idx = run.check_particles()
+    assert len(idx) == 16 and set(idx) <= set(run.heldout)
     hist.tau_prev[idx] = -1
     run.batch_objective(idx, lvl, want_grad=False)  # exact visit at this map: the history
     rel_good = run.importance_check(lvl)
@@ -414,4 +415,36 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     assert rel_bad is not None and rel_bad > 1e-3 > rel_good
     assert run.sampler.anneal_from == 2500 and run.sampler.annealing_clock(run.tau) == 2500
     assert (hist.tau_prev[idx] == run.tau).all()
-    assert not torch.equal(hist.d[torch.as_tensor(idx)], -stored)  # replaced by the exact visit
+    assert not torch.equal(hist.d[torch.as_tensor(idx)], -stored)  # the sampled visit's posteriors
+
+
+def test_check_particles_rotate_and_keep_their_histories(dataset, reference_run, tmp_path):
+    """The check's particles rotate through groups of held-out particles so that each is
+    revisited about every K iterations (like training particles); the held-out evaluation
+    scores them but leaves their histories alone, and refreshes the other held-out particles'."""
+    import dataclasses
+
+    from cryorecon.io.particles import read_particles
+    from cryorecon.reconstruct import ReconstructConfig, Run
+
+    work = tmp_path / "run"
+    shutil.copytree(reference_run, work)
+    info = json.loads((work / "run.json").read_text())
+    (work / "run.json").write_text(json.dumps({**info, "finished": False}))
+    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=4, heldout_every=2)
+    G = run.check_groups()
+    assert G == max(1, min(round(run.K / 2), len(run.heldout) // 4)) and G > 1
+    seen = []
+    for t in range(0, 2 * G, 2):
+        run.tau = t
+        seen.append(tuple(run.check_particles()))
+    assert len(set(seen)) == G and sorted(sum(seen, ())) == sorted(run.check_particles(pool=True))
+    pool = run.check_particles(pool=True)
+    rest = np.setdiff1d(run.heldout, pool)
+    hist = run.sampler.hist
+    hist.tau_prev[run.heldout] = 7
+    run.tau = 5000
+    run.heldout_error(run.level(run.schedule.omega_star(run.tau)))
+    assert (hist.tau_prev[pool] == 7).all()
+    assert len(rest) == 0 or (hist.tau_prev[rest] == 5000).all()

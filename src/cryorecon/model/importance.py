@@ -73,6 +73,18 @@ class PoseHistory:
         for k, v in s.items():
             setattr(self, k, v)
 
+    def rows(self, idx) -> dict:
+        """Copies of particles ``idx``'s entries (for :meth:`set_rows`)."""
+        i = np.asarray(idx)
+        return {k: (v[i].copy() if isinstance(v, np.ndarray) else v[torch.as_tensor(i)].clone())
+                for k, v in self.state_dict().items()}
+
+    def set_rows(self, idx, saved: dict) -> None:
+        """Put back entries saved by :meth:`rows` for the same particles ``idx``."""
+        i = np.asarray(idx)
+        for k, v in saved.items():
+            getattr(self, k)[i if isinstance(v, np.ndarray) else torch.as_tensor(i)] = v
+
 
 def kernel_log_mixture(prev_pts: torch.Tensor, prev_logphi: torch.Tensor, grid: torch.Tensor, kind: str,
                        kappa: float, T: float) -> torch.Tensor:
