@@ -86,7 +86,9 @@ def section_small(out: Path, name: str = "small", cmd: str = SMALL_CMD,
     s += (f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']}; cut-off capped at "
           f"{st['resolution']} Å, pose grid ×{st['grid_scale']} coarser, minibatch {st['minibatch']}.\n"
           f"Oracle (true poses) band-limited at the cap: FSC 0.5 = {d['oracle_capped']['fsc05_A']} Å; "
-          f"unlimited: {d['oracle']['fsc05_A']} / {d['oracle']['fsc0143_A']} Å.\n\n")
+          f"unlimited: {d['oracle']['fsc05_A']} / {d['oracle']['fsc0143_A']} Å"
+          + (" (the map the run was given with `--reuse-oracle`; the oracle of this very set is below)"
+             if "--reuse-oracle" in (d.get("command") or "") and load(f"{name}_oracle") else "") + ".\n\n")
     s += "| seed | iterations | stop | wall s | CPU s | peak RSS MiB | FSC 0.5 Å | FSC 0.143 Å | ÷ oracle@cap |\n"
     s += "|---|---:|---|---:|---:|---:|---:|---:|---:|\n"
     for r in d["runs"]:
@@ -328,6 +330,11 @@ def build(out: Path) -> str:
         section_importance_cost(out, "importance_cost_reference",
                                 "Importance sampling on the paper's pose grid: an exact reference at 20 Å (issue 4)"),
         section_importance_speedup(out),
+        section_importance_speedup(out, "importance_speedup_3seeds",
+                                   "python benchmarks/importance_speedup.py --seeds 1 2 3 --iters 200 --tag _v2 "
+                                   "--out benchmarks/results/importance_speedup_3seeds.json",
+                                   "Importance sampling vs exact, three seeds, 200 iterations, check on rotating "
+                                   "particles (issue 4)"),
         section_importance_speedup(out, "importance_speedup_grid2",
                                    "python benchmarks/importance_speedup.py --seeds 1 --iters 200 --grid-scale 2 "
                                    "--resolution 25 --tag _g2 --out benchmarks/results/importance_speedup_grid2.json",
