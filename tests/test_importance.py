@@ -10,6 +10,7 @@ from cryorecon.fourier.transforms import HalfPlane, fft2c
 from cryorecon.geometry.grids import PoseGrid
 from cryorecon.model.importance import ISConfig, ImportanceSampler, draw, kernel_log_mixture, mixture
 from cryorecon.model.likelihood import (ImageBatch, marginal_loglik, sampled_loglik, sampled_loglik_groups,
+                                       sampled_loglik_shared,
                                        volume_objective)
 from cryorecon.optim.schedules import Schedule
 
@@ -161,3 +162,34 @@ def test_split_plan_routes_diffuse_images_to_the_exact_path():
     v2, g2, _ = volume_objective(Vr, [exact_part], 2, True)
     assert math.isclose(value, v1 + v2, rel_tol=1e-6)
     assert torch.allclose(grad, g1 + g2, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))
+
+
+def test_shared_gemm_estimator_equals_per_image_products(monkeypatch):
+    """Eq. 13 by the shared GEMM over the union with per-image weights (``sampled_loglik_shared``)
+    gives the same log p, posteriors in the plan's layout and slice gradient as the per-image
+    products (``sampled_loglik``), including padded entries; ``sampled_loglik_groups`` may
+    route a group either way and sums the same gradient."""
+    B = 6
+    V, grid, hp, batch, op, exact = _toy_problem(B)
+    sampler = ImportanceSampler(B, ISConfig(s0=3), Schedule(apix=8.0), seed=0)
+    idx = np.arange(B)
+    sampler.update_exact(idx, 1000, exact.post_rot, exact.post_shift, grid)
+    plan = sampler.plan(idx, grid)
+    assert plan is not None
+    assert not torch.isfinite(plan.rot_logw).all() or not torch.isfinite(plan.shift_logw).all()  # padding present
+    S = op.subset(plan.rot_ids).slice(VolumeSlicer(V).spectrum)
+    a = sampled_loglik(S, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw)
+    b = sampled_loglik_shared(S, batch, plan.rot_idx, plan.rot_logw, plan.idx_t, plan.shift_logw, grid.shifts.float())
+    assert torch.allclose(a.loglik, b.loglik, rtol=1e-5)  # float32 sums of ~1e4-size terms
+    assert torch.allclose(a.post_rot, b.post_rot, atol=1e-3)
+    assert torch.allclose(a.post_shift, b.post_shift, atol=1e-3)
+    scale = float(a.grad_slices.abs().max())
+    assert torch.allclose(a.grad_slices, b.grad_slices, atol=1e-4 * scale)
+    import cryorecon.model.likelihood as lik
+
+    for cost in (0.0, 1e9):  # route the group to the per-image products, then to the shared GEMM
+        monkeypatch.setattr(lik, "PER_IMAGE_COST", cost)
+        routed = sampled_loglik_groups(S, batch, [plan], grid_shifts_px=grid.shifts.float())
+        assert torch.allclose(routed.loglik, a.loglik, rtol=1e-5)
+        assert torch.allclose(routed.grad_slices, a.grad_slices, atol=1e-4 * scale)
+    assert torch.equal(routed.loglik, b.loglik)  # the last route was the shared GEMM

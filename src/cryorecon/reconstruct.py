@@ -331,14 +331,14 @@ class Run:
                 union_op = lvl.slice_op.subset(rot_ids)
 
                 def nll(V, want_grad=False, want_posteriors=False):
-                    part = (union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad))
+                    part = (union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad, lvl.shifts))
                     return volume_objective(V, [part], ov, want_grad)
             else:
                 # Diffuse images need every slice: slice the whole grid once and hand the
                 # sampled groups their rows of it (no second slicing or back-projection).
                 def both(S, want_grad):
                     ex = marginal_loglik(S, exact_batch, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, want_grad, True)
-                    sm = sampled_loglik_groups(S[rot_ids], batch, plan.groups, want_grad)
+                    sm = sampled_loglik_groups(S[rot_ids], batch, plan.groups, want_grad, lvl.shifts)
                     if want_grad:
                         ex.grad_slices.index_add_(0, rot_ids, sm.grad_slices)
                         sm.grad_slices = None
