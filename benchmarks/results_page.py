@@ -330,11 +330,16 @@ def build(out: Path) -> str:
         section_importance_cost(out, "importance_cost_reference",
                                 "Importance sampling on the paper's pose grid: an exact reference at 20 Å (issue 4)"),
         section_importance_speedup(out),
+        section_importance_speedup(out, "importance_speedup_3seeds_shared",
+                                   "python benchmarks/importance_speedup.py --seeds 1 2 3 --iters 200 --tag _v3 "
+                                   "--out benchmarks/results/importance_speedup_3seeds_shared.json",
+                                   "Importance sampling vs exact, three seeds, 200 iterations: rotating check and "
+                                   "shared-GEMM evaluation of dense sample sets (issue 4)"),
         section_importance_speedup(out, "importance_speedup_3seeds",
                                    "python benchmarks/importance_speedup.py --seeds 1 2 3 --iters 200 --tag _v2 "
                                    "--out benchmarks/results/importance_speedup_3seeds.json",
                                    "Importance sampling vs exact, three seeds, 200 iterations, check on rotating "
-                                   "particles (issue 4)"),
+                                   "particles, before the shared-GEMM route (issue 4)"),
         section_importance_speedup(out, "importance_speedup_grid2",
                                    "python benchmarks/importance_speedup.py --seeds 1 --iters 200 --grid-scale 2 "
                                    "--resolution 25 --tag _g2 --out benchmarks/results/importance_speedup_grid2.json",
