@@ -22,7 +22,8 @@ def register(subparsers) -> None:
         "the true poses it is the best map the data allow.")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
     p.add_argument("-o", "--out", required=True, metavar="MAP", help="output MRC map")
-    p.add_argument("--diameter", type=positive(), default=None, help="particle diameter in Å (default: 80%% of the box)")
+    p.add_argument("--diameter", type=positive(), default=None,
+                   help="particle diameter in Å (default: 80%% of the box)")
     p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")
     p.add_argument("--oversample", type=at_least(1), default=2, help="Fourier padding factor (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..io.particles import read_particles
 from ..reconstruct import ReconstructConfig, reconstruct
-from ._args import bounded as _bounded
+from ._args import at_least, positive
 
 
 def add_reconstruct_arguments(p) -> None:
@@ -14,55 +14,56 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--device", default=d.device, help="cpu or cuda (default cpu)")
     p.add_argument("--prior", choices=["exponential", "uniform", "car"], default=d.prior,
                    help="density prior (default exponential, Sec. 3.3)")
-    p.add_argument("--prior-lambda", type=_bounded(float, 0, strict=True), default=None,
+    p.add_argument("--prior-lambda", type=positive(), default=None,
                    help="exponential prior rate (default: from --prior-strength)")
-    p.add_argument("--prior-strength", type=_bounded(float, 0, strict=True), default=d.prior_strength,
+    p.add_argument("--prior-strength", type=positive(), default=d.prior_strength,
                    help="scale of the default exponential rate relative to the data's curvature "
                         "(default 3; larger = sparser maps, too large empties maps of small data sets)")
-    p.add_argument("--car-sigma", type=_bounded(float, 0, strict=True), default=None, help="CAR prior sigma (default: std of the start)")
-    p.add_argument("--minibatch", type=_bounded(int, 1, strict=False), default=d.minibatch, help="particles per minibatch (default 200)")
+    p.add_argument("--car-sigma", type=positive(), default=None, help="CAR prior sigma (default: std of the start)")
+    p.add_argument("--minibatch", type=at_least(1), default=d.minibatch, help="particles per minibatch (default 200)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
-    p.add_argument("--max-iters", type=_bounded(int, 1, strict=False), default=d.max_iters, help="iteration limit (default 5000)")
-    p.add_argument("--max-time", type=_bounded(float, 0, strict=True), default=None, help="wall-time limit in minutes")
-    p.add_argument("--resolution", type=_bounded(float, 0, strict=True), default=None,
+    p.add_argument("--max-iters", type=at_least(1), default=d.max_iters, help="iteration limit (default 5000)")
+    p.add_argument("--max-time", type=positive(), default=None, help="wall-time limit in minutes")
+    p.add_argument("--resolution", type=positive(), default=None,
                    help="final resolution cut-off in Å (default 1/0.11 = 9.1 Å, capped at Nyquist)")
-    p.add_argument("--start-resolution", type=_bounded(float, 0, strict=True), default=1 / d.omega_start,
+    p.add_argument("--start-resolution", type=positive(), default=1 / d.omega_start,
                    help="initial cut-off in Å (default 50)")
-    p.add_argument("--omega-step", type=_bounded(float, 0, strict=False), default=d.omega_step, help="cut-off increase in 1/Å (default 0.005)")
-    p.add_argument("--omega-every", type=_bounded(int, 1, strict=False), default=d.omega_every,
+    p.add_argument("--omega-step", type=at_least(0, float), default=d.omega_step,
+                   help="cut-off increase in 1/Å (default 0.005)")
+    p.add_argument("--omega-every", type=at_least(1), default=d.omega_every,
                    help="iterations between cut-off increases (default 150)")
-    p.add_argument("--diameter", type=_bounded(float, 0, strict=True), default=None, help="particle diameter in Å (default 80%% of box)")
-    p.add_argument("--shift-sigma", type=_bounded(float, 0, strict=True), default=None,
+    p.add_argument("--diameter", type=positive(), default=None, help="particle diameter in Å (default 80%% of box)")
+    p.add_argument("--shift-sigma", type=positive(), default=None,
                    help="std of the Gaussian shift prior in Å (default 5%% of the box)")
-    p.add_argument("--grid-scale", type=_bounded(float, 0, strict=True), default=d.grid_scale,
+    p.add_argument("--grid-scale", type=positive(), default=d.grid_scale,
                    help="coarsen the pose quadrature by this factor (1 = the paper's, Sec. 3.2)")
-    p.add_argument("--heldout", type=_bounded(int, 1, strict=False), default=d.heldout, help="held-out particles (default 200)")
-    p.add_argument("--heldout-every", type=_bounded(int, 1, strict=False), default=d.heldout_every,
+    p.add_argument("--heldout", type=at_least(1), default=d.heldout, help="held-out particles (default 200)")
+    p.add_argument("--heldout-every", type=at_least(1), default=d.heldout_every,
                    help="iterations between held-out evaluations (default 10)")
-    p.add_argument("--patience", type=_bounded(int, 0, strict=False), default=d.patience,
+    p.add_argument("--patience", type=at_least(0), default=d.patience,
                    help="held-out evaluations without improvement at the final cut-off before stopping")
     p.add_argument("--exact", action="store_true",
                    help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
-    p.add_argument("--s0", type=_bounded(float, 0, strict=True), default=d.s0,
+    p.add_argument("--s0", type=positive(), default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
-    p.add_argument("--is-every", type=_bounded(int, 0, strict=True), default=d.is_every,
+    p.add_argument("--is-every", type=positive(int), default=d.is_every,
                    help="iterations per step of the importance annealing: alpha = max(0.05, "
                         "2^(-0.25 floor(tau/N))), T = max(1.25, 2^(10/floor(tau/N))) (default: a third of "
                         "--omega-every, the paper's 50 for 150; Sec. 3.4.1)")
-    p.add_argument("--is-check", type=_bounded(int, 0, strict=False), default=d.is_check,
+    p.add_argument("--is-check", type=at_least(0), default=d.is_check,
                    help="held-out particles on which each held-out evaluation compares the sampled likelihood "
                         "with the exact one (default 16; 0 turns the check off)")
-    p.add_argument("--is-tolerance", type=_bounded(float, 0, strict=True), default=d.is_tolerance,
+    p.add_argument("--is-tolerance", type=positive(), default=d.is_tolerance,
                    help="relative error of that check above which the importance annealing steps back "
                         "(default 1e-3)")
-    p.add_argument("--cache-gib", type=_bounded(float, 0, strict=False), default=d.cache_gib,
+    p.add_argument("--cache-gib", type=at_least(0, float), default=d.cache_gib,
                    help="memory for the cached interpolation set-up of the pose grid, in GiB (default 2); "
                         "a grid that needs more is recomputed per chunk: less memory, slower")
-    p.add_argument("--checkpoint-every", type=_bounded(int, 1, strict=False), default=d.checkpoint_every,
+    p.add_argument("--checkpoint-every", type=at_least(1), default=d.checkpoint_every,
                    help="iterations between checkpoints (default 25)")
-    p.add_argument("--snapshot-every", type=_bounded(int, 1, strict=False), default=d.snapshot_every,
+    p.add_argument("--snapshot-every", type=at_least(1), default=d.snapshot_every,
                    help="iterations between map snapshots (default 100)")
-    p.add_argument("--report-every", type=_bounded(float, 0, strict=False), default=d.report_every,
+    p.add_argument("--report-every", type=at_least(0, float), default=d.report_every,
                    help="seconds between refreshes of RUN/report.html (default 60)")
 
 
