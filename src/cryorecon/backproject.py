@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .fourier.slicing import (
-    _trilinear_setup, backproject_spectrum, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
+    trilinear_setup, backproject_spectrum, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
 )
 from .fourier.transforms import fft2c, phase_shift
 from .geometry.poses import relion_to_pose
@@ -65,7 +65,7 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         c = particle_ctf(particles, sel, freqs, device)
         inv_var = (1.0 / sigma.double() ** 2).float()[:, None]
         unshifted = y * phase_shift(freqs[None] / D, t).conj()
-        setup = _trilinear_setup(R, freqs, P, oversample)
+        setup = trilinear_setup(R, freqs, P, oversample)
         backproject_spectrum(c * unshifted * inv_var, R, freqs, P, oversample, out=num, setup=setup)
         backproject_spectrum(c * c * inv_var, R, freqs, P, oversample, out=den, setup=setup)
         excess = (y.abs() ** 2 - sigma[:, None] ** 2).double()
