@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from cryorecon.fourier.slicing import SliceOperator, VolumeSlicer, project
+from cryorecon.fourier.slicing import SliceOperator, project, spectrum_from_volume
 from cryorecon.fourier.transforms import HalfPlane, fft2c
 from cryorecon.geometry.grids import PoseGrid
 from cryorecon.model.importance import ISConfig, ImportanceSampler, draw, kernel_log_mixture, mixture
@@ -69,7 +69,7 @@ def _toy_problem(B=6):
     imgs = project(V, R[true_r]) + 0.3 * torch.randn(B, D, D)
     batch = ImageBatch(hp.gather(fft2c(imgs)), torch.ones(B, hp.M), torch.full((B,), 0.09), hp.weight, hp.freqs())
     op = SliceOperator(R, hp.freqs() * D, D)
-    exact = marginal_loglik(op.slice(VolumeSlicer(V).spectrum), batch, grid.shifts.float(), grid.log_w_R(),
+    exact = marginal_loglik(op.slice(spectrum_from_volume(V)), batch, grid.shifts.float(), grid.log_w_R(),
                             grid.log_w_t, want_grad=False, want_posteriors=True)
     return V, grid, hp, batch, op, exact
 
@@ -87,7 +87,7 @@ def test_sampled_likelihood_matches_exact_after_a_visit():
     sampler.update_exact(idx, 1000, exact.post_rot, exact.post_shift, grid)
     plan = sampler.plan(idx, grid)
     assert plan is not None and plan.fraction < 0.05
-    Su = SliceOperator(sampler.rotations(plan, grid), hp.freqs() * D, D).slice(VolumeSlicer(V).spectrum)
+    Su = SliceOperator(sampler.rotations(plan, grid), hp.freqs() * D, D).slice(spectrum_from_volume(V))
     est = sampled_loglik(Su, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw, want_grad=False)
     rel = ((est.loglik - exact.loglik).abs() / exact.loglik.abs())
     # |log p| is ~150 nats for these 24^2 images, so 0.3% is about half a nat: p within ~40%
@@ -102,7 +102,7 @@ def test_slice_operator_subset_equals_fresh_operator():
     R = grid.rotations()
     op = SliceOperator(R, hp.freqs() * 16, 16)
     rows = torch.tensor([5, 0, 17, 17, 3])
-    spec = VolumeSlicer(torch.rand(16, 16, 16)).spectrum
+    spec = spectrum_from_volume(torch.rand(16, 16, 16))
     fresh = SliceOperator(R[rows], hp.freqs() * 16, 16)
     assert torch.allclose(op.subset(rows).slice(spec), fresh.slice(spec))
     c = torch.randn(len(rows), hp.M, dtype=torch.complex64)
@@ -120,7 +120,7 @@ def test_cached_and_uncached_slice_operators_agree():
     assert cached._cache is not None and uncached._cache is None
     assert cached._cache[0].dtype == torch.int32
     assert sum(t.numel() * t.element_size() for t in cached._cache) == len(R) * hp.M * 64
-    spec = VolumeSlicer(torch.rand(16, 16, 16)).spectrum
+    spec = spectrum_from_volume(torch.rand(16, 16, 16))
     assert torch.equal(cached.slice(spec), uncached.slice(spec))
     c = torch.randn(len(R), hp.M, dtype=torch.complex64)
     assert torch.allclose(cached.backproject(c), uncached.backproject(c), atol=1e-5)
@@ -177,7 +177,7 @@ def test_shared_gemm_estimator_equals_per_image_products(monkeypatch):
     plan = sampler.plan(idx, grid)
     assert plan is not None
     assert not torch.isfinite(plan.rot_logw).all() or not torch.isfinite(plan.shift_logw).all()  # padding present
-    S = op.subset(plan.rot_ids).slice(VolumeSlicer(V).spectrum)
+    S = op.subset(plan.rot_ids).slice(spectrum_from_volume(V))
     a = sampled_loglik(S, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw)
     b = sampled_loglik_shared(S, batch, plan.rot_idx, plan.rot_logw, plan.idx_t, plan.shift_logw, grid.shifts.float())
     assert torch.allclose(a.loglik, b.loglik, rtol=1e-5)  # float32 sums of ~1e4-size terms

@@ -4,31 +4,38 @@ import math
 
 import torch
 
-from cryorecon.fourier.slicing import slice_spectrum, spectrum_from_volume
+from cryorecon.fourier.slicing import SliceOperator, spectrum_from_volume
 from cryorecon.fourier.transforms import HalfPlane, phase_shift
 from cryorecon.geometry.rotations import random_rotations
 from cryorecon.model.likelihood import ImageBatch, neg_log_likelihood
 
 
-def _problem(seed=0, D=10, B=5, J=7, L=3):
+def _problem(seed=0, D=10, B=5, J=7, L=3, device="cpu"):
+    """A random problem (drawn on the CPU, so each device gets the same numbers)."""
     g = torch.Generator().manual_seed(seed)
     V = torch.rand(D, D, D, generator=g)
     hp = HalfPlane(D, radius=4.2)
     y = torch.complex(torch.randn(B, hp.M, generator=g), torch.randn(B, hp.M, generator=g)) * 3
     ctf = torch.rand(B, hp.M, generator=g) * 2 - 1
     sigma2 = torch.rand(B, generator=g) * 20 + 30
-    batch = ImageBatch(y=y, ctf=ctf, sigma2=sigma2, weight=hp.weight, freqs=hp.freqs())
     R = random_rotations(J, generator=g).float()
     t = torch.randn(L, 2, generator=g) * 1.5
     lw_r = torch.log_softmax(torch.randn(J, generator=g, dtype=torch.float64), 0)
     lw_t = torch.log_softmax(torch.randn(L, generator=g, dtype=torch.float64), 0)
+    batch = ImageBatch(*(x.to(device) for x in (y, ctf, sigma2, hp.weight, hp.freqs())))
+    V, R, t, lw_r, lw_t = (x.to(device) for x in (V, R, t, lw_r, lw_t))
     return V, batch, R, t, lw_r, lw_t, hp
+
+
+def _slices(V, R, hp):
+    """(J, M) slices of V at rotations R on the half-plane hp."""
+    freqs = hp.freqs().to(V.device) * hp.D
+    return SliceOperator(R, freqs, hp.D).slice(spectrum_from_volume(V))
 
 
 def _direct(V, batch, R, t, lw_r, lw_t, hp):
     """Eq. 4 written out term by term, differentiable by autograd."""
-    spec = spectrum_from_volume(V, 2)
-    S = slice_spectrum(spec, R, hp.freqs() * hp.D, 2)  # (J, M)
+    S = _slices(V, R, hp)  # (J, M)
     s = phase_shift(batch.freqs[None], t)  # (L, M)
     mu = batch.ctf[:, None, None, :] * s[None, None, :, :] * S[None, :, None, :]  # (B, J, L, M)
     r2 = (batch.weight * (batch.y[:, None, None, :] - mu).abs() ** 2).sum(-1)
@@ -36,15 +43,15 @@ def _direct(V, batch, R, t, lw_r, lw_t, hp):
     return -torch.logsumexp(ll.double().reshape(ll.shape[0], -1), -1).sum()
 
 
-def test_value_matches_direct_sum():
-    V, batch, R, t, lw_r, lw_t, hp = _problem()
+def test_value_matches_direct_sum(device):
+    V, batch, R, t, lw_r, lw_t, hp = _problem(device=device)
     f, _, res = neg_log_likelihood(V, batch, R, t, lw_r, lw_t, want_grad=False)
     ref = _direct(V, batch, R, t, lw_r, lw_t, hp)
     assert math.isclose(f, float(ref), rel_tol=1e-5)
 
 
-def test_gradient_matches_autograd():
-    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=1)
+def test_gradient_matches_autograd(device):
+    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=1, device=device)
     _, grad, _ = neg_log_likelihood(V, batch, R, t, lw_r, lw_t, want_grad=True)
     Va = V.clone().requires_grad_(True)
     (ga,) = torch.autograd.grad(_direct(Va, batch, R, t, lw_r, lw_t, hp), Va)
@@ -52,30 +59,31 @@ def test_gradient_matches_autograd():
     assert rel < 1e-4, float(rel)
 
 
-def test_chunking_does_not_change_result():
-    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=2)
-    from cryorecon.fourier.slicing import VolumeSlicer
+def test_chunking_does_not_change_result(device):
     from cryorecon.model.likelihood import marginal_loglik
-    S = VolumeSlicer(V).slice(R, hp.freqs() * hp.D)
+
+    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=2, device=device)
+    S = _slices(V, R, hp)
     a = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=10 ** 9)
     b = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=1)
     assert torch.allclose(a.loglik, b.loglik)
     assert torch.allclose(a.grad_slices, b.grad_slices, rtol=1e-5, atol=1e-6)
 
 
-def test_sampled_estimator_with_all_poses_equals_full_quadrature():
+def test_sampled_estimator_with_all_poses_equals_full_quadrature(device):
     """Eq. 13 with every pose given to every image (weights = quadrature weights) is Eq. 4."""
-    from cryorecon.fourier.slicing import VolumeSlicer
     from cryorecon.model.likelihood import marginal_loglik, sampled_loglik
 
-    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=3)
-    S = VolumeSlicer(V).slice(R, hp.freqs() * hp.D)
+    V, batch, R, t, lw_r, lw_t, hp = _problem(seed=3, device=device)
+    S = _slices(V, R, hp)
     full = marginal_loglik(S, batch, t, lw_r, lw_t)
     B, J, L = batch.B, R.shape[0], t.shape[0]
     # Each image gets the rotations in a different order, padded with one unused slot.
-    perm = torch.stack([torch.randperm(J, generator=torch.Generator().manual_seed(i)) for i in range(B)])
-    rot_idx = torch.cat([perm, torch.zeros(B, 1, dtype=torch.long)], 1)
-    rot_logw = torch.cat([lw_r[perm], torch.full((B, 1), -math.inf, dtype=torch.float64)], 1)
+    perm = torch.stack([torch.randperm(J, generator=torch.Generator().manual_seed(i))
+                        for i in range(B)]).to(device)
+    rot_idx = torch.cat([perm, torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
+    pad = torch.full((B, 1), -math.inf, dtype=torch.float64, device=device)
+    rot_logw = torch.cat([lw_r[perm], pad], 1)
     sampled = sampled_loglik(S, batch, rot_idx, rot_logw, t.expand(B, L, 2), lw_t.expand(B, L), max_chunk_bytes=1)
     assert torch.allclose(sampled.loglik, full.loglik, rtol=1e-6)
     assert torch.allclose(sampled.grad_slices, full.grad_slices, rtol=1e-4, atol=1e-5)

@@ -7,7 +7,7 @@ the 3D spectrum under the forward model of Eq. 1 is, per 3D frequency,
 
 where ``c_i`` is the CTF, ``s_i`` the phase shift of the particle's translation, the sums
 run over all slices through that frequency (spread by the same trilinear kernel as the
-forward model, :func:`~cryorecon.fourier.slicing.backproject_spectrum`), and ``P(|k|)`` is
+forward model, :meth:`~cryorecon.fourier.slicing.SliceOperator.backproject`), and ``P(|k|)`` is
 the signal power per shell, estimated from the data by the method of moments
 (E|I_hat|^2 = c^2 P + sigma^2 for the unitary FFT). This is the best map the data allow
 (the "oracle" of DESIGN.md) and checks every convention end to end.
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .fourier.slicing import (
-    trilinear_setup, backproject_spectrum, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
+    SliceOperator, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
 )
 from .fourier.transforms import fft2c, phase_shift
 from .geometry.poses import relion_to_pose
@@ -50,8 +50,8 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
     freqs, radius = freqs[keep], radius[keep]
     n_shells = D // 2
     shell = radius.long().clamp(max=n_shells - 1)
-    num = torch.zeros(P ** 3, dtype=torch.complex64, device=device)
-    den = torch.zeros(P ** 3, dtype=torch.float32, device=device)
+    num = torch.zeros((P, P, P), dtype=torch.complex64, device=device)
+    den = torch.zeros((P, P, P), dtype=torch.float32, device=device)
     pow_num = torch.zeros(n_shells, dtype=torch.float64, device=device)
     pow_den = torch.zeros(n_shells, dtype=torch.float64, device=device)
     for b in bar(range(0, len(idx), batch_size), desc="back-projecting", unit="batch"):
@@ -65,9 +65,9 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         c = particle_ctf(particles, sel, freqs, device)
         inv_var = (1.0 / sigma.double() ** 2).float()[:, None]
         unshifted = y * phase_shift(freqs[None] / D, t).conj()
-        setup = trilinear_setup(R, freqs, P, oversample)
-        backproject_spectrum(c * unshifted * inv_var, R, freqs, P, oversample, out=num, setup=setup)
-        backproject_spectrum(c * c * inv_var, R, freqs, P, oversample, out=den, setup=setup)
+        op = SliceOperator(R, freqs, D, oversample)  # one interpolation set-up, two scatters
+        op.backproject(c * unshifted * inv_var, out=num)
+        op.backproject(c * c * inv_var, out=den)
         excess = (y.abs() ** 2 - sigma[:, None] ** 2).double()
         pow_num.index_add_(0, shell.expand_as(excess).reshape(-1), (excess * inv_var).reshape(-1))
         pow_den.index_add_(0, shell.expand_as(excess).reshape(-1), (c.double() ** 2 * inv_var).reshape(-1))
@@ -75,6 +75,6 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
     r3 = spectrum_frequency_radius(P, oversample, device=device)
     inside = r3 < D / 2
     reg = 1.0 / power[r3.long().clamp(max=n_shells - 1)]
-    spec = torch.where(inside, num.reshape(P, P, P) / (den.reshape(P, P, P) + reg),
+    spec = torch.where(inside, num / (den + reg),
                        torch.zeros((), dtype=num.dtype, device=device))
     return volume_from_spectrum(spec, D)

@@ -32,7 +32,7 @@ import torch
 
 from . import __version__
 from .errors import InputError, OutputExistsError
-from .fourier.slicing import SliceOperator, VolumeSlicer
+from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
 from .io.mrc import write_map
@@ -172,7 +172,8 @@ def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: fl
     D = V.shape[-1]
     batch = load_batch(particles, idx, level.halfplane, diameter_px, device)
     R = random_rotations(len(idx), generator=generator).to(device, torch.float32)
-    S = VolumeSlicer(V.to(device), oversample).slice(R, level.halfplane.freqs().to(device) * D)
+    op = SliceOperator(R, level.halfplane.freqs().to(device) * D, D, oversample)
+    S = op.slice(spectrum_from_volume(V.to(device), oversample))
     w = batch.weight
     signal = float((w * (batch.y.abs() ** 2 - batch.sigma2[:, None])).sum())
     model = float((w * batch.ctf ** 2 * S.abs() ** 2).sum())

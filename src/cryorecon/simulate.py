@@ -60,6 +60,7 @@ import torch
 
 from .errors import InputError, OutputExistsError
 from .fourier.ctf import ctf_from_dict
+from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import fft3c, ifft3c, phase_shift
 from .geometry.poses import pose_to_relion
 from .geometry.rotations import euler_to_matrix, random_rotations
@@ -346,8 +347,6 @@ class ParticleSimulator:
 
     def __init__(self, volume: torch.Tensor, params: ParticleParams, snr: float | None, seed: int,
                  device="cpu", oversample: int = 2):
-        from .fourier.slicing import VolumeSlicer
-
         self.device = torch.device(device)
         vol = torch.as_tensor(volume, dtype=torch.float32)
         if vol.ndim != 3 or len(set(vol.shape)) != 1:
@@ -355,7 +354,8 @@ class ParticleSimulator:
         self.D = int(vol.shape[-1])
         self.params = params
         self.seed = int(seed)
-        self.slicer = VolumeSlicer(vol.to(self.device), oversample)
+        self.oversample = oversample
+        self.spectrum = spectrum_from_volume(vol.to(self.device), oversample)
         # Half-spectrum layout of torch.fft.rfft2 (uncentred, (D, D//2+1)): only the
         # coefficients inside the Nyquist disc |k| < D/2 are computed (Eq. 2's set; the truth
         # from a model is band-limited to the Nyquist sphere anyway); the rest stay zero.
@@ -382,7 +382,8 @@ class ParticleSimulator:
             e = min(stop, s + self.chunk)
             R = self.params.rotations[s:e].to(self.device, torch.float32)
             t = self.params.shifts_px[s:e].to(self.device, torch.float32)
-            coeffs = self.slicer.slice(R, self.freqs_px)
+            op = SliceOperator(R, self.freqs_px, self.D, self.oversample, cache_bytes=0)
+            coeffs = op.slice(self.spectrum)
             ctf = ctf_from_dict(self.params.ctf, slice(s, e), self.freqs_A)
             coeffs = coeffs * (ctf * phase_shift(self.freqs_px / self.D, t))
             half = torch.zeros(e - s, self.D * (self.D // 2 + 1), dtype=coeffs.dtype,

@@ -7,15 +7,16 @@ from the centre), and zero-padded to ``P = oversample * D`` so that the interpol
 is small. The slice of a rotation ``A`` (RELION convention: rows ``n1, n2, d``) at the 2D
 frequency index ``(kx, ky)`` is read at the 3D index ``oversample * (kx n1 + ky n2)``.
 
-Scaling: slices are scaled by ``P^(3/2) / D`` so that ``slice`` returns exactly the centred
+Scaling: slices are scaled by ``P^(3/2) / D`` so that slicing returns exactly the centred
 unitary 2D DFT (:func:`~cryorecon.fourier.transforms.fft2c`) of the real-space line-integral
 projection (sum of voxels along ``d``) of the D-box volume. Frequencies outside the padded
 grid (beyond ``P/2 - 1`` along any axis) read as zero.
 
-Adjoint: :meth:`VolumeSlicer.slice` is a linear map from the volume to (N, M) coefficients;
-:func:`backproject_spectrum` is the exact adjoint of the interpolation step (scatter-add with
-the same trilinear weights) and :func:`spectrum_adjoint_to_volume` the adjoint of the
-premultiply-pad-FFT step, so ``<slice(V), u> == <V, adjoint(u)>`` (tested).
+One operator: :class:`SliceOperator` slices a padded spectrum at fixed rotations and
+frequencies and back-projects (its exact adjoint, scatter-add with the same trilinear
+weights); :func:`spectrum_from_volume` is the premultiply-pad-FFT step and
+:func:`spectrum_adjoint_to_volume` its adjoint, so ``<slice(V), u> == <V, adjoint(u)>``
+(tested). :func:`project` builds real-space projections from it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def spectrum_from_volume(volume: torch.Tensor, oversample: int = 2) -> torch.Ten
     Args:
         volume: real (D, D, D) tensor ``[z, y, x]``, centre at ``D//2``.
     Returns:
-        complex (P, P, P) spectrum ready for :func:`slice_spectrum`.
+        complex (P, P, P) spectrum ready for :meth:`SliceOperator.slice`.
     """
     D = volume.shape[-1]
     P = oversample * D
@@ -87,8 +88,8 @@ def spectrum_frequency_radius(P: int, oversample: int, device=None) -> torch.Ten
     return torch.sqrt(kx * kx + ky * ky + kz * kz)
 
 
-def trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, oversample: int):
-    """Flat corner indices (N, M, 8) int64 into the uncentred (P,P,P) grid and weights (N, M, 8).
+def _trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, oversample: int):
+    """Flat corner indices (N, M, 8) int64 into the uncentred (P,P,P) grid, weights (N, M, 8).
 
     Corners are ordered z-major (index ``4 dz + 2 dy + dx``); a corner outside the padded
     grid gets weight 0. Built per axis and combined by outer products.
@@ -112,55 +113,83 @@ def trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, ove
     return flat.reshape(N, M, 8), w.reshape(N, M, 8)
 
 
-def slice_spectrum(spec: torch.Tensor, rotations: torch.Tensor, freqs_px: torch.Tensor,
-                   oversample: int = 2) -> torch.Tensor:
-    """Sample central slices of a padded spectrum.
+class SliceOperator:
+    """Central slices at fixed rotations and frequencies (Eq. 1, 27), and their exact adjoint.
 
-    Args:
-        spec: (P, P, P) complex from :func:`spectrum_from_volume`.
-        rotations: (N, 3, 3) RELION rotation matrices.
-        freqs_px: (M, 2) 2D frequency indices ``(kx, ky)`` relative to the centre (Fourier
-            pixels of the D box; may be fractional).
-    Returns:
-        (N, M) complex coefficients: the centred unitary 2D DFT of the projections.
+    :meth:`slice` maps a padded spectrum (:func:`spectrum_from_volume`) to the (J, M)
+    coefficients of rotations ``J`` at 2D frequency indices ``freqs_px`` (M, 2) ``(kx, ky)``
+    (Fourier pixels of the D box, may be fractional), trilinear interpolation on the padded
+    grid; :meth:`backproject` is its adjoint (scatter-add with the same weights), so
+    ``<slice(S), u> == <S, backproject(u)>``. Any volume is sliced at any rotations by
+    ``SliceOperator(R, freqs_px, D, oversample).slice(spectrum_from_volume(V, oversample))``.
+
+    The corner indices and weights depend only on the poses and frequencies, so they are
+    computed once and kept when they fit in ``cache_bytes`` (8 indices, int32 when the padded
+    grid has fewer than 2^31 voxels else int64, and 8 float32 weights per (rotation,
+    frequency) pair: 64 bytes a pair); otherwise they are recomputed per chunk of rotations.
+    Work is chunked over rotations (``chunk`` at a time) to bound the temporaries.
     """
-    P = spec.shape[-1]
-    flat, w = trilinear_setup(rotations, freqs_px, P, oversample)
-    vals = spec.reshape(-1)[flat]
-    return (vals * w).sum(-1)
 
+    def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int,
+                 oversample: int = 2, cache_bytes: int = 2 ** 31, _cache=None):
+        self.rotations = rotations
+        self.freqs_px = freqs_px
+        self.cache_bytes = cache_bytes
+        self.D, self.oversample, self.P = D, oversample, oversample * D
+        J, M = rotations.shape[0], freqs_px.shape[0]
+        self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
+        self._cache = _cache  # (flat (J, M, 8) int32 or int64, w (J, M, 8) float32) or None
+        index_dtype = torch.int32 if self.P ** 3 < 2 ** 31 else torch.int64
+        if self._cache is None and J * M * 8 * (index_dtype.itemsize + 4) <= cache_bytes:
+            parts = [self._compute(r) for r in range(0, J, self.chunk)]
+            if len(parts) == 1:
+                self._cache = (parts[0][0].to(index_dtype), parts[0][1])
+            else:
+                self._cache = (torch.cat([f.to(index_dtype) for f, _ in parts], 0),
+                               torch.cat([w for _, w in parts], 0))
 
-def backproject_spectrum(coeffs: torch.Tensor, rotations: torch.Tensor, freqs_px: torch.Tensor,
-                         P: int, oversample: int = 2, out: torch.Tensor | None = None,
-                         setup: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Exact adjoint of :func:`slice_spectrum`: scatter (N, M) coefficients into (P, P, P).
+    def subset(self, rows: torch.Tensor) -> "SliceOperator":
+        """The operator for ``rotations[rows]``, indexing the cached set-up."""
+        rows = rows.to(self.rotations.device)
+        cache = None if self._cache is None else (self._cache[0][rows], self._cache[1][rows])
+        return SliceOperator(self.rotations[rows], self.freqs_px, self.D, self.oversample,
+                             self.cache_bytes, cache)
 
-    Works for real (e.g. CTF^2 weights) or complex coefficients; accumulates into ``out``.
-    ``setup``: the interpolation set-up of these rotations and frequencies from
-    :func:`trilinear_setup`, when the caller back-projects several arrays at the same poses
-    (it dominates the cost: 10.4 of 13.5 s when ``cryorecon backproject`` built it twice).
-    """
-    flat, w = setup if setup is not None else trilinear_setup(rotations, freqs_px, P, oversample)
-    if out is None:
-        out = torch.zeros(P * P * P, dtype=coeffs.dtype, device=coeffs.device)
-    else:
-        out = out.reshape(-1)
-    out.index_add_(0, flat.reshape(-1), (coeffs[..., None] * w.to(coeffs.real.dtype)).reshape(-1))
-    return out.reshape(P, P, P)
+    def _compute(self, r: int):
+        rot = self.rotations[r:r + self.chunk]
+        return _trilinear_setup(rot, self.freqs_px, self.P, self.oversample)
 
+    def _setup(self, r: int):
+        if self._cache is not None:
+            return self._cache[0][r:r + self.chunk], self._cache[1][r:r + self.chunk]
+        return self._compute(r)
 
-class VolumeSlicer:
-    """A volume's padded, premultiplied spectrum, ready to be sliced at many poses."""
+    def slice(self, spec: torch.Tensor) -> torch.Tensor:
+        """(J, M) coefficients of the padded spectrum ``spec`` (P, P, P): the centred unitary
+        2D DFT of the projections of the volume behind it (module notes)."""
+        flat_spec = spec.reshape(-1)
+        out = []
+        for r in range(0, self.rotations.shape[0], self.chunk):
+            flat, w = self._setup(r)
+            vals = flat_spec.index_select(0, flat.reshape(-1)).view(flat.shape)
+            out.append((vals * w).sum(-1))
+        return torch.cat(out, 0)
 
-    def __init__(self, volume: torch.Tensor, oversample: int = 2):
-        self.D = volume.shape[-1]
-        self.oversample = oversample
-        self.P = oversample * self.D
-        self.spectrum = spectrum_from_volume(volume, oversample)
+    def backproject(self, coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Adjoint of :meth:`slice`: (J, M) real or complex coefficients -> (P, P, P).
 
-    def slice(self, rotations: torch.Tensor, freqs_px: torch.Tensor) -> torch.Tensor:
-        """(N, M) slice coefficients; see :func:`slice_spectrum`."""
-        return slice_spectrum(self.spectrum, rotations, freqs_px, self.oversample)
+        Accumulates into ``out`` (contiguous (P, P, P) of ``coeffs``'s dtype) when given, and
+        returns it.
+        """
+        if out is None:
+            out = torch.zeros(self.P ** 3, dtype=coeffs.dtype, device=coeffs.device)
+        flat_out = out.view(-1)
+        for r in range(0, self.rotations.shape[0], self.chunk):
+            flat, w = self._setup(r)
+            c = coeffs[r:r + self.chunk]
+            vals = (c[..., None] * w.to(c.real.dtype)).reshape(-1)
+            flat_out.index_add_(0, flat.reshape(-1), vals)
+        return flat_out.view(self.P, self.P, self.P)
 
 
 def full_freqs_px(D: int, device=None) -> torch.Tensor:
@@ -171,7 +200,7 @@ def full_freqs_px(D: int, device=None) -> torch.Tensor:
 
 
 def project(volume: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor | None = None,
-            oversample: int = 2, slicer: VolumeSlicer | None = None,
+            oversample: int = 2, spectrum: torch.Tensor | None = None,
             batch_size: int = 256) -> torch.Tensor:
     """Real-space projections (line integrals) of ``volume`` at ``rotations``, shifted.
 
@@ -179,74 +208,18 @@ def project(volume: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tens
     the projected particle by ``+t``, so the particle centre sits at ``D//2 + t``. RELION's
     origin offsets have the opposite sign: ``t = -rlnOriginX/Y`` (pinned against
     ``relion_project`` output in tests/test_slicing.py). Frequencies beyond the padded grid
-    are dropped (as RELION's projector, which stops at D/2). Returns (N, D, D) float32.
+    are dropped (as RELION's projector, which stops at D/2). ``spectrum``: the volume's
+    padded spectrum, if already computed. Returns (N, D, D) float32.
     """
     D = volume.shape[-1]
-    if slicer is None:
-        slicer = VolumeSlicer(volume, oversample)
+    if spectrum is None:
+        spectrum = spectrum_from_volume(volume, oversample)
     freqs = full_freqs_px(D, device=volume.device)
     out = []
     for s in range(0, rotations.shape[0], batch_size):
-        coeffs = slicer.slice(rotations[s:s + batch_size], freqs)
+        R = rotations[s:s + batch_size]
+        coeffs = SliceOperator(R, freqs, D, oversample, cache_bytes=0).slice(spectrum)
         if shifts_px is not None:
             coeffs = coeffs * phase_shift(freqs / D, shifts_px[s:s + batch_size].to(freqs))
         out.append(ifft2c(coeffs.reshape(-1, D, D)).real)
     return torch.cat(out, 0)
-
-
-class SliceOperator:
-    """Slicing at fixed rotations and frequencies, with the trilinear set-up computed once.
-
-    The corner indices and weights of :func:`trilinear_setup` depend only on the poses and
-    the frequencies in use, which stay fixed while omega* does; caching them removes most of
-    the cost of slicing and back-projection in the SAGD loop. Chunked over rotations to bound
-    memory (``chunk`` rotations at a time).
-
-    The cache holds 8 corner indices (int32 when the padded grid has fewer than 2^31 voxels,
-    else int64) and 8 float32 weights per (rotation, frequency) pair: 64 bytes a pair. It is
-    kept only when it fits in ``cache_bytes``; otherwise the set-up is recomputed per chunk.
-    """
-
-    def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int, oversample: int = 2,
-                 cache_bytes: int = 2 ** 31, _cache=None):
-        self.rotations = rotations
-        self.freqs_px = freqs_px
-        self.cache_bytes = cache_bytes
-        self.D, self.oversample, self.P = D, oversample, oversample * D
-        J, M = rotations.shape[0], freqs_px.shape[0]
-        self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
-        self._cache = _cache  # (flat (J, M, 8) int32 or int64, w (J, M, 8) float32) or None
-        index_dtype = torch.int32 if self.P ** 3 < 2 ** 31 else torch.int64
-        if self._cache is None and J * M * 8 * (index_dtype.itemsize + 4) <= cache_bytes:
-            parts = [trilinear_setup(rotations[r:r + self.chunk], freqs_px, self.P, oversample)
-                     for r in range(0, J, self.chunk)]
-            self._cache = (torch.cat([f.to(index_dtype) for f, _ in parts], 0), torch.cat([w for _, w in parts], 0))
-
-    def subset(self, rows: torch.Tensor) -> "SliceOperator":
-        """The operator for ``rotations[rows]``: indexes the cached set-up instead of recomputing it."""
-        rows = rows.to(self.rotations.device)
-        cache = None if self._cache is None else (self._cache[0][rows], self._cache[1][rows])
-        return SliceOperator(self.rotations[rows], self.freqs_px, self.D, self.oversample, self.cache_bytes, cache)
-
-    def _setup(self, r: int):
-        if self._cache is not None:
-            return self._cache[0][r:r + self.chunk], self._cache[1][r:r + self.chunk]
-        return trilinear_setup(self.rotations[r:r + self.chunk], self.freqs_px, self.P, self.oversample)
-
-    def slice(self, spec: torch.Tensor) -> torch.Tensor:
-        """(J, M) slices of a padded spectrum from :func:`spectrum_from_volume`."""
-        flat_spec = spec.reshape(-1)
-        out = []
-        for r in range(0, self.rotations.shape[0], self.chunk):
-            flat, w = self._setup(r)
-            out.append((flat_spec.index_select(0, flat.reshape(-1)).view(flat.shape) * w).sum(-1))
-        return torch.cat(out, 0)
-
-    def backproject(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """Adjoint of :meth:`slice`: (J, M) -> (P, P, P)."""
-        out = torch.zeros(self.P ** 3, dtype=coeffs.dtype, device=coeffs.device)
-        for r in range(0, self.rotations.shape[0], self.chunk):
-            flat, w = self._setup(r)
-            c = coeffs[r:r + self.chunk]
-            out.index_add_(0, flat.reshape(-1), (c[..., None] * w.to(c.real.dtype)).reshape(-1))
-        return out.reshape(self.P, self.P, self.P)
