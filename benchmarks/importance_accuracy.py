@@ -115,7 +115,7 @@ def main(argv=None) -> int:
 
     from cryorecon.fourier.slicing import SliceOperator, spectrum_from_volume
     from cryorecon.io.particles import read_particles
-    from cryorecon.model.batches import load_batch
+    from cryorecon.preprocess import load_batch
     from cryorecon.model.importance import ImportanceSampler, ISConfig, PoseHistory
     from cryorecon.model.likelihood import marginal_loglik, sampled_loglik, sampled_loglik_groups
     from cryorecon.reconstruct import MAX_SAMPLED_FRACTION

@@ -61,7 +61,7 @@ def exact_neg_loglik(run, idx, lvl, chunk: int = 20000) -> float:
     (log-sum-exp across chunks), so that grids too large for the engine's one-shot exact path
     still get a reference value. No gradient."""
     from cryorecon.fourier.slicing import spectrum_from_volume
-    from cryorecon.model.batches import load_batch
+    from cryorecon.preprocess import load_batch
     from cryorecon.model.likelihood import marginal_loglik
 
     batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px, run.device)

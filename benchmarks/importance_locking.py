@@ -46,7 +46,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from cryorecon.fourier.slicing import spectrum_from_volume
-    from cryorecon.model.batches import load_batch
+    from cryorecon.preprocess import load_batch
     from cryorecon.model.likelihood import marginal_loglik
 
     with tempfile.TemporaryDirectory() as tmp:

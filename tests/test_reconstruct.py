@@ -348,7 +348,7 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
 
     from cryorecon.io.particles import read_particles
     from cryorecon.model.likelihood import marginal_loglik, sampled_loglik_groups, volume_objective
-    from cryorecon.model.batches import load_batch
+    from cryorecon.preprocess import load_batch
     from cryorecon.reconstruct import MAX_SAMPLED_FRACTION, ReconstructConfig, Run
 
     work = tmp_path / "run"

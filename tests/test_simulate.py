@@ -12,21 +12,12 @@ from cryorecon.fourier.ctf import ctf_from_dict
 from cryorecon.fourier.transforms import fft2c, freq_grid_2d, ifft2c
 from cryorecon.simulate import (
     ParticleSimulator, density_from_model, draw_parameters, load_volume, model_centre,
-    overlay_origin, run_simulation, simulate_particles,
+    overlay_origin, run_simulation,
 )
+from cryorecon.fourier.slicing import project
+from cryorecon.io.particles import read_particles
 
 D, APIX = 32, 11.0
-
-try:
-    from cryorecon.fourier.slicing import project
-except ImportError:  # pragma: no cover - lands with the slicing module
-    project = None
-try:
-    from cryorecon.io.particles import read_particles
-except ImportError:  # pragma: no cover
-    read_particles = None
-needs_slicing = pytest.mark.skipif(project is None, reason="cryorecon.fourier.slicing not available yet")
-needs_io = pytest.mark.skipif(read_particles is None, reason="cryorecon.io.particles not available yet")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +87,6 @@ def test_load_volume_resamples(tmp_path):
     assert torch.allclose(same, blob)
 
 
-@needs_slicing
 def test_noise_free_equals_ctf_times_projection(groel):
     params = draw_parameters(12, APIX, seed=5)
     sim = ParticleSimulator(groel, params, snr=None, seed=5)
@@ -110,15 +100,14 @@ def test_noise_free_equals_ctf_times_projection(groel):
     assert np.linalg.norm(clean - ref.numpy()) < 1e-2 * np.linalg.norm(ref.numpy())
 
 
-@needs_slicing
 def test_given_angles_are_used(groel):
     angles = np.array([[10.0, 20.0, 30.0], [-100.0, 135.0, 60.0]])
-    b = next(simulate_particles(groel, 2, APIX, None, seed=1, angles=angles, shift_range_px=0))
+    params = draw_parameters(2, APIX, seed=1, angles=angles, shift_range_px=0)
+    b = next(ParticleSimulator(groel, params, snr=None, seed=1).batches())
     assert b.angles == pytest.approx(angles, abs=1e-6)
     assert b.shifts_A == pytest.approx(np.zeros((2, 2)))
 
 
-@needs_slicing
 def test_measured_snr(groel):
     sim = ParticleSimulator(groel, draw_parameters(600, APIX, seed=2), snr=0.05, seed=2)
     clean = sim.clean(0, 600).numpy()
@@ -128,10 +117,11 @@ def test_measured_snr(groel):
     assert sim.noise_sigma ** 2 == pytest.approx(sim.signal_var / 0.05)
 
 
-@needs_slicing
 def test_deterministic_and_batch_independent(groel):
-    run = lambda seed, bs: np.concatenate(  # noqa: E731
-        [b.images for b in simulate_particles(groel, 300, APIX, 0.1, seed=seed, batch_size=bs)])
+    def run(seed, bs):
+        sim = ParticleSimulator(groel, draw_parameters(300, APIX, seed), snr=0.1, seed=seed)
+        return np.concatenate([b.images for b in sim.batches(bs)])
+
     a, b, c = run(3, 64), run(3, 300), run(4, 64)
     assert np.array_equal(a, b)
     assert not np.allclose(a, c)
@@ -140,8 +130,6 @@ def test_deterministic_and_batch_independent(groel):
     assert torch.equal(m1.rotations, m2.rotations[:300])  # prefix-stable metadata
 
 
-@needs_slicing
-@needs_io
 def test_run_simulation_files_and_roundtrip(groel, tmp_path):
     out = tmp_path / "sim"
     summary = run_simulation(out, volume=groel, n=40, D=D, apix=APIX, snr=1.0, seed=7,
@@ -174,8 +162,6 @@ def test_run_simulation_files_and_roundtrip(groel, tmp_path):
     assert len(read_particles(out / "particles.star")) == 5
 
 
-@needs_slicing
-@needs_io
 def test_cli(tmp_path, monkeypatch):
     from cryorecon.commands import simulate as cmd
 

@@ -5,7 +5,7 @@ import math
 import torch
 
 from cryorecon.fourier.transforms import (
-    HalfPlane, fft2c, fft3c, ifft2c, ifft3c, radius_index_2d,
+    HalfPlane, fft2c, fft3c, freq_grid_2d, ifft2c, ifft3c,
 )
 from cryorecon.geometry.rotations import (
     direction_inplane_to_matrix, euler_to_matrix, matrix_to_euler, random_rotations,
@@ -40,7 +40,7 @@ def test_half_plane_covers_disc_once():
     h = HalfPlane(D, radius)
     x = torch.randn(3, D, D, generator=torch.Generator().manual_seed(2))
     F = fft2c(x)
-    disc = radius_index_2d(D) < radius
+    disc = torch.linalg.norm(freq_grid_2d(D, dtype=torch.float64) * D, dim=-1) < radius
     assert torch.allclose((h.weight * h.gather(F).abs() ** 2).sum(-1), (F.abs() ** 2 * disc).sum((-1, -2)), rtol=1e-5)
     assert torch.allclose(h.scatter(h.gather(F)), F * disc, atol=1e-6)
     assert int(disc.sum()) == 2 * h.M - 1

@@ -25,9 +25,9 @@ import torch
 from .fourier.slicing import (
     SliceOperator, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
 )
+from .fourier.ctf import ctf_from_dict
 from .fourier.transforms import fft2c, phase_shift
 from .geometry.poses import relion_to_pose
-from .model.batches import particle_ctf
 from .preprocess import default_diameter_A, float_and_sigma
 from .progress import bar
 
@@ -62,7 +62,8 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         shifts = None if particles.shifts is None else particles.shifts[sel]
         R, t = relion_to_pose(particles.angles[sel], shifts, particles.apix[sel])
         R, t = R.to(device), t.to(device)
-        c = particle_ctf(particles, sel, freqs, device)
+        apix = torch.as_tensor(particles.apix[sel], dtype=torch.float64, device=device)
+        c = ctf_from_dict(particles.ctf, sel, freqs.double()[None] / (D * apix[:, None, None]))
         inv_var = (1.0 / sigma.double() ** 2).float()[:, None]
         unshifted = y * phase_shift(freqs[None] / D, t).conj()
         op = SliceOperator(R, freqs, D, oversample)  # one interpolation set-up, two scatters

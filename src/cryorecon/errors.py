@@ -1,6 +1,11 @@
 """Exceptions with distinct exit codes, so the CLI can report one clear message per failure."""
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (runs of whitespace, newlines included, become one space)."""
+    return " ".join(str(exc).split())
+
+
 class CryoreconError(Exception):
     """Base class: a user-facing error. ``exit_code`` is what the CLI returns."""
 

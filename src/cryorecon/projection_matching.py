@@ -27,7 +27,7 @@ The same as ``cryorecon reconstruct`` with the same :class:`~cryorecon.reconstru
   Saff-Kuijlaars directions x in-plane angles x Gauss-Hermite shifts, with ``grid_scale``),
   and only the Fourier coefficients inside omega* enter the match;
 * **image model**: the same CTF, noise sigma from the image border, uniform p(R) and Gaussian
-  p(t) (:func:`~cryorecon.model.batches.load_batch`, the level's quadrature weights);
+  p(t) (:func:`~cryorecon.preprocess.load_batch`, the level's quadrature weights);
 * **cut-off schedule**: :class:`~cryorecon.optim.schedules.Schedule` from the config. The
   schedule counts SAGD minibatches; a projection-matching iteration visits every particle
   once, i.e. one epoch of ``K`` minibatches (``K`` = cryorecon's number of training
@@ -79,9 +79,8 @@ from .fourier.transforms import phase_shift
 from .fourier.slicing import spectrum_from_volume
 from .geometry.poses import pose_to_relion
 from .io.mrc import write_map
-from .model.batches import load_batch
 from .model.likelihood import marginal_loglik
-from .preprocess import default_diameter_A
+from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
 from .reconstruct import Level, ReconstructConfig, make_level, random_spheres, scale_to_data, split_particles
 

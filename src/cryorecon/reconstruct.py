@@ -36,13 +36,12 @@ from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
 from .io.mrc import write_map
-from .model.batches import load_batch
 from .model.importance import ImportanceSampler, ISConfig
 from .model.likelihood import CombinedResult, marginal_loglik, sampled_loglik_groups, volume_objective
 from .model.priors import make_prior
 from .optim.sagd import SAGD
 from .optim.schedules import Schedule
-from .preprocess import default_diameter_A
+from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
 
 

@@ -36,11 +36,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-__all__ = ["electron_wavelength", "ctf_2d", "ctf_from_dict", "CTF_KEYS"]
-
-#: Keys of a CTF parameter dict (as returned by :func:`cryorecon.io.particles.read_particles`).
-CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
-            "phase_shift", "bfactor")
+__all__ = ["electron_wavelength", "ctf_2d", "ctf_from_dict"]
 
 
 def electron_wavelength(voltage_kv):
@@ -134,14 +130,19 @@ def _get(ctf: Mapping, key: str, idx, default):
 
 
 def ctf_from_dict(ctf: Mapping, idx, freqs: torch.Tensor) -> torch.Tensor:
-    """:func:`ctf_2d` for particles ``idx`` (an index, slice, array, or None for all) of a
-    CTF dict with the keys of :data:`CTF_KEYS` (``phase_shift``, ``bfactor`` and ``scale``
-    are optional). Returns float32 (N, M)."""
-    args = [_get(ctf, k, idx, None) for k in CTF_KEYS[:6]]
-    if any(a is None for a in args):
-        missing = [k for k, a in zip(CTF_KEYS[:6], args) if a is None]
+    """:func:`ctf_2d` for particles ``idx`` (an index, slice, array, or None for all) of a CTF
+    parameter dict: the keys of :attr:`~cryorecon.io.particles.ParticleSet.ctf`
+    (``defocus_u``, ``defocus_v``, ``defocus_angle``, ``voltage``, ``cs``, ``amp_contrast``;
+    optional ``phase_shift``, ``bfactor``, ``scale``), scalars or per-particle arrays.
+
+    ``freqs`` in 1/Å: (M, 2) shared by the particles or (N, M, 2) per particle (for
+    particles of different pixel sizes). Returns float32 (N, M) on ``freqs``'s device.
+    """
+    required = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast")
+    args = [_get(ctf, k, idx, None) for k in required]
+    missing = [k for k, a in zip(required, args) if a is None]
+    if missing:
         raise KeyError(f"CTF dict lacks {missing}")
-    ps = _get(ctf, "phase_shift", idx, 0.0)
-    bf = _get(ctf, "bfactor", idx, 0.0)
-    sc = _get(ctf, "scale", idx, 1.0)
-    return ctf_2d(freqs, *args, phase_shift_deg=ps, bfactor=bf, scale=sc)
+    return ctf_2d(freqs, *args,
+                  phase_shift_deg=_get(ctf, "phase_shift", idx, 0.0),
+                  bfactor=_get(ctf, "bfactor", idx, 0.0), scale=_get(ctf, "scale", idx, 1.0))

@@ -47,18 +47,6 @@ def freq_grid_2d(D: int, device=None, dtype=torch.float32) -> torch.Tensor:
     return torch.stack([fx, fy], dim=-1)
 
 
-def coords_2d(D: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Real-space pixel coordinates relative to the centre ``D//2``, shape (D, D, 2) as (x, y)."""
-    k = torch.arange(D, device=device, dtype=dtype) - D // 2
-    y, x = torch.meshgrid(k, k, indexing="ij")
-    return torch.stack([x, y], dim=-1)
-
-
-def radius_index_2d(D: int, device=None) -> torch.Tensor:
-    """Integer-free radius |k| (in Fourier pixels) of every centred 2D frequency, shape (D, D)."""
-    return torch.linalg.norm(freq_grid_2d(D, device=device, dtype=torch.float64) * D, dim=-1)
-
-
 def cutoff_radius(D: int, apix: float, omega_star: float | None) -> float:
     """Radius in Fourier pixels of the frequency cut-off ``omega_star`` (1/Å), capped at Nyquist.
 

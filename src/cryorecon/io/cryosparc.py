@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, one_line
+from .star import CTF_DEFAULTS
 
 CS_CTF = {
     "defocus_u": ("ctf/df1_A", 1.0),
@@ -44,7 +45,6 @@ CS_CTF = {
     "phase_shift": ("ctf/phase_shift_rad", 180.0 / np.pi),
     "bfactor": ("ctf/bfactor", 1.0),
 }
-CS_CTF_DEFAULTS = {"phase_shift": 0.0, "bfactor": 0.0}
 
 
 def load_cs(path: str | os.PathLike) -> np.ndarray:
@@ -54,7 +54,7 @@ def load_cs(path: str | os.PathLike) -> np.ndarray:
     try:
         cs = np.load(path, allow_pickle=False)
     except Exception as exc:
-        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({' '.join(str(exc).split())})") from exc
+        raise InputError(f"{path}: not a readable cryoSPARC .cs file ({one_line(exc)})") from exc
     if not isinstance(cs, np.ndarray) or cs.dtype.names is None or cs.ndim != 1:
         raise InputError(f"{path}: not a cryoSPARC .cs file (expected a 1-D structured array)")
     return cs
@@ -118,8 +118,8 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True) -> dict
                 i = int(np.flatnonzero(bad)[0])
                 raise InputError(f"{path}: particle {i}: {field} is not finite")
             ctf[key] = val
-        elif key in CS_CTF_DEFAULTS:
-            ctf[key] = np.full(n, CS_CTF_DEFAULTS[key], dtype=np.float64)
+        elif key in CTF_DEFAULTS:
+            ctf[key] = np.full(n, CTF_DEFAULTS[key], dtype=np.float64)
         else:
             missing.append(field)
     if missing:

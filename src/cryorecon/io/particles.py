@@ -4,9 +4,9 @@
 ``check_images=True``, opens every distinct stack's *header* once to check that it exists,
 is a readable MRC file as long as its header says, holds square images of one box size,
 and has every referenced index. Pixels are read lazily through :meth:`ParticleSet.images`
-from memory-mapped stacks (``numpy.memmap`` over the MRC data block, laid out as ``mrcfile``
-parses the header), so a data set is never held in RAM; every batch read is checked for
-NaN/Inf.
+from stacks memory-mapped by ``mrcfile.mmap`` (the file handle is closed once the map is
+made; at most ``_MAX_OPEN`` maps are kept), so a data set is never held in RAM; every batch
+read is checked for NaN/Inf.
 
 :func:`write_particles` writes a RELION 3.1 STAR file plus one ``.mrcs`` stack, streaming
 batches into a memory-mapped file, through temporary names renamed into place.
@@ -24,20 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import mrcfile
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..progress import bar
 from .mrc import check_writable
 
-CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
-            "phase_shift", "bfactor")
-CTF_REQUIRED = CTF_KEYS[:6]
 _MAX_OPEN = 64  # memory maps kept open at once (LRU)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 # --------------------------------------------------------------------------- stacks
@@ -63,7 +57,6 @@ def read_stack_header(path: str | os.PathLike) -> StackHeader:
     is missing, has a corrupt header, an unsupported (complex) mode, or is shorter than its
     header says.
     """
-    import mrcfile
     from mrcfile.utils import data_dtype_from_header
 
     path = Path(path)
@@ -83,7 +76,7 @@ def read_stack_header(path: str | os.PathLike) -> StackHeader:
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"{path}: corrupt or unreadable MRC header ({_one_line(exc)})") from exc
+        raise InputError(f"{path}: corrupt or unreadable MRC header ({one_line(exc)})") from exc
     if nx <= 0 or ny <= 0 or nz <= 0 or nsymbt < 0:
         raise InputError(f"{path}: corrupt MRC header (nx, ny, nz = {nx}, {ny}, {nz}; nsymbt = {nsymbt})")
     if dtype.kind == "c":
@@ -139,10 +132,6 @@ class ParticleSet:
         state["_maps"] = OrderedDict()
         return state
 
-    @property
-    def has_ctf(self) -> bool:
-        return bool(self.ctf)
-
     def image_name(self, i: int) -> str:
         """RELION-style ``N@file`` name of particle ``i`` (N 1-based), for messages."""
         return f"{int(self.slice_index[i]) + 1}@{self.stack_names[int(self.stack_index[i])]}"
@@ -183,10 +172,17 @@ class ParticleSet:
         return h
 
     def _map(self, s: int) -> np.ndarray:
+        """Stack ``s`` as a read-only (nz, ny, nx) memory map."""
         mm = self._maps.get(s)
         if mm is None:
             h = self.header(s)
-            mm = np.memmap(h.path, dtype=h.dtype, mode="r", offset=h.offset, shape=(h.nz, h.ny, h.nx))
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # as in read_stack_header
+                    with mrcfile.mmap(h.path, mode="r", permissive=True) as m:
+                        mm = m.data.reshape(h.nz, h.ny, h.nx)
+            except Exception as exc:
+                raise InputError(f"{h.path}: cannot map the image data ({one_line(exc)})") from exc
             self._maps[s] = mm
             while len(self._maps) > _MAX_OPEN:
                 self._maps.popitem(last=False)
@@ -219,7 +215,7 @@ class ParticleSet:
             try:
                 out[group] = mm[rows]
             except OSError as exc:
-                raise InputError(f"{self._where(idx[group[0]])}: cannot read {h.path} ({_one_line(exc)})") from exc
+                raise InputError(f"{self._where(idx[group[0]])}: cannot read {h.path} ({one_line(exc)})") from exc
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             j = idx[np.flatnonzero(~finite)[0]]
@@ -386,9 +382,7 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
     Refuses to overwrite unless ``overwrite``; writes temporary files then renames them, so a
     failure leaves nothing behind. Returns the STAR path.
     """
-    import mrcfile
-
-    from .star import relion31_tables
+    from .star import CTF_DEFAULTS, CTF_KEYS, relion31_tables
 
     star_path = Path(star_path)
     stack_name = stack_name or f"{star_path.stem}.mrcs"
@@ -399,7 +393,7 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
         raise ValueError("stack and STAR file must differ")
     check_writable(star_path, overwrite)
     check_writable(stack_path, overwrite)
-    missing = [k for k in CTF_REQUIRED if k not in ctf]
+    missing = [k for k in CTF_KEYS if k not in ctf and k not in CTF_DEFAULTS]
     if missing:
         raise ValueError(f"write_particles: ctf lacks {', '.join(missing)}")
 
@@ -423,7 +417,8 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
     apix_arr = _per_particle("apix", apix, n)
     if not (np.isfinite(apix_arr).all() and (apix_arr > 0).all()):
         raise ValueError("write_particles: apix must be positive")
-    ctf_arr = {k: _per_particle(f"ctf[{k!r}]", ctf.get(k, 0.0), n) for k in CTF_KEYS}
+    ctf_arr = {k: _per_particle(f"ctf[{k!r}]", ctf.get(k, CTF_DEFAULTS.get(k)), n)
+               for k in CTF_KEYS}
     ang = None if angles is None else _to_numpy(angles).astype(np.float64).reshape(n, 3)
     sh = None if shifts is None else _to_numpy(shifts).astype(np.float64).reshape(n, 2)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 # ParticleSet.ctf key -> RELION label(s), first found wins.
 CTF_LABELS: dict[str, tuple[str, ...]] = {
@@ -43,12 +43,10 @@ CTF_LABELS: dict[str, tuple[str, ...]] = {
     "phase_shift": ("rlnPhaseShift",),
     "bfactor": ("rlnCtfBfactor", "rlnCtfBFactor"),
 }
-CTF_REQUIRED = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast")
+#: Keys of a CTF parameter dict (:attr:`ParticleSet.ctf`; units Å, deg, kV, mm, Å^2).
+CTF_KEYS = tuple(CTF_LABELS)
+#: Values of the optional keys when a file lacks them (no phase plate, no envelope).
 CTF_DEFAULTS = {"phase_shift": 0.0, "bfactor": 0.0}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
@@ -61,7 +59,7 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on malformed text
-        raise InputError(f"{path}: not a readable STAR file ({_one_line(exc)})") from exc
+        raise InputError(f"{path}: not a readable STAR file ({one_line(exc)})") from exc
     out = {}
     for name, block in (blocks or {}).items():
         if isinstance(block, dict):
