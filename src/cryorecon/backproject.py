@@ -34,7 +34,22 @@ from .progress import bar
 
 def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, oversample: int = 2,
                        diameter_A: float | None = None, idx=None) -> torch.Tensor:
-    """Reconstruct (D, D, D) float32 from ``particles`` (a ParticleSet with poses)."""
+    """Reconstruct (D, D, D) float32 from ``particles`` (a ParticleSet with poses).
+
+    ``idx``: the particles to use (default all); ``diameter_A``: particle diameter (Å) whose
+    outside is the background that measures the noise (default 80% of the box).
+
+    Example (``cryorecon.backproject``)::
+
+        >>> import tempfile, mrcfile, torch, cryorecon
+        >>> out = tempfile.mkdtemp()
+        >>> _ = cryorecon.simulate(out, n=200, D=32, apix=11.0, snr=1.0, seed=0)
+        >>> V = cryorecon.backproject(cryorecon.read_particles(f"{out}/particles.star"))
+        >>> truth = torch.from_numpy(mrcfile.read(f"{out}/truth.mrc"))
+        >>> cc = torch.corrcoef(torch.stack([V.flatten(), truth.flatten()]))[0, 1]
+        >>> V.shape, bool(cc > 0.8)
+        (torch.Size([32, 32, 32]), True)
+    """
     if particles.angles is None:
         from .errors import InputError
 

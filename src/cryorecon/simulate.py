@@ -445,6 +445,14 @@ def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
     ``volume`` is an MRC path or a (D, D, D) tensor; otherwise ``model`` (PDB/mmCIF path) or
     the shipped 1AON is used. Refuses (:class:`OutputExistsError`) if any output exists
     unless ``force``. Returns the summary written to ``simulation.json``.
+
+    Example (``cryorecon.simulate``)::
+
+        >>> import os, tempfile, cryorecon
+        >>> out = tempfile.mkdtemp()
+        >>> summary = cryorecon.simulate(out, n=10, D=32, apix=11.0, snr=0.1, seed=0)
+        >>> summary["n"], summary["box"], sorted(os.listdir(out))
+        (10, 32, ['particles.mrcs', 'particles.star', 'simulation.json', 'truth.mrc'])
     """
     from .io.particles import write_particles
 

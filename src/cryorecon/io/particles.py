@@ -262,6 +262,15 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
     data read). Without it no stack is opened here; ``D`` comes from ``rlnImageSize`` /
     ``blob/shape`` when the metadata has it, else from the first readable stack header, else 0,
     and the same checks happen lazily in :meth:`ParticleSet.images`.
+
+    Example (``cryorecon.read_particles``)::
+
+        >>> import tempfile, cryorecon
+        >>> out = tempfile.mkdtemp()
+        >>> _ = cryorecon.simulate(out, n=10, D=32, apix=11.0, seed=0)
+        >>> particles = cryorecon.read_particles(f"{out}/particles.star")
+        >>> len(particles), particles.D, particles.images([0, 1]).shape
+        (10, 32, (2, 32, 32))
     """
     path = Path(path)
     suffix = path.suffix.lower()
