@@ -1,64 +1,22 @@
 """Iterative projection matching: the hard-assignment baseline of the paper (Sec. 4.5, Fig. 11).
 
-Sec. 4.5 compares cryorecon with "a standard iterative projection matching scheme where
-images are matched to an initial density through a global cross-correlation search. The
+"Images are matched to an initial density through a global cross-correlation search. The
 density is then reconstructed based on these fixed orientations and this process is
-iterated." This module is that scheme, built from cryorecon's own parts so that the
-comparison isolates the one thing that differs. Per iteration ``k`` (1-based):
+iterated" (Sec. 4.5). Per iteration ``k`` (1-based):
 
-1. **Match** (:func:`assign_poses`): for every particle, a global search over the pose grid
-   for the pose ``(R, t)`` that maximises the posterior of the Gaussian model (Eq. 2) with
-   the current map as reference: the CTF-weighted cross-correlation with the noise-weighted
-   norm of the projection subtracted, plus the shift prior. It is the argmax that
-   :func:`~cryorecon.model.likelihood.marginal_loglik` reports (``best_rot`` = argmax of the
-   posterior marginal over rotations, ``best_shift`` over shifts; for a peaked posterior that
-   is the joint maximum).
-2. **Reconstruct** (:func:`backproject_poses`): the CTF-corrected Wiener direct Fourier
-   back-projection of all particles at their assigned poses, exactly the "oracle"
-   reconstruction (:func:`~cryorecon.backproject.wiener_backproject`) with the assigned poses
-   in place of the true ones.
-3. **Raise omega*** as cryorecon does (see below) and repeat.
+1. match (:func:`assign_poses`): each particle takes the pose ``(R, t)`` of the full pose grid
+   that maximises the posterior of the Gaussian model (Eq. 2) against the current map, i.e.
+   the argmax of :func:`~cryorecon.model.likelihood.marginal_loglik`;
+2. reconstruct (:func:`backproject_poses`): Wiener back-projection of all particles at those
+   poses (:func:`~cryorecon.backproject.wiener_backproject`);
+3. raise omega* as ``cryorecon reconstruct`` would at the start of its ``k``-th epoch
+   (:func:`omega_for_iteration`) and repeat.
 
-The same as ``cryorecon reconstruct`` with the same :class:`~cryorecon.reconstruct.ReconstructConfig`:
-
-* **start**: the random-sphere density of ``Run._start`` for the same ``seed``, scaled to the
-  images' signal power the same way (:func:`initial_volume`; a test pins it bitwise);
-* **grids**: the pose quadrature of Sec. 3.2 per cut-off (:func:`~cryorecon.reconstruct.make_level`:
-  Saff-Kuijlaars directions x in-plane angles x Gauss-Hermite shifts, with ``grid_scale``),
-  and only the Fourier coefficients inside omega* enter the match;
-* **image model**: the same CTF, noise sigma from the image border, uniform p(R) and Gaussian
-  p(t) (:func:`~cryorecon.preprocess.load_batch`, the level's quadrature weights);
-* **cut-off schedule**: :class:`~cryorecon.optim.schedules.Schedule` from the config. The
-  schedule counts SAGD minibatches; a projection-matching iteration visits every particle
-  once, i.e. one epoch of ``K`` minibatches (``K`` = cryorecon's number of training
-  minibatches), so iteration ``k`` uses ``omega*(tau = (k - 1) K + 1)``, the cut-off
-  cryorecon uses at the start of its ``k``-th epoch (:func:`omega_for_iteration`).
-
-What differs:
-
-* **hard assignment** of one pose per particle instead of marginalising over poses (Eq. 3-4);
-* **back-projection** (a closed-form least-squares solution given the poses, regularised by
-  the Wiener term 1/P(|k|)) instead of SAGD steps on the MAP objective; no density prior;
-* every iteration uses **all particles** (no minibatches, no held-out set, no importance
-  sampling), and the back-projection fills all frequencies up to Nyquist, not only those
-  inside omega* (the match itself only looks inside omega*).
-
-Outputs in ``out_dir``: ``initial.mrc``, ``volume.mrc`` (the latest map, voxel size in the
-header), ``snapshots/volume_XXXXXX.mrc``, ``metrics.jsonl`` (one JSON object per iteration:
-``iteration``, ``seconds`` (wall), ``cpu_seconds`` (``time.process_time()``, all threads),
-``omega_star`` (1/Å), ``resolution_A``, ``n_poses``, ``mean_loglik`` (marginal log-likelihood
-per particle, nats, as cryorecon's ``-train_nll``), ``mean_best_loglik`` (log-likelihood at the
-assigned pose, constants dropped), ``mean_correlation`` (CTF-weighted normalised
-cross-correlation of image and model projection at the assigned pose), ``fraction_changed``
-(particles whose rotation moved by more than half the grid's angular step, or whose shift by
-more than half the shift-node spacing, since the last iteration; ``null`` at iteration 1) and
-``median_angle_change_deg``. Pose changes are absolute: for a symmetric molecule a jump to a
-symmetry-related pose counts, and so does a rotation of the whole map's frame, which the
-data do not fix), ``poses.npz`` (assigned rotations, shifts,
-RELION angles and origins) and ``run.json`` (settings, stop reason, timings).
-
-Deterministic given the seed: every random draw comes from the seeded generator of the start,
-and the matching and back-projection are deterministic tensor operations.
+Start, pose grids, image model and cut-off schedule are those of ``cryorecon reconstruct``
+with the same :class:`~cryorecon.reconstruct.ReconstructConfig`, so a comparison isolates
+what differs: one pose per particle instead of marginalising (Eq. 3-4), a closed-form
+least-squares map instead of SAGD steps, no density prior, all particles every iteration.
+Deterministic given the seed. Outputs: see :func:`projection_matching`.
 """
 
 from __future__ import annotations
@@ -260,6 +218,11 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
         batch_size: images per matching / back-projection batch (memory only).
         snapshot_every: write ``snapshots/volume_XXXXXX.mrc`` every this many iterations.
 
+    Writes in ``out_dir``: ``initial.mrc``, ``volume.mrc`` (the latest map),
+    ``snapshots/volume_XXXXXX.mrc``, ``metrics.jsonl`` (one record per iteration, see
+    :func:`_metrics`), ``poses.npz`` (assigned rotations, shifts, RELION angles and origins)
+    and ``run.json`` (settings, stop reason, timings).
+
     Returns a summary dict: ``iterations``, ``seconds`` (wall), ``cpu_seconds``, ``reason``
     (``max_iterations`` or ``cpu_budget``), ``omega_star`` (last), ``volume`` (path).
     """
@@ -326,7 +289,18 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
 
 def _metrics(it: int, omega: float, level: Level, asg: Assignment, prev: Assignment | None,
              seconds: float, cpu_seconds: float) -> dict:
-    """One line of ``metrics.jsonl`` (see the module notes)."""
+    """One line of ``metrics.jsonl``.
+
+    ``iteration``, ``seconds`` (wall), ``cpu_seconds`` (``time.process_time()``, all threads),
+    ``omega_star`` (1/Å), ``resolution_A``, ``n_poses``, ``mean_loglik`` (marginal
+    log-likelihood per particle, nats, as cryorecon's ``-train_nll``), ``mean_best_loglik``
+    (at the assigned pose, constants dropped), ``mean_correlation`` (CTF-weighted normalised
+    cross-correlation at the assigned pose), ``fraction_changed`` (particles whose rotation
+    moved by more than half the grid's angular step or whose shift by more than half the
+    shift-node spacing since the last iteration; ``None`` at iteration 1) and
+    ``median_angle_change_deg``. Changes are absolute: a jump to a symmetry-related pose, or
+    a turn of the whole map's frame (which the data do not fix), counts.
+    """
     changed = median_deg = None
     if prev is not None:
         angle, dist = pose_change(prev.rotations, asg.rotations, prev.shifts_px, asg.shifts_px)

@@ -13,24 +13,21 @@ Steps (each shows a progress bar or a log line):
 5. FSC of both maps against the truth -> ``DIR/fsc.png`` and ``DIR/demo.json`` (resolutions at
    FSC 0.5 and 0.143, stage timings, settings, file paths); a short summary on stdout.
 
-Settings (chosen to finish in a few minutes on 2 CPU cores; measured numbers below).
-The cost of an iteration grows with the physical box times the band limit
+Settings (:data:`DEFAULT`, :data:`QUICK`), chosen to finish in minutes on 2 CPU cores. The
+cost of an iteration grows with the physical box times the band limit
 (``r = D * apix * omega*`` Fourier pixels: ~r^3 rotations, r^2 shifts and coefficients), not
 with D itself, so the demo keeps the box small in Å and the band limit modest:
 
-* default: 2,000 particles, box 32 at 10 Å/pixel (320 Å, just enough for the 200 Å-long
-  complex with margin; Nyquist 20 Å), SNR 0.1, defocus 1-3 µm. Pose grid coarsened 3x
+* default: 2,000 particles, box 32 at 10 Å/pixel (320 Å, enough for the 200 Å-long complex
+  with margin; Nyquist 20 Å), SNR 0.1, defocus 1-3 µm. Pose grid coarsened 3x
   (``grid_scale=3``); omega* from 1/50 Å by 0.005 1/Å every 40 iterations up to 1/28 Å;
   minibatches of 100; 100 held-out particles; stops when the held-out error has not improved
-  for 3 evaluations at the final omega* (or after 500 iterations / 6 minutes). Measured on 2
-  CPU cores (seed 0): 180 iterations, 2 min wall in all (simulate 7 s, reconstruct 107 s,
-  align 3 s, oracle 1 s); FSC vs truth 27.0 Å at 0.5 and 21.7 Å at 0.143 (oracle 21.3 / 20.4 Å,
-  Nyquist 20 Å). At that resolution the barrel of two stacked GroEL rings with the GroES cap
-  is clearly recognisable. Slower under load; ``max_time`` caps the reconstruction.
+  for 3 evaluations at the final omega* (or after 500 iterations / 6 minutes).
 * ``--quick``: 1,000 particles, box 24 at 13 Å/pixel (312 Å; 24 x 12.7 Å is the smallest box
   24 that holds the model), SNR 0.1; omega* 1/50 -> 1/33 Å by 0.005 every 25 iterations, at
-  most 100 iterations; a smoke test (about a minute; measured 70 iterations, FSC vs truth
-  37 / 28 Å at 0.5 / 0.143, oracle 27.5 / 26.4 Å).
+  most 100 iterations; a smoke test.
+
+A run's own timings and resolutions are in ``DIR/demo.json``.
 
 The reconstruction starts from random spheres seeded by ``--seed`` (also the simulation
 seed), so a run is reproducible.
