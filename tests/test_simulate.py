@@ -2,6 +2,7 @@
 
 import argparse
 import json
+
 import mrcfile
 import numpy as np
 import pytest
@@ -9,13 +10,18 @@ import torch
 
 from cryorecon.errors import InputError, OutputExistsError
 from cryorecon.fourier.ctf import ctf_from_dict
-from cryorecon.fourier.transforms import fft2c, freq_grid_2d, ifft2c
-from cryorecon.simulate import (
-    ParticleSimulator, density_from_model, draw_parameters, load_volume, model_centre,
-    overlay_origin, run_simulation,
-)
 from cryorecon.fourier.slicing import project
+from cryorecon.fourier.transforms import fft2c, freq_grid_2d, ifft2c
 from cryorecon.io.particles import read_particles
+from cryorecon.simulate import (
+    ParticleSimulator,
+    density_from_model,
+    draw_parameters,
+    load_volume,
+    model_centre,
+    overlay_origin,
+    run_simulation,
+)
 
 D, APIX = 32, 11.0
 

@@ -8,7 +8,11 @@ import starfile
 import torch
 
 from cryorecon.fourier.slicing import (
-    SliceOperator, full_freqs_px, project, spectrum_adjoint_to_volume, spectrum_from_volume,
+    SliceOperator,
+    full_freqs_px,
+    project,
+    spectrum_adjoint_to_volume,
+    spectrum_from_volume,
 )
 from cryorecon.fourier.transforms import fft2c, freq_grid_2d, ifft2c, phase_shift
 from cryorecon.geometry.poses import pose_to_relion, relion_to_pose

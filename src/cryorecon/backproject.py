@@ -22,10 +22,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fourier.slicing import (
-    SliceOperator, full_freqs_px, spectrum_frequency_radius, volume_from_spectrum,
-)
 from .fourier.ctf import ctf_from_dict
+from .fourier.slicing import (
+    SliceOperator,
+    full_freqs_px,
+    spectrum_frequency_radius,
+    volume_from_spectrum,
+)
 from .fourier.transforms import fft2c, phase_shift
 from .geometry.poses import relion_to_pose
 from .preprocess import default_diameter_A, float_and_sigma

@@ -2,7 +2,7 @@
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (runs of whitespace, newlines included, become one space)."""
+    """The message of ``exc`` on one line (each run of whitespace becomes one space)."""
     return " ".join(str(exc).split())
 
 

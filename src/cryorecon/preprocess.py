@@ -16,7 +16,7 @@ them to it.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ def float_and_sigma(images: torch.Tensor, diameter_px: float) -> tuple[torch.Ten
     bg = background_mask(D, diameter_px, device=images.device)
     n_bg = int(bg.sum())
     if n_bg < 32:
-        raise ValueError(f"particle diameter {diameter_px:.1f} px leaves only {n_bg} background pixels in a {D} px box")
+        raise ValueError(f"particle diameter {diameter_px:.1f} px leaves only {n_bg} background "
+                         f"pixels in a {D} px box")
     pix = images[:, bg]
     mean = pix.mean(-1)
     sigma = pix.std(-1).clamp_min(1e-12)

@@ -33,14 +33,21 @@ import torch
 
 from .backproject import wiener_backproject
 from .errors import InputError, OutputExistsError
-from .fourier.transforms import phase_shift
 from .fourier.slicing import spectrum_from_volume
+from .fourier.transforms import phase_shift
 from .geometry.poses import pose_to_relion
 from .io.mrc import write_map
 from .model.likelihood import marginal_loglik
 from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
-from .reconstruct import Level, ReconstructConfig, make_level, random_spheres, scale_to_data, split_particles
+from .reconstruct import (
+    Level,
+    ReconstructConfig,
+    make_level,
+    random_spheres,
+    scale_to_data,
+    split_particles,
+)
 
 # What a run writes in its folder (besides snapshots/); ``force`` removes these first.
 PM_FILES = ("metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz")

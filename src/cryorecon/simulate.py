@@ -51,9 +51,9 @@ import importlib.resources
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def _atom_positions(model) -> np.ndarray:
 
 
 def model_centre(path=None) -> np.ndarray:
-    """Centre of mass (x, y, z) Å of a model after the same clean-up as :func:`density_from_model`."""
+    """Centre of mass (x, y, z) Å of a model, cleaned up as in :func:`density_from_model`."""
     st, _ = _read_structure(path)
     return np.array(st[0].calculate_center_of_mass().tolist())
 

@@ -75,7 +75,7 @@ def fsc(a, b, apix: float) -> tuple[torch.Tensor, torch.Tensor]:
         >>> import torch, cryorecon
         >>> a = torch.rand(16, 16, 16, generator=torch.Generator().manual_seed(0))
         >>> freq, curve = cryorecon.fsc(a, 2 * a, apix=2.0)
-        >>> len(freq), float(freq[-1]), bool(torch.allclose(curve, torch.ones(9, dtype=curve.dtype)))
+        >>> len(freq), float(freq[-1]), bool(torch.allclose(curve, torch.ones_like(curve)))
         (9, 0.25, True)
     """
     a = torch.as_tensor(a)

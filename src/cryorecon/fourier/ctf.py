@@ -31,7 +31,7 @@ Frequencies are in 1/Å; ``s^2 = fx^2 + fy^2``. Angles are degrees at this modul
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch

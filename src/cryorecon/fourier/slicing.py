@@ -21,7 +21,6 @@ weights); :func:`spectrum_from_volume` is the premultiply-pad-FFT step and
 
 from __future__ import annotations
 
-
 import torch
 
 from .transforms import ifft2c, phase_shift
@@ -148,7 +147,7 @@ class SliceOperator:
                 self._cache = (torch.cat([f.to(index_dtype) for f, _ in parts], 0),
                                torch.cat([w for _, w in parts], 0))
 
-    def subset(self, rows: torch.Tensor) -> "SliceOperator":
+    def subset(self, rows: torch.Tensor) -> SliceOperator:
         """The operator for ``rotations[rows]``, indexing the cached set-up."""
         rows = rows.to(self.rotations.device)
         cache = None if self._cache is None else (self._cache[0][rows], self._cache[1][rows])
