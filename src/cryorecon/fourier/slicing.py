@@ -99,7 +99,7 @@ def _trilinear_setup(rotations: torch.Tensor, freqs_px: torch.Tensor, P: int, ov
     xyz = oversample * (f[None, :, 0:1] * R[:, None, 0, :] + f[None, :, 1:2] * R[:, None, 1, :])
     base = torch.floor(xyz)
     frac = xyz - base
-    lo = base.to(torch.long)  # int64: indexing with int32 is slower (converted on each use)
+    lo = base.to(torch.long)
     i01 = torch.stack([lo, lo + 1], -1)  # (N, M, 3, 2)
     w01 = torch.stack([1 - frac, frac], -1)
     w01 = w01 * ((i01 >= -(P // 2)) & (i01 < P // 2))
