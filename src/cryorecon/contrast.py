@@ -116,3 +116,41 @@ def detect_contrast(particles, diameter_px: float, n: int = DEFAULT_PARTICLES,
     return ContrastCheck(inverted=bool(t <= -threshold), conclusive=bool(abs(t) >= threshold),
                          statistic=float(t), mean_correlation=mean, threshold=float(threshold),
                          n_particles=int(m), band_A=float(band_A))
+
+
+def apply_contrast(particles, diameter_px: float, force: bool | None = None,
+                   n: int = DEFAULT_PARTICLES, device="cpu") -> dict:
+    """Check the contrast of ``particles`` and set their :attr:`contrast_sign`.
+
+    ``force``: None (automatic: negate when :func:`detect_contrast` says inverted), True
+    (negate: ``--invert-contrast``) or False (keep: ``--no-invert-contrast``). Says what it
+    found and did on stderr. Returns, and stores in ``particles.meta["contrast"]`` for the
+    run's ``run.json``, ``{"contrast_inverted": bool (images negated), "contrast_statistic":
+    t, "contrast_check": ContrastCheck fields + "mode"}``.
+    """
+    from .progress import log
+
+    particles.contrast_sign = 1.0
+    check = detect_contrast(particles, diameter_px, n=n, device=device)
+    invert = check.inverted if force is None else bool(force)
+    particles.contrast_sign = -1.0 if invert else 1.0
+    said = f"t = {check.statistic:.1f} over {check.n_particles} particles"
+    if force is None:
+        if check.inverted:
+            log.warning(f"contrast: protein is dark in these images ({said}); negating them "
+                        "(--no-invert-contrast keeps them as they are)")
+        elif check.conclusive:
+            log.info(f"contrast: protein is bright, as expected ({said})")
+        else:
+            log.warning(f"contrast: check inconclusive ({said}, |t| < {check.threshold:g}); images "
+                        "used as they are (--invert-contrast negates them)")
+    elif invert:
+        doubt = " although they look protein-bright" if check.conclusive and not check.inverted else ""
+        log.warning(f"contrast: negating the images (--invert-contrast){doubt} ({said})")
+    elif check.inverted:
+        log.warning(f"contrast: the images look protein-dark ({said}) but --no-invert-contrast "
+                    "keeps them as they are")
+    info = {"contrast_inverted": invert, "contrast_statistic": check.statistic,
+            "contrast_check": {**check.as_dict(), "mode": "auto" if force is None else "forced"}}
+    particles.meta["contrast"] = info
+    return info
