@@ -127,7 +127,8 @@ def test_backproject_command(sets, truth, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "contrast" in err and "dark" in err and "negating" in err
     assert _corr(read_map(tmp_path / "auto.mrc")[0], truth) > 0.5
-    rc = cli.main(["backproject", str(dark), "-o", str(tmp_path / "kept.mrc"), "--no-invert-contrast"])
+    rc = cli.main(["backproject", str(dark), "-o", str(tmp_path / "kept.mrc"),
+                   "--no-invert-contrast"])
     assert rc == 0 and "--no-invert-contrast keeps" in capsys.readouterr().err
     assert _corr(read_map(tmp_path / "kept.mrc")[0], truth) < -0.5
 

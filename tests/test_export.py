@@ -32,7 +32,7 @@ from cryorecon.geometry.poses import pose_to_relion, relion_to_pose
 from cryorecon.geometry.rotations import euler_to_matrix, random_rotations
 from cryorecon.io.export import export_poses
 from cryorecon.io.particles import read_particles, write_particles
-from cryorecon.simulate import draw_parameters, density_from_model, simulate_particles
+from cryorecon.simulate import density_from_model, draw_parameters, simulate_particles
 
 D, APIX, N, SNR = 32, 9.0, 300, 0.05
 POSE_COLUMNS = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
@@ -107,8 +107,8 @@ def test_exported_poses_back_project_to_the_truth(simulated):
     # the same as the oracle from the simulator's own metadata (write_particles' RELION columns)
     oracle = write_particles(root / "oracle" / "p.star", ps.images(np.arange(N)), APIX, ps.ctf,
                              angles=angles, shifts=origins)
-    torch.testing.assert_close(vol, wiener_backproject(read_particles(oracle)), atol=1e-4 * float(vol.abs().max()),
-                               rtol=0)
+    torch.testing.assert_close(vol, wiener_backproject(read_particles(oracle)),
+                               atol=1e-4 * float(vol.abs().max()), rtol=0)
     transposed = pose_to_relion(torch.as_tensor(_matrices(angles)).transpose(1, 2),
                                 torch.zeros(N, 2, dtype=torch.float64), APIX)[0]
     flipped = _band_corr(exported_map(angles, -origins, "flipped")[1], truth)
@@ -154,7 +154,8 @@ def test_golden_relion_projections_pin_the_convention(shared_data, tmp_path, nam
         assert rel_err(project(V, R, -t)).min() > 0.25
 
 
-@pytest.mark.skipif(shutil.which("relion_reconstruct") is None, reason="relion_reconstruct not installed")
+@pytest.mark.skipif(shutil.which("relion_reconstruct") is None,
+                    reason="relion_reconstruct not installed")
 def test_relion_reconstruct_reads_the_export(simulated):
     """RELION itself reconstructs the exported particles (run from the project folder, where
     the image names are relative to) into a map like the truth."""
@@ -163,14 +164,16 @@ def test_relion_reconstruct_reads_the_export(simulated):
     poses = {"eulers_deg": angles, "shifts_A": origins, "max_prob": np.ones(N),
              "subset": 1 + np.arange(N) % 2}
     (out,) = export_poses(ps, poses, root / "relion_run")
-    subprocess.run(["relion_reconstruct", "--i", str(out.relative_to(root)), "--o", "relion_run/map.mrc",
-                    "--ctf"], cwd=root, check=True, capture_output=True, timeout=300)
+    subprocess.run(["relion_reconstruct", "--i", str(out.relative_to(root)),
+                    "--o", "relion_run/map.mrc", "--ctf"],
+                   cwd=root, check=True, capture_output=True, timeout=300)
     assert _corr(mrcfile.read(root / "relion_run" / "map.mrc"), truth) > 0.8
 
 
 # --------------------------------------------------------------------------- every column kept
-@pytest.mark.parametrize("fname", ["relion31.star", "relion31.6opticsgroups.star", "relion5.star",
-                                   "sample_particles_relion30.star", "sample_particles_relion31.star"])
+@pytest.mark.parametrize("fname", ["relion31.star", "relion31.6opticsgroups.star",
+                                   "relion5.star", "sample_particles_relion30.star",
+                                   "sample_particles_relion31.star"])
 def test_every_input_column_kept(formats_dir, tmp_path, fname):
     src = formats_dir / fname
     ps = read_particles(src, check_images=False)
@@ -201,7 +204,8 @@ def test_every_input_column_kept(formats_dir, tmp_path, fname):
             assert list(after["optics"][col]) == list(before["optics"][col]), col
     # the run's poses, and the input's pixel sizes and CTFs, through the package's own reader
     back = read_particles(out, check_images=False)
-    np.testing.assert_allclose(_matrices(back.angles), _matrices(poses["eulers_deg"][kept]), atol=1e-9)
+    np.testing.assert_allclose(_matrices(back.angles), _matrices(poses["eulers_deg"][kept]),
+                               atol=1e-9)
     np.testing.assert_allclose(back.shifts, poses["shifts_A"][kept], atol=1e-9)
     np.testing.assert_allclose(back.apix, ps.apix[kept], rtol=1e-10)
     for k, v in ps.ctf.items():
@@ -325,8 +329,8 @@ def test_export_command_and_refusal(run_dir, tmp_path, monkeypatch, capsys):
     poses["shifts_A"] = poses["shifts_A"] + 1.0
     np.savez(run_dir / "poses.npz", **poses)
     assert _export([run_dir, "--force"], monkeypatch, capsys)[0] == 0
-    np.testing.assert_allclose(read_particles(run_dir / "particles.star", check_images=False).shifts,
-                               poses["shifts_A"], atol=1e-9)
+    again = read_particles(run_dir / "particles.star", check_images=False)
+    np.testing.assert_allclose(again.shifts, poses["shifts_A"], atol=1e-9)
     assert _export([run_dir, "-o", tmp_path / "elsewhere"], monkeypatch, capsys)[0] == 0
     assert (tmp_path / "elsewhere" / "particles.star").is_file()
 

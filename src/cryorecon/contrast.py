@@ -76,7 +76,8 @@ def sample_indices(n_total: int, n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_total - 1, m).round().astype(np.int64))
 
 
-def image_correlations(particles, idx, diameter_px: float, device="cpu") -> tuple[torch.Tensor, float]:
+def image_correlations(particles, idx, diameter_px: float,
+                       device="cpu") -> tuple[torch.Tensor, float]:
     """Per-image correlations ``r_i`` (see the module notes) of particles ``idx`` with the
     CTF-modulated ball, computed on the images as stored (:attr:`contrast_sign` undone).
     Returns ``(r (len(idx),) float64, band limit in Å)``."""
@@ -145,7 +146,8 @@ def apply_contrast(particles, diameter_px: float, force: bool | None = None,
             log.warning(f"contrast: check inconclusive ({said}, |t| < {check.threshold:g}); images "
                         "used as they are (--invert-contrast negates them)")
     elif invert:
-        doubt = " although they look protein-bright" if check.conclusive and not check.inverted else ""
+        bright = check.conclusive and not check.inverted
+        doubt = " although they look protein-bright" if bright else ""
         log.warning(f"contrast: negating the images (--invert-contrast){doubt} ({said})")
     elif check.inverted:
         log.warning(f"contrast: the images look protein-dark ({said}) but --no-invert-contrast "

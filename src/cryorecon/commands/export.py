@@ -24,9 +24,10 @@ POSE_KEYS = ("eulers_deg", "shifts_A", "max_prob", "subset", "class_number")
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "export", help="write a run's poses as RELION particles.star (and cryoSPARC .cs)",
-        description="Write the poses a reconstruction run found as RUN/particles.star (RELION 3.1+, "
-        "every input column kept, for relion_reconstruct or relion_refine) and, when the input was a "
-        "cryoSPARC .cs, RUN/particles.cs. Particles the run never visited are left out.")
+        description="Write the poses a reconstruction run found as RUN/particles.star (RELION "
+        "3.1+, every input column kept, for relion_reconstruct or relion_refine) and, when the "
+        "input was a cryoSPARC .cs, RUN/particles.cs. Particles the run never visited are left "
+        "out.")
     p.add_argument("run", metavar="RUN", help="run folder (holds run.json and poses.npz)")
     p.add_argument("-o", "--out", metavar="DIR", default=None, help="output folder (default RUN)")
     p.add_argument("--force", action="store_true", help="overwrite existing exported files")

@@ -62,7 +62,8 @@ def stack_candidates(name: str, folder: Path, datadir: Path | None = None) -> li
     return unique
 
 
-def find_stack(name: str, folder: Path, datadir: Path | None = None) -> tuple[Path, bool, list[Path]]:
+def find_stack(name: str, folder: Path,
+               datadir: Path | None = None) -> tuple[Path, bool, list[Path]]:
     """``(path, found, tried)``: the first existing candidate (else the first candidate),
     whether it exists, and the candidates tried (all of them when none exists)."""
     cands = stack_candidates(name, Path(folder), datadir)
