@@ -158,7 +158,8 @@ def test_golden_relion_projections_pin_the_convention(shared_data, tmp_path, nam
                     reason="relion_reconstruct not installed")
 def test_relion_reconstruct_reads_the_export(simulated):
     """RELION itself reconstructs the exported particles (run from the project folder, where
-    the image names are relative to) into a map like the truth."""
+    the image names are relative to) into a map like the truth and like cryorecon's own
+    back-projection of the same export."""
     root, star, truth, angles, origins = simulated
     ps = read_particles(star)
     poses = {"eulers_deg": angles, "shifts_A": origins, "max_prob": np.ones(N),
@@ -167,7 +168,9 @@ def test_relion_reconstruct_reads_the_export(simulated):
     subprocess.run(["relion_reconstruct", "--i", str(out.relative_to(root)),
                     "--o", "relion_run/map.mrc", "--ctf"],
                    cwd=root, check=True, capture_output=True, timeout=300)
-    assert _corr(mrcfile.read(root / "relion_run" / "map.mrc"), truth) > 0.8
+    relion_map = mrcfile.read(root / "relion_run" / "map.mrc").astype(np.float32)
+    ours = wiener_backproject(read_particles(out))
+    assert _band_corr(relion_map, ours) > 0.7 and _band_corr(relion_map, truth) > 0.6
 
 
 # --------------------------------------------------------------------------- every column kept
