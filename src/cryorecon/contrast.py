@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .errors import InputError
 from .fourier.transforms import fft2c
 from .preprocess import float_and_sigma
 
@@ -108,6 +109,8 @@ def detect_contrast(particles, diameter_px: float, n: int = DEFAULT_PARTICLES,
     ``diameter_px``: particle diameter in pixels (the ball, and the disc outside which the
     noise is measured); ``n``: particles read, evenly spread through the set.
     """
+    if not particles.has_ctf:
+        raise InputError(f"{particles.source}: the contrast check needs the CTF parameters")
     idx = sample_indices(len(particles), n)
     r, band_A = image_correlations(particles, idx, diameter_px, device)
     m = len(r)

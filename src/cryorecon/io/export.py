@@ -126,10 +126,10 @@ def _star_from_file(particles) -> dict[str, pd.DataFrame]:
     optics = blocks.get("optics")
     if optics is None or len(optics) == 0:
         optics = _optics_table(particles)
-        if "rlnOpticsGroup" not in df.columns:
-            df["rlnOpticsGroup"] = particles.optics_group.astype(np.int64)
     else:
         optics = _complete_optics(optics.reset_index(drop=True), particles)
+    if "rlnOpticsGroup" not in df.columns:  # RELION 3.1 needs it on every particle
+        df["rlnOpticsGroup"] = particles.optics_group.astype(np.int64)
     out = {"optics": optics, "particles": df}
     for other, block in blocks.items():
         if other not in ("optics", name):
