@@ -24,6 +24,7 @@ COMMANDS = [
     "reconstruct",
     "report",
     "demo",
+    "export",
 ]
 
 

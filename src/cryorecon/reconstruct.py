@@ -623,6 +623,7 @@ class Run:
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         }
+        info.update(self.p.meta.get("contrast", {}))  # set by cryorecon.contrast.apply_contrast
         tmp = self.out / ".run.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.out / "run.json")

@@ -9,9 +9,11 @@ import numpy as np
 
 from ..backproject import wiener_backproject
 from ..io.mrc import check_writable, write_map
-from ..io.particles import read_particles
+from ..contrast import apply_contrast
+from ..preprocess import default_diameter_A
 from ..progress import log
 from ._args import at_least, positive
+from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
 
 
 def register(subparsers) -> None:
@@ -28,16 +30,20 @@ def register(subparsers) -> None:
     p.add_argument("--oversample", type=at_least(1), default=2, help="Fourier padding factor (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output map")
+    add_datadir_argument(p)
+    add_contrast_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     check_writable(args.out, args.force)
-    particles = read_particles(args.particles)
+    particles = read_particles_from_args(args)
+    apix = float(np.median(particles.apix))
+    diameter_A = args.diameter or default_diameter_A(particles.D, apix)
+    apply_contrast(particles, diameter_A / apix, force=args.invert_contrast)
     t0 = time.perf_counter()
     vol = wiener_backproject(particles, device=args.device, batch_size=args.batch_size,
                              oversample=args.oversample, diameter_A=args.diameter)
-    apix = float(np.median(particles.apix))
     write_map(args.out, vol.cpu().numpy(), apix, overwrite=args.force)
     log.info(f"wrote {args.out} ({particles.D}^3, {apix:g} Å/voxel) from {len(particles)} particles "
              f"in {time.perf_counter() - t0:.1f} s")

@@ -13,7 +13,8 @@ import sys
 
 import numpy as np
 
-from ..io.particles import ParticleSet, read_particles
+from ..io.particles import ParticleSet
+from ._input import add_datadir_argument, read_particles_from_args
 
 
 def register(subparsers) -> None:
@@ -27,6 +28,7 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-stacks", action="store_true",
                    help="do not open the image stacks (metadata only; for files whose stacks are elsewhere)")
+    add_datadir_argument(p)
     p.set_defaults(func=run)
 
 
@@ -136,7 +138,7 @@ def format_text(info: dict, max_groups: int = 20) -> str:
 
 def run(args) -> int:
     check = not args.no_stacks
-    ps = read_particles(args.particles, require_ctf=False, check_images=check)
+    ps = read_particles_from_args(args, require_ctf=False, check_images=check)
     info = summarize(ps, stacks_checked=check)
     if args.json:
         json.dump(info, sys.stdout, indent=2, ensure_ascii=False)

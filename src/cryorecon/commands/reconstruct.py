@@ -3,9 +3,16 @@
 
 from __future__ import annotations
 
-from ..io.particles import read_particles
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..contrast import apply_contrast
+from ..preprocess import default_diameter_A
 from ..reconstruct import ReconstructConfig, reconstruct
 from ._args import at_least, positive
+from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
 
 
 def add_reconstruct_arguments(p) -> None:
@@ -93,12 +100,31 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
+    add_datadir_argument(p)
+    add_contrast_arguments(p)
     add_reconstruct_arguments(p)
     p.set_defaults(func=run)
 
 
+def _previous_contrast(args) -> bool | None:
+    """On --resume, the contrast choice the run started with (so both parts use one sign)."""
+    info = Path(args.out) / "run.json"
+    if not (args.resume and not args.force and info.is_file()):
+        return None
+    try:
+        return json.loads(info.read_text()).get("contrast_inverted")
+    except (OSError, ValueError):
+        return None
+
+
 def run(args) -> int:
-    particles = read_particles(args.particles)
+    particles = read_particles_from_args(args)
+    apix = float(np.median(particles.apix))
+    diameter_A = args.diameter or default_diameter_A(particles.D, apix)
+    force = args.invert_contrast
+    if force is None:
+        force = _previous_contrast(args)
+    apply_contrast(particles, diameter_A / apix, force=force)
     summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
     print(f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
           f"stopped: {summary['reason']})")

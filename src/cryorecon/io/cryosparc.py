@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, one_line
+from .paths import check_datadir, find_stack
 from .star import CTF_DEFAULTS
 
 CS_CTF = {
@@ -67,23 +68,11 @@ def cs_pose_to_relion(pose: np.ndarray) -> np.ndarray:
     return Rotation.from_rotvec(np.asarray(pose, dtype=np.float64).reshape(-1, 3)).as_matrix().transpose(0, 2, 1)
 
 
-def _resolve_blob(name: str, base: Path) -> tuple[Path, bool]:
-    raw = name[1:] if name.startswith(">") else name
-    p = Path(raw)
-    if p.is_absolute():
-        cands = [p, base / p.name]
-    else:
-        # .cs folder; project folder (the .cs usually sits in <project>/Jnn/); basename; as-is
-        cands = [base / p, base.parent / p, base / p.name, p]
-    for c in cands:
-        if c.is_file():
-            return c, True
-    return cands[0], False
-
-
-def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True) -> dict:
+def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
+                      datadir: str | os.PathLike | None = None) -> dict:
     """Parse a cryoSPARC ``.cs`` particle file; same dict layout as
-    :func:`cryorecon.io.star.read_star_particles`."""
+    :func:`cryorecon.io.star.read_star_particles` (stacks found as :mod:`cryorecon.io.paths`
+    says; a leading ``>`` is dropped)."""
     path = Path(path)
     cs = load_cs(path)
     fields = set(cs.dtype.names)
@@ -158,8 +147,8 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True) -> dict
                 raise InputError(f"{path}: particle {i}: non-square image, blob/shape {tuple(shape[i])}")
         box = shape[:, -1]
 
-    base = path.parent
-    resolved = [_resolve_blob(s, base) for s in stack_names]
+    datadir = check_datadir(datadir)
+    resolved = [find_stack(s, path.parent, datadir) for s in stack_names]
     return {
         "format": "cryoSPARC",
         "n": n,
@@ -167,6 +156,7 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True) -> dict
         "stack_names": stack_names,
         "stack_paths": [r[0] for r in resolved],
         "stack_found": [r[1] for r in resolved],
+        "stack_tried": [r[2] for r in resolved],
         "stack_index": codes.astype(np.int64),
         "slice_index": slice_index,
         "apix": apix,

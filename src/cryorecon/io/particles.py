@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import InputError, one_line
 from ..progress import bar
 from .mrc import check_writable
+from .paths import check_datadir, not_found_message
 
 _MAX_OPEN = 64  # memory maps kept open at once (LRU)
 
@@ -115,6 +116,8 @@ class ParticleSet:
     # Not part of the core API: extra facts for reports (format, optics group names, ...).
     meta: dict = field(default_factory=dict, repr=False)
     stack_names: list[str] | None = field(default=None, repr=False)  # as written in the file
+    # +1, or -1 to negate every image read (inverted contrast; see cryorecon.contrast).
+    contrast_sign: float = 1.0
     _headers: list = field(default=None, repr=False)
     _maps: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -161,7 +164,7 @@ class ParticleSet:
             first = np.flatnonzero(self.stack_index == s)
             who = self._where(first[0]) if len(first) else f"{self.source}"
             if not Path(self.stacks[s]).is_file():
-                raise InputError(f"{who}: image stack {self.stacks[s]} not found")
+                raise InputError(f"{who}: {self._stack_not_found(s)}")
             h = _header_for(who, self.stacks[s])
             if h.nx != h.ny:
                 raise InputError(f"{who}: non-square images ({h.ny}x{h.nx}) in {h.path}")
@@ -170,6 +173,11 @@ class ParticleSet:
                                  "(mixed box sizes)")
             self._headers[s] = h
         return h
+
+    def _stack_not_found(self, s: int) -> str:
+        tried = self.meta.get("stack_tried")
+        tried = tried[s] if tried and s < len(tried) else [self.stacks[s]]
+        return not_found_message(self.stack_names[s], tried)
 
     def _map(self, s: int) -> np.ndarray:
         """Stack ``s`` as a read-only (nz, ny, nx) memory map."""
@@ -191,7 +199,8 @@ class ParticleSet:
         return mm
 
     def images(self, idx) -> np.ndarray:
-        """Images ``idx`` as float32 ``(len(idx), D, D)``; raises InputError on NaN/Inf pixels."""
+        """Images ``idx`` as float32 ``(len(idx), D, D)``, times :attr:`contrast_sign`; raises
+        InputError on NaN/Inf pixels."""
         idx = self._index(idx)
         out = np.empty((len(idx), self.D, self.D), dtype=np.float32)
         if len(idx) == 0:
@@ -220,6 +229,8 @@ class ParticleSet:
         if not finite.all():
             j = idx[np.flatnonzero(~finite)[0]]
             raise InputError(f"{self._where(j)}: image holds NaN or Inf pixels")
+        if self.contrast_sign < 0:
+            np.negative(out, out=out)
         return out
 
     def iter_batches(self, batch_size: int, idx=None, desc: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -248,13 +259,19 @@ class ParticleSet:
             optics_group=self.optics_group[idx],
             meta=dict(self.meta),
             stack_names=list(self.stack_names),
+            contrast_sign=self.contrast_sign,
             _headers=list(self._headers),
         )
 
 
 # --------------------------------------------------------------------------- reading
-def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_images: bool = True) -> ParticleSet:
+def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_images: bool = True,
+                   datadir: str | os.PathLike | None = None) -> ParticleSet:
     """Read a particle set from a RELION ``.star`` or cryoSPARC ``.cs`` file.
+
+    ``datadir``: the folder the image names are relative to, looked at first (InputError if it
+    does not exist); without it stacks are looked for beside the file, in every folder above
+    it (a RELION project's root), then in the current folder (:mod:`cryorecon.io.paths`).
 
     ``require_ctf``: raise InputError if a CTF column is missing (else ``ctf`` is ``{}``).
     ``check_images``: open each distinct stack's header once and check existence, readable
@@ -273,15 +290,16 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
         (10, 32, (2, 32, 32))
     """
     path = Path(path)
+    datadir = check_datadir(datadir)
     suffix = path.suffix.lower()
     if suffix == ".star":
         from .star import read_star_particles
 
-        raw = read_star_particles(path, require_ctf=require_ctf)
+        raw = read_star_particles(path, require_ctf=require_ctf, datadir=datadir)
     elif suffix == ".cs":
         from .cryosparc import read_cs_particles
 
-        raw = read_cs_particles(path, require_ctf=require_ctf)
+        raw = read_cs_particles(path, require_ctf=require_ctf, datadir=datadir)
     else:
         raise InputError(f"{path}: unknown particle file type {path.suffix or '(no suffix)'!r}; "
                          "expected a RELION .star or cryoSPARC .cs file")
@@ -299,7 +317,7 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
         source=path,
         optics_group=np.asarray(raw["optics_group"], dtype=np.int64),
         meta={"format": raw["format"], "optics_names": raw["optics_names"],
-              "stack_found": list(raw["stack_found"])},
+              "stack_found": list(raw["stack_found"]), "stack_tried": list(raw["stack_tried"])},
         stack_names=list(raw["stack_names"]),
     )
     assert len(ps) == n
@@ -344,7 +362,7 @@ def _check_stacks(ps: ParticleSet, D_meta: int) -> None:
     for s in range(nst):
         who = ps._where(first[s])
         if not ps.stacks[s].is_file():
-            raise InputError(f"{who}: image stack {ps.stacks[s]} not found")
+            raise InputError(f"{who}: {ps._stack_not_found(s)}")
         h = _header_for(who, ps.stacks[s])
         if h.nx != h.ny:
             raise InputError(f"{who}: non-square images ({h.ny}x{h.nx}) in {h.path}")

@@ -7,10 +7,10 @@ beyond what ``starfile`` needs to parse it.
 
 Conventions (RELION's own, see its metadata label documentation):
 
-- ``rlnImageName`` is ``N@path``: ``N`` is 1-based; ``path`` is relative to the folder of the
-  STAR file (RELION writes it relative to the project folder, which is usually the same
-  place); an absolute path, or one relative to the current folder, is used as a fallback.
-  A name without ``@`` is a file holding one image.
+- ``rlnImageName`` is ``N@path``: ``N`` is 1-based; ``path`` is relative to the RELION project
+  folder, which is looked for from ``--datadir``, the STAR file's folder and each folder above
+  it, then the current folder (:mod:`cryorecon.io.paths`). A name without ``@`` is a file
+  holding one image.
 - Pixel size (Å): ``rlnImagePixelSize`` (3.1+), else ``rlnPixelSize``, else
   ``rlnDetectorPixelSize`` (µm) * 1e4 / ``rlnMagnification`` (3.0).
 - Shifts: ``rlnOriginXAngst/YAngst`` (Å, 3.1+), else ``rlnOriginX/Y`` (pixels, 3.0), which
@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, one_line
+from .paths import check_datadir, find_stack
 
 # ParticleSet.ctf key -> RELION label(s), first found wins.
 CTF_LABELS: dict[str, tuple[str, ...]] = {
@@ -90,16 +91,6 @@ def _numeric(path: Path, label: str, values, names: pd.Series) -> np.ndarray:
     return arr
 
 
-def resolve_path(name: str, base: Path) -> tuple[Path, bool]:
-    """Find a stack named in a STAR/.cs file: relative to ``base``, absolute, then as-is."""
-    p = Path(name)
-    candidates = [p] if p.is_absolute() else [base / p, p]
-    for c in candidates:
-        if c.is_file():
-            return c, True
-    return candidates[0], False
-
-
 def split_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, list[str], np.ndarray]:
     """``N@file`` -> (0-based slice index, distinct file names, index into them), vectorised."""
     s = names.astype(str).str.strip()
@@ -118,12 +109,15 @@ def split_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, list[st
     return num.astype(np.int64) - 1, [str(u) for u in uniques], codes.astype(np.int64)
 
 
-def read_star_particles(path: str | os.PathLike, require_ctf: bool = True) -> dict:
+def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
+                        datadir: str | os.PathLike | None = None) -> dict:
     """Parse a RELION particle STAR file into per-particle arrays (no image data touched).
 
-    Returns a dict with keys ``format``, ``n``, ``image_names`` (pd.Series, for messages),
-    ``stack_names`` (distinct names as written), ``stack_paths`` (resolved Paths),
-    ``stack_found`` (bool list), ``stack_index``, ``slice_index`` (0-based), ``apix``,
+    ``datadir``: a folder the image names may be relative to, tried first
+    (:mod:`cryorecon.io.paths`). Returns a dict with keys ``format``, ``n``, ``image_names``
+    (pd.Series, for messages), ``stack_names`` (distinct names as written), ``stack_paths``
+    (resolved Paths), ``stack_found`` (bool list), ``stack_tried`` (per stack, the paths
+    looked at), ``stack_index``, ``slice_index`` (0-based), ``apix``,
     ``ctf`` (dict, ``{}`` if incomplete and not required), ``ctf_missing``, ``angles``,
     ``shifts`` (Å), ``optics_group``, ``optics_names`` (group -> name) and ``box``
     ((N,) int image size from ``rlnImageSize`` or None).
@@ -240,8 +234,8 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True) -> di
         box = box.astype(np.int64)
 
     slice_index, stack_names, stack_index = split_image_names(path, names)
-    base = path.parent
-    resolved = [resolve_path(s, base) for s in stack_names]
+    datadir = check_datadir(datadir)
+    resolved = [find_stack(s, path.parent, datadir) for s in stack_names]
     return {
         "format": fmt,
         "n": n,
@@ -249,6 +243,7 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True) -> di
         "stack_names": stack_names,
         "stack_paths": [r[0] for r in resolved],
         "stack_found": [r[1] for r in resolved],
+        "stack_tried": [r[2] for r in resolved],
         "stack_index": stack_index,
         "slice_index": slice_index,
         "apix": apix.astype(np.float64),
