@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ..backproject import wiener_backproject
-from ..io.mrc import check_writable, write_map
+from ..io.checks import exclude_blank, single_pixel_size
+from ..io.mrc import write_map
 from ..io.particles import read_particles
 from ..progress import log
 from ._args import at_least, positive
+from ._output import check_device, check_output_file
 
 
 def register(subparsers) -> None:
@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         "rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) back-projection. With simulated data and "
         "the true poses it is the best map the data allow.")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
-    p.add_argument("-o", "--out", required=True, metavar="MAP", help="output MRC map")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="MAP", help="output MRC map")
     p.add_argument("--diameter", type=positive(), default=None,
                    help="particle diameter in Å (default: 80%% of the box)")
     p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")
@@ -32,12 +32,13 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    check_writable(args.out, args.force)
-    particles = read_particles(args.particles)
+    check_device(args.device)
+    check_output_file(args.out, args.force)
+    particles = exclude_blank(read_particles(args.particles))
+    apix = single_pixel_size(particles)
     t0 = time.perf_counter()
     vol = wiener_backproject(particles, device=args.device, batch_size=args.batch_size,
                              oversample=args.oversample, diameter_A=args.diameter)
-    apix = float(np.median(particles.apix))
     write_map(args.out, vol.cpu().numpy(), apix, overwrite=args.force)
     log.info(f"wrote {args.out} ({particles.D}^3, {apix:g} Å/voxel) from {len(particles)} particles "
              f"in {time.perf_counter() - t0:.1f} s")

@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import sys
+
+from ..io.checks import exclude_blank
 from ..io.particles import read_particles
 from ..reconstruct import ReconstructConfig, reconstruct
+from ..runstate import exit_code_for
 from ._args import at_least, positive
+from ._output import check_device, check_output_dir
 
 
 def add_reconstruct_arguments(p) -> None:
@@ -90,7 +95,7 @@ def register(subparsers) -> None:
         description="Estimate a 3D density from particle images without any initial model: marginalised "
         "MAP estimation with stochastic average gradient descent (Punjani, Brubaker & Fleet 2017).")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with CTF parameters")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
     add_reconstruct_arguments(p)
@@ -98,8 +103,15 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    particles = read_particles(args.particles)
+    check_device(args.device)
+    check_output_dir(args.out)
+    particles = exclude_blank(read_particles(args.particles))
     summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
     print(f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
           f"stopped: {summary['reason']})")
-    return 0
+    code = exit_code_for(summary["reason"])
+    if code:
+        print(f"cryorecon reconstruct: stopped by {summary['reason']} at iteration {summary['iterations']}; "
+              f"checkpoint saved. Continue with: cryorecon reconstruct {args.particles} -o {args.out} --resume",
+              file=sys.stderr)
+    return code

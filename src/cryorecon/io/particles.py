@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import bar
+from .checks import check_particle_values
 from .mrc import check_writable
 
 CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
@@ -322,6 +323,7 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
                     except InputError:
                         continue
                     break
+    check_particle_values(ps)
     return ps
 
 
