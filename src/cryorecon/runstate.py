@@ -69,18 +69,18 @@ def _describe_holder(path: Path) -> str:
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')}{when}"
 
 
-def _release(path: Path, fh, made_dir: Path | None) -> None:
+def _release(path: Path, fh, made: list[Path]) -> None:
     try:
         if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
             os.unlink(path)
     except OSError:
         pass
     fh.close()
-    if made_dir is not None:
+    for d in made:  # folders the lock created, innermost first, removed only while empty
         try:
-            made_dir.rmdir()  # only if still empty: the run never wrote anything
+            d.rmdir()
         except OSError:
-            pass
+            break
 
 
 class RunLock:
@@ -93,16 +93,15 @@ class RunLock:
         folder = Path(folder)
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder}: exists and is not a folder; choose another -o/--out")
-        made = None
+        made = []
         if not folder.exists():
-            top = folder
-            while not top.parent.exists():
-                top = top.parent
+            made = [folder]
+            while not made[-1].parent.exists():
+                made.append(made[-1].parent)
             try:
                 folder.mkdir(parents=True)
             except OSError as exc:
                 raise InputError(f"{folder}: cannot create the run folder ({exc.strerror})") from exc
-            made = top
         while True:
             try:
                 fh = open(self.path, "a+")
