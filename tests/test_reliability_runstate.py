@@ -262,3 +262,8 @@ def test_progress_total_respects_max_time():
     assert bar_total(10, 10.0, 5000, 60.0) == 61  # 1 s an iteration, 50 s left
     assert bar_total(10, 10.0, 20, 60.0) == 20
     assert bar_total(10, 70.0, 5000, 60.0) == 11
+
+
+def test_heldout_set_cut_is_said(sim, tmp_path, capsys):
+    assert _cli(sim / "particles.star", tmp_path / "run", "--max-iters", "1", "--heldout", "50") == 0
+    assert "holding out 20 particles, not the 50 asked for" in capsys.readouterr().err

@@ -229,6 +229,7 @@ class Run:
         self.schedule = config.schedule(self.apix)
         self._check_out_dir(resume, force)
         self.heldout, self.batches = split_particles(len(particles), config.heldout, config.minibatch, config.seed)
+        runstate.warn_if_heldout_cut(len(self.heldout), config.heldout, len(particles))
         self.K = len(self.batches)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.levels: dict[float, Level] = {}

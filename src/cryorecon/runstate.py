@@ -350,3 +350,11 @@ def warn_if_nothing_to_do(reason: str | None, tau: int, elapsed: float) -> None:
     hint = f"; pass a larger {what} with --resume to continue" if what else ""
     log.warning(f"warning: nothing to do: the checkpoint (iteration {tau}, {elapsed:.0f} s) has "
                 f"already reached its stop condition ({reason}){hint}")
+
+
+def warn_if_heldout_cut(n_heldout: int, requested: int, n: int) -> None:
+    """Say so when the held-out set is smaller than asked (at most a tenth of the particles
+    is held out, so that most are trained on)."""
+    if n_heldout < requested:
+        log.warning(f"warning: holding out {n_heldout} particles, not the {requested} asked for "
+                    f"(--heldout): at most a tenth of the {n} particles is held out")

@@ -137,3 +137,26 @@ def exclude_blank(ps, batch_size: int = 1000):
                 f"(every pixel equal; first {first})")
     keep = np.setdiff1d(np.arange(n), bad)
     return ps.subset(keep)
+
+
+def check_readable(path, what: str) -> None:
+    """InputError if ``path`` (an existing file) cannot be opened for reading, saying why
+    (permission denied is not corruption)."""
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise InputError(f"{path}: permission denied (cannot read this {what})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read this {what} ({exc.strerror})") from None
+
+
+def check_text_file(path, what: str = "STAR file") -> None:
+    """InputError if ``path`` cannot be read or holds binary data (NUL bytes in its first
+    64 KiB), e.g. an image stack or a .cs file given where a STAR file belongs."""
+    check_readable(path, what)
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    if b"\0" in head:
+        raise InputError(f"{path}: binary data, not a text {what} (an MRC stack or a cryoSPARC "
+                         ".cs file given in its place?)")

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..progress import bar
-from .checks import check_particle_values
+from .checks import check_particle_values, check_readable
 from .mrc import check_writable
 
 CTF_KEYS = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast",
@@ -70,6 +70,7 @@ def read_stack_header(path: str | os.PathLike) -> StackHeader:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such image stack")
+    check_readable(path, "image stack")
     size = path.stat().st_size
     try:
         with warnings.catch_warnings():
