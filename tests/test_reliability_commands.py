@@ -193,3 +193,10 @@ def test_equal_maps_give_equal_files(tmp_path):
     time.sleep(1.1)  # mrcfile's default label holds the time to the second
     write_map(tmp_path / "b.mrc", vol, 2.0)
     assert (tmp_path / "a.mrc").read_bytes() == (tmp_path / "b.mrc").read_bytes()
+
+
+def test_random_bytes_given_as_cs(tmp_path, capsys):
+    bad = tmp_path / "p.cs"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    msg = _fails(["info", bad], capsys, 2, "not a cryoSPARC .cs file")
+    assert "pickle" not in msg

@@ -160,3 +160,14 @@ def check_text_file(path, what: str = "STAR file") -> None:
     if b"\0" in head:
         raise InputError(f"{path}: binary data, not a text {what} (an MRC stack or a cryoSPARC "
                          ".cs file given in its place?)")
+
+
+def check_npy_file(path, what: str = "cryoSPARC .cs file") -> None:
+    """InputError if ``path`` cannot be read or does not start with the NumPy ``.npy`` magic
+    bytes that every cryoSPARC ``.cs`` file has."""
+    check_readable(path, what)
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise InputError(f"{path}: not a {what} (no NumPy array header; a STAR file or an "
+                         "image stack given in its place?)")

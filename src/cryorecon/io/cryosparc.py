@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from .checks import check_npy_file
 
 CS_CTF = {
     "defocus_u": ("ctf/df1_A", 1.0),
@@ -51,6 +52,7 @@ def load_cs(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such cryoSPARC file")
+    check_npy_file(path)
     try:
         cs = np.load(path, allow_pickle=False)
     except Exception as exc:
