@@ -267,3 +267,27 @@ def test_progress_total_respects_max_time():
 def test_heldout_set_cut_is_said(sim, tmp_path, capsys):
     assert _cli(sim / "particles.star", tmp_path / "run", "--max-iters", "1", "--heldout", "50") == 0
     assert "holding out 20 particles, not the 50 asked for" in capsys.readouterr().err
+
+
+def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+    import socket
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        with pytest.raises(BusyError, match=f"pid {sleeper.pid}"):
+            RunLock(tmp_path)
+        assert folder_busy(tmp_path)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not folder_busy(tmp_path)  # its process is gone: stale
+    lock = RunLock(tmp_path)
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
+    lock.release()

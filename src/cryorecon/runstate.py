@@ -46,17 +46,40 @@ class BusyError(CryoreconError):
 
 
 # --------------------------------------------------------------------------- lock
-def _flock(fd: int, mode: int) -> bool:
-    """Try ``fcntl.flock(fd, mode | LOCK_NB)``; False if another holder has it."""
-    import fcntl
-
+def _flock(fd: int, exclusive: bool, path: Path) -> bool:
+    """Try a non-blocking ``flock`` on ``fd``; False if another holder has it. Where the file
+    system cannot lock (some network mounts) the pid written in ``path`` decides instead."""
     try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        import fcntl
+    except ImportError:  # not POSIX
+        return not _holder_alive(path)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         return True
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
-        raise
+        return not _holder_alive(path)
+
+
+def _holder_alive(path: Path) -> bool:
+    """Whether the process named in a lock file still runs (another host's: assumed so)."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+        pid, host = int(info["pid"]), info.get("host")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if pid == os.getpid():
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _describe_holder(path: Path) -> str:
@@ -107,11 +130,12 @@ class RunLock:
                 fh = open(self.path, "a+")
             except OSError as exc:
                 raise InputError(f"{folder}: cannot write in the run folder ({exc.strerror})") from exc
-            if not _flock(fh.fileno(), _lock_ex()):
+            if not _flock(fh.fileno(), True, self.path):
                 who = _describe_holder(self.path)
                 fh.close()
                 raise BusyError(f"{folder} is in use by another cryorecon run ({who}); wait for it "
-                                "to end or stop it, or choose another -o/--out")
+                                f"to end or stop it, or choose another -o/--out (if no run uses it, "
+                                f"delete {self.path})")
             # The file may have been unlinked by a holder releasing it meanwhile: retry on the new one.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
@@ -138,12 +162,6 @@ class RunLock:
         self._finalizer()
 
 
-def _lock_ex() -> int:
-    import fcntl
-
-    return fcntl.LOCK_EX
-
-
 def folder_busy(folder) -> bool:
     """True if a live process (this one included) holds ``folder``'s run lock."""
     path = Path(folder) / LOCK_NAME
@@ -152,9 +170,7 @@ def folder_busy(folder) -> bool:
     except OSError:
         return False
     try:
-        import fcntl
-
-        return not _flock(fh.fileno(), fcntl.LOCK_SH)
+        return not _flock(fh.fileno(), False, path)
     finally:
         fh.close()
 
