@@ -18,7 +18,9 @@ from cryorecon.cli import build_parser
 from cryorecon.io.mrc import write_map
 from cryorecon.io.particles import write_particles
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 
 
 @pytest.fixture
@@ -61,7 +63,9 @@ def no_work(monkeypatch):
 
 def test_backproject_output_under_a_file_fails_before_the_work(star, tmp_path, capsys, no_work):
     (tmp_path / "afile").write_text("x")
-    _fails(["backproject", star, "-o", tmp_path / "afile" / "map.mrc"], capsys, 2, "afile is a file")
+    _fails(
+        ["backproject", star, "-o", tmp_path / "afile" / "map.mrc"], capsys, 2, "afile is a file"
+    )
 
 
 def test_backproject_force_onto_a_folder(star, tmp_path, capsys, no_work):
@@ -102,15 +106,21 @@ def test_reconstruct_and_simulate_into_a_file(star, tmp_path, capsys):
 @pytest.mark.parametrize("device", ["gpu", "cuda:x", "tpu"])
 def test_unknown_device_is_one_line(star, maps, tmp_path, capsys, device):
     a, b = maps
-    for argv in (["reconstruct", star, "-o", tmp_path / "run"], ["backproject", star, "-o", tmp_path / "m.mrc"],
-                 ["align", a, b], ["simulate", "-o", tmp_path / "sim", "-n", "2"]):
-        _fails([*argv, "--device", device], capsys, 2, repr(device) if device != "cuda:x" else "device")
+    for argv in (
+        ["reconstruct", star, "-o", tmp_path / "run"],
+        ["backproject", star, "-o", tmp_path / "m.mrc"],
+        ["align", a, b],
+        ["simulate", "-o", tmp_path / "sim", "-n", "2"],
+    ):
+        _fails(
+            [*argv, "--device", device], capsys, 2, repr(device) if device != "cuda:x" else "device"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc", "p.mrcs", "p.star"]
 
 
 def test_fsc_into_a_closed_pipe(maps, tmp_path):
     a, b = maps
-    cmd = (f"{sys.executable} -m cryorecon fsc {a} {b} -o {tmp_path / 'f'} | head -1")
+    cmd = f"{sys.executable} -m cryorecon fsc {a} {b} -o {tmp_path / 'f'} | head -1"
     res = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120)
     assert res.stdout.startswith("FSC 0.5:") and len(res.stdout.splitlines()) == 1
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
@@ -134,9 +144,17 @@ def test_unreadable_stack_says_permission_denied(star, capsys):
         stack.chmod(0o644)
 
 
-@pytest.mark.parametrize("argv, dest", [
-    (["reconstruct", "p.star"], "out"), (["backproject", "p.star"], "out"), (["simulate"], "out"),
-    (["fsc", "a.mrc", "b.mrc"], "output"), (["align", "a.mrc", "b.mrc"], "output"), (["report", "run"], "output")])
+@pytest.mark.parametrize(
+    "argv, dest",
+    [
+        (["reconstruct", "p.star"], "out"),
+        (["backproject", "p.star"], "out"),
+        (["simulate"], "out"),
+        (["fsc", "a.mrc", "b.mrc"], "output"),
+        (["align", "a.mrc", "b.mrc"], "output"),
+        (["report", "run"], "output"),
+    ],
+)
 def test_both_long_spellings_of_o(argv, dest):
     p = build_parser()
     for flag in ("-o", "--out", "--output"):
@@ -145,21 +163,47 @@ def test_both_long_spellings_of_o(argv, dest):
 
 # ------------------------------------------------------------------------------ report status
 
+
 def _ended_run(tmp_path: Path, reason: str | None, finished: bool) -> Path:
     run = tmp_path / "run"
     run.mkdir()
-    info = {"finished": finished, "stop_reason": reason, "iterations": 3, "config": {}, "box": 16, "apix": 4.0}
+    info = {
+        "finished": finished,
+        "stop_reason": reason,
+        "iterations": 3,
+        "config": {},
+        "box": 16,
+        "apix": 4.0,
+    }
     (run / "run.json").write_text(json.dumps(info))
-    lines = [json.dumps({"iteration": i, "seconds": i * 0.1, "omega_star": 0.02, "resolution_A": 50.0,
-                         "epsilon": 2.0, "L": 10.0, "train_nll": 5.0, "heldout_nll": None}) for i in (1, 2, 3)]
+    lines = [
+        json.dumps(
+            {
+                "iteration": i,
+                "seconds": i * 0.1,
+                "omega_star": 0.02,
+                "resolution_A": 50.0,
+                "epsilon": 2.0,
+                "L": 10.0,
+                "train_nll": 5.0,
+                "heldout_nll": None,
+            }
+        )
+        for i in (1, 2, 3)
+    ]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run
 
 
-@pytest.mark.parametrize("reason, finished, expect", [
-    ("max_iters", False, "stopped after 3 iterations, not converged (at max_iters"),
-    ("SIGTERM", False, "at SIGTERM"), (None, False, "its process ended without finishing"),
-    ("converged", True, "finished (converged)")])
+@pytest.mark.parametrize(
+    "reason, finished, expect",
+    [
+        ("max_iters", False, "stopped after 3 iterations, not converged (at max_iters"),
+        ("SIGTERM", False, "at SIGTERM"),
+        (None, False, "its process ended without finishing"),
+        ("converged", True, "finished (converged)"),
+    ],
+)
 def test_report_of_an_ended_run_is_not_running(tmp_path, reason, finished, expect):
     from cryorecon.report import write_report
 
@@ -173,8 +217,10 @@ def test_report_of_a_live_run_is_running(tmp_path):
     from cryorecon.report import write_report
 
     run = _ended_run(tmp_path, None, False)
-    code = ("import time; from cryorecon.runstate import RunLock; "
-            f"lock = RunLock({str(run)!r}); print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import time; from cryorecon.runstate import RunLock; "
+        f"lock = RunLock({str(run)!r}); print('locked', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline().strip() == b"locked"

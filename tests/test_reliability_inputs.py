@@ -16,7 +16,9 @@ from cryorecon.io.checks import check_ctf_values, exclude_blank, single_pixel_si
 from cryorecon.io.mrc import read_map
 from cryorecon.io.particles import read_particles, write_particles
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 N, D, APIX = 6, 16, 4.0
 
 
@@ -46,14 +48,17 @@ def _one_line_error(argv, capsys, *patterns) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("table, label, value, expect", [
-    ("optics", "rlnVoltage", 0.0, "rlnVoltage"),
-    ("optics", "rlnVoltage", -300.0, "rlnVoltage"),
-    ("optics", "rlnAmplitudeContrast", 1.0, "rlnAmplitudeContrast"),
-    ("optics", "rlnAmplitudeContrast", -0.1, "rlnAmplitudeContrast"),
-    ("particles", "rlnDefocusU", -1.5e4, "rlnDefocusU"),
-    ("particles", "rlnDefocusV", -1.0, "rlnDefocusV"),
-])
+@pytest.mark.parametrize(
+    "table, label, value, expect",
+    [
+        ("optics", "rlnVoltage", 0.0, "rlnVoltage"),
+        ("optics", "rlnVoltage", -300.0, "rlnVoltage"),
+        ("optics", "rlnAmplitudeContrast", 1.0, "rlnAmplitudeContrast"),
+        ("optics", "rlnAmplitudeContrast", -0.1, "rlnAmplitudeContrast"),
+        ("particles", "rlnDefocusU", -1.5e4, "rlnDefocusU"),
+        ("particles", "rlnDefocusV", -1.0, "rlnDefocusV"),
+    ],
+)
 def test_out_of_range_ctf_is_an_error_when_read(good, capsys, table, label, value, expect):
     bad = _edit(good, "bad.star", lambda b: b[table].__setitem__(label, value))
     with pytest.raises(InputError) as info:
@@ -68,8 +73,14 @@ def test_out_of_range_ctf_is_an_error_when_read(good, capsys, table, label, valu
 
 
 def test_valid_edge_values_pass(good):
-    ok = _edit(good, "ok.star", lambda b: (b["optics"].__setitem__("rlnAmplitudeContrast", 0.0),
-                                           b["particles"].__setitem__("rlnDefocusU", 0.0)))
+    ok = _edit(
+        good,
+        "ok.star",
+        lambda b: (
+            b["optics"].__setitem__("rlnAmplitudeContrast", 0.0),
+            b["particles"].__setitem__("rlnDefocusU", 0.0),
+        ),
+    )
     assert read_particles(ok).ctf["amp_contrast"][0] == 0.0
 
 
@@ -78,6 +89,7 @@ def test_one_bad_particle_is_named(good):
         d = b["particles"]["rlnDefocusU"].to_numpy().copy()
         d[3] = -20.0
         b["particles"]["rlnDefocusU"] = d
+
     with pytest.raises(InputError, match=r"particle 3 \(4@good.mrcs\).*-20.*1 of 6 particles"):
         read_particles(_edit(good, "one.star", one))
 
@@ -111,10 +123,13 @@ def test_pixel_size_disagreeing_with_the_header(good, capsys):
 def test_per_particle_pixel_sizes_that_differ(good, capsys):
     def two(b):
         b["particles"]["rlnImagePixelSize"] = [4.0, 8.0] * (N // 2)
+
     mixed = _edit(good, "mixed.star", two)
     _set_header_voxel(good.with_suffix(".mrcs"), 0.0)
     ps = read_particles(mixed)
-    with pytest.raises(InputError, match=r"different pixel sizes: 4 Å \(3\), 8 Å \(3\).*separately"):
+    with pytest.raises(
+        InputError, match=r"different pixel sizes: 4 Å \(3\), 8 Å \(3\).*separately"
+    ):
         single_pixel_size(ps)
     out = good.parent / "m.mrc"
     _one_line_error(["backproject", mixed, "-o", out], capsys, "different pixel sizes")
@@ -123,6 +138,7 @@ def test_per_particle_pixel_sizes_that_differ(good, capsys):
 
 
 # ------------------------------------------------------------------------------ blank images
+
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
@@ -170,7 +186,9 @@ def test_only_blank_images_is_an_error(sim, tmp_path, capsys):
     out = tmp_path / "map.mrc"
     _one_line_error(["backproject", star, "-o", out], capsys, "all 200 images are blank")
     assert not out.exists()
-    _one_line_error(["reconstruct", star, "-o", tmp_path / "run"], capsys, "all 200 images are blank")
+    _one_line_error(
+        ["reconstruct", star, "-o", tmp_path / "run"], capsys, "all 200 images are blank"
+    )
     assert not (tmp_path / "run").exists()
 
 

@@ -18,11 +18,32 @@ import torch
 from cryorecon import cli
 from cryorecon.io.particles import read_particles, write_particles
 from cryorecon.runstate import (
-    LOCK_NAME, BusyError, RunLock, bar_total, folder_busy, particle_fingerprint,
+    LOCK_NAME,
+    BusyError,
+    RunLock,
+    bar_total,
+    folder_busy,
+    particle_fingerprint,
 )
 
-FAST = ["--grid-scale", "3", "--start-resolution", "80", "--resolution", "60", "--minibatch", "50",
-        "--heldout", "20", "--heldout-every", "5", "--checkpoint-every", "2", "--report-every", "0"]
+FAST = [
+    "--grid-scale",
+    "3",
+    "--start-resolution",
+    "80",
+    "--resolution",
+    "60",
+    "--minibatch",
+    "50",
+    "--heldout",
+    "20",
+    "--heldout-every",
+    "5",
+    "--checkpoint-every",
+    "2",
+    "--report-every",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +67,9 @@ def done_run(sim, tmp_path_factory) -> Path:
 
 def _cli(star, out, *extra, quiet=True) -> int:
     # (the CLI reconfigures logging, so tests read its messages from stderr, not caplog)
-    return cli.main([*(["-q"] if quiet else []), "reconstruct", str(star), "-o", str(out), *FAST, *extra])
+    return cli.main(
+        [*(["-q"] if quiet else []), "reconstruct", str(star), "-o", str(out), *FAST, *extra]
+    )
 
 
 def _copy(run: Path, dest: Path) -> Path:
@@ -72,10 +95,13 @@ def _metrics(run: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------ lock
 
+
 def _holder(folder: Path) -> subprocess.Popen:
     """Another process that holds ``folder``'s lock until killed."""
-    code = ("import sys, time; from cryorecon.runstate import RunLock; "
-            f"lock = RunLock({str(folder)!r}); print('locked', flush=True); time.sleep(600)")
+    code = (
+        "import sys, time; from cryorecon.runstate import RunLock; "
+        f"lock = RunLock({str(folder)!r}); print('locked', flush=True); time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"locked"
     return proc
@@ -129,21 +155,31 @@ def test_lock_released_when_its_owner_is_gone(tmp_path):
 
 # ------------------------------------------------------------------------------ fingerprint
 
+
 def test_resume_with_another_particle_set_is_refused(sim, done_run, tmp_path, capsys):
     run = _copy(done_run, tmp_path / "run")
     before = _files(run)
     ps = read_particles(sim / "particles.star")
     imgs = ps.images(None)
-    other = {"fewer": (imgs[:150], slice(0, 150)), "more": (np.concatenate([imgs, imgs[:50]]), None),
-             "same count": (imgs[::-1].copy(), slice(None, None, -1))}
+    other = {
+        "fewer": (imgs[:150], slice(0, 150)),
+        "more": (np.concatenate([imgs, imgs[:50]]), None),
+        "same count": (imgs[::-1].copy(), slice(None, None, -1)),
+    }
     for name, (im, sel) in other.items():
         star = tmp_path / f"{name.replace(' ', '_')}.star"
         if sel is None:
             idx = np.concatenate([np.arange(200), np.arange(50)])
         else:
             idx = np.arange(200)[sel]
-        write_particles(star, im, ps.apix[idx], {k: v[idx] for k, v in ps.ctf.items()},
-                        angles=ps.angles[idx], shifts=ps.shifts[idx])
+        write_particles(
+            star,
+            im,
+            ps.apix[idx],
+            {k: v[idx] for k, v in ps.ctf.items()},
+            angles=ps.angles[idx],
+            shifts=ps.shifts[idx],
+        )
         assert _cli(star, run, "--max-iters", "6", "--resume") == 2, name
         lines = _last_error_line(capsys)
         assert len(lines) == 1 and "not the particle set of the checkpoint" in lines[0], lines
@@ -172,8 +208,21 @@ def test_fingerprint_sees_count_stacks_and_content(sim):
 
 def test_resume_says_which_changed_options_it_applies_and_ignores(sim, done_run, tmp_path, capsys):
     run = _copy(done_run, tmp_path / "run")
-    assert _cli(sim / "particles.star", run, "--max-iters", "5", "--resume", "--seed", "7",
-                "--minibatch", "40", quiet=False) == 0
+    assert (
+        _cli(
+            sim / "particles.star",
+            run,
+            "--max-iters",
+            "5",
+            "--resume",
+            "--seed",
+            "7",
+            "--minibatch",
+            "40",
+            quiet=False,
+        )
+        == 0
+    )
     text = capsys.readouterr().err
     assert "resume applies: --max-iters 5 (checkpoint: 4)" in text
     assert "resume ignores changed options" in text and "--seed 7 (checkpoint: 0)" in text
@@ -189,6 +238,7 @@ def test_resume_at_its_limit_says_why_nothing_happens(sim, done_run, tmp_path, c
 
 
 # ------------------------------------------------------------------------------ corrupt files
+
 
 @pytest.mark.parametrize("damage", ["random", "half", "empty", "not a dict"])
 def test_corrupt_checkpoint_is_one_line(sim, done_run, tmp_path, capsys, damage):
@@ -221,13 +271,31 @@ def test_torn_metrics_line_is_repaired_on_resume(sim, done_run, tmp_path, capsys
 
 # ------------------------------------------------------------------------------ signals
 
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(sim, tmp_path, sig):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cryorecon", "-q", "reconstruct", str(sim / "particles.star"), "-o", str(out),
-           *FAST, "--max-iters", "500", "--checkpoint-every", "100"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "cryorecon",
+        "-q",
+        "reconstruct",
+        str(sim / "particles.star"),
+        "-o",
+        str(out),
+        *FAST,
+        "--max-iters",
+        "500",
+        "--checkpoint-every",
+        "100",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -252,7 +320,10 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(sim, tmp_path, sig):
     assert info["stop_reason"] == signal.Signals(sig).name and info["finished"] is False
     assert not (out / LOCK_NAME).exists()
     # and it resumes from there
-    assert _cli(sim / "particles.star", out, "--max-iters", str(int(state["tau"]) + 1), "--resume") == 0
+    assert (
+        _cli(sim / "particles.star", out, "--max-iters", str(int(state["tau"]) + 1), "--resume")
+        == 0
+    )
     assert [r["iteration"] for r in _metrics(out)] == list(range(1, int(state["tau"]) + 2))
 
 
@@ -265,7 +336,9 @@ def test_progress_total_respects_max_time():
 
 
 def test_heldout_set_cut_is_said(sim, tmp_path, capsys):
-    assert _cli(sim / "particles.star", tmp_path / "run", "--max-iters", "1", "--heldout", "50") == 0
+    assert (
+        _cli(sim / "particles.star", tmp_path / "run", "--max-iters", "1", "--heldout", "50") == 0
+    )
     assert "holding out 20 particles, not the 50 asked for" in capsys.readouterr().err
 
 
@@ -280,7 +353,9 @@ def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
     monkeypatch.setattr(fcntl, "flock", no_flock)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
-        (tmp_path / LOCK_NAME).write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname()}))
+        (tmp_path / LOCK_NAME).write_text(
+            json.dumps({"pid": sleeper.pid, "host": socket.gethostname()})
+        )
         with pytest.raises(BusyError, match=f"pid {sleeper.pid}"):
             RunLock(tmp_path)
         assert folder_busy(tmp_path)

@@ -35,8 +35,20 @@ from .progress import log
 LOCK_NAME = ".cryorecon.lock"
 
 #: Keys every checkpoint must hold (those :meth:`cryorecon.reconstruct.Run._load` reads).
-CHECKPOINT_KEYS = ("V", "sagd", "tau", "elapsed", "gen", "order", "best_heldout", "since_improve",
-                   "last_heldout", "config", "prior_state", "best_dir")
+CHECKPOINT_KEYS = (
+    "V",
+    "sagd",
+    "tau",
+    "elapsed",
+    "gen",
+    "order",
+    "best_heldout",
+    "since_improve",
+    "last_heldout",
+    "config",
+    "prior_state",
+    "best_dir",
+)
 
 
 class BusyError(CryoreconError):
@@ -124,19 +136,25 @@ class RunLock:
             try:
                 folder.mkdir(parents=True)
             except OSError as exc:
-                raise InputError(f"{folder}: cannot create the run folder ({exc.strerror})") from exc
+                raise InputError(
+                    f"{folder}: cannot create the run folder ({exc.strerror})"
+                ) from exc
         while True:
             try:
                 fh = open(self.path, "a+")
             except OSError as exc:
-                raise InputError(f"{folder}: cannot write in the run folder ({exc.strerror})") from exc
+                raise InputError(
+                    f"{folder}: cannot write in the run folder ({exc.strerror})"
+                ) from exc
             if not _flock(fh.fileno(), True, self.path):
                 who = _describe_holder(self.path)
                 fh.close()
-                raise BusyError(f"{folder} is in use by another cryorecon run ({who}); wait for it "
-                                f"to end or stop it, or choose another -o/--out (if no run uses it, "
-                                f"delete {self.path})")
-            # The file may have been unlinked by a holder releasing it meanwhile: retry on the new one.
+                raise BusyError(
+                    f"{folder} is in use by another cryorecon run ({who}); wait for it "
+                    f"to end or stop it, or choose another -o/--out (if no run uses it, "
+                    f"delete {self.path})"
+                )
+            # A holder releasing the lock meanwhile may have unlinked the file: retry on a new one.
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fh.fileno()).st_ino
             except FileNotFoundError:
@@ -147,15 +165,20 @@ class RunLock:
         fh.seek(0)
         old = fh.read().strip()
         if old:
-            log.info(f"{folder}: taking over the lock of a run that is no longer running "
-                     f"({_describe_holder(self.path)})")
+            log.info(
+                f"{folder}: taking over the lock of a run that is no longer running "
+                f"({_describe_holder(self.path)})"
+            )
         fh.seek(0)
         fh.truncate()
-        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        fh.write(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+        )
         fh.flush()
         self._fh = fh
-        self._finalizer = weakref.finalize(owner if owner is not None else self, _release,
-                                           self.path, fh, made)
+        self._finalizer = weakref.finalize(
+            owner if owner is not None else self, _release, self.path, fh, made
+        )
 
     def release(self) -> None:
         """Give the folder up (idempotent)."""
@@ -193,8 +216,13 @@ def particle_fingerprint(ps) -> dict:
             sizes.append(int(Path(s).stat().st_size))
         except OSError:
             sizes.append(-1)
-    return {"count": len(ps), "source": Path(ps.source).name, "stacks": list(ps.stack_names),
-            "stack_bytes": sizes, "digest": h.hexdigest()}
+    return {
+        "count": len(ps),
+        "source": Path(ps.source).name,
+        "stacks": list(ps.stack_names),
+        "stack_bytes": sizes,
+        "digest": h.hexdigest(),
+    }
 
 
 def fingerprint_differences(saved: dict, now: dict) -> list[str]:
@@ -205,9 +233,13 @@ def fingerprint_differences(saved: dict, now: dict) -> list[str]:
     if saved["stacks"] != now["stacks"]:
         out.append("other image stacks")
     elif saved["stack_bytes"] != now["stack_bytes"]:
-        changed = [n for n, a, b in zip(now["stacks"], saved["stack_bytes"], now["stack_bytes"]) if a != b]
-        out.append(f"stack {changed[0]} changed size" + (f" (and {len(changed) - 1} more)"
-                                                          if len(changed) > 1 else ""))
+        changed = [
+            n for n, a, b in zip(now["stacks"], saved["stack_bytes"], now["stack_bytes"]) if a != b
+        ]
+        out.append(
+            f"stack {changed[0]} changed size"
+            + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
+        )
     if not out and saved["digest"] != now["digest"]:
         out.append("other images or CTF parameters")
     return out
@@ -227,10 +259,14 @@ def read_checkpoint(path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - pickle and zip raise many kinds
         what = " ".join(str(exc).split())[:160]
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({size} bytes: {what}); {hint}") from exc
+        raise InputError(
+            f"{path}: corrupt or truncated checkpoint ({size} bytes: {what}); {hint}"
+        ) from exc
     if not isinstance(state, dict) or any(k not in state for k in CHECKPOINT_KEYS):
         missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-        raise InputError(f"{path}: not a cryorecon checkpoint (lacks {', '.join(missing[:4])}); {hint}")
+        raise InputError(
+            f"{path}: not a cryorecon checkpoint (lacks {', '.join(missing[:4])}); {hint}"
+        )
     return state
 
 
@@ -238,7 +274,9 @@ def _fmt_option(k: str, v) -> str:
     return f"--{k.replace('_', '-')} {v}"
 
 
-def resume_option_changes(saved: dict, requested: dict, defaults: dict, overrides) -> tuple[list, list]:
+def resume_option_changes(
+    saved: dict, requested: dict, defaults: dict, overrides
+) -> tuple[list, list]:
     """(applied, ignored): options that differ between the checkpoint and this request, as
     ``--name new (checkpoint: old)`` strings. ``overrides`` are applied on resume; any other
     option the user changed from its default is ignored (the checkpoint's value is kept)."""
@@ -263,22 +301,29 @@ def load_checkpoint(path, particles, requested=None, overrides=()) -> dict:
     state = read_checkpoint(path)
     fp = state.get("fingerprint")
     if fp is None:
-        log.warning(f"warning: {path} predates particle fingerprints; cannot check that "
-                    f"{particles.source} is the set it was made from")
+        log.warning(
+            f"warning: {path} predates particle fingerprints; cannot check that "
+            f"{particles.source} is the set it was made from"
+        )
     else:
         diff = fingerprint_differences(fp, particle_fingerprint(particles))
         if diff:
-            raise InputError(f"{particles.source}: not the particle set of the checkpoint in "
-                             f"{Path(path).parent} ({fp['source']}: {'; '.join(diff)}); resume with "
-                             "the same file, or start a new run with --force or another -o/--out")
+            raise InputError(
+                f"{particles.source}: not the particle set of the checkpoint in "
+                f"{Path(path).parent} ({fp['source']}: {'; '.join(diff)}); resume with "
+                "the same file, or start a new run with --force or another -o/--out"
+            )
     if requested is not None:
-        applied, ignored = resume_option_changes(state["config"], asdict(requested),
-                                                 asdict(type(requested)()), overrides)
+        applied, ignored = resume_option_changes(
+            state["config"], asdict(requested), asdict(type(requested)()), overrides
+        )
         if applied:
             log.info(f"resume applies: {', '.join(applied)}")
         if ignored:
-            log.warning(f"warning: resume ignores changed options (the checkpoint's values are kept): "
-                        f"{', '.join(ignored)}; start over with --force to use them")
+            log.warning(
+                f"warning: resume ignores changed options (the checkpoint's values are kept): "
+                f"{', '.join(ignored)}; start over with --force to use them"
+            )
     return state
 
 
@@ -301,8 +346,10 @@ def trim_metrics(path, tau: int) -> None:
         if it <= tau:
             keep.append(ln)
     if torn:
-        log.warning(f"warning: {path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}; "
-                    "torn by a crash?); the log is repaired")
+        log.warning(
+            f"warning: {path}: dropped {len(torn)} unreadable line(s) (line {torn[0]}; "
+            "torn by a crash?); the log is repaired"
+        )
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     os.replace(tmp, path)
@@ -332,8 +379,10 @@ class SignalStop:
         if self.reason is not None:
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
-        log.warning(f"\n{self.reason}: finishing this iteration and writing a checkpoint "
-                    "(signal again to stop at once)")
+        log.warning(
+            f"\n{self.reason}: finishing this iteration and writing a checkpoint "
+            "(signal again to stop at once)"
+        )
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -364,13 +413,17 @@ def warn_if_nothing_to_do(reason: str | None, tau: int, elapsed: float) -> None:
         return
     what = {"max_iters": "--max-iters", "max_time": "--max-time"}.get(reason)
     hint = f"; pass a larger {what} with --resume to continue" if what else ""
-    log.warning(f"warning: nothing to do: the checkpoint (iteration {tau}, {elapsed:.0f} s) has "
-                f"already reached its stop condition ({reason}){hint}")
+    log.warning(
+        f"warning: nothing to do: the checkpoint (iteration {tau}, {elapsed:.0f} s) has "
+        f"already reached its stop condition ({reason}){hint}"
+    )
 
 
 def warn_if_heldout_cut(n_heldout: int, requested: int, n: int) -> None:
     """Say so when the held-out set is smaller than asked (at most a tenth of the particles
     is held out, so that most are trained on)."""
     if n_heldout < requested:
-        log.warning(f"warning: holding out {n_heldout} particles, not the {requested} asked for "
-                    f"(--heldout): at most a tenth of the {n} particles is held out")
+        log.warning(
+            f"warning: holding out {n_heldout} particles, not the {requested} asked for "
+            f"(--heldout): at most a tenth of the {n} particles is held out"
+        )

@@ -64,10 +64,18 @@ def check_device(name: str) -> str:
         return name
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise InputError(
+                f"--device {name}: CUDA is not available on this machine; use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+            raise InputError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)"
+            )
         return name
-    if dev.type == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if (
+        dev.type == "mps"
+        and getattr(torch.backends, "mps", None)
+        and torch.backends.mps.is_available()
+    ):
         return name
     raise InputError(f"unsupported device {name!r}; use cpu or cuda (cuda:N for GPU N)")

@@ -21,7 +21,8 @@ def register(subparsers) -> None:
         "rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) back-projection. With simulated data and "
         "the true poses it is the best map the data allow.")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="MAP", help="output MRC map")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="MAP",
+                   help="output MRC map")
     p.add_argument("--diameter", type=positive(), default=None,
                    help="particle diameter in Å (default: 80%% of the box)")
     p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")

@@ -95,7 +95,8 @@ def register(subparsers) -> None:
         description="Estimate a 3D density from particle images without any initial model: marginalised "
         "MAP estimation with stochastic average gradient descent (Punjani, Brubaker & Fleet 2017).")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with CTF parameters")
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR",
+                   help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
     add_reconstruct_arguments(p)
@@ -111,7 +112,7 @@ def run(args) -> int:
           f"stopped: {summary['reason']})")
     code = exit_code_for(summary["reason"])
     if code:
-        print(f"cryorecon reconstruct: stopped by {summary['reason']} at iteration {summary['iterations']}; "
-              f"checkpoint saved. Continue with: cryorecon reconstruct {args.particles} -o {args.out} --resume",
-              file=sys.stderr)
+        print(f"cryorecon reconstruct: stopped by {summary['reason']} at iteration "
+              f"{summary['iterations']}; checkpoint saved. Continue with: cryorecon reconstruct "
+              f"{args.particles} -o {args.out} --resume", file=sys.stderr)
     return code

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--snr", type=positive(), default=0.05,
                    help="signal-to-noise ratio (variances over the box; default 0.05; inf = no noise)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR",
+                   help="output folder")
     p.add_argument("--defocus-min", type=positive(), default=1.0, help="µm (default 1)")
     p.add_argument("--defocus-max", type=positive(), default=3.0, help="µm (default 3)")
     p.add_argument("--astigmatism", type=at_least(0, float), default=200.0,

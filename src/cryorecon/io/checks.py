@@ -32,12 +32,24 @@ UNSET_VOXEL_SIZES = (0.0, 1.0)
 # (key, label for messages, predicate on valid values, what is expected)
 _CTF_RULES = (
     ("voltage", "voltage (rlnVoltage, kV)", lambda v: v > 0, "> 0 kV"),
-    ("amp_contrast", "amplitude contrast (rlnAmplitudeContrast)", lambda v: (v >= 0) & (v < 1),
-     "in [0, 1)"),
-    ("defocus_u", "defocus U (rlnDefocusU, Å)", lambda v: v >= 0,
-     ">= 0 Å (RELION: positive = underfocus; a sign flip?)"),
-    ("defocus_v", "defocus V (rlnDefocusV, Å)", lambda v: v >= 0,
-     ">= 0 Å (RELION: positive = underfocus; a sign flip?)"),
+    (
+        "amp_contrast",
+        "amplitude contrast (rlnAmplitudeContrast)",
+        lambda v: (v >= 0) & (v < 1),
+        "in [0, 1)",
+    ),
+    (
+        "defocus_u",
+        "defocus U (rlnDefocusU, Å)",
+        lambda v: v >= 0,
+        ">= 0 Å (RELION: positive = underfocus; a sign flip?)",
+    ),
+    (
+        "defocus_v",
+        "defocus V (rlnDefocusV, Å)",
+        lambda v: v >= 0,
+        ">= 0 Å (RELION: positive = underfocus; a sign flip?)",
+    ),
 )
 
 
@@ -55,8 +67,10 @@ def check_ctf_values(ps) -> None:
         bad = ~np.isfinite(np.asarray(values, dtype=np.float64))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{ps._where(i)}: CTF parameter {key} is {values[i]} "
-                             f"({_count(int(bad.sum()), n)} not finite)")
+            raise InputError(
+                f"{ps._where(i)}: CTF parameter {key} is {values[i]} "
+                f"({_count(int(bad.sum()), n)} not finite)"
+            )
     for key, label, ok, expected in _CTF_RULES:
         if key not in ps.ctf:
             continue
@@ -64,8 +78,10 @@ def check_ctf_values(ps) -> None:
         bad = ~ok(v)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{ps._where(i)}: {label} is {v[i]:g}; expected {expected} "
-                             f"({_count(int(bad.sum()), n)})")
+            raise InputError(
+                f"{ps._where(i)}: {label} is {v[i]:g}; expected {expected} "
+                f"({_count(int(bad.sum()), n)})"
+            )
 
 
 def check_header_pixel_sizes(ps) -> None:
@@ -82,9 +98,11 @@ def check_header_pixel_sizes(ps) -> None:
         off = np.abs(ps.apix[mine] - hv) > APIX_HEADER_RTOL * hv
         if off.any():
             i = int(mine[np.flatnonzero(off)[0]])
-            raise InputError(f"{ps._where(i)}: pixel size {ps.apix[i]:g} Å in the metadata but "
-                             f"{hv:g} Å in the header of {h.path} ({int(off.sum())} particles); "
-                             "fix rlnImagePixelSize (or blob/psize_A) or the stack header")
+            raise InputError(
+                f"{ps._where(i)}: pixel size {ps.apix[i]:g} Å in the metadata but "
+                f"{hv:g} Å in the header of {h.path} ({int(off.sum())} particles); "
+                "fix rlnImagePixelSize (or blob/psize_A) or the stack header"
+            )
 
 
 def check_particle_values(ps) -> None:
@@ -103,9 +121,11 @@ def single_pixel_size(ps) -> float:
     values, counts = np.unique(np.round(apix, 4), return_counts=True)
     shown = ", ".join(f"{v:g} Å ({c})" for v, c in list(zip(values, counts))[:6])
     more = f" and {len(values) - 6} more" if len(values) > 6 else ""
-    raise InputError(f"{ps.source}: particles have different pixel sizes: {shown}{more}; "
-                     "reconstruct each pixel size (optics group) separately, or rescale the "
-                     "images to one pixel size first (e.g. relion_image_handler --rescale_angpix)")
+    raise InputError(
+        f"{ps.source}: particles have different pixel sizes: {shown}{more}; "
+        "reconstruct each pixel size (optics group) separately, or rescale the "
+        "images to one pixel size first (e.g. relion_image_handler --rescale_angpix)"
+    )
 
 
 def blank_images(ps, batch_size: int = 1000) -> np.ndarray:
@@ -117,7 +137,7 @@ def blank_images(ps, batch_size: int = 1000) -> np.ndarray:
         for a in range(0, n, batch_size):
             imgs = ps.images(np.arange(a, min(n, a + batch_size)))
             flat = imgs.reshape(len(imgs), -1)
-            blank[a:a + len(imgs)] = (flat.max(axis=1) == flat.min(axis=1))
+            blank[a : a + len(imgs)] = flat.max(axis=1) == flat.min(axis=1)
             pb.update(len(imgs))
     return np.flatnonzero(blank)
 
@@ -131,10 +151,14 @@ def exclude_blank(ps, batch_size: int = 1000):
     n = len(ps)
     first = ps.image_name(int(bad[0]))
     if len(bad) == n:
-        raise InputError(f"{ps.source}: all {n} images are blank (every pixel equal, e.g. "
-                         f"{first}); nothing to reconstruct from")
-    log.warning(f"warning: {ps.source}: excluding {_count(len(bad), n)} with blank images "
-                f"(every pixel equal; first {first})")
+        raise InputError(
+            f"{ps.source}: all {n} images are blank (every pixel equal, e.g. "
+            f"{first}); nothing to reconstruct from"
+        )
+    log.warning(
+        f"warning: {ps.source}: excluding {_count(len(bad), n)} with blank images "
+        f"(every pixel equal; first {first})"
+    )
     keep = np.setdiff1d(np.arange(n), bad)
     return ps.subset(keep)
 
@@ -158,8 +182,10 @@ def check_text_file(path, what: str = "STAR file") -> None:
     with open(path, "rb") as fh:
         head = fh.read(65536)
     if b"\0" in head:
-        raise InputError(f"{path}: binary data, not a text {what} (an MRC stack or a cryoSPARC "
-                         ".cs file given in its place?)")
+        raise InputError(
+            f"{path}: binary data, not a text {what} (an MRC stack or a cryoSPARC "
+            ".cs file given in its place?)"
+        )
 
 
 def check_npy_file(path, what: str = "cryoSPARC .cs file") -> None:
@@ -169,5 +195,7 @@ def check_npy_file(path, what: str = "cryoSPARC .cs file") -> None:
     with open(path, "rb") as fh:
         magic = fh.read(6)
     if magic != b"\x93NUMPY":
-        raise InputError(f"{path}: not a {what} (no NumPy array header; a STAR file or an "
-                         "image stack given in its place?)")
+        raise InputError(
+            f"{path}: not a {what} (no NumPy array header; a STAR file or an "
+            "image stack given in its place?)"
+        )

@@ -29,8 +29,6 @@ from . import data, plots
 
 #: Snapshots shown in the "progress" section (first, last and evenly spaced between).
 MAX_SNAPSHOTS = 8
-#: A run whose metrics have not changed for this long is called "stopped", not "running".
-STALE_SECONDS = 600
 #: Browsers reload an unfinished run's report this often (seconds).
 REFRESH_SECONDS = 60
 
@@ -485,7 +483,9 @@ def build_html(run_dir, reference=None, align: bool = False, level: float | None
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     refresh = "" if not ctx.running else f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
     nav = "".join(f'<a href="#{k}">{_e(t.split(",")[0])}</a>' for k, t, _ in SECTIONS)
-    sub = f"Updated {now}" + ("" if not ctx.running else f" · reloads every {REFRESH_SECONDS} s while the run is running")
+    sub = f"Updated {now}"
+    if ctx.running:
+        sub += f" · reloads every {REFRESH_SECONDS} s while the run is running"
     sub += f" · {platform.node()}" if platform.node() else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">{refresh}"
