@@ -366,3 +366,33 @@ def test_lock_without_flock_falls_back_to_the_pid(tmp_path, monkeypatch):
     lock = RunLock(tmp_path)
     assert json.loads((tmp_path / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock.release()
+
+
+def test_second_interrupt_stops_at_once_and_keeps_the_checkpoint(sim, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cryorecon", "-q", "reconstruct", str(sim / "particles.star")]
+    cmd += ["-o", str(out), *FAST, "--max-iters", "500"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            m = out / "metrics.jsonl"
+            if (out / "checkpoint.pt").exists() and m.exists() and m.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    tau = int(state["tau"])
+    assert tau >= 2
+    assert not folder_busy(out)
+    assert _cli(sim / "particles.star", out, "--max-iters", str(tau + 1), "--resume") == 0
