@@ -146,7 +146,11 @@ def test_report_survives_an_empty_and_a_young_run(tmp_path):
                          "epsilon": 2.0, "L": 10.0, "train_nll": 5.0 - 0.1 * i, "heldout_nll": None,
                          "poses_evaluated": 10, "poses_full": 10}) for i in range(1, 4)]
     (young / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 4, "sec')
+    from cryorecon.runstate import RunLock
+
+    lock = RunLock(young)  # a live run holds its folder's lock
     text = write_report(young).read_text()
+    lock.release()
     assert 'class="error"' not in text
     assert "http-equiv=\"refresh\"" in text
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 1  # convergence only

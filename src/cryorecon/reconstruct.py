@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, runstate
 from .errors import InputError, OutputExistsError
 from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
+from .io.checks import single_pixel_size
 from .io.mrc import write_map
 from .model.importance import ImportanceSampler, ISConfig
 from .model.likelihood import CombinedResult, marginal_loglik, sampled_loglik_groups, volume_objective
@@ -212,7 +213,7 @@ class Run:
         self.ckpt_path = self.out / "checkpoint.pt"
         state = None
         if resume and self.ckpt_path.exists() and not force:
-            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            state = runstate.load_checkpoint(self.ckpt_path, particles, config, RESUME_OVERRIDES)
             config = _resumed_config(state["config"], config)
         self.cfg = config
         self.device = torch.device(config.device)
@@ -220,13 +221,15 @@ class Run:
             raise InputError("--device cuda requested but CUDA is not available")
         self.metrics_path = self.out / "metrics.jsonl"
         self.D = particles.D
-        self.apix = float(np.median(particles.apix))
+        self.apix = single_pixel_size(particles)
+        self.fingerprint = runstate.particle_fingerprint(particles)
         self.diameter_px = (config.diameter_A or default_diameter_A(self.D, self.apix)) / self.apix
         shift_sigma_A = config.shift_sigma_A if config.shift_sigma_A is not None else 0.05 * self.D * self.apix
         self.shift_sigma_px = shift_sigma_A / self.apix
         self.schedule = config.schedule(self.apix)
         self._check_out_dir(resume, force)
         self.heldout, self.batches = split_particles(len(particles), config.heldout, config.minibatch, config.seed)
+        runstate.warn_if_heldout_cut(len(self.heldout), config.heldout, len(particles))
         self.K = len(self.batches)
         self.gen = torch.Generator().manual_seed(config.seed)
         self.levels: dict[float, Level] = {}
@@ -251,6 +254,7 @@ class Run:
         info = self.out / "run.json"
         if resume and not force and not self.ckpt_path.exists():
             raise InputError(f"{self.out}: no checkpoint.pt to resume from")
+        self.lock = runstate.RunLock(self.out, owner=self)
         if force or not self.out.exists():
             if force and self.out.exists():
                 for name in RUN_FILES:
@@ -489,6 +493,8 @@ class Run:
         c = self.cfg
         pb = bar(total=c.max_iters, initial=self.tau, desc="reconstructing", unit="it")
         reason = self.should_stop()
+        runstate.warn_if_nothing_to_do(reason, self.tau, self.elapsed)
+        stop = runstate.SignalStop()
         t_last = time.perf_counter()
         while reason is None:
             self.tau += 1
@@ -538,6 +544,7 @@ class Run:
                 "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
             })
             pb.update(1)
+            pb.total = runstate.bar_total(tau, self.elapsed, c.max_iters, c.max_time)
             pb.set_postfix(res=f"{1 / omega:.1f}A", heldout="-" if self.last_heldout is None else f"{self.last_heldout:.4g}")
             if tau % c.snapshot_every == 0:
                 write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
@@ -545,10 +552,12 @@ class Run:
                 self._save()
                 self._write_info(finished=False)
             self._refresh_report()
-            reason = self.should_stop()
+            reason = self.should_stop() or stop.reason
+        stop.restore()
         pb.close()
         self._save()
         self._write_info(finished=reason == "converged", reason=reason)
+        self.lock.release()
         self._refresh_report(force=True)
         log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
         return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
@@ -580,6 +589,7 @@ class Run:
             "importance": None if self.sampler is None else self.sampler.hist.state_dict(),
             "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
             "importance_anneal_from": None if self.sampler is None else self.sampler.anneal_from,
+            "fingerprint": self.fingerprint,
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
@@ -606,10 +616,7 @@ class Run:
             self.sampler.gen.set_state(s["importance_gen"])
             self.sampler.anneal_from = s.get("importance_anneal_from") or 0
         # Drop metric lines written after the checkpoint: they will be recomputed.
-        if self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln)["iteration"] <= self.tau]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        runstate.trim_metrics(self.metrics_path, self.tau)
         log.info(f"resuming {self.out} at iteration {self.tau}")
 
     def _write_info(self, finished: bool, reason: str | None = None) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..io.mrc import check_writable, read_map, write_map
+from ..io.mrc import read_map, write_map
 from ._args import at_least
+from ._output import check_device, check_output_file
 from .fsc import check_same_grid
 
 HELP = "align MAP onto REF: rotation, shift and hand (mirror) by normalised cross-correlation"
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
         "about the box centre D//2, M the map (mirrored z -> -z first when the hand is flipped)."))
     p.add_argument("ref", metavar="REF.mrc", help="reference map")
     p.add_argument("map", metavar="MAP.mrc", help="map to move (same box and voxel size)")
-    p.add_argument("-o", "--output", metavar="OUT.mrc", default=None,
+    p.add_argument("-o", "--output", "--out", dest="output", metavar="OUT.mrc", default=None,
                    help="aligned map (default: MAP_aligned.mrc next to MAP); OUT.json gets the transform")
     p.add_argument("--seed", type=int, default=0, help="seed of the global rotation search (default 0)")
     p.add_argument("--n-global", type=at_least(1), default=3000,
@@ -47,12 +48,11 @@ def run(args) -> int:
     ref_path, map_path = Path(args.ref), Path(args.map)
     out = Path(args.output) if args.output else map_path.with_name(map_path.stem + "_aligned.mrc")
     out_json = out.with_suffix(".json")
-    check_writable(out, args.force)
-    check_writable(out_json, args.force)
+    check_output_file(out, args.force)
+    check_output_file(out_json, args.force)
     if args.n_global < 1:
         raise InputError(f"--n-global must be positive, got {args.n_global}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: CUDA is not available")
+    check_device(args.device)
 
     ref, apix_ref = read_map(ref_path)
     mov, apix = read_map(map_path)

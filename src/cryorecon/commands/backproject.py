@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
-
 from ..backproject import wiener_backproject
-from ..io.mrc import check_writable, write_map
 from ..contrast import apply_contrast
+from ..io.checks import exclude_blank, single_pixel_size
+from ..io.mrc import write_map
 from ..preprocess import default_diameter_A
 from ..progress import log
 from ._args import at_least, positive
 from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
+from ._output import check_device, check_output_file
 
 
 def register(subparsers) -> None:
@@ -23,7 +23,8 @@ def register(subparsers) -> None:
         "rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) back-projection. With simulated data and "
         "the true poses it is the best map the data allow.")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
-    p.add_argument("-o", "--out", required=True, metavar="MAP", help="output MRC map")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="MAP",
+                   help="output MRC map")
     p.add_argument("--diameter", type=positive(), default=None,
                    help="particle diameter in Å (default: 80%% of the box)")
     p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")
@@ -36,9 +37,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    check_writable(args.out, args.force)
-    particles = read_particles_from_args(args)
-    apix = float(np.median(particles.apix))
+    check_device(args.device)
+    check_output_file(args.out, args.force)
+    particles = exclude_blank(read_particles_from_args(args))
+    apix = single_pixel_size(particles)
     diameter_A = args.diameter or default_diameter_A(particles.D, apix)
     apply_contrast(particles, diameter_A / apix, force=args.invert_contrast)
     t0 = time.perf_counter()

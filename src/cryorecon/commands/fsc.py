@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..io.mrc import check_writable, read_map
+from ..io.mrc import read_map
 from ._args import positive
+from ._output import check_output_file
 
 HELP = "Fourier shell correlation of two aligned maps; resolution at 0.5 and 0.143"
 
@@ -25,7 +26,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fsc", help=HELP, description=HELP)
     p.add_argument("map_a", metavar="A.mrc", help="first map")
     p.add_argument("map_b", metavar="B.mrc", help="second map (same box and voxel size)")
-    p.add_argument("-o", "--output", metavar="PREFIX", default=None,
+    p.add_argument("-o", "--output", "--out", dest="output", metavar="PREFIX", default=None,
                    help="write PREFIX.json and PREFIX.png (default: 'fsc' next to B.mrc)")
     p.add_argument("--mask-radius", type=positive(), default=None, metavar="Å",
                    help="apply a soft spherical mask of this radius (Å, about the box centre, "
@@ -62,8 +63,8 @@ def run(args) -> int:
     prefix = Path(args.output) if args.output else path_b.parent / "fsc"
     out_json = prefix.with_name(prefix.name + ".json")
     out_png = prefix.with_name(prefix.name + ".png")
-    check_writable(out_json, args.force)
-    check_writable(out_png, args.force)
+    check_output_file(out_json, args.force)
+    check_output_file(out_png, args.force)
 
     a, apix_a = read_map(path_a)
     b, apix_b = read_map(path_b)

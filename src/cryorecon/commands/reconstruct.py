@@ -4,15 +4,19 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..contrast import apply_contrast
+from ..io.checks import exclude_blank
 from ..preprocess import default_diameter_A
 from ..reconstruct import ReconstructConfig, reconstruct
+from ..runstate import exit_code_for
 from ._args import at_least, positive
 from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
+from ._output import check_device, check_output_dir
 
 
 def add_reconstruct_arguments(p) -> None:
@@ -97,7 +101,8 @@ def register(subparsers) -> None:
         description="Estimate a 3D density from particle images without any initial model: marginalised "
         "MAP estimation with stochastic average gradient descent (Punjani, Brubaker & Fleet 2017).")
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with CTF parameters")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="run folder")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR",
+                   help="run folder")
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
     add_datadir_argument(p)
@@ -118,7 +123,9 @@ def _previous_contrast(args) -> bool | None:
 
 
 def run(args) -> int:
-    particles = read_particles_from_args(args)
+    check_device(args.device)
+    check_output_dir(args.out)
+    particles = exclude_blank(read_particles_from_args(args))
     apix = float(np.median(particles.apix))
     diameter_A = args.diameter or default_diameter_A(particles.D, apix)
     force = args.invert_contrast
@@ -128,4 +135,9 @@ def run(args) -> int:
     summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
     print(f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
           f"stopped: {summary['reason']})")
-    return 0
+    code = exit_code_for(summary["reason"])
+    if code:
+        print(f"cryorecon reconstruct: stopped by {summary['reason']} at iteration "
+              f"{summary['iterations']}; checkpoint saved. Continue with: cryorecon reconstruct "
+              f"{args.particles} -o {args.out} --resume", file=sys.stderr)
+    return code

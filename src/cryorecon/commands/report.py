@@ -28,7 +28,8 @@ def register(subparsers) -> None:
                         "seconds (default: FSC as is, assuming the maps are aligned)")
     p.add_argument("--level", type=float, default=None,
                    help="isosurface level (default: automatic, encloses 20%% of the particle's sphere)")
-    p.add_argument("-o", "--output", metavar="HTML", default=None, help="output file (default RUN/report.html)")
+    p.add_argument("-o", "--output", "--out", dest="output", metavar="HTML", default=None,
+                   help="output file (default RUN/report.html)")
     p.set_defaults(func=run)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ._args import at_least, positive
+from ._output import check_device, check_output_dir
 
 HELP = "simulate noisy CTF-modulated particle images of a map or an atomic model"
 
@@ -30,7 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--snr", type=positive(), default=0.05,
                    help="signal-to-noise ratio (variances over the box; default 0.05; inf = no noise)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="DIR",
+                   help="output folder")
     p.add_argument("--defocus-min", type=positive(), default=1.0, help="µm (default 1)")
     p.add_argument("--defocus-max", type=positive(), default=3.0, help="µm (default 3)")
     p.add_argument("--astigmatism", type=at_least(0, float), default=200.0,
@@ -63,11 +65,8 @@ def run(args) -> int:
         raise InputError(f"--batch-size must be positive, got {args.batch_size}")
     if args.max_shift < 0 or args.astigmatism < 0:
         raise InputError("--max-shift and --astigmatism must be non-negative")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda requested but CUDA is not available")
+    check_device(args.device)
+    check_output_dir(args.out)
     run_simulation(
         args.out, volume=args.volume, model=args.model, n=args.n, D=args.box, apix=args.apix,
         snr=args.snr, seed=args.seed, defocus_range_um=(args.defocus_min, args.defocus_max),

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, one_line
+from .checks import check_npy_file
 from .paths import check_datadir, find_stack
 from .star import CTF_DEFAULTS
 
@@ -52,6 +53,7 @@ def load_cs(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such cryoSPARC file")
+    check_npy_file(path)
     try:
         cs = np.load(path, allow_pickle=False)
     except Exception as exc:

@@ -16,6 +16,9 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 
+#: The header label of every map written here (mrcfile's default holds the time of writing).
+FIXED_LABEL = b"Created by cryorecon".ljust(80)
+
 
 def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """Read a 3D map. Returns ``(volume float32 [z, y, x], apix in Å)``.
@@ -61,5 +64,6 @@ def write_map(path: str | os.PathLike, volume, apix: float, overwrite: bool = Fa
         m.set_data(data)
         m.voxel_size = apix
         m.update_header_stats()
+        m.header.label[0] = FIXED_LABEL  # not mrcfile's timestamp: equal maps, equal files
     os.replace(tmp, path)
     return path

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import InputError, one_line
 from ..progress import bar
+from .checks import check_particle_values, check_readable
 from .mrc import check_writable
 from .paths import check_datadir, not_found_message
 
@@ -63,6 +64,7 @@ def read_stack_header(path: str | os.PathLike) -> StackHeader:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such image stack")
+    check_readable(path, "image stack")
     size = path.stat().st_size
     try:
         with warnings.catch_warnings():
@@ -345,6 +347,7 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
                     except InputError:
                         continue
                     break
+    check_particle_values(ps)
     return ps
 
 

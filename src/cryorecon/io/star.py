@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, one_line
+from .checks import check_text_file
 from .paths import check_datadir, find_stack
 
 # ParticleSet.ctf key -> RELION label(s), first found wins.
@@ -57,6 +58,7 @@ def read_star_blocks(path: str | os.PathLike) -> dict[str, pd.DataFrame]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such STAR file")
+    check_text_file(path)
     try:
         blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises assorted errors on malformed text

@@ -24,12 +24,11 @@ import numpy as np
 
 from .. import __version__
 from ..progress import log
+from ..runstate import folder_busy
 from . import data, plots
 
 #: Snapshots shown in the "progress" section (first, last and evenly spaced between).
 MAX_SNAPSHOTS = 8
-#: A run whose metrics have not changed for this long is called "stopped", not "running".
-STALE_SECONDS = 600
 #: Browsers reload an unfinished run's report this often (seconds).
 REFRESH_SECONDS = 60
 
@@ -118,6 +117,8 @@ class _Context:
         diam_A = self.info.get("diameter_A") or (self.info.get("config") or {}).get("diameter_A")
         self.diameter_px = float(diam_A) / self.apix if diam_A else None
         self.finished = bool(self.info.get("finished", False))
+        # Running means a live process holds the run folder's lock (runstate.RunLock).
+        self.running = not self.finished and folder_busy(run_dir)
 
     def level(self, vol: np.ndarray) -> float | None:
         if self.level_override is not None:
@@ -141,17 +142,19 @@ class _Context:
 # ---------------------------------------------------------------------------------------------
 
 def _status(ctx: _Context) -> tuple[str, str]:
-    """(css class, text)."""
+    """(css class, text): finished (converged), running (a live process holds the folder's
+    lock), or stopped (ended at a limit or by a signal, or its process died)."""
     if ctx.finished:
         return "finished", f"finished ({ctx.info.get('stop_reason') or 'done'})"
-    path = ctx.run_dir / "metrics.jsonl"
-    try:
-        age = time.time() - path.stat().st_mtime
-    except OSError:
-        return "running", "starting" if ctx.info else "no run data yet"
-    if age > STALE_SECONDS:
-        return "stopped", f"stopped, not finished (no progress for {plots.format_seconds(age)}; --resume continues it)"
-    return "running", "running"
+    if ctx.running:
+        return "running", "running" if ctx.metrics.last("iteration") is not None else "starting"
+    if not ctx.info and ctx.metrics.last("iteration") is None:
+        return "stopped", "no run data"
+    reason = ctx.info.get("stop_reason")
+    it = ctx.info.get("iterations") if reason else ctx.metrics.last("iteration")
+    why = (f"at {reason}" if reason else
+           "its process ended without finishing, e.g. killed; the map is the last checkpoint's")
+    return "stopped", f"stopped after {it} iterations, not converged ({why}; --resume continues it)"
 
 
 def section_summary(ctx: _Context) -> str:
@@ -478,9 +481,11 @@ def build_html(run_dir, reference=None, align: bool = False, level: float | None
         log.debug(f"report: {key} in {time.perf_counter() - t0:.2f} s")
         body.append(f'<section id="{key}"><h2>{_e(title)}</h2>{content}</section>')
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    refresh = "" if ctx.finished else f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
+    refresh = "" if not ctx.running else f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
     nav = "".join(f'<a href="#{k}">{_e(t.split(",")[0])}</a>' for k, t, _ in SECTIONS)
-    sub = f"Updated {now}" + ("" if ctx.finished else f" · reloads every {REFRESH_SECONDS} s while the run is unfinished")
+    sub = f"Updated {now}"
+    if ctx.running:
+        sub += f" · reloads every {REFRESH_SECONDS} s while the run is running"
     sub += f" · {platform.node()}" if platform.node() else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">{refresh}"
