@@ -82,7 +82,7 @@ def image_correlations(particles, idx, diameter_px: float,
     """Per-image correlations ``r_i`` (see the module notes) of particles ``idx`` with the
     CTF-modulated ball, computed on the images as stored (:attr:`contrast_sign` undone).
     Returns ``(r (len(idx),) float64, band limit in Å)``."""
-    from .model.batches import particle_ctf
+    from .fourier.ctf import ctf_from_dict
 
     D = particles.D
     imgs = torch.as_tensor(particles.images(idx), device=device) * float(particles.contrast_sign)
@@ -95,7 +95,9 @@ def image_correlations(particles, idx, diameter_px: float,
     s_max = BALL_FIRST_ZERO / (2 * math.pi * radius)
     band = s < s_max
     B = ball_transform(s[band].double(), radius)
-    w = particle_ctf(particles, idx, freqs[band], device).double() * B[None]
+    apix_i = torch.as_tensor(np.asarray(particles.apix, dtype=np.float64)[idx], device=device)
+    freqs_A = freqs[band].double()[None] / (D * apix_i[:, None, None])
+    w = ctf_from_dict(particles.ctf, idx, freqs_A).double() * B[None]
     y = fft2c(imgs.double()).reshape(len(idx), -1)[:, band].real
     r = (w * y).sum(-1) / (sigma.double() * w.norm(dim=-1).clamp_min(1e-30))
     apix = float(np.median(particles.apix[idx]))
@@ -109,7 +111,7 @@ def detect_contrast(particles, diameter_px: float, n: int = DEFAULT_PARTICLES,
     ``diameter_px``: particle diameter in pixels (the ball, and the disc outside which the
     noise is measured); ``n``: particles read, evenly spread through the set.
     """
-    if not particles.has_ctf:
+    if not particles.ctf:
         raise InputError(f"{particles.source}: the contrast check needs the CTF parameters")
     idx = sample_indices(len(particles), n)
     r, band_A = image_correlations(particles, idx, diameter_px, device)

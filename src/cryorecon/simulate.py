@@ -428,6 +428,18 @@ class ParticleSimulator:
             yield ParticleBatch(s, img.numpy().astype(np.float32, copy=False), angles, origins, ctf)
 
 
+def simulate_particles(volume: torch.Tensor, n: int, apix: float, snr: float | None, seed: int,
+                       defocus_range_um=(1.0, 3.0), voltage: float = 300.0, cs: float = 2.7,
+                       amp_contrast: float = 0.1, shift_range_px: float = 3.0,
+                       bfactor: float = 0.0, angles=None, batch_size: int = 256, device="cpu",
+                       astigmatism_A: float = 200.0) -> Iterator[ParticleBatch]:
+    """Generator of :class:`ParticleBatch` for ``n`` particles of ``volume`` (Eq. 1): the
+    parameters of :func:`draw_parameters`, imaged by :class:`ParticleSimulator`."""
+    params = draw_parameters(n, apix, seed, defocus_range_um, astigmatism_A, voltage, cs,
+                             amp_contrast, shift_range_px, bfactor, angles)
+    yield from ParticleSimulator(volume, params, snr, seed, device).batches(batch_size)
+
+
 # --------------------------------------------------------------------------- driver
 
 OUTPUTS = ("particles.star", "particles.mrcs", "truth.mrc", "simulation.json")
