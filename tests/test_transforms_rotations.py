@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cryorecon.fourier.transforms import (
@@ -62,6 +63,18 @@ def test_euler_round_trip_and_orthonormal():
     assert torch.allclose(torch.det(R), torch.ones(500, dtype=R.dtype))
     R2 = euler_to_matrix(*matrix_to_euler(R))
     assert torch.allclose(R, R2, atol=1e-9)
+
+
+@pytest.mark.parametrize("tilt", [0.0, math.pi])
+def test_euler_round_trip_at_the_poles(tilt):
+    """At tilt 0 or pi only rot + psi (or rot - psi) is defined; the matrix must still come back."""
+    g = torch.Generator().manual_seed(4)
+    rot = torch.rand(64, generator=g, dtype=torch.float64) * 2 * math.pi
+    psi = torch.rand(64, generator=g, dtype=torch.float64) * 2 * math.pi
+    R = euler_to_matrix(rot, torch.full_like(rot, tilt), psi)
+    for dtype, atol in [(torch.float64, 1e-9), (torch.float32, 1e-5)]:
+        R2 = euler_to_matrix(*matrix_to_euler(R.to(dtype)))
+        assert torch.allclose(R.to(dtype), R2, atol=atol)
 
 
 def test_direction_inplane_matrix_has_direction_as_third_row():

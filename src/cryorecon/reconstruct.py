@@ -36,6 +36,7 @@ from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
 from .io.checks import single_pixel_size
+from .geometry.poses import pose_to_relion
 from .io.mrc import write_map
 from .model.importance import ImportanceSampler, ISConfig
 from .model.likelihood import CombinedResult, marginal_loglik, sampled_loglik_groups, volume_objective
@@ -47,7 +48,8 @@ from .progress import bar, log
 
 
 # What a run writes in its folder (besides snapshots/); --force removes these first.
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz", "report.html")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz", "report.html",
+             "particles.star", "particles.cs")
 
 # Above this fraction of the full quadrature (after padding each image's pose set to the
 # batch's largest), importance sampling is no cheaper than the exact, shared-GEMM path.
@@ -244,6 +246,9 @@ class Run:
         self.sampler = ImportanceSampler(len(particles), ISConfig(s0=config.s0), self.schedule, config.seed) \
             if config.importance else None
         self.best_dir = np.full((len(particles), 3), np.nan, dtype=np.float32)
+        self.best_R = np.full((len(particles), 3, 3), np.nan, dtype=np.float32)
+        self.best_t = np.full((len(particles), 2), np.nan, dtype=np.float32)
+        self.max_prob = np.full(len(particles), np.nan, dtype=np.float32)
         if state is not None:
             self._load(state)
         else:
@@ -367,9 +372,15 @@ class Run:
         g, idx = lvl.grid, np.asarray(idx)
         kls, weights = [], []
 
+        def record(rows, rot_ids, shifts_px, max_prob):
+            i = idx[rows]
+            self.best_R[i] = lvl.rotations[rot_ids.to(lvl.rotations.device)].cpu().numpy()
+            self.best_dir[i] = self.best_R[i][:, 2, :]
+            self.best_t[i] = shifts_px.cpu().numpy()
+            self.max_prob[i] = max_prob.cpu().numpy()
+
         def exact(rows, res):
-            j = (res.best_rot // g.M_psi).cpu()
-            self.best_dir[idx[rows]] = g.directions[j].numpy()
+            record(rows, res.best_rot.cpu(), lvl.shifts[res.best_shift], res.max_prob)
             if self.sampler is not None:
                 kls.append(self.sampler.update_exact(idx[rows], self.tau, res.post_rot.cpu(), res.post_shift.cpu(), g))
                 weights.append(len(rows))
@@ -380,7 +391,8 @@ class Run:
             for grp, res in zip(plan.groups, results[0].groups):
                 rows = grp.rows.numpy()
                 best = torch.gather(grp.rot_idx, 1, res.post_rot.cpu().argmax(-1, keepdim=True)).squeeze(1)
-                self.best_dir[idx[rows]] = g.directions[plan.rot_ids[best] // g.M_psi].numpy()
+                t_best = grp.shifts[torch.arange(len(rows)), res.post_shift.cpu().argmax(-1)]
+                record(rows, plan.rot_ids[best], t_best, res.max_prob)
                 kls.append(self.sampler.update_sampled(idx[rows], self.tau, grp, res.post_rot.cpu(),
                                                        res.post_shift.cpu(), g))
                 weights.append(len(rows))
@@ -556,6 +568,7 @@ class Run:
         stop.restore()
         pb.close()
         self._save()
+        self._export()
         self._write_info(finished=reason == "converged", reason=reason)
         self.lock.release()
         self._refresh_report(force=True)
@@ -585,7 +598,7 @@ class Run:
             "best_omega": self.best_omega,
             "since_improve": self.since_improve, "last_heldout": self.last_heldout,
             "config": asdict(self.cfg), "prior_state": _prior_state(self.prior),
-            "best_dir": self.best_dir,
+            "best_dir": self.best_dir, "best_R": self.best_R, "best_t": self.best_t, "max_prob": self.max_prob,
             "importance": None if self.sampler is None else self.sampler.hist.state_dict(),
             "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
             "importance_anneal_from": None if self.sampler is None else self.sampler.anneal_from,
@@ -596,8 +609,36 @@ class Run:
         os.replace(tmp, self.ckpt_path)
         write_map(self.out / "volume.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
         tmp = self.out / ".poses.tmp.npz"
-        np.savez(tmp, directions=self.best_dir)
+        np.savez(tmp, **self.poses())
         os.replace(tmp, self.out / "poses.npz")
+
+    def _export(self) -> None:
+        """RUN/particles.star (and .cs for a cryoSPARC input) with the run's poses; a set
+        that cannot be exported (e.g. no particle visited yet) is a warning, not a failure."""
+        from .io.export import export_poses
+
+        try:
+            export_poses(self.p, self.poses(), self.out, overwrite=True)
+        except (InputError, OSError, ValueError) as exc:
+            log.warning(f"poses not exported to {self.out / 'particles.star'}: {exc}")
+
+    def poses(self) -> dict[str, np.ndarray]:
+        """Each particle's most probable pose so far, as written to ``poses.npz`` and read by
+        :func:`cryorecon.io.export.export_poses`: RELION Euler angles (``eulers_deg`` (N, 3):
+        rot, tilt, psi), origins (``shifts_A`` (N, 2): rlnOriginXAngst/YAngst), ``max_prob``
+        (rlnMaxValueProbDistribution), view ``directions`` (N, 3), ``subset`` (0: no half-set
+        yet), ``class_number`` (1-based); NaN for particles never visited."""
+        n = len(self.max_prob)
+        seen = np.isfinite(self.max_prob)
+        eulers = np.full((n, 3), np.nan)
+        shifts = np.full((n, 2), np.nan)
+        if seen.any():
+            apix = np.asarray(self.p.apix, dtype=np.float64)[seen]
+            eulers[seen], shifts[seen] = pose_to_relion(torch.as_tensor(self.best_R[seen]),
+                                                        torch.as_tensor(self.best_t[seen]), apix)
+        return {"eulers_deg": eulers, "shifts_A": shifts, "max_prob": self.max_prob.astype(np.float64),
+                "directions": self.best_dir, "subset": np.zeros(n, dtype=np.int64),
+                "class_number": np.ones(n, dtype=np.int64)}
 
     def _load(self, s: dict) -> None:
         self.V = s["V"].to(self.device)
@@ -611,6 +652,10 @@ class Run:
         self.last_heldout = s["last_heldout"]
         self.prior = _prior_from_state(s["prior_state"])
         self.best_dir = s["best_dir"]
+        n = len(self.best_dir)
+        self.best_R = s.get("best_R", np.full((n, 3, 3), np.nan, dtype=np.float32))
+        self.best_t = s.get("best_t", np.full((n, 2), np.nan, dtype=np.float32))
+        self.max_prob = s.get("max_prob", np.full(n, np.nan, dtype=np.float32))
         if self.sampler is not None and s.get("importance") is not None:
             self.sampler.hist.load_state_dict(s["importance"])
             self.sampler.gen.set_state(s["importance_gen"])

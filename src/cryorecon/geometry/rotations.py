@@ -46,12 +46,13 @@ def matrix_to_euler(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     tilt = torch.atan2(sb, cb)
     regular = sb > 16 * torch.finfo(A.dtype).eps
     rot = torch.where(regular, torch.atan2(A[..., 2, 1], A[..., 2, 0]), torch.zeros_like(cb))
+    # With rot = 0 and sin(tilt) = 0 the first two columns are [[cos(tilt) cos(psi), sin(psi)],
+    # [-cos(tilt) sin(psi), cos(psi)]], so the second column gives psi for tilt 0 and pi alike.
     psi = torch.where(
         regular,
         torch.atan2(A[..., 1, 2], -A[..., 0, 2]),
-        torch.atan2(-A[..., 1, 0], A[..., 0, 0]) * torch.sign(cb + (cb == 0).to(cb.dtype)),
+        torch.atan2(A[..., 0, 1], A[..., 1, 1]),
     )
-    # Degenerate case tilt=pi: A = Rz(psi) diag(-1,1,-1) ... handled by sign above for rot=0.
     return rot, tilt, psi
 
 
