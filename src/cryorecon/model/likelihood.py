@@ -68,7 +68,8 @@ class LikelihoodResult:
 
     grad_slices: (J, M) complex, ``2 d(-sum log p)/d conj(S)`` or None.
     best_rot, best_shift: (B,) the most probable rotation and shift (argmax of each
-    posterior marginal).
+    posterior marginal). max_prob: (B,) the largest posterior probability of one pose
+    (rotation and shift), RELION's ``rlnMaxValueProbDistribution``.
     post_rot: (B, J) posterior marginal over rotations, post_shift: (B, L) over shifts
     (float32; present when ``want_posteriors``).
     """
@@ -79,6 +80,7 @@ class LikelihoodResult:
     best_shift: torch.Tensor
     post_rot: torch.Tensor | None = None
     post_shift: torch.Tensor | None = None
+    max_prob: torch.Tensor | None = None
 
 
 def _as_real(z: torch.Tensor) -> torch.Tensor:
@@ -134,6 +136,7 @@ def marginal_loglik(
     grad = torch.zeros(J, M, dtype=slices.dtype, device=dev) if want_grad else None
     post_rot = torch.empty(B, J, device=dev) if want_posteriors else None
     post_shift = torch.empty(B, L, device=dev) if want_posteriors else None
+    max_prob = torch.empty(B, device=dev)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
         y, c, sig2 = batch.y[b0:b1], batch.ctf[b0:b1], batch.sigma2[b0:b1].to(torch.float32)
@@ -170,6 +173,7 @@ def marginal_loglik(
         g_rot = per_rot.mul_(inv_total[:, None])  # (n, J)
         g_shift = gamma.sum(2)  # (n, L)
         best_rot[b0:b1], best_shift[b0:b1] = g_rot.argmax(-1), g_shift.argmax(-1)
+        max_prob[b0:b1] = gamma.amax(dim=(1, 2))
         if want_posteriors:
             post_rot[b0:b1] = g_rot
             post_shift[b0:b1] = g_shift
@@ -182,7 +186,7 @@ def marginal_loglik(
             term1 = torch.complex(GZ[:, :M], GZ[:, M:])
             term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
             grad += term2 - term1
-    return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift)
+    return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift, max_prob)
 
 
 def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch.Tensor,
@@ -251,6 +255,7 @@ class SampledResult:
     grad_slices: torch.Tensor | None
     post_rot: torch.Tensor
     post_shift: torch.Tensor
+    max_prob: torch.Tensor | None = None
 
 
 def sampled_loglik(
@@ -289,6 +294,7 @@ def sampled_loglik(
     loglik = torch.empty(B, dtype=torch.float64, device=dev)
     post_rot = torch.zeros(B, R, device=dev)
     post_shift = torch.zeros(B, Lt, device=dev)
+    max_prob = torch.zeros(B, device=dev)
     # Everything in real arithmetic on [Re, Im] stacks: one gather of (n, R, 2M) per chunk.
     S_r, S_abs2 = real_slices if real_slices is not None else _real_slices(slices)
     grad_r = None
@@ -323,6 +329,7 @@ def sampled_loglik(
         g_rot = gamma.sum(1)
         post_rot[b0:b1] = g_rot
         post_shift[b0:b1] = gamma.sum(2)
+        max_prob[b0:b1] = gamma.amax(dim=(1, 2))
         if want_grad:
             winv = w[None, :] / sig2[:, None]
             Z = (winv * c * y)[:, None, :] * s.conj()  # (n, Lt, M)
@@ -331,7 +338,7 @@ def sampled_loglik(
             G.addcmul_(g_rot[:, :, None] * wcc[:, None, :], S)
             grad_r.index_add_(0, ri.reshape(-1), G.reshape(-1, 2 * M))
     grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad and grad_out is None else None
-    return SampledResult(loglik, grad, post_rot, post_shift)
+    return SampledResult(loglik, grad, post_rot, post_shift, max_prob)
 
 
 @dataclass
@@ -394,7 +401,7 @@ def sampled_loglik_shared(
     if want_grad and grad_out is not None:
         grad_out.add_(_as_real(grad))
         grad = None
-    return SampledResult(res.loglik, grad, post_rot, post_shift)
+    return SampledResult(res.loglik, grad, post_rot, post_shift, res.max_prob)
 
 
 def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_grad: bool = True,
