@@ -118,8 +118,9 @@ def main(argv=None) -> int:
     from cryorecon.preprocess import load_batch
     from cryorecon.model.importance import ImportanceSampler, ISConfig, PoseHistory
     from cryorecon.model.likelihood import marginal_loglik, sampled_loglik, sampled_loglik_groups
-    from cryorecon.reconstruct import MAX_SAMPLED_FRACTION
-    from cryorecon.reconstruct import ReconstructConfig, make_level
+    from cryorecon.config import ReconstructConfig
+    from cryorecon.model.objective import MAX_SAMPLED_FRACTION
+    from cryorecon.start import make_level
 
     t_start = time.perf_counter()
     run = args.run

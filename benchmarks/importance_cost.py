@@ -106,7 +106,6 @@ def main() -> int:
 
     run = resume_copy(args.run, args.work)
     run.cfg = dataclasses.replace(run.cfg, grid_scale=args.grid_scale)
-    run.levels = {}
     run.tau = args.tau
     idx = np.asarray(run.batches[0][: args.batch])
     sampler = run.sampler
@@ -117,8 +116,10 @@ def main() -> int:
     for omega in args.omegas:
         lvl, t_level = timed(run.level, omega)
         sampler.hist.tau_prev[idx] = -1  # no history: the engine's exact path, which stores one
-        (v_ex, g_ex, _, i_ex), t_ex = timed(run.batch_objective, idx, lvl)
-        (v_is, g_is, _, i_is), t_is = timed(run.batch_objective, idx, lvl)
+        ev_ex, t_ex = timed(run.batch_objective, idx, lvl)
+        ev_is, t_is = timed(run.batch_objective, idx, lvl)
+        v_ex, g_ex, v_is, g_is = ev_ex.value, ev_ex.grad, ev_is.value, ev_is.grad
+        i_ex, i_is = {"fraction": ev_ex.fraction}, {"fraction": ev_is.fraction, "computed": ev_is.computed}
         cos = float((g_ex.double() * g_is.double()).sum() / (g_ex.double().norm() * g_is.double().norm()))
         row = {**level_row(omega, lvl, t_level, t_is, i_is), "exact_s": round(t_ex, 3),
                "speedup": round(t_ex / t_is, 2), "exact_fraction": i_ex["fraction"],
@@ -133,12 +134,13 @@ def main() -> int:
         lvl, t_level = timed(run.level, omega)
         if saved is None:  # the history of the last exact visit, kept for every finer level
             saved = copy.deepcopy(sampler.hist.state_dict())
-        (_, _, _, i_is), t_is = timed(run.batch_objective, idx, lvl)
+        ev_is, t_is = timed(run.batch_objective, idx, lvl)
+        i_is = {"fraction": ev_is.fraction, "computed": ev_is.computed}
         sampler.hist.load_state_dict(copy.deepcopy(saved))
         row = level_row(omega, lvl, t_level, t_is, i_is)
         if omega in args.reference_at:
             sub = idx[: args.reference_particles]
-            v_sub, _, _, _ = run.batch_objective(sub, lvl, want_grad=False)
+            v_sub = run.batch_objective(sub, lvl, want_grad=False).value
             sampler.hist.load_state_dict(copy.deepcopy(saved))
             v_ref, t_ref = timed(exact_neg_loglik, run, sub, lvl)
             row.update({"reference_particles": len(sub), "reference_s": round(t_ref, 1),

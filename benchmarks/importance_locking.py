@@ -61,7 +61,8 @@ def main() -> int:
         stored = copy.deepcopy(hist.state_dict())
         clock = run.sampler.annealing_clock(int(hist.tau_prev[idx].max()))
         q_d = run.sampler.distributions(idx, g)[0]
-        v_is, _, _, is_info = run.batch_objective(idx, lvl, want_grad=False)
+        ev = run.batch_objective(idx, lvl, want_grad=False)
+        v_is, is_info = ev.value, {"fraction": ev.fraction}
         hist.load_state_dict(stored)
 
         batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px, run.device)

@@ -365,20 +365,20 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
     run.batch_objective(idx, lvl)  # exact visit: stores every image's history
     sampler.hist.tau_prev[idx[:3]] = -1  # three images become diffuse again
     hist, gen = copy.deepcopy(sampler.hist.state_dict()), sampler.gen.get_state()
-    val, grad, _, info = run.batch_objective(idx, lvl)
+    ev = run.batch_objective(idx, lvl)
 
     sampler.hist.load_state_dict(hist)
     sampler.gen.set_state(gen)
     plan = sampler.split_plan(idx, lvl.grid, MAX_SAMPLED_FRACTION)
     assert plan is not None and {0, 1, 2} <= set(plan.exact_rows.tolist()) and len(plan.groups) >= 1
-    assert info["fraction"] == plan.fraction < 1
+    assert ev.fraction == plan.fraction < 1
     batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px)
     parts = [(lvl.slice_op.subset(plan.rot_ids), lambda S: sampled_loglik_groups(S, batch, plan.groups)),
              (lvl.slice_op, lambda S: marginal_loglik(S, batch.rows(plan.exact_rows), lvl.shifts, lvl.log_w_rot,
                                                       lvl.log_w_shift))]
     val2, grad2, _ = volume_objective(run.V, parts, run.cfg.oversample, True)
-    assert math.isclose(val, val2, rel_tol=1e-6)
-    assert torch.allclose(grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
+    assert math.isclose(ev.value, val2, rel_tol=1e-6)
+    assert torch.allclose(ev.grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
 
 
 def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference_run, tmp_path):

@@ -40,14 +40,8 @@ from .io.mrc import write_map
 from .model.likelihood import marginal_loglik
 from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
-from .reconstruct import (
-    Level,
-    ReconstructConfig,
-    make_level,
-    random_spheres,
-    scale_to_data,
-    split_particles,
-)
+from .config import ReconstructConfig
+from .start import Level, make_level, random_spheres, scale_to_data, split_particles
 
 # What a run writes in its folder (besides snapshots/); ``force`` removes these first.
 PM_FILES = ("metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz")

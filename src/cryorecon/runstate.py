@@ -42,12 +42,13 @@ CHECKPOINT_KEYS = (
     "elapsed",
     "gen",
     "order",
-    "best_heldout",
-    "since_improve",
-    "last_heldout",
+    "heldout_state",
+    "resolution",
     "config",
     "prior_state",
-    "best_dir",
+    "best_R",
+    "best_t",
+    "max_prob",
 )
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..contrast import apply_contrast
 from ..io.checks import exclude_blank
+from ..config import POSE_SEARCHES, RESOLUTION_SCHEDULES
 from ..preprocess import default_diameter_A
 from ..reconstruct import ReconstructConfig, reconstruct
 from ..runstate import exit_code_for
@@ -37,12 +38,18 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--max-time", type=positive(), default=None, help="wall-time limit in minutes")
     p.add_argument("--resolution", type=positive(), default=None,
                    help="final resolution cut-off in Å (default 1/0.11 = 9.1 Å, capped at Nyquist)")
-    p.add_argument("--start-resolution", type=positive(), default=1 / d.omega_start,
-                   help="initial cut-off in Å (default 50)")
+    p.add_argument("--start-resolution", type=positive(), default=None,
+                   help="initial cut-off in Å (default 50; 40 with --schedule adaptive)")
+    p.add_argument("--schedule", choices=RESOLUTION_SCHEDULES, default=d.resolution_schedule,
+                   help="how the cut-off rises: 'paper' (default) adds --omega-step every --omega-every "
+                        "iterations (Sec. 4.2); 'adaptive' multiplies it by --omega-factor once the held-out "
+                        "error levels off")
+    p.add_argument("--omega-factor", type=at_least(1.01, float), default=d.omega_factor,
+                   help="adaptive schedule: factor of each cut-off increase (default 1.15)")
     p.add_argument("--omega-step", type=at_least(0, float), default=d.omega_step,
-                   help="cut-off increase in 1/Å (default 0.005)")
+                   help="paper schedule: cut-off increase in 1/Å (default 0.005)")
     p.add_argument("--omega-every", type=at_least(1), default=d.omega_every,
-                   help="iterations between cut-off increases (default 150)")
+                   help="paper schedule: iterations between cut-off increases (default 150)")
     p.add_argument("--diameter", type=positive(), default=None, help="particle diameter in Å (default 80%% of box)")
     p.add_argument("--shift-sigma", type=positive(), default=None,
                    help="std of the Gaussian shift prior in Å (default 5%% of the box)")
@@ -53,8 +60,15 @@ def add_reconstruct_arguments(p) -> None:
                    help="iterations between held-out evaluations (default 10)")
     p.add_argument("--patience", type=at_least(0), default=d.patience,
                    help="held-out evaluations without improvement at the final cut-off before stopping")
-    p.add_argument("--exact", action="store_true",
-                   help="exact quadrature over all poses (no importance sampling, Sec. 3.4)")
+    p.add_argument("--pose-search", choices=POSE_SEARCHES, default=d.pose_search,
+                   help="marginalisation over poses: 'importance' (default) the paper's importance sampling "
+                        "(Sec. 3.4); 'search' coarse-to-fine, its cost following the posterior mass; 'exact' "
+                        "every pose of the quadrature (Sec. 3.2)")
+    p.add_argument("--exact", action="store_true", help="same as --pose-search exact")
+    p.add_argument("--search-epsilon", type=positive(), default=d.search_epsilon,
+                   help="coarse-to-fine search: posterior mass each level may drop (default 1e-3)")
+    p.add_argument("--search-max-rotations", type=at_least(1), default=d.search_max_rotations,
+                   help="coarse-to-fine search: most rotations kept per image and level (default 24)")
     p.add_argument("--s0", type=positive(), default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
     p.add_argument("--is-every", type=positive(int), default=d.is_every,
@@ -85,12 +99,16 @@ def config_from_args(args) -> ReconstructConfig:
         prior_strength=args.prior_strength, car_sigma=args.car_sigma,
         seed=args.seed, max_iters=args.max_iters,
         max_time=None if args.max_time is None else 60.0 * args.max_time,
-        omega_start=1.0 / args.start_resolution, omega_step=args.omega_step, omega_every=args.omega_every,
+        omega_start=None if args.start_resolution is None else 1.0 / args.start_resolution,
+        omega_step=args.omega_step, omega_every=args.omega_every, omega_factor=args.omega_factor,
+        resolution_schedule=args.schedule,
+        pose_search="exact" if args.exact else args.pose_search, search_epsilon=args.search_epsilon,
+        search_max_rotations=args.search_max_rotations,
         omega_max=d.omega_max if args.resolution is None else 1.0 / args.resolution,
         device=args.device, diameter_A=args.diameter, shift_sigma_A=args.shift_sigma, grid_scale=args.grid_scale,
         heldout=args.heldout, heldout_every=args.heldout_every, patience=args.patience,
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
-        importance=not args.exact, s0=args.s0, is_every=args.is_every, report_every=args.report_every,
+        s0=args.s0, is_every=args.is_every, report_every=args.report_every,
         cache_gib=args.cache_gib, is_check=args.is_check, is_tolerance=args.is_tolerance,
     )
 

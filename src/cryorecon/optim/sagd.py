@@ -75,6 +75,24 @@ class SAGD:
         V = V - (eps / self.L) * self.direction(prior_grad)
         return V.clamp_min_(0.0)
 
+    def update(self, V: torch.Tensor, k: int, f: Callable[[torch.Tensor], float], f_V: float,
+               grad_k: torch.Tensor, prior_grad: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, int]:
+        """One iteration of Algorithm 1 on minibatch ``k``: L from the bisection search on the
+        first call, the line search every ``line_search_every`` steps, the decay of L
+        otherwise; then the step. ``f`` is the minibatch objective ``f_k`` (likelihood on the
+        same poses plus prior / K), ``f_V`` its value at V, ``grad_k`` the likelihood gradient.
+        Returns the new volume and the number of doublings of L."""
+        g_k = grad_k if prior_grad is None else grad_k + prior_grad / self.K
+        doublings = 0
+        if self.L is None:
+            L0 = float((g_k.double() ** 2).sum().sqrt() / max(1e-12, float(V.double().norm()))) or 1.0
+            self.initial_L(f, V, f_V, g_k, L0)
+        elif (self.tau + 1) % self.line_search_every == 0:
+            doublings = self.line_search(f, V, f_V, g_k)
+        else:
+            self.decay_L()
+        return self.step(V, k, grad_k, prior_grad, eps), doublings
+
     def lipschitz_condition_fails(self, f: Callable[[torch.Tensor], float], V: torch.Tensor,
                                   f_V: float, g: torch.Tensor, L: float) -> bool:
         """True when ``f(V) - f(V - g/L) < |g|^2 / (2L)`` (L too small)."""

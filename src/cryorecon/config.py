@@ -1,0 +1,93 @@
+"""Parameters of a reconstruction run (``cryorecon reconstruct``'s options).
+
+Lengths in Å, frequencies in 1/Å, times in seconds. The defaults are the paper's method:
+importance sampling over poses (Sec. 3.4) and the paper's cut-off schedule (Sec. 4.2). The
+coarse-to-fine pose search (:mod:`cryorecon.model.search`, ``pose_search="search"``) and a
+cut-off raised by the held-out error (:class:`~cryorecon.optim.adaptive.AdaptiveResolution`,
+``resolution_schedule="adaptive"``) are options until they are measured to beat them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .optim.schedules import Schedule
+
+POSE_SEARCHES = ("search", "importance", "exact")
+RESOLUTION_SCHEDULES = ("adaptive", "paper")
+
+# The paper's first cut-off (Sec. 4.2) and the adaptive schedule's (near 40 Å, as cryoSPARC's
+# and RELION's initial models start).
+PAPER_OMEGA_START = 0.02
+ADAPTIVE_OMEGA_START = 1 / 40
+
+
+@dataclass
+class ReconstructConfig:
+    """Parameters of a run. Lengths in Å, frequencies in 1/Å, times in seconds."""
+
+    minibatch: int = 200
+    prior: str = "exponential"
+    prior_lambda: float | None = None
+    prior_strength: float = 3.0
+    car_sigma: float | None = None
+    seed: int = 0
+    max_iters: int = 5000
+    max_time: float | None = None
+    pose_search: str = "importance"
+    resolution_schedule: str = "paper"
+    omega_start: float | None = None
+    omega_step: float = 0.005
+    omega_every: int = 150
+    omega_max: float = 0.11
+    omega_factor: float = 1.15
+    omega_min_iters: int = 20
+    omega_max_iters: int = 400
+    omega_patience: int = 2
+    omega_plateau: float = 0.2
+    device: str = "cpu"
+    oversample: int = 2
+    diameter_A: float | None = None
+    shift_sigma_A: float | None = None
+    grid_scale: float = 1.0
+    heldout: int = 200
+    heldout_every: int = 10
+    patience: int = 5
+    line_search_every: int = 20
+    checkpoint_every: int = 25
+    snapshot_every: int = 100
+    n_spheres: int = 8
+    search_epsilon: float = 1e-3
+    search_coarse_radius: float = 5.5
+    search_max_rotations: int = 24
+    s0: float = 10.0
+    is_every: int | None = None
+    is_check: int = 16
+    is_tolerance: float = 1e-3
+    report_every: float | None = 60.0
+    cache_gib: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.pose_search not in POSE_SEARCHES:
+            raise ValueError(f"pose_search must be one of {POSE_SEARCHES}, got {self.pose_search!r}")
+        if self.resolution_schedule not in RESOLUTION_SCHEDULES:
+            raise ValueError(f"resolution_schedule must be one of {RESOLUTION_SCHEDULES}")
+
+    @property
+    def first_omega(self) -> float:
+        """The first cut-off (1/Å): ``omega_start``, else the schedule's default."""
+        if self.omega_start is not None:
+            return self.omega_start
+        return PAPER_OMEGA_START if self.resolution_schedule == "paper" else ADAPTIVE_OMEGA_START
+
+    @property
+    def annealing_step(self) -> int:
+        """Iterations per step of the importance annealing (Sec. 3.4.1): ``is_every``, or by
+        default a third of ``omega_every``, the paper's ratio (50 to 150 iterations), so that
+        sampling anneals at the same pace relative to the cut-off schedule."""
+        return self.is_every if self.is_every else max(1, self.omega_every // 3)
+
+    def schedule(self, apix: float) -> Schedule:
+        """The paper's schedules (omega*, epsilon, importance annealing) for ``apix``."""
+        return Schedule(omega_start=self.first_omega, omega_step=self.omega_step, omega_every=self.omega_every,
+                        omega_max=self.omega_max, apix=apix, is_every=self.annealing_step)

@@ -1,0 +1,315 @@
+"""Coarse-to-fine marginalisation over poses: a cost that follows the posterior mass.
+
+The quadrature of Sec. 3.2 ties the pose grid to the band limit: at ``r = D apix omega*``
+Fourier pixels it has about ``(3.6 r)^2 * 2 pi r`` rotations and ``r^2`` shifts, so the
+exact sum of Eq. 4 costs ~r^7 per image. Its mass, once the map has structure, sits on a
+tiny fraction of those poses. :class:`CoarseToFine` finds that fraction under the current
+map at every visit (no pose history is carried between visits):
+
+1. level 0: the full quadrature of a coarse band ``r_0 = min(r, coarse_radius)``, evaluated
+   on the image coefficients inside ``r_0`` with the Sec. 3.2 grid for ``r_0``, where the
+   likelihood is smooth on that grid;
+2. level l = 1..n: the band doubles (``r_l = 2 r_{l-1}``; the last one is ``r``, at most a
+   doubling) and so does the grid density. Per image, the rotations and the shifts of level l-1 that carry a
+   posterior mass of ``1 - epsilon / 2`` each (at least ``min_rotations`` / ``min_shifts``,
+   at most ``max_rotations`` / ``max_shifts``) are replaced by their children on level l's
+   grid: every grid point of level l belongs to its nearest point of level l-1 (directions
+   on the sphere, in-plane angles, shifts in the plane), which partitions each grid into
+   cells. The image is evaluated on the product of its children rotations and shifts, with
+   level l's own quadrature weights (Eq. 4), by the per-image products of Eq. 13;
+3. the final level is evaluated at the full band: its sum is the marginal likelihood (Eq. 4)
+   restricted to the cells the search kept, and its posterior gives the gradient (Eq. 5,
+   Appendix A) and the image's pose.
+
+Mass outside the kept cells is not added back: coarser levels are evaluated on fewer
+coefficients, so their likelihoods are not on the final band's scale. The search therefore
+underestimates log p(I) by the mass it dropped (at most about ``epsilon`` relative in p when
+the coarse posteriors rank cells as the final one would); ``benchmarks/search_accuracy.py``
+measures the error against the exact sum.
+
+Anchors: RELION's adaptive oversampling (a coarse pass, then the oversampled pass over the
+significant poses), cryoDRGN's hierarchical pose search (a base grid, subdivisions of the best
+poses with a rising band), cryoSPARC's branch and bound.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from ..fourier.slicing import SliceOperator, spectrum_from_volume
+from ..geometry.grids import PoseGrid
+from ..geometry.rotations import direction_inplane_to_matrix
+from .likelihood import ImageBatch, marginal_loglik, sampled_loglik, volume_objective
+from .objective import Evaluation
+
+# Interpolation set-up cached per level-0 grid (small); finer levels recompute it per batch.
+LEVEL0_CACHE_BYTES = 2 ** 28
+UNION_CACHE_BYTES = 2 ** 27
+
+
+@dataclass
+class SearchConfig:
+    """Settings of the coarse-to-fine search (radii in Fourier pixels of the box).
+
+    coarse_radius: largest band of the exhaustive level 0. epsilon: posterior mass a level
+    may drop (split between rotations and shifts). min/max_rotations, min/max_shifts: per
+    image and level, bounds on the kept rotations and shifts.
+    """
+
+    coarse_radius: float = 5.5
+    epsilon: float = 1e-3
+    min_rotations: int = 4
+    max_rotations: int = 24
+    min_shifts: int = 1
+    max_shifts: int = 9
+
+
+@dataclass
+class SearchLevel:
+    """One level of the hierarchy: its band, grid, and the children of the previous level.
+
+    cols: (M_l,) columns of the final band's coefficients inside ``radius``.
+    child_d: (M_d of level l-1, C_d) directions of this level in each coarser direction's
+    cell (-1 padding); child_psi (M_psi of l-1, C_psi); child_t (M_t of l-1, C_t).
+    """
+
+    radius: float
+    grid: PoseGrid
+    cols: torch.Tensor
+    log_w_R: float
+    shifts: torch.Tensor
+    log_w_t: torch.Tensor
+    directions: torch.Tensor
+    psi: torch.Tensor
+    child_d: torch.Tensor | None = None
+    child_psi: torch.Tensor | None = None
+    child_t: torch.Tensor | None = None
+    slice_op: SliceOperator | None = None
+    freqs_px: torch.Tensor | None = None
+
+    @property
+    def n_poses(self) -> int:
+        return self.grid.n_rotations * self.grid.M_t
+
+    def rotations(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n, 3, 3) float32 rotations of grid ids ``j * M_psi + k`` (built on demand)."""
+        M = self.grid.M_psi
+        return direction_inplane_to_matrix(self.directions[ids // M], self.psi[ids % M]).to(torch.float32)
+
+
+def _children(parent: np.ndarray, n_parents: int) -> torch.Tensor:
+    """Invert a child -> parent map: (n_parents, C) child indices, -1 padding."""
+    order = np.argsort(parent, kind="stable")
+    counts = np.bincount(parent, minlength=n_parents)
+    C = max(1, int(counts.max()))
+    out = np.full((n_parents, C), -1, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(parent)) - np.repeat(starts, counts)
+    out[parent[order], rank] = order
+    return torch.as_tensor(out)
+
+
+def level_radii(r: float, coarse_radius: float) -> list[float]:
+    """Bands of the hierarchy: ``coarse_radius, 2 coarse_radius, 4 coarse_radius, ..., r`` (the
+    last step at most a doubling); ``[r]`` when ``r <= coarse_radius``."""
+    radii = [min(r, coarse_radius)]
+    while radii[-1] < r:
+        radii.append(min(r, 2 * radii[-1]))
+    return radii
+
+
+def build_hierarchy(D: int, apix: float, radius: float, kx: torch.Tensor, ky: torch.Tensor,
+                    shift_sigma_px: float, grid_scale: float, oversample: int, device,
+                    cfg: SearchConfig, cache_bytes: int = 2 ** 30) -> list[SearchLevel]:
+    """The levels for a final band of ``radius`` Fourier pixels; ``kx, ky`` are the integer
+    frequencies of the final band's coefficients (:class:`~cryorecon.fourier.transforms.HalfPlane`)."""
+    levels: list[SearchLevel] = []
+    r2 = (kx.double() ** 2 + ky.double() ** 2).cpu()
+    freqs = torch.stack([kx, ky], -1).to(device, torch.float32)
+    for k, r in enumerate(level_radii(radius, cfg.coarse_radius)):
+        grid = PoseGrid(D=D, apix=apix, omega_star=r / (D * apix), shift_sigma_px=shift_sigma_px,
+                        scale=grid_scale)
+        inside = r2 < r * r if r < radius else torch.ones_like(r2, dtype=torch.bool)
+        cols = torch.nonzero(inside).squeeze(-1).to(device)
+        # Rotation weights are uniform on the grid: w_d w_psi p(R) (Eq. 4).
+        lw_R = float(grid.log_w_d[0] + grid.log_w_psi[0] + grid.log_p_R)
+        lvl = SearchLevel(r, grid, cols, lw_R, grid.shifts.to(device, torch.float32),
+                          grid.log_w_t.to(device, torch.float32), grid.directions.to(device),
+                          grid.psi.to(device))
+        lvl.freqs_px = freqs[cols]
+        if k == 0 or grid.n_rotations * len(cols) * 64 <= cache_bytes:
+            # The whole grid's interpolation set-up, when it fits: a batch's union of
+            # rotations then indexes it instead of recomputing it.
+            R = grid.rotations(device=device)
+            lvl.slice_op = SliceOperator(R, freqs[cols], D, oversample, cache_bytes=max(cache_bytes, LEVEL0_CACHE_BYTES))
+        if k > 0:
+            prev = levels[-1].grid
+            pd = cKDTree(prev.directions.numpy()).query(grid.directions.numpy())[1]
+            ppsi = np.rint(grid.psi.numpy() / (2 * math.pi / prev.M_psi)).astype(np.int64) % prev.M_psi
+            pt = cKDTree(prev.shifts.numpy()).query(grid.shifts.numpy())[1]
+            lvl.child_d = _children(pd, prev.M_d).to(device)
+            lvl.child_psi = _children(ppsi, prev.M_psi).to(device)
+            lvl.child_t = _children(pt, prev.M_t).to(device)
+        levels.append(lvl)
+    return levels
+
+
+def keep_mass(post: torch.Tensor, ids: torch.Tensor | None, mass: float, k_min: int, k_max: int):
+    """Per row, the fewest entries of ``post`` (B, n) whose mass reaches ``mass``, clamped to
+    ``[k_min, k_max]``; entries of zero probability are never kept (the top one always is).
+    Returns ``(ids (B, W), valid (B, W))``: the kept entries' ``ids`` (column indices when
+    ``ids`` is None) and which of the W columns are real."""
+    p, order = post.sort(-1, descending=True)
+    before = p.cumsum(-1) - p
+    n = (before < mass).sum(-1).clamp(min=k_min, max=k_max)
+    W = int(n.max())
+    p, order = p[:, :W], order[:, :W]
+    valid = (torch.arange(W, device=post.device)[None, :] < n[:, None]) & (p > 0)
+    valid[:, 0] = True
+    kept = order if ids is None else torch.gather(ids, 1, order)
+    return kept, valid
+
+
+def _compact(ids: torch.Tensor, ok: torch.Tensor):
+    """Move each row's valid entries first and drop columns that are padding in every row."""
+    order = torch.argsort((~ok).to(torch.int8), dim=-1, stable=True)
+    ids, ok = torch.gather(ids, 1, order), torch.gather(ok, 1, order)
+    W = max(1, int(ok.sum(-1).max()))
+    return ids[:, :W], ok[:, :W]
+
+
+def rotation_children(prev: SearchLevel, lvl: SearchLevel, ids: torch.Tensor, valid: torch.Tensor):
+    """Level ``lvl``'s rotations in the cells of ``prev``'s rotations ``ids`` (B, W): ids and
+    validity (B, R), compacted. Rotation ids are direction-major (``j * M_psi + k``)."""
+    Mc, Mf = prev.grid.M_psi, lvl.grid.M_psi
+    cd, cp = lvl.child_d[ids // Mc], lvl.child_psi[ids % Mc]  # (B, W, Cd), (B, W, Cp)
+    fine = cd[..., :, None] * Mf + cp[..., None, :]
+    ok = valid[..., None, None] & (cd >= 0)[..., :, None] & (cp >= 0)[..., None, :]
+    B = ids.shape[0]
+    return _compact(fine.reshape(B, -1).clamp_min(0), ok.reshape(B, -1))
+
+
+def shift_children(lvl: SearchLevel, ids: torch.Tensor, valid: torch.Tensor):
+    """Level ``lvl``'s shifts in the cells of the previous level's shifts ``ids`` (B, W)."""
+    ct = lvl.child_t[ids]  # (B, W, Ct)
+    ok = valid[..., None] & (ct >= 0)
+    B = ids.shape[0]
+    return _compact(ct.reshape(B, -1).clamp_min(0), ok.reshape(B, -1))
+
+
+def _columns(batch: ImageBatch, cols: torch.Tensor) -> ImageBatch:
+    if cols.numel() == batch.y.shape[1]:
+        return batch
+    return ImageBatch(batch.y[:, cols], batch.ctf[:, cols], batch.sigma2, batch.weight[cols], batch.freqs[cols])
+
+
+@dataclass
+class _Candidates:
+    """The poses one level evaluates per image (product layout of Eq. 13)."""
+
+    rot_ids: torch.Tensor    # (U,) union of rotation ids on the level's grid
+    rot_idx: torch.Tensor    # (B, R) index into rot_ids
+    rot_full: torch.Tensor   # (B, R) rotation ids on the level's grid
+    rot_logw: torch.Tensor   # (B, R) log quadrature weight, -inf padding
+    t_full: torch.Tensor     # (B, Lt) shift ids on the level's grid
+    t_logw: torch.Tensor     # (B, Lt)
+    n_eval: torch.Tensor     # (B,) poses evaluated (without padding)
+
+
+def _candidates(lvl: SearchLevel, rot, rot_ok, t, t_ok) -> _Candidates:
+    rot_ids, inverse = torch.unique(rot[rot_ok], return_inverse=True)
+    rot_idx = torch.zeros_like(rot)
+    rot_idx[rot_ok] = inverse
+    rot_logw = torch.where(rot_ok, lvl.log_w_R, -math.inf)
+    t_logw = torch.where(t_ok, lvl.log_w_t[t], -math.inf)
+    return _Candidates(rot_ids, rot_idx, rot, rot_logw, t, t_logw, rot_ok.sum(-1) * t_ok.sum(-1))
+
+
+class CoarseToFine:
+    """The coarse-to-fine marginaliser (see the module docstring); keeps no particle state."""
+
+    name = "search"
+
+    def __init__(self, D: int, apix: float, shift_sigma_px: float, grid_scale: float = 1.0,
+                 oversample: int = 2, cfg: SearchConfig | None = None, cache_bytes: int = 2 ** 30):
+        self.D, self.apix, self.shift_sigma_px = D, apix, shift_sigma_px
+        self.cache_bytes = cache_bytes
+        self.grid_scale, self.oversample = grid_scale, oversample
+        self.cfg = cfg or SearchConfig()
+        self._levels: tuple[float, list[SearchLevel]] | None = None
+
+    def hierarchy(self, level) -> list[SearchLevel]:
+        """The levels for ``level`` (a :class:`cryorecon.start.Level`), built once per omega*."""
+        if self._levels is None or self._levels[0] != level.omega:
+            hp = level.halfplane
+            self._levels = (level.omega, build_hierarchy(
+                self.D, self.apix, hp.radius, hp.kx, hp.ky, self.shift_sigma_px, self.grid_scale,
+                self.oversample, level.device, self.cfg, self.cache_bytes))
+        return self._levels[1]
+
+    def evaluate(self, V, batch, idx, level, tau, want_grad=True, record=True) -> Evaluation:
+        H = self.hierarchy(level)
+        ov, c = self.oversample, self.cfg
+        spec = spectrum_from_volume(V, ov)
+        top = H[0]
+        b0 = _columns(batch, top.cols)
+        if len(H) == 1:
+            lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
+
+            def nll(V, g=False, spectrum=None):
+                part = (top.slice_op, lambda S: marginal_loglik(S, b0, top.shifts, lw0, top.log_w_t, g))
+                return volume_objective(V, [part], ov, g, spectrum)
+
+            val, grad, res = nll(V, want_grad, spec)
+            r = res[0]
+            return Evaluation(val, grad, r.loglik, top.rotations(r.best_rot), top.shifts[r.best_shift],
+                              r.max_prob, 1.0, 1.0, lambda V: nll(V)[0])
+        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
+        r0 = marginal_loglik(top.slice_op.slice(spec), b0, top.shifts, lw0, top.log_w_t,
+                             want_grad=False, want_posteriors=True)
+        B = batch.B
+        full = H[-1].n_poses
+        n_eval = torch.full((B,), float(top.n_poses), dtype=torch.float64, device=spec.device)
+        n_comp = float(top.n_poses) * B
+        post_rot, post_t, rot_ids_prev, t_ids_prev = r0.post_rot, r0.post_shift, None, None
+        for k in range(1, len(H)):
+            prev, lvl = H[k - 1], H[k]
+            kr, vr = keep_mass(post_rot, rot_ids_prev, 1 - c.epsilon / 2, c.min_rotations, c.max_rotations)
+            kt, vt = keep_mass(post_t, t_ids_prev, 1 - c.epsilon / 2, c.min_shifts, c.max_shifts)
+            rot, rot_ok = rotation_children(prev, lvl, kr, vr)
+            t, t_ok = shift_children(lvl, kt, vt)
+            cand = _candidates(lvl, rot, rot_ok, t, t_ok)
+            n_eval += cand.n_eval.double()
+            n_comp += float(rot.numel() * t.shape[1])
+            bl = _columns(batch, lvl.cols)
+            if lvl.slice_op is not None:
+                op = lvl.slice_op.subset(cand.rot_ids)
+            else:
+                op = SliceOperator(lvl.rotations(cand.rot_ids), lvl.freqs_px, self.D, ov,
+                                   cache_bytes=UNION_CACHE_BYTES)
+            shifts = lvl.shifts[cand.t_full]
+
+            def evaluate_level(S, g, bl=bl, cand=cand, shifts=shifts):
+                return sampled_loglik(S, bl, cand.rot_idx, cand.rot_logw, shifts, cand.t_logw, want_grad=g)
+
+            if k < len(H) - 1:
+                res = evaluate_level(op.slice(spec), False)
+                post_rot, post_t, rot_ids_prev, t_ids_prev = res.post_rot, res.post_shift, cand.rot_full, cand.t_full
+                continue
+
+            def nll(V, g=False, spectrum=None, op=op, ev=evaluate_level):
+                return volume_objective(V, [(op, lambda S: ev(S, g))], ov, g, spectrum)
+
+            val, grad, res = nll(V, want_grad, spec)
+            r = res[0]
+            ar = torch.arange(B, device=spec.device)
+            best_rot = cand.rot_full[ar, r.post_rot.argmax(-1)]
+            best_t = cand.t_full[ar, r.post_shift.argmax(-1)]
+            return Evaluation(val, grad, r.loglik, lvl.rotations(best_rot), lvl.shifts[best_t], r.max_prob,
+                              float((n_eval / full).mean()), n_comp / (B * full), lambda V: nll(V)[0])
+        raise AssertionError("unreachable")
