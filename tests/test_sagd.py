@@ -73,17 +73,32 @@ class Problem:
 
 def iterate(opt: SAGD, prob: Problem, x: torch.Tensor, tau: int, k: int, eps: float = 1.0,
             line_search_every: int = 20) -> torch.Tensor:
-    """One iteration in the order Run.run uses."""
+    """One iteration as Run.step takes it: :meth:`SAGD.update` (the opt's own cadence)."""
+    assert opt.line_search_every == line_search_every and opt.tau == tau - 1
     f = prob.f(k)
-    g = prob.grad(k, x)
-    if opt.L is None:
-        L0 = float(g.norm() / max(1e-12, float(x.norm()))) or 1.0
-        opt.initial_L(f, x, f(x), g, L0)
-    elif tau % line_search_every == 0:
-        opt.line_search(f, x, f(x), g)
-    else:
-        opt.decay_L()
-    return opt.step(x, k, g, None, eps)
+    x_new, _ = opt.update(x, k, f, f(x), prob.grad(k, x), None, eps)
+    return x_new
+
+
+def test_update_follows_algorithm_1_cadence():
+    """update = initial_L on the first call, line_search every line_search_every-th, decay_L
+    otherwise, then step: the same iterates as calling the pieces by hand."""
+    prob = Problem()
+    a, b = SAGD(K, (N,), "cpu", line_search_every=4), SAGD(K, (N,), "cpu", line_search_every=4)
+    xa = xb = torch.full((N,), 0.5)
+    for tau in range(1, 13):
+        k = tau % K
+        f, g = prob.f(k), prob.grad(k, xb)
+        if b.L is None:
+            b.initial_L(f, xb, f(xb), g, float(g.norm() / xb.norm()))
+        elif tau % 4 == 0:
+            b.line_search(f, xb, f(xb), g)
+        else:
+            b.decay_L()
+        xb = b.step(xb, k, g, None, 1.0)
+        xa, _ = a.update(xa, k, prob.f(k), prob.f(k)(xa), prob.grad(k, xa), None, 1.0)
+        assert a.L == pytest.approx(b.L, rel=1e-6)
+        assert torch.allclose(xa, xb, atol=1e-6)
 
 
 def run_sagd(prob: Problem, iters: int, seed: int = 0, x0=None):

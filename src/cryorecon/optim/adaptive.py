@@ -91,7 +91,7 @@ class AdaptiveResolution:
         if math.isfinite(self.best):
             gain = self.best - heldout
             self.max_gain = max(self.max_gain, gain)
-            self.flat = self.flat + 1 if gain < self.plateau * self.max_gain else 0
+            self.flat = self.flat + 1 if gain <= self.plateau * self.max_gain else 0
         self.best = min(self.best, heldout)
         if self.at_final():
             return False
