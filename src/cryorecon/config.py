@@ -65,6 +65,8 @@ class ReconstructConfig:
     is_check: int = 16
     is_tolerance: float = 1e-3
     report_every: float | None = 60.0
+    halves: bool = True
+    join_resolution_A: float = 40.0
     cache_gib: float = 2.0
 
     def __post_init__(self) -> None:

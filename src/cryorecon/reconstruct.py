@@ -46,13 +46,15 @@ from .optim.adaptive import AdaptiveResolution, HeldoutPatience, PaperResolution
 from .optim.sagd import SAGD
 from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
-from .start import Level, default_exponential_lambda, make_level, random_spheres, scale_to_data, split_particles
+from .validate import fsc, resolution_at
+from .start import (Level, default_exponential_lambda, half_sets, make_level, random_spheres, scale_to_data,
+                    split_particles)
 
 __all__ = ["ReconstructConfig", "Run", "reconstruct", "MAX_SAMPLED_FRACTION", "Level", "make_level"]
 
 # What a run writes in its folder (besides snapshots/); --force removes these first.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz", "report.html",
-             "particles.star", "particles.cs")
+             "particles.star", "particles.cs", "volume_half1.mrc", "volume_half2.mrc")
 
 # The accuracy check of the coarse-to-fine search scores at most as many particles as the
 # exact sum can afford within this many (pose x coefficient) products (at least
@@ -105,6 +107,14 @@ class Run:
         self.best_R = np.full((n, 3, 3), np.nan, dtype=np.float32)
         self.best_t = np.full((n, 2), np.nan, dtype=np.float32)
         self.max_prob = np.full(n, np.nan, dtype=np.float32)
+        # Gold-standard half-sets (0 until the split, then 1 or 2 per particle), their maps
+        # and SAGD states; batch_half[k] is minibatch k's half (0 before the split).
+        self.subset = np.zeros(n, dtype=np.int64)
+        self.halves: list[torch.Tensor] | None = None
+        self.half_sagd: list[SAGD] | None = None
+        self.batch_half = [0] * self.K
+        self.gold_standard: dict | None = None
+        self.split_at: int | None = None
         if state is not None:
             self._load(state)
         else:
@@ -189,12 +199,106 @@ class Run:
 
     # ---- objective ------------------------------------------------------------------
     def batch_objective(self, idx, lvl: Level, want_grad: bool = True, record: bool | np.ndarray = True,
-                        objective=None) -> Evaluation:
-        """One minibatch's :class:`~cryorecon.model.objective.Evaluation` at the current map by
-        the run's marginaliser (or ``objective``); ``record`` as in the protocol."""
+                        objective=None, V: torch.Tensor | None = None) -> Evaluation:
+        """One minibatch's :class:`~cryorecon.model.objective.Evaluation` by the run's
+        marginaliser (or ``objective``) at map ``V`` (default: the map of the particles'
+        half-set, :meth:`map_of`); ``record`` as in the protocol."""
+        idx = np.asarray(idx)
+        if V is None and self.halves is not None and len(np.unique(self.subset[idx])) > 1:
+            return self._by_half(idx, lvl, want_grad, record, objective)
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
         obj = objective or self.objective
-        return obj.evaluate(self.V, batch, np.asarray(idx), lvl, self.tau, want_grad=want_grad, record=record)
+        V = self.map_of(idx) if V is None else V
+        return obj.evaluate(V, batch, idx, lvl, self.tau, want_grad=want_grad, record=record)
+
+    def _by_half(self, idx, lvl, want_grad, record, objective) -> Evaluation:
+        """Particles of both half-sets, each scored against its own half's map: the two
+        evaluations joined (values add; per-image results in the order of ``idx``)."""
+        if want_grad:
+            raise ValueError("a gradient needs the particles of one half-set")
+        rec = np.broadcast_to(np.asarray(record, dtype=bool), idx.shape)
+        parts, order = [], []
+        for h in (1, 2):
+            rows = np.flatnonzero(self.subset[idx] == h)
+            parts.append(self.batch_objective(idx[rows], lvl, False, rec[rows].copy(), objective))
+            order.append(rows)
+        inv = torch.as_tensor(np.argsort(np.concatenate(order)))
+        cat = lambda name: torch.cat([getattr(e, name).cpu() for e in parts])[inv]  # noqa: E731
+        n = [len(r) for r in order]
+        mean = lambda name: sum(getattr(e, name) * k for e, k in zip(parts, n)) / sum(n)  # noqa: E731
+        return Evaluation(sum(e.value for e in parts), None, cat("loglik"), cat("best_R"), cat("best_t"),
+                          cat("max_prob"), mean("fraction"), mean("computed"),
+                          _no_refit,
+                          None if parts[0].kl_directions is None else mean("kl_directions"))
+
+    def map_of(self, idx) -> torch.Tensor:
+        """The map particles ``idx`` are scored against: the joint map before the half-set
+        split, their half's map after it (all of ``idx`` must be in one half)."""
+        if self.halves is None:
+            return self.V
+        h = np.unique(self.subset[np.asarray(idx)])
+        if len(h) != 1:
+            raise ValueError("particles from both half-sets in one evaluation")
+        return self.halves[int(h[0]) - 1]
+
+    # ---- gold-standard half-sets -----------------------------------------------------------
+    def maybe_split(self, omega: float) -> bool:
+        """Split into two half-sets refined independently from now on, the first time the
+        cut-off passes ``join_resolution_A`` (RELION's ``--low_resol_join_halves``: below it
+        the data cannot overfit noise, and one joint map keeps both halves in one frame and
+        hand, so their FSC means something). Each half starts from the joint map with its
+        own SAGD state: its minibatches' stored gradients and L carried over from the joint one
+        (:func:`cryorecon.start.half_sets`; with the input's own half-sets the minibatches are
+        new and Algorithm 1 restarts on them, with L carried over)."""
+        c = self.cfg
+        if not c.halves or self.halves is not None or omega <= 1.0 / c.join_resolution_A * (1 + 1e-9):
+            return False
+        self.subset, self.batches, self.batch_half, parent = half_sets(
+            self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset)
+        self.K = len(self.batches)
+        self.halves = [self.V.clone(), self.V.clone()]
+        self.half_sagd = []
+        for h in (1, 2):
+            sg = SAGD(self.batch_half.count(h), self.V.shape, self.device, L=self.sagd.L,
+                      line_search_every=c.line_search_every)
+            sg.tau = self.sagd.tau
+            first = self.batch_half.index(h)
+            for k in range(first, first + sg.K):
+                if parent[k] in self.sagd.stored:
+                    sg.accumulate(k - first, self.sagd.stored[parent[k]])
+            self.half_sagd.append(sg)
+        self.sagd.stored.clear()
+        self.order = []
+        self.split_at = self.tau
+        where = "the input's rlnRandomSubset" if self.p.random_subset is not None else "a random split"
+        log.info(f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
+                 f"half-sets ({where}: {int((self.subset == 1).sum())} + {int((self.subset == 2).sum())} "
+                 "particles) refined independently from here")
+        return True
+
+    def _gold_standard(self) -> None:
+        """The half maps' FSC (unmasked, masked, phase-randomisation corrected) and its 0.143
+        resolution, for run.json and the report (:mod:`cryorecon.gold_standard`)."""
+        if self.halves is None:
+            return
+        from .gold_standard import gold_standard_fsc
+
+        self.gold_standard = gold_standard_fsc(self.halves[0].cpu(), self.halves[1].cpu(), self.apix).to_json()
+
+    def _local_batch(self, k: int) -> tuple[int, int]:
+        """(half, index among that half's minibatches) of minibatch ``k`` (half 0: joint)."""
+        h = self.batch_half[k]
+        return h, (k if h == 0 else k - self.batch_half.index(h))
+
+    def combined(self) -> torch.Tensor:
+        """The map written as ``volume.mrc``: the joint map, or after the split the halves'
+        average weighted per shell by their FSC (:func:`cryorecon.gold_standard.combine_halves`)."""
+        if self.halves is None:
+            return self.V
+        from .gold_standard import combine_halves
+
+        _, curve = fsc(self.halves[0], self.halves[1], self.apix)
+        return combine_halves(self.halves[0], self.halves[1], curve)
 
     def _record_poses(self, idx, ev: Evaluation) -> None:
         idx = np.asarray(idx)
@@ -271,6 +375,7 @@ class Run:
         it is the Eq. 13 estimate (log of an unbiased estimate of p: slightly pessimistic) and
         the held-out particles keep their own pose histories; they never enter SAGD. The
         accuracy check's particles (:meth:`check_particles`) are scored too, but not recorded.
+        After the half-set split each held-out particle is scored against its own half's map.
         """
         pool = self.check_particles(pool=True) if self.sampler is not None else self.heldout[:0]
         total = 0.0
@@ -302,14 +407,23 @@ class Run:
         tau = self.tau
         omega = self.resolution.omega_star(tau)
         lvl = self.level(omega)
+        self.maybe_split(omega)
         k = self.next_batch()
         idx = self.batches[k]
-        ev = self.batch_objective(idx, lvl)
-        prior, K = self.prior, self.K
-        f_V = ev.value + float(prior.neg_log_prior(self.V)) / K
+        h, k_local = self._local_batch(k)
+        V = self.map_of(idx)
+        sagd = self.sagd if h == 0 else self.half_sagd[h - 1]
+        ev = self.batch_objective(idx, lvl, V=V)
+        prior, K = self.prior, sagd.K
+        f_V = ev.value + float(prior.neg_log_prior(V)) / K
         eps = self.resolution.epsilon(tau)
-        self.V, doublings = self.sagd.update(self.V, k, lambda V: ev.refit(V) + float(prior.neg_log_prior(V)) / K,
-                                             f_V, ev.grad, prior.grad(self.V), eps)
+        V, doublings = sagd.update(V, k_local, lambda V: ev.refit(V) + float(prior.neg_log_prior(V)) / K,
+                                   f_V, ev.grad, prior.grad(V), eps)
+        if h == 0:
+            self.V = V
+        else:
+            self.halves[h - 1] = V
+            self.V = 0.5 * (self.halves[0] + self.halves[1])
         self._record_poses(idx, ev)
         heldout = check = None
         if tau % c.heldout_every == 0:
@@ -319,7 +433,18 @@ class Run:
             if self.resolution.observe(tau, heldout):
                 log.info(f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
                          f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å")
-        return self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, check)
+        rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, check)
+        rec["L"], rec["half"] = sagd.L, h
+        if heldout is not None and self.halves is not None:
+            rec.update(self.halfmap_resolution())
+        return rec
+
+    def halfmap_resolution(self) -> dict:
+        """FSC 0.5 / 0.143 resolution (Å) between the two half maps, unmasked (cheap; the
+        masked, corrected curve is computed at the end, :meth:`_gold_standard`)."""
+        freq, curve = fsc(self.halves[0], self.halves[1], self.apix)
+        return {"halfmap_fsc05_A": resolution_at(freq, curve, 0.5),
+                "halfmap_fsc0143_A": resolution_at(freq, curve, 0.143)}
 
     def _metrics(self, tau, omega, eps, doublings, ev: Evaluation, lvl: Level, idx, heldout, check) -> dict:
         n = int(len(idx))
@@ -354,8 +479,8 @@ class Run:
             last = self.heldout_state.last
             pb.set_postfix(res=f"{rec['resolution_A']:.1f}A", heldout="-" if last is None else f"{last:.4g}")
             if tau % c.snapshot_every == 0:
-                write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.V.cpu().numpy(), self.apix,
-                          overwrite=True)
+                write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.combined().cpu().numpy(),
+                          self.apix, overwrite=True)
             if tau % c.checkpoint_every == 0:
                 self._save()
                 self._write_info(finished=False)
@@ -364,6 +489,7 @@ class Run:
         stop.restore()
         pb.close()
         self._save()
+        self._gold_standard()
         self._export()
         self._write_info(finished=reason == "converged", reason=reason)
         self.lock.release()
@@ -411,7 +537,7 @@ class Run:
             eulers[seen], shifts[seen] = pose_to_relion(torch.as_tensor(self.best_R[seen]),
                                                         torch.as_tensor(self.best_t[seen]), apix)
         return {"eulers_deg": eulers, "shifts_A": shifts, "max_prob": self.max_prob.astype(np.float64),
-                "directions": self.best_R[:, 2, :], "subset": np.zeros(n, dtype=np.int64),
+                "directions": self.best_R[:, 2, :], "subset": self.subset.copy(),
                 "class_number": np.ones(n, dtype=np.int64)}
 
     def _save(self) -> None:
@@ -425,11 +551,17 @@ class Run:
             "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
             "importance_anneal_from": None if self.sampler is None else self.sampler.anneal_from,
             "fingerprint": self.fingerprint,
+            "subset": self.subset if self.halves is not None else None, "split_at": self.split_at,
+            "halves": None if self.halves is None else [v.cpu() for v in self.halves],
+            "half_sagd": None if self.halves is None else [sg.state_dict() for sg in self.half_sagd],
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
-        write_map(self.out / "volume.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+        write_map(self.out / "volume.mrc", self.combined().cpu().numpy(), self.apix, overwrite=True)
+        if self.halves is not None:
+            for h, V in enumerate(self.halves, 1):
+                write_map(self.out / f"volume_half{h}.mrc", V.cpu().numpy(), self.apix, overwrite=True)
         tmp = self.out / ".poses.tmp.npz"
         np.savez(tmp, **self.poses())
         os.replace(tmp, self.out / "poses.npz")
@@ -445,6 +577,19 @@ class Run:
         self.resolution.load_state_dict(s["resolution"])
         self.prior = _prior_from_state(s["prior_state"])
         self.best_R, self.best_t, self.max_prob = s["best_R"], s["best_t"], s["max_prob"]
+        if s.get("halves") is not None:
+            self.subset = np.asarray(s["subset"], dtype=np.int64)
+            self.split_at = s.get("split_at")
+            _, self.batches, self.batch_half, _ = half_sets(self.batches, self.heldout, len(self.p), self.cfg.seed,
+                                                            self.p.random_subset)
+            self.K = len(self.batches)
+            self.halves = [v.to(self.device) for v in s["halves"]]
+            self.half_sagd = []
+            for h, st in zip((1, 2), s["half_sagd"]):
+                sg = SAGD(self.batch_half.count(h), self.V.shape, self.device,
+                          line_search_every=self.cfg.line_search_every)
+                sg.load_state_dict(st)
+                self.half_sagd.append(sg)
         if self.sampler is not None and s.get("importance") is not None:
             self.sampler.hist.load_state_dict(s["importance"])
             self.sampler.gen.set_state(s["importance_gen"])
@@ -466,9 +611,20 @@ class Run:
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         }
         info.update(self.p.meta.get("contrast", {}))  # set by cryorecon.contrast.apply_contrast
+        if self.halves is not None:
+            info["half_sets"] = {"split_at_iteration": self.split_at, "join_resolution_A": self.cfg.join_resolution_A,
+                                 "source": "rlnRandomSubset" if self.p.random_subset is not None else "random",
+                                 "n": [int((self.subset == h).sum()) for h in (1, 2)]}
+        if self.gold_standard is not None:
+            info["gold_standard"] = self.gold_standard
+            info["gold_standard_resolution_A"] = self.gold_standard.get("resolution_A")
         tmp = self.out / ".run.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.out / "run.json")
+
+
+def _no_refit(V):
+    raise ValueError("an evaluation over both half-sets has no single map to refit")
 
 
 RESUME_OVERRIDES = ("max_iters", "max_time", "device", "report_every", "cache_gib")

@@ -76,6 +76,51 @@ def split_particles(n: int, heldout: int, minibatch: int, seed: int) -> tuple[np
     return held, [np.sort(b) for b in np.array_split(train, K)]
 
 
+def half_sets(batches: list[np.ndarray], heldout: np.ndarray, n: int, seed: int,
+              given: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], list[int], list[int]]:
+    """Gold-standard half-sets (RELION's ``rlnRandomSubset``, 1 or 2 per particle) and the
+    training minibatches regrouped per half.
+
+    Without ``given``, whole minibatches are dealt to the halves at random (half of them
+    each) and the held-out particles split at random, so each half keeps its minibatches and
+    SAGD can carry their stored gradients over. With ``given`` (the input's half-sets), every
+    half's training particles are cut into new minibatches of the old size.
+
+    Returns ``(subset (n,), batches, half, parent)``: half 1's minibatches first; ``half[k]``
+    is minibatch k's half, ``parent[k]`` the index of the joint minibatch it was (-1 when
+    regrouped).
+    """
+    rng = np.random.default_rng([seed, 2])
+    subset = np.zeros(n, dtype=np.int64)
+    if given is None and len(batches) >= 2:
+        order = rng.permutation(len(batches))
+        ones = set(order[: len(batches) // 2].tolist())
+        parent = sorted(ones) + sorted(set(range(len(batches))) - ones)
+        half = [1 if k in ones else 2 for k in parent]
+        for k, h in zip(parent, half):
+            subset[batches[k]] = h
+        held = rng.permutation(np.asarray(heldout))
+        subset[held[: len(held) // 2]], subset[held[len(held) // 2:]] = 1, 2
+        return subset, [batches[k] for k in parent], half, parent
+    if given is not None:
+        subset = np.asarray(given, dtype=np.int64).copy()
+    else:
+        perm = rng.permutation(n)
+        subset[:] = 2
+        subset[perm[: n // 2]] = 1
+    size = max(len(b) for b in batches)
+    train = np.sort(np.concatenate(batches))
+    out, half = [], []
+    for h in (1, 2):
+        mine = train[subset[train] == h]
+        if len(mine) == 0:
+            raise InputError(f"half-set {h} has no training particles; use --no-halves")
+        K = max(1, math.ceil(len(mine) / size))
+        out += [np.sort(b) for b in np.array_split(mine, K)]
+        half += [h] * K
+    return subset, out, half, [-1] * len(out)
+
+
 def random_spheres(D: int, radius_px: float, n_spheres: int, generator: torch.Generator) -> torch.Tensor:
     """Random initial density (Sec. 4): a union of ``n_spheres`` solid spheres of random
     radius and position inside a ball of ``radius_px`` about the centre, softened by one voxel."""

@@ -90,6 +90,13 @@ def add_reconstruct_arguments(p) -> None:
                    help="iterations between map snapshots (default 100)")
     p.add_argument("--report-every", type=at_least(0, float), default=d.report_every,
                    help="seconds between refreshes of RUN/report.html (default 60)")
+    p.add_argument("--no-halves", dest="halves", action="store_false",
+                   help="one map throughout: no gold-standard half-sets (no volume_half1/2.mrc, no "
+                        "resolution without a reference)")
+    p.add_argument("--join-resolution", type=positive(), default=d.join_resolution_A, metavar="A",
+                   help="cut-off (Å) past which the particles are split into two half-sets refined "
+                        "independently (rlnRandomSubset when the input has it; default 40, as RELION's "
+                        "--low_resol_join_halves)")
 
 
 def config_from_args(args) -> ReconstructConfig:
@@ -110,6 +117,7 @@ def config_from_args(args) -> ReconstructConfig:
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
         s0=args.s0, is_every=args.is_every, report_every=args.report_every,
         cache_gib=args.cache_gib, is_check=args.is_check, is_tolerance=args.is_tolerance,
+        halves=args.halves, join_resolution_A=args.join_resolution,
     )
 
 

@@ -149,6 +149,12 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
                 raise InputError(f"{path}: particle {i}: non-square image, blob/shape {tuple(shape[i])}")
         box = shape[:, -1]
 
+    subset = None
+    if "alignments3D/split" in fields:
+        from .star import _half_sets
+
+        subset = _half_sets(path, cs["alignments3D/split"].astype(np.int64) + 1, "alignments3D/split")
+
     datadir = check_datadir(datadir)
     resolved = [find_stack(s, path.parent, datadir) for s in stack_names]
     return {
@@ -167,6 +173,7 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
         "angles": angles,
         "shifts": shifts,
         "optics_group": optics_group,
+        "random_subset": subset,
         "optics_names": {},
         "box": box,
     }

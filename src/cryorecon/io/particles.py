@@ -120,6 +120,8 @@ class ParticleSet:
     stack_names: list[str] | None = field(default=None, repr=False)  # as written in the file
     # +1, or -1 to negate every image read (inverted contrast; see cryorecon.contrast).
     contrast_sign: float = 1.0
+    # (N,) 1 or 2: the input's half-sets (rlnRandomSubset, alignments3D/split + 1), or None.
+    random_subset: np.ndarray | None = None
     _headers: list = field(default=None, repr=False)
     _maps: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -262,6 +264,7 @@ class ParticleSet:
             meta=dict(self.meta),
             stack_names=list(self.stack_names),
             contrast_sign=self.contrast_sign,
+            random_subset=None if self.random_subset is None else self.random_subset[idx],
             _headers=list(self._headers),
         )
 
@@ -321,6 +324,7 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
         meta={"format": raw["format"], "optics_names": raw["optics_names"],
               "stack_found": list(raw["stack_found"]), "stack_tried": list(raw["stack_tried"])},
         stack_names=list(raw["stack_names"]),
+        random_subset=raw.get("random_subset"),
     )
     assert len(ps) == n
 

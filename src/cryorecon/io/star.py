@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, one_line
+from ..progress import log
 from .checks import check_text_file
 from .paths import check_datadir, find_stack
 
@@ -234,6 +235,9 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
     box = column("rlnImageSize")
     if box is not None:
         box = box.astype(np.int64)
+    subset = column("rlnRandomSubset")
+    if subset is not None:
+        subset = _half_sets(path, subset.astype(np.int64), "rlnRandomSubset")
 
     slice_index, stack_names, stack_index = split_image_names(path, names)
     datadir = check_datadir(datadir)
@@ -256,7 +260,18 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
         "optics_group": optics_group,
         "optics_names": optics_names,
         "box": box,
+        "random_subset": subset,
     }
+
+
+def _half_sets(path: Path, subset: np.ndarray, label: str) -> np.ndarray | None:
+    """``rlnRandomSubset`` as given when every particle is in half 1 or 2, else None (with a
+    warning: cryorecon then draws its own halves)."""
+    if np.isin(subset, (1, 2)).all() and len(np.unique(subset)) == 2:
+        return subset
+    log.warning(f"{path}: {label} is not 1 or 2 for every particle (both present); "
+                "cryorecon draws its own half-sets")
+    return None
 
 
 def relion31_tables(image_names, apix, ctf: dict, angles=None, shifts=None, D: int = 0):
