@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["SymmetryGroup", "parse_symmetry", "axis_rotation", "VALID_FORMS"]
+__all__ = ["SymmetryGroup", "parse_symmetry", "axis_rotation", "VALID_FORMS", "direction_mask",
+           "asymmetric_unit_mask"]
 
 VALID_FORMS = "C1, Cn, Ci, Cs, Dn (n >= 2), T, O, I, I1, I2, I3, I4"
 
@@ -166,3 +167,90 @@ def parse_symmetry(name: str) -> SymmetryGroup:
         raise InputError(f"improper symmetry {name!r} (with mirrors) is not supported: maps of "
                          f"proteins are chiral; valid forms: {VALID_FORMS}")
     raise _bad(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Asymmetric units of the pose quadrature
+# --------------------------------------------------------------------------------------------
+
+# A generic reference direction and rotation (fixed by no operator of any group here); the
+# asymmetric unit is the set of poses "closest" to them within their orbit (Dirichlet domain).
+_REF_DIRECTION = np.array([0.31, 0.17, 0.93]) / np.linalg.norm([0.31, 0.17, 0.93])
+_REF_ROTATION = axis_rotation((0.43, -0.61, 0.67), 0.77)
+_TIE = 1e-6  # cosines closer than this are a tie (grid rotations are float32)
+
+
+def _keys(rotations, G: SymmetryGroup):
+    """(N, K) direction key ``(A R_g)[2] . c`` and rotation key ``tr(C^T A R_g)``."""
+    import torch
+
+    A = torch.as_tensor(rotations).to(torch.float64)
+    ops = G.torch(device=A.device)
+    c = torch.as_tensor(_REF_DIRECTION, device=A.device)
+    C = torch.as_tensor(_REF_ROTATION, device=A.device)
+    s1 = torch.einsum("nj,kjl,l->nk", A[:, 2, :], ops, c)  # third rows of A R_g, dot c
+    s2 = torch.einsum("nij,kjl,il->nk", A, ops, C)
+    return s1, s2
+
+
+def direction_mask(directions, group) -> "torch.Tensor":
+    """Viewing directions ``d`` (M, 3) inside the asymmetric unit of the sphere: (M,) bool.
+
+    The pose ``A`` (RELION, third row ``d``) and ``A R_g`` give the same image of a
+    ``G``-symmetric map (:func:`asymmetric_unit_mask`), and ``(A R_g)[2] = R_g^T d``, so the
+    directions form orbits ``{R_g^T d}``. ``d`` is kept when it is the member of its orbit
+    closest to a fixed generic direction ``c`` (``d . c >= (R_g^T d) . c`` for every g, up to
+    a 1e-6 tie): the Dirichlet domain of ``c``, one direction per orbit except on its
+    boundary and on rotation axes (measure zero), where ties are all kept. Covers about
+    ``1 / order`` of the sphere. Needs a rotation group (InputError otherwise).
+    """
+    import torch
+
+    G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
+    G.require_proper("an asymmetric unit of poses")
+    d = torch.as_tensor(directions).to(torch.float64)
+    c = torch.as_tensor(_REF_DIRECTION, device=d.device)
+    s1 = torch.einsum("mj,kjl,l->mk", d, G.torch(device=d.device), c)  # (R_g^T d) . c
+    return s1[:, 0] >= s1.max(dim=1).values - _TIE
+
+
+def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> "torch.Tensor":
+    """Poses ``A`` (N, 3, 3) that form one representative per symmetry orbit: (N,) bool.
+
+    **Which side.** RELION's pose ``A`` puts image point ``(x, y)`` at ``A^T (x, y, z)`` in the
+    map frame, so the projection image is ``I_A(x, y) = int V(A^T (x, y, z)) dz`` (Eq. 1). If
+    ``V(R_g^T p) = V(p)`` for all ``g`` (the map has the symmetry), then
+
+        I_{A R_g}(x, y) = int V(R_g^T A^T (x, y, z)) dz = int V(A^T (x, y, z)) dz = I_A(x, y),
+
+    so the poses ``{A R_g : g in G}`` (the group on the right of A) see identical images and
+    the marginal likelihood (Eq. 3) is the same at all of them; ``{R_g A}`` are not
+    equivalent in general (tested with the slice operator). The third row (viewing
+    direction) of ``A R_g`` is ``R_g^T d``; for Cn about z, ``A R_z(t)`` changes RELION's
+    *rot* by ``t`` (psi and tilt unchanged), so the reduction is on rot (the direction's
+    azimuth), not psi.
+
+    **Criterion.** ``A`` is kept when it is the lexicographic maximum of its orbit for the
+    keys ``((A R_g)[2] . c, tr(C^T A R_g))`` with a fixed generic direction ``c`` and rotation
+    ``C`` (first key: the direction lies in :func:`direction_mask`'s asymmetric unit, ties
+    within 1e-6 broken by the second key, which reduces the in-plane angle for directions on
+    a rotation axis). Each orbit ``{A R_g}`` then has exactly one kept member except on
+    measure-zero boundaries, and a uniform grid keeps about ``1 / order`` of its poses; for
+    directions off the axes all in-plane angles of a kept direction are kept.
+
+    The restricted quadrature sums over the kept poses with weights renormalised to 1
+    (``log_w_R[mask] - logsumexp(log_w_R[mask])``), the uniform prior on the asymmetric unit.
+    Needs a rotation group (InputError otherwise).
+    """
+    import torch
+
+    G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
+    G.require_proper("an asymmetric unit of poses")
+    R = torch.as_tensor(rotations)
+    out = torch.empty(R.shape[0], dtype=torch.bool, device=R.device)
+    step = max(1, chunk // G.order)
+    for i in range(0, R.shape[0], step):
+        s1, s2 = _keys(R[i:i + step], G)
+        better = (s1 > s1[:, :1] + _TIE) | ((s1 >= s1[:, :1] - _TIE) & (s2 > s2[:, :1]))
+        out[i:i + step] = ~better.any(dim=1)
+    return out
