@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import InputError
 
 __all__ = ["SymmetryGroup", "parse_symmetry", "axis_rotation", "VALID_FORMS", "direction_mask",
-           "asymmetric_unit_mask"]
+           "asymmetric_unit_mask", "asymmetric_unit_grid"]
 
 VALID_FORMS = "C1, Cn, Ci, Cs, Dn (n >= 2), T, O, I, I1, I2, I3, I4"
 
@@ -253,4 +253,42 @@ def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> "torch.Tenso
         s1, s2 = _keys(R[i:i + step], G)
         better = (s1 > s1[:, :1] + _TIE) | ((s1 >= s1[:, :1] - _TIE) & (s2 > s2[:, :1]))
         out[i:i + step] = ~better.any(dim=1)
+    return out
+
+
+def asymmetric_unit_grid(grid, group):
+    """A copy of a :class:`~cryorecon.geometry.grids.PoseGrid` restricted to the asymmetric unit.
+
+    Keeps the directions of :func:`direction_mask` (all in-plane angles and shifts), so the
+    grid stays a product ``directions x psi x shifts`` and everything that reads
+    ``directions, psi, M_d, log_w_d, log_w_psi, log_p_R, rotations(), log_w_R()`` works as
+    before. Weights (Eq. 4): a kept direction that ties with ``m`` members of its orbit (on a
+    rotation axis, e.g. the poles for Cn and Dn, or on the unit's boundary) counts ``1 / m``;
+    ``w_d`` is renormalised to sum to ``4 pi / order`` and ``p(R) = order / (8 pi^2)``
+    (uniform on the asymmetric unit), so ``logsumexp(log_w_R()) == 0`` and the restricted sum
+    of a ``G``-invariant integrand equals the full-grid sum up to quadrature error. The
+    spacings ``r_d, r_psi, r_t`` are those of the full grid. ``C1`` returns ``grid`` itself.
+    """
+    import copy
+
+    import torch
+
+    G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
+    G.require_proper("an asymmetric unit of poses")
+    if G.order == 1:
+        return grid
+    d = grid.directions.to(torch.float64)
+    c = torch.as_tensor(_REF_DIRECTION, device=d.device)
+    s1 = torch.einsum("mj,kjl,l->mk", d, G.torch(device=d.device), c)
+    top = s1.max(dim=1).values
+    keep = s1[:, 0] >= top - _TIE
+    ties = (s1 >= top[:, None] - _TIE).sum(1).to(torch.float64)[keep]
+    out = copy.copy(grid)
+    out.directions = grid.directions[keep].clone()
+    out.M_d = int(keep.sum())
+    w = 1.0 / ties
+    out.log_w_d = (torch.log(w / w.sum()) + math.log(4.0 * math.pi / G.order)).to(grid.log_w_d.dtype)
+    out.log_p_R = -math.log(8.0 * math.pi**2 / G.order)
+    out.sizes = dict(grid.sizes, symmetry=G.name, M_d_full=grid.M_d)
+    out.direction_index = torch.nonzero(keep).reshape(-1)
     return out
