@@ -136,14 +136,15 @@ def test_images_at_A_and_A_Rg_agree_for_a_symmetric_map():
 
 def test_cn_acts_on_rot_not_psi():
     """A R_z(t) = euler(rot + t, tilt, psi): the Cn reduction is on RELION's rot."""
-    rot, tilt, psi = torch.tensor(0.4, dtype=torch.float64), torch.tensor(1.1, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)
+    rot, tilt, psi = (torch.tensor(x, dtype=torch.float64) for x in (0.4, 1.1, 2.0))
     G = parse_symmetry("C5").torch()
     A = euler_to_matrix(rot, tilt, psi)
     found = []
     for g in G:
         B = A @ g
-        found.append(min(float((euler_to_matrix(rot + s * k * 2 * math.pi / 5, tilt, psi) - B).abs().max())
-                         for k in range(5) for s in (1, -1)))
+        found.append(min(
+            float((euler_to_matrix(rot + s * k * 2 * math.pi / 5, tilt, psi) - B).abs().max())
+            for k in range(5) for s in (1, -1)))
     assert max(found) < 1e-12
 
 
@@ -157,8 +158,8 @@ def test_asymmetric_unit_keeps_one_pose_per_orbit(name):
     assert torch.all(kept == 1)
     # kept fraction of uniform rotations ~ 1/order (binomial, 4.5 sigma)
     n = 20000
-    frac = float(asymmetric_unit_mask(random_rotations(n, generator=torch.Generator().manual_seed(7)), G)
-                 .double().mean())
+    uniform = random_rotations(n, generator=torch.Generator().manual_seed(7))
+    frac = float(asymmetric_unit_mask(uniform, G).double().mean())
     p = 1 / G.order
     assert abs(frac - p) < 4.5 * math.sqrt(p * (1 - p) / n) + 1e-12
 
@@ -204,7 +205,8 @@ def test_asymmetric_unit_grid_integrates_invariant_functions(name):
     expected = grid.M_d / G.order
     assert abs(sub.M_d - expected) <= 3 * math.sqrt(expected) + 1
     assert abs(float(torch.logsumexp(sub.log_w_R(), 0))) < 1e-9
-    assert torch.equal(sub.rotations()[:, 2], sub.directions.repeat_interleave(sub.M_psi, 0).float())
+    third_rows = sub.directions.repeat_interleave(sub.M_psi, 0).float()
+    assert torch.equal(sub.rotations()[:, 2], third_rows)
     assert grid.M_d != sub.M_d and grid.directions.shape[0] == grid.M_d  # the input is untouched
     # a G-invariant integrand f(A) = sum_g exp(k tr(B^T A R_g)) (a posterior-like bump at B and
     # its symmetry mates): the restricted and the full quadrature agree

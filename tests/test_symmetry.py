@@ -82,9 +82,9 @@ def test_axes_follow_relion_conventions():
     c = np.cos(2 * np.pi / 7)
     assert any(np.isclose(g[2, 2], 1) and np.isclose(g[0, 0], c) for g in D7)
     # O: 4-folds along x, y, z
-    O = parse_symmetry("O").operators
+    octa = parse_symmetry("O").operators
     for ax in range(3):
-        assert sum(np.isclose(g[ax, ax], 1) and np.isclose(np.trace(g), 1) for g in O) == 2
+        assert sum(np.isclose(g[ax, ax], 1) and np.isclose(np.trace(g), 1) for g in octa) == 2
     assert parse_symmetry(" c7 ").name == "C7"
 
 

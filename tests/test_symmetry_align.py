@@ -46,7 +46,8 @@ def test_symmetry_align_recovers_a_known_rotation(name, shift):
     res = symmetry_align(V, name, n_global=800, n_candidates=2, progress=False)
     # moved(p) = S(K^T Q^T (p - t - Q s)): aligned when Q K is in the normaliser, t = -Q s
     assert error_deg(res.rotation @ K, CASES[name][0]) < 2.0
-    assert float((res.shift_px + res.rotation @ torch.tensor(shift, dtype=torch.float64)).norm()) < 0.5
+    s = torch.tensor(shift, dtype=torch.float64)
+    assert float((res.shift_px + res.rotation @ s).norm()) < 0.5
     assert res.score > 0.99 > res.score_input
     assert symmetry_score(res.aligned, name) > 0.99
     # the output is the symmetric original, in the standard orientation
@@ -86,7 +87,8 @@ def test_cli_symmetry_align(tmp_path, monkeypatch, capsys):
                           for x in m.groups()])
     assert error_deg(Q @ K, "D14") < 2.0
     with mrcfile.open(out) as f:
-        assert f.data.shape == (32, 32, 32) and math.isclose(float(f.voxel_size.x), 4.0, rel_tol=1e-6)
+        assert f.data.shape == (32, 32, 32)
+        assert math.isclose(float(f.voxel_size.x), 4.0, rel_tol=1e-6)
         assert symmetry_score(torch.from_numpy(f.data.copy()), "D7") > 0.99
     rec = json.loads(out.with_suffix(".json").read_text())
     assert rec["symmetry"] == "D7" and rec["symmetry_score"] > 0.99

@@ -59,7 +59,8 @@ def symmetrize(volume, group, chunk: int = 12) -> torch.Tensor:
     if G.order == 1:
         return vol.clone()
     ops = G.torch(dtype=torch.float64, device=vol.device)
-    acc = torch.zeros_like(vol, dtype=torch.float64 if vol.dtype == torch.float64 else torch.float32)
+    acc_dtype = torch.float64 if vol.dtype == torch.float64 else torch.float32
+    acc = torch.zeros_like(vol, dtype=acc_dtype)
     for i in range(0, G.order, chunk):
         acc += rotate_volume(vol, ops[i:i + chunk]).to(acc.dtype).sum(0)
     return (acc / G.order).to(vol.dtype)

@@ -37,9 +37,16 @@ from .geometry.rotations import random_rotations
 from .geometry.symmetry import SymmetryGroup, parse_symmetry
 from .progress import bar
 from .symmetrize import symmetrize, symmetry_score
-from .validate import (_background, _downsample, _select_distinct, _single_thread,
-                       rotate_volume, rotvec_to_matrix, spherical_mask,
-                       super_fibonacci_rotations)
+from .validate import (
+    _background,
+    _downsample,
+    _select_distinct,
+    _single_thread,
+    rotate_volume,
+    rotvec_to_matrix,
+    spherical_mask,
+    super_fibonacci_rotations,
+)
 
 __all__ = ["SymmetryAlignResult", "symmetry_align"]
 
@@ -177,7 +184,8 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
             moved = rotate_volume(small0, H[b0:b0 + batch]).reshape(-1, d ** 3)
             mean = (moved * w).sum(1, keepdim=True) / sw
             mc = (moved - mean) * w
-            cc = (mc @ ref.reshape(-1)) / ((mc * (moved - mean)).sum(1).sqrt() * rnorm).clamp_min(1e-30)
+            den = ((mc * (moved - mean)).sum(1).sqrt() * rnorm).clamp_min(1e-30)
+            cc = (mc @ ref.reshape(-1)) / den
             scores[b0:b0 + batch] = cc.double().cpu()
             if pbar is not None:
                 pbar.update(1)

@@ -90,10 +90,10 @@ def run(args) -> int:
         "shift_A": shift_A,
         "shift_px": shift_px,
         "seconds": res.seconds,
-        "convention": ("output = symmetrise(moved), moved(p) = MAP(R^T (p - t)); p = (x, y, z) voxel "
-                       "position about the box centre D//2, R = rotation_matrix (acting on (x, y, z) "
-                       "column vectors; the Euler angles are RELION ZYZ of R, as relion_align_symmetry "
-                       "prints), t = shift_px (shift_A = shift_px * apix)"),
+        "convention": ("output = symmetrise(moved), moved(p) = MAP(R^T (p - t)); p = (x, y, z) "
+                       "voxel position about the box centre D//2, R = rotation_matrix (acting on "
+                       "(x, y, z) column vectors; the Euler angles are RELION ZYZ of R, as "
+                       "relion_align_symmetry prints), t = shift_px (shift_A = shift_px * apix)"),
     }
     tmp = out_json.with_name(f".{out_json.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2) + "\n")

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from ..errors import InputError
 
@@ -68,7 +69,6 @@ class SymmetryGroup:
 
     def torch(self, dtype=None, device=None):
         """The operators as a torch tensor ``(order, 3, 3)`` (float64 unless ``dtype``)."""
-        import torch
 
         return torch.as_tensor(self.operators, dtype=dtype or torch.float64, device=device)
 
@@ -182,8 +182,6 @@ _TIE = 1e-6  # cosines closer than this are a tie (grid rotations are float32)
 
 def _keys(rotations, G: SymmetryGroup):
     """(N, K) direction key ``(A R_g)[2] . c`` and rotation key ``tr(C^T A R_g)``."""
-    import torch
-
     A = torch.as_tensor(rotations).to(torch.float64)
     ops = G.torch(device=A.device)
     c = torch.as_tensor(_REF_DIRECTION, device=A.device)
@@ -193,7 +191,7 @@ def _keys(rotations, G: SymmetryGroup):
     return s1, s2
 
 
-def direction_mask(directions, group) -> "torch.Tensor":
+def direction_mask(directions, group) -> torch.Tensor:
     """Viewing directions ``d`` (M, 3) inside the asymmetric unit of the sphere: (M,) bool.
 
     The pose ``A`` (RELION, third row ``d``) and ``A R_g`` give the same image of a
@@ -204,8 +202,6 @@ def direction_mask(directions, group) -> "torch.Tensor":
     boundary and on rotation axes (measure zero), where ties are all kept. Covers about
     ``1 / order`` of the sphere. Needs a rotation group (InputError otherwise).
     """
-    import torch
-
     G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
     G.require_proper("an asymmetric unit of poses")
     d = torch.as_tensor(directions).to(torch.float64)
@@ -214,7 +210,7 @@ def direction_mask(directions, group) -> "torch.Tensor":
     return s1[:, 0] >= s1.max(dim=1).values - _TIE
 
 
-def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> "torch.Tensor":
+def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> torch.Tensor:
     """Poses ``A`` (N, 3, 3) that form one representative per symmetry orbit: (N,) bool.
 
     **Which side.** RELION's pose ``A`` puts image point ``(x, y)`` at ``A^T (x, y, z)`` in the
@@ -242,8 +238,6 @@ def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> "torch.Tenso
     (``log_w_R[mask] - logsumexp(log_w_R[mask])``), the uniform prior on the asymmetric unit.
     Needs a rotation group (InputError otherwise).
     """
-    import torch
-
     G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
     G.require_proper("an asymmetric unit of poses")
     R = torch.as_tensor(rotations)
@@ -271,8 +265,6 @@ def asymmetric_unit_grid(grid, group):
     """
     import copy
 
-    import torch
-
     G = group if isinstance(group, SymmetryGroup) else parse_symmetry(str(group))
     G.require_proper("an asymmetric unit of poses")
     if G.order == 1:
@@ -287,7 +279,8 @@ def asymmetric_unit_grid(grid, group):
     out.directions = grid.directions[keep].clone()
     out.M_d = int(keep.sum())
     w = 1.0 / ties
-    out.log_w_d = (torch.log(w / w.sum()) + math.log(4.0 * math.pi / G.order)).to(grid.log_w_d.dtype)
+    log_w = torch.log(w / w.sum()) + math.log(4.0 * math.pi / G.order)
+    out.log_w_d = log_w.to(grid.log_w_d.dtype)
     out.log_p_R = -math.log(8.0 * math.pi**2 / G.order)
     out.sizes = dict(grid.sizes, symmetry=G.name, M_d_full=grid.M_d)
     out.direction_index = torch.nonzero(keep).reshape(-1)
