@@ -86,10 +86,17 @@ def _centre_of_mass(vol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                         (w.sum((1, 2)) * k).sum()]) / s
 
 
-def _probe_elements(G: SymmetryGroup, k: int = 6) -> torch.Tensor:
-    """Up to ``k`` non-identity operators spread over the group (its generators first)."""
-    idx = np.unique(np.linspace(1, G.order - 1, min(k, G.order - 1)).round().astype(int))
-    return G.torch()[torch.as_tensor(idx)]
+def _probe_elements(G: SymmetryGroup, k: int = 3) -> torch.Tensor:
+    """Up to ``k`` non-identity operators, the generators first, no two inverse to each other
+    (``corr(V, T_H V) = corr(T_{H^T} V, V)``: an inverse scores the same)."""
+    ops = G.operators
+    chosen: list[int] = []
+    for i in range(1, G.order):
+        if not any(np.abs(ops[i] - ops[j].T).max() < 1e-8 for j in chosen):
+            chosen.append(i)
+        if len(chosen) == k:
+            break
+    return G.torch()[torch.as_tensor(chosen)]
 
 
 class _SymScore:
@@ -134,7 +141,7 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
         group: :class:`SymmetryGroup` or RELION name; must be a rotation group other than C1.
         apix: voxel size (Å), only scales ``shift_A``.
         n_global, search_box: rotations tried and the box of the global search.
-        refine_box: box of the final refinement (default: the full box capped at 48).
+        refine_box: box of the final refinement (default: the full box capped at 32).
         center: move the centre of mass to the box centre first and refine the shift; with
             ``False`` the shift stays 0 (the axes are assumed to pass through D//2).
 
@@ -206,7 +213,7 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
             if best is None or s > best[2]:
                 best = (Q, t, s)
         Q, t_d, _ = best
-        r = min(D, refine_box or 48)
+        r = min(D, refine_box or 32)
         r -= r % 2
         mask_r = spherical_mask(r, r / 2 - 2, edge=2.0, device=dev)
         score_r = _SymScore(_downsample(vol, r) if r < D else vol, G, mask_r)
