@@ -39,11 +39,14 @@ def rotated_symmetric_map(name, seed=11, shift=(0.0, 0.0, 0.0)):
     return S, K, rotate_volume(S, K, torch.tensor(shift))
 
 
-@pytest.mark.parametrize("name,shift", [("D7", (1.5, -1.0, 0.5)), ("D2", (0.0, 0.0, 0.0))])
-def test_symmetry_align_recovers_a_known_rotation(name, shift):
+@pytest.mark.parametrize("name,shift,center", [("D7", (1.5, -1.0, 0.5), True),
+                                               ("D2", (0.0, 0.0, 0.0), False)])
+def test_symmetry_align_recovers_a_known_rotation(name, shift, center):
     S, K, V = rotated_symmetric_map(name, shift=shift)
     assert symmetry_score(V, name) < 0.9
-    res = symmetry_align(V, name, n_global=800, n_candidates=2, progress=False)
+    res = symmetry_align(V, name, n_global=800, n_candidates=2, center=center, progress=False)
+    if not center:
+        assert torch.equal(res.shift_px, torch.zeros(3, dtype=torch.float64))
     # moved(p) = S(K^T Q^T (p - t - Q s)): aligned when Q K is in the normaliser, t = -Q s
     assert error_deg(res.rotation @ K, CASES[name][0]) < 2.0
     s = torch.tensor(shift, dtype=torch.float64)

@@ -162,7 +162,7 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
 
     mask_full = spherical_mask(D, D / 2 - 2, edge=2.0, device=dev)
     score_input = symmetry_score(vol - _background(vol, mask_full), G, mask_full)
-    c = _centre_of_mass(vol, mask_full) if center else torch.zeros(3, dtype=torch.float64)
+    c = _centre_of_mass(vol, mask_full).cpu() if center else torch.zeros(3, dtype=torch.float64)
 
     # ---- global search on a small centred copy: score the conjugates H_g = Q^T R_g Q
     d = min(D, search_box)
