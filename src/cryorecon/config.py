@@ -66,6 +66,7 @@ class ReconstructConfig:
     is_tolerance: float = 1e-3
     report_every: float | None = 60.0
     halves: bool = True
+    symmetry: str = "C1"
     join_resolution_A: float = 40.0
     cache_gib: float = 2.0
 

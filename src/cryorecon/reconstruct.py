@@ -36,6 +36,7 @@ from . import __version__, runstate
 from .config import ReconstructConfig
 from .errors import InputError, OutputExistsError
 from .geometry.poses import pose_to_relion
+from .geometry.symmetry import parse_symmetry
 from .io.checks import single_pixel_size
 from .io.mrc import write_map
 from .model.importance import ImportanceSampler, ISConfig
@@ -88,6 +89,11 @@ class Run:
         self.shift_sigma_px = shift_sigma_A / self.apix
         self.schedule = c.schedule(self.apix)
         self.resolution = self._resolution_schedule()
+        self.group = parse_symmetry(c.symmetry)
+        self.group.require_proper("reconstruct")
+        if self.group.order > 1 and c.pose_search == "search":
+            raise InputError("--symmetry with --pose-search search is not supported yet; "
+                             "use --pose-search importance or exact")
         self._check_out_dir(resume, force)
         self.heldout, self.batches = split_particles(len(particles), c.heldout, c.minibatch, c.seed)
         runstate.warn_if_heldout_cut(len(self.heldout), c.heldout, len(particles))
@@ -170,7 +176,8 @@ class Run:
         key = (omega, self.cfg.grid_scale)
         if key not in self.levels:
             self.levels = {key: make_level(omega, self.D, self.apix, self.shift_sigma_px, self.cfg.grid_scale,
-                                             self.device, self.cfg.oversample, int(self.cfg.cache_gib * 2 ** 30))}
+                                           self.device, self.cfg.oversample, int(self.cfg.cache_gib * 2 ** 30),
+                                           self.cfg.symmetry)}
         return self.levels[key]
 
     def _make_prior(self, n_train: int, h: float):
@@ -190,7 +197,7 @@ class Run:
         pilot = self.batches[0][: min(200, len(self.batches[0]))]
         lvl = self.level(self.resolution.omega_star(0))
         V, h = scale_to_data(V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
-        self.V = V.to(self.device)
+        self.V = self._symmetric(V.to(self.device))
         self.prior = self._make_prior(n_train=sum(len(b) for b in self.batches), h=h)
         self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
         self.metrics_path.write_text("")
@@ -230,6 +237,16 @@ class Run:
                           cat("max_prob"), mean("fraction"), mean("computed"),
                           _no_refit,
                           None if parts[0].kl_directions is None else mean("kl_directions"))
+
+    def _symmetric(self, V: torch.Tensor) -> torch.Tensor:
+        """``V`` averaged over the point group (identity for C1). The start and every
+        likelihood gradient are symmetrised, so SAGD's steps keep the map symmetric without
+        re-interpolating the map itself at every step (:func:`cryorecon.symmetrize.symmetrize`)."""
+        if self.cfg.symmetry == "C1":
+            return V
+        from .symmetrize import symmetrize
+
+        return symmetrize(V, self.group)
 
     def map_of(self, idx) -> torch.Tensor:
         """The map particles ``idx`` are scored against: the joint map before the half-set
@@ -292,13 +309,15 @@ class Run:
 
     def combined(self) -> torch.Tensor:
         """The map written as ``volume.mrc``: the joint map, or after the split the halves'
-        average weighted per shell by their FSC (:func:`cryorecon.gold_standard.combine_halves`)."""
+        average weighted per shell by their FSC (:func:`cryorecon.gold_standard.combine_halves`);
+        symmetrised once more with a point group (the map SAGD keeps is symmetric up to the
+        clamp at zero and the interpolation of the gradients' symmetrisation)."""
         if self.halves is None:
-            return self.V
+            return self._symmetric(self.V)
         from .gold_standard import combine_halves
 
         _, curve = fsc(self.halves[0], self.halves[1], self.apix)
-        return combine_halves(self.halves[0], self.halves[1], curve)
+        return self._symmetric(combine_halves(self.halves[0], self.halves[1], curve))
 
     def _record_poses(self, idx, ev: Evaluation) -> None:
         idx = np.asarray(idx)
@@ -414,6 +433,7 @@ class Run:
         V = self.map_of(idx)
         sagd = self.sagd if h == 0 else self.half_sagd[h - 1]
         ev = self.batch_objective(idx, lvl, V=V)
+        ev.grad = self._symmetric(ev.grad)
         prior, K = self.prior, sagd.K
         f_V = ev.value + float(prior.neg_log_prior(V)) / K
         eps = self.resolution.epsilon(tau)
@@ -561,7 +581,8 @@ class Run:
         write_map(self.out / "volume.mrc", self.combined().cpu().numpy(), self.apix, overwrite=True)
         if self.halves is not None:
             for h, V in enumerate(self.halves, 1):
-                write_map(self.out / f"volume_half{h}.mrc", V.cpu().numpy(), self.apix, overwrite=True)
+                write_map(self.out / f"volume_half{h}.mrc", self._symmetric(V).cpu().numpy(), self.apix,
+                          overwrite=True)
         tmp = self.out / ".poses.tmp.npz"
         np.savez(tmp, **self.poses())
         os.replace(tmp, self.out / "poses.npz")
@@ -603,6 +624,7 @@ class Run:
             "finished": finished, "stop_reason": reason, "iterations": self.tau, "seconds": self.elapsed,
             "config": asdict(self.cfg), "particles": str(self.p.source), "n_particles": len(self.p),
             "n_heldout": int(len(self.heldout)), "n_minibatches": self.K, "box": self.D, "apix": self.apix,
+            "symmetry": self.group.name,
             "diameter_A": self.diameter_px * self.apix, "shift_sigma_A": self.shift_sigma_px * self.apix,
             "resolution_steps": getattr(self.resolution, "history", []),
             "versions": {"cryorecon": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},

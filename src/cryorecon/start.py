@@ -18,6 +18,7 @@ from .errors import InputError
 from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import HalfPlane, cutoff_radius
 from .geometry.grids import PoseGrid
+from .geometry.symmetry import asymmetric_unit_grid, parse_symmetry
 from .preprocess import load_batch
 from .progress import log
 
@@ -31,10 +32,12 @@ class Level:
     """
 
     def __init__(self, omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
-                 oversample: int = 2, cache_bytes: int = 2 ** 31):
+                 oversample: int = 2, cache_bytes: int = 2 ** 31, symmetry: str = "C1"):
         self.omega, self.D, self.device = omega, D, torch.device(device)
         self.oversample, self.cache_bytes = oversample, cache_bytes
-        self.grid = PoseGrid(D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale)
+        grid = PoseGrid(D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale)
+        # With a point group only its asymmetric unit of poses (the rest are the same images).
+        self.grid = grid if symmetry == "C1" else asymmetric_unit_grid(grid, parse_symmetry(symmetry))
         self.halfplane = HalfPlane(D, cutoff_radius(D, apix, omega), device=device)
         self.shifts = self.grid.shifts.to(device, torch.float32)
         self.log_w_shift = self.grid.log_w_t.to(device)
@@ -59,9 +62,10 @@ class Level:
 
 
 def make_level(omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
-               oversample: int = 2, cache_bytes: int = 2 ** 31) -> Level:
-    """The :class:`Level` of cut-off ``omega`` (1/Å) for box ``D`` at ``apix`` Å/pixel."""
-    return Level(omega, D, apix, shift_sigma_px, grid_scale, device, oversample, cache_bytes)
+               oversample: int = 2, cache_bytes: int = 2 ** 31, symmetry: str = "C1") -> Level:
+    """The :class:`Level` of cut-off ``omega`` (1/Å) for box ``D`` at ``apix`` Å/pixel; with a
+    point group (RELION's name) the pose grid covers its asymmetric unit only."""
+    return Level(omega, D, apix, shift_sigma_px, grid_scale, device, oversample, cache_bytes, symmetry)
 
 
 def split_particles(n: int, heldout: int, minibatch: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:

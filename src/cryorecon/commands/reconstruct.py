@@ -12,6 +12,7 @@ import numpy as np
 from ..contrast import apply_contrast
 from ..io.checks import exclude_blank
 from ..config import POSE_SEARCHES, RESOLUTION_SCHEDULES
+from ..geometry.symmetry import parse_symmetry
 from ..preprocess import default_diameter_A
 from ..reconstruct import ReconstructConfig, reconstruct
 from ..runstate import exit_code_for
@@ -90,6 +91,10 @@ def add_reconstruct_arguments(p) -> None:
                    help="iterations between map snapshots (default 100)")
     p.add_argument("--report-every", type=at_least(0, float), default=d.report_every,
                    help="seconds between refreshes of RUN/report.html (default 60)")
+    p.add_argument("--symmetry", "--sym", default=d.symmetry, metavar="GROUP",
+                   help="point group with RELION's names and axes (C1, Cn, Dn, T, O, I1-I4; default C1): "
+                        "the map is kept symmetric and the poses cover the asymmetric unit only. RELION "
+                        "and cryoSPARC advise ab initio in C1 first, then `cryorecon symmetry-align`")
     p.add_argument("--no-halves", dest="halves", action="store_false",
                    help="one map throughout: no gold-standard half-sets (no volume_half1/2.mrc, no "
                         "resolution without a reference)")
@@ -117,7 +122,7 @@ def config_from_args(args) -> ReconstructConfig:
         checkpoint_every=args.checkpoint_every, snapshot_every=args.snapshot_every,
         s0=args.s0, is_every=args.is_every, report_every=args.report_every,
         cache_gib=args.cache_gib, is_check=args.is_check, is_tolerance=args.is_tolerance,
-        halves=args.halves, join_resolution_A=args.join_resolution,
+        halves=args.halves, join_resolution_A=args.join_resolution, symmetry=args.symmetry,
     )
 
 
@@ -150,6 +155,9 @@ def _previous_contrast(args) -> bool | None:
 
 def run(args) -> int:
     check_device(args.device)
+    group = parse_symmetry(args.symmetry)
+    group.require_proper("reconstruct")
+    args.symmetry = group.name
     check_output_dir(args.out)
     particles = exclude_blank(read_particles_from_args(args))
     apix = float(np.median(particles.apix))
