@@ -597,3 +597,47 @@ def test_reconstruct_refuses_bad_symmetry(dataset, tmp_path, name, capsys):
                  "--symmetry", name]) == 2
     assert "symmetry" in capsys.readouterr().err.lower()
     assert not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------ classes
+
+def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
+    """--classes 2: two maps from independent starts, per-iteration class fractions summing
+    to 1, rlnClassNumber in the exported STAR, no half-sets; a stop and resume gives the
+    uninterrupted run's iterations and maps bitwise."""
+    import starfile
+
+    args = [a for a in SCHEDULE]
+    args[args.index("--max-iters") + 1] = "30"
+    star = str(dataset / "particles.star")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["-q", "reconstruct", star, "-o", str(one), *args, "--classes", "2"]) == 0
+    recs = _metrics(one)
+    assert all(abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2 for r in recs)
+    a, b = (read_map(one / f"volume_class00{k}.mrc")[0] for k in (1, 2))
+    assert not np.array_equal(a, b)
+    assert not (one / "volume_half1.mrc").exists()
+    table = starfile.read(one / "particles.star")["particles"]
+    assert set(table["rlnClassNumber"]) <= {1, 2} and "rlnRandomSubset" not in table
+    info = json.loads((one / "run.json").read_text())
+    assert info["classes"] == 2 and len(info["class_fractions"]) == 2
+    # the map is the most populated class
+    big = int(np.argmax(info["class_fractions"])) + 1
+    assert np.array_equal(read_map(one / "volume.mrc")[0], read_map(one / f"volume_class00{big}.mrc")[0])
+
+    args[args.index("--max-iters") + 1] = "17"
+    assert main(["-q", "reconstruct", star, "-o", str(two), *args, "--classes", "2"]) == 0
+    assert _reconstruct_cli(dataset / "particles.star", two, "--resume", "--max-iters", "30") == 0
+    assert [r["heldout_nll"] for r in _metrics(two)] == [r["heldout_nll"] for r in recs]
+    for k in (1, 2):
+        assert np.array_equal(read_map(two / f"volume_class00{k}.mrc")[0],
+                              read_map(one / f"volume_class00{k}.mrc")[0])
+
+
+def test_too_many_classes_is_refused(dataset, tmp_path, capsys):
+    assert main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(tmp_path / "r"),
+                 "--classes", "200"]) == 2
+    assert "--classes 200" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--classes", "0"])
+    assert exc.value.code == 2

@@ -67,6 +67,8 @@ class ReconstructConfig:
     report_every: float | None = 60.0
     halves: bool = True
     symmetry: str = "C1"
+    classes: int = 1
+    class_similarity: float = 0.5
     join_resolution_A: float = 40.0
     cache_gib: float = 2.0
 

@@ -39,6 +39,7 @@ from .geometry.poses import pose_to_relion
 from .geometry.symmetry import parse_symmetry
 from .io.checks import single_pixel_size
 from .io.mrc import write_map
+from .model.classes import ClassPosteriors, default_anneal, to_tensor
 from .model.importance import ImportanceSampler, ISConfig
 from .model.objective import MAX_SAMPLED_FRACTION, Evaluation, ExactQuadrature, ImportanceSampled
 from .model.priors import make_prior
@@ -121,6 +122,21 @@ class Run:
         self.batch_half = [0] * self.K
         self.gold_standard: dict | None = None
         self.split_at: int | None = None
+        # Several classes (Eq. 3 with a class index): class 0 is self.V / self.sagd /
+        # self.objective; the lists hold all K (see _start_classes).
+        self.classes: ClassPosteriors | None = None
+        if c.classes > 1:
+            if c.classes * 10 > len(particles) - len(self.heldout):
+                raise InputError(f"--classes {c.classes}: need at least 10 training particles per class "
+                                 f"({len(particles) - len(self.heldout)} training particles)")
+            self.classes = ClassPosteriors(n, c.classes, c.class_similarity, *default_anneal(self.K))
+            samplers = [self.sampler] + [
+                ImportanceSampler(n, ISConfig(s0=c.s0), self.schedule, c.seed + 1000 * k)
+                for k in range(1, c.classes)] if self.sampler is not None else None
+            self.class_samplers = samplers
+            self.class_objectives = [self.objective] + [
+                ImportanceSampled(samplers[k], c.oversample) if samplers else self.objective
+                for k in range(1, c.classes)]
         if state is not None:
             self._load(state)
         else:
@@ -200,6 +216,13 @@ class Run:
         self.V = self._symmetric(V.to(self.device))
         self.prior = self._make_prior(n_train=sum(len(b) for b in self.batches), h=h)
         self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
+        if self.classes is not None:
+            self.class_maps, self.class_sagd = [self.V], [self.sagd]
+            for _ in range(1, c.classes):  # independent random starts, scaled alike
+                Vk = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
+                Vk, _ = scale_to_data(Vk, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
+                self.class_maps.append(self._symmetric(Vk.to(self.device)))
+                self.class_sagd.append(SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every))
         self.metrics_path.write_text("")
         write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
         self._write_info(finished=False)
@@ -270,6 +293,8 @@ class Run:
         c = self.cfg
         if not c.halves or self.halves is not None or omega <= 1.0 / c.join_resolution_A * (1 + 1e-9):
             return False
+        if self.classes is not None:  # several classes: one map per class, no half-sets
+            return False
         self.subset, self.batches, self.batch_half, parent = half_sets(
             self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset)
         self.K = len(self.batches)
@@ -307,11 +332,17 @@ class Run:
         h = self.batch_half[k]
         return h, (k if h == 0 else k - self.batch_half.index(h))
 
+    def class_order(self) -> list[int]:
+        """Class indices from the most to the least populated."""
+        return list(np.argsort(-self.classes.priors(), kind="stable"))
+
     def combined(self) -> torch.Tensor:
         """The map written as ``volume.mrc``: the joint map, or after the split the halves'
         average weighted per shell by their FSC (:func:`cryorecon.gold_standard.combine_halves`);
         symmetrised once more with a point group (the map SAGD keeps is symmetric up to the
         clamp at zero and the interpolation of the gradients' symmetrisation)."""
+        if self.classes is not None:
+            return self._symmetric(self.class_maps[self.class_order()[0]])
         if self.halves is None:
             return self._symmetric(self.V)
         from .gold_standard import combine_halves
@@ -362,7 +393,7 @@ class Run:
         peek (no state changes).
         """
         c = self.cfg
-        if c.pose_search == "exact" or c.is_check <= 0:
+        if c.pose_search == "exact" or c.is_check <= 0 or self.classes is not None:
             return None
         idx = self.check_particles()
         if c.pose_search == "search":
@@ -400,7 +431,12 @@ class Run:
         total = 0.0
         for s in range(0, len(self.heldout), self.cfg.minibatch):
             idx = self.heldout[s:s + self.cfg.minibatch]
-            total += self.batch_objective(idx, lvl, want_grad=False, record=~np.isin(idx, pool)).value
+            if self.classes is None:
+                total += self.batch_objective(idx, lvl, want_grad=False, record=~np.isin(idx, pool)).value
+                continue
+            L = np.stack([self.batch_objective(idx, lvl, False, ~np.isin(idx, pool), obj, V).loglik.double().cpu().numpy()
+                          for obj, V in zip(self.class_objectives, self.class_maps)], 1)
+            total -= float(self.classes.log_marginal(L).sum())
         return total / len(self.heldout)
 
     # ---- loop ---------------------------------------------------------------------------
@@ -427,6 +463,8 @@ class Run:
         omega = self.resolution.omega_star(tau)
         lvl = self.level(omega)
         self.maybe_split(omega)
+        if self.classes is not None:
+            return self._step_classes(tau, omega, lvl)
         k = self.next_batch()
         idx = self.batches[k]
         h, k_local = self._local_batch(k)
@@ -457,6 +495,54 @@ class Run:
         rec["L"], rec["half"] = sagd.L, h
         if heldout is not None and self.halves is not None:
             rec.update(self.halfmap_resolution())
+        return rec
+
+    def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
+        """One iteration with K classes: every class's map takes a SAGD step on the minibatch
+        with per-image weights (:mod:`cryorecon.model.classes`), then the particles' class
+        posteriors are updated from this visit's K log-likelihoods."""
+        import dataclasses
+
+        c = self.cfg
+        k = self.next_batch()
+        idx = self.batches[k]
+        batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
+        U = to_tensor(self.classes.weights(idx, tau), self.device)
+        eps = self.resolution.epsilon(tau)
+        prior, K = self.prior, self.K
+        evs, doublings = [], 0
+        share = self.classes.priors()
+        for j, obj in enumerate(self.class_objectives):
+            V = self.class_maps[j]
+            ev = obj.evaluate(V, dataclasses.replace(batch, image_weight=U[:, j]), np.asarray(idx), lvl, tau)
+            ev.grad = self._symmetric(ev.grad)
+            # The prior weighs on each class in proportion to the data it explains, so its
+            # strength relative to the likelihood stays what it is for one map on all the data.
+            Kj = K / share[j]
+            f_V = ev.value + float(prior.neg_log_prior(V)) / Kj
+            self.class_maps[j], d = self.class_sagd[j].update(
+                V, k, lambda V, ev=ev, Kj=Kj: ev.refit(V) + float(prior.neg_log_prior(V)) / Kj, f_V, ev.grad,
+                prior.grad(V) * share[j], eps)
+            doublings += d
+            evs.append(ev)
+        self.V, self.sagd = self.class_maps[0], self.class_sagd[0]
+        L = np.stack([ev.loglik.double().cpu().numpy() for ev in evs], 1)
+        r = self.classes.observe(idx, L)
+        self._record_poses(idx, _pick(evs, r.argmax(1)))
+        heldout = None
+        if tau % c.heldout_every == 0:
+            heldout = self.heldout_error(lvl)
+            self.heldout_state.observe(omega, heldout)
+            if self.resolution.observe(tau, heldout):
+                log.info(f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
+                         f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å")
+        ev = dataclasses.replace(evs[0], value=-float(self.classes.log_marginal(L).sum()),
+                                 fraction=float(np.mean([e.fraction for e in evs])),
+                                 computed=float(np.mean([e.computed for e in evs])))
+        rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, None)
+        rec["half"] = 0
+        rec["class_fractions"] = [round(float(x), 5) for x in self.classes.priors()]
+        rec["class_similarity"] = self.classes.similarity(tau)
         return rec
 
     def halfmap_resolution(self) -> dict:
@@ -558,7 +644,7 @@ class Run:
                                                         torch.as_tensor(self.best_t[seen]), apix)
         return {"eulers_deg": eulers, "shifts_A": shifts, "max_prob": self.max_prob.astype(np.float64),
                 "directions": self.best_R[:, 2, :], "subset": self.subset.copy(),
-                "class_number": np.ones(n, dtype=np.int64)}
+                "class_number": np.ones(n, dtype=np.int64) if self.classes is None else self.classes.assignment()}
 
     def _save(self) -> None:
         state = {
@@ -574,11 +660,21 @@ class Run:
             "subset": self.subset if self.halves is not None else None, "split_at": self.split_at,
             "halves": None if self.halves is None else [v.cpu() for v in self.halves],
             "half_sagd": None if self.halves is None else [sg.state_dict() for sg in self.half_sagd],
+            "classes": None if self.classes is None else {
+                "posteriors": self.classes.state_dict(),
+                "maps": [v.cpu() for v in self.class_maps[1:]],
+                "sagd": [sg.state_dict() for sg in self.class_sagd[1:]],
+                "importance": None if not self.class_samplers else [
+                    (sm.hist.state_dict(), sm.gen.get_state(), sm.anneal_from) for sm in self.class_samplers[1:]]},
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
         write_map(self.out / "volume.mrc", self.combined().cpu().numpy(), self.apix, overwrite=True)
+        if self.classes is not None:
+            for j, V in enumerate(self.class_maps, 1):
+                write_map(self.out / f"volume_class{j:03d}.mrc", self._symmetric(V).cpu().numpy(), self.apix,
+                          overwrite=True)
         if self.halves is not None:
             for h, V in enumerate(self.halves, 1):
                 write_map(self.out / f"volume_half{h}.mrc", self._symmetric(V).cpu().numpy(), self.apix,
@@ -615,6 +711,19 @@ class Run:
             self.sampler.hist.load_state_dict(s["importance"])
             self.sampler.gen.set_state(s["importance_gen"])
             self.sampler.anneal_from = s.get("importance_anneal_from") or 0
+        if s.get("classes") is not None:
+            cl = s["classes"]
+            self.classes.load_state_dict(cl["posteriors"])
+            self.class_maps = [self.V] + [v.to(self.device) for v in cl["maps"]]
+            self.class_sagd = [self.sagd]
+            for st in cl["sagd"]:
+                sg = SAGD(self.K, self.V.shape, self.device, line_search_every=self.cfg.line_search_every)
+                sg.load_state_dict(st)
+                self.class_sagd.append(sg)
+            for sm, (hist, gen, anneal) in zip((self.class_samplers or [None])[1:], cl["importance"] or []):
+                sm.hist.load_state_dict(hist)
+                sm.gen.set_state(gen)
+                sm.anneal_from = anneal or 0
         # Drop metric lines written after the checkpoint: they will be recomputed.
         runstate.trim_metrics(self.metrics_path, self.tau)
         log.info(f"resuming {self.out} at iteration {self.tau}")
@@ -624,7 +733,8 @@ class Run:
             "finished": finished, "stop_reason": reason, "iterations": self.tau, "seconds": self.elapsed,
             "config": asdict(self.cfg), "particles": str(self.p.source), "n_particles": len(self.p),
             "n_heldout": int(len(self.heldout)), "n_minibatches": self.K, "box": self.D, "apix": self.apix,
-            "symmetry": self.group.name,
+            "symmetry": self.group.name, "classes": self.cfg.classes,
+            "class_fractions": None if self.classes is None else [float(x) for x in self.classes.priors()],
             "diameter_A": self.diameter_px * self.apix, "shift_sigma_A": self.shift_sigma_px * self.apix,
             "resolution_steps": getattr(self.resolution, "history", []),
             "versions": {"cryorecon": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
@@ -643,6 +753,13 @@ class Run:
         tmp = self.out / ".run.json.tmp"
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, self.out / "run.json")
+
+
+def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:
+    """Per image, the pose fields of the evaluation of class ``best[i]``."""
+    rows = torch.as_tensor(best)
+    pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[rows, torch.arange(len(rows))]  # noqa: E731
+    return Evaluation(0.0, None, pick("loglik"), pick("best_R"), pick("best_t"), pick("max_prob"), 0.0, 0.0, _no_refit)
 
 
 def _no_refit(V):

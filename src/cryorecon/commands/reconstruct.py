@@ -95,6 +95,14 @@ def add_reconstruct_arguments(p) -> None:
                    help="point group with RELION's names and axes (C1, Cn, Dn, T, O, I1-I4; default C1): "
                         "the map is kept symmetric and the poses cover the asymmetric unit only. RELION "
                         "and cryoSPARC advise ab initio in C1 first, then `cryorecon symmetry-align`")
+    p.add_argument("--classes", type=at_least(1), default=d.classes, metavar="K",
+                   help="number of classes (maps) reconstructed together from independent random starts, "
+                        "each particle's posterior marginalised over class and pose (default 1). Writes "
+                        "volume_class001.mrc ...; volume.mrc is the most populated class. With K > 1 there "
+                        "are no half-sets")
+    p.add_argument("--class-similarity", type=at_least(0, float), default=d.class_similarity,
+                   help="with --classes: initial tempering of the class posteriors towards uniform, annealed "
+                        "to 0 over epochs 2-4 (cryoSPARC's class similarity; default 0.5)")
     p.add_argument("--no-halves", dest="halves", action="store_false",
                    help="one map throughout: no gold-standard half-sets (no volume_half1/2.mrc, no "
                         "resolution without a reference)")
@@ -123,6 +131,7 @@ def config_from_args(args) -> ReconstructConfig:
         s0=args.s0, is_every=args.is_every, report_every=args.report_every,
         cache_gib=args.cache_gib, is_check=args.is_check, is_tolerance=args.is_tolerance,
         halves=args.halves, join_resolution_A=args.join_resolution, symmetry=args.symmetry,
+        classes=args.classes, class_similarity=min(1.0, args.class_similarity),
     )
 
 

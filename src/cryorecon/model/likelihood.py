@@ -44,6 +44,9 @@ class ImageBatch:
 
     y: (B, M) complex64 image coefficients; ctf: (B, M) float32; sigma2: (B,) float32 noise
     variance; weight: (M,) float32 (2 or 1); freqs: (M, 2) frequencies in cycles/pixel.
+    image_weight: (B,) float32 or None: each image's share of the value and the gradient,
+    ``-sum_i u_i log p(I_i)`` (a class's posterior responsibility, :mod:`cryorecon.model.classes`);
+    None means 1 for every image.
     """
 
     y: torch.Tensor
@@ -51,6 +54,7 @@ class ImageBatch:
     sigma2: torch.Tensor
     weight: torch.Tensor
     freqs: torch.Tensor
+    image_weight: torch.Tensor | None = None
 
     @property
     def B(self) -> int:
@@ -59,7 +63,8 @@ class ImageBatch:
     def rows(self, r: torch.Tensor) -> "ImageBatch":
         """The images ``r`` (index tensor) of this batch."""
         r = r.to(self.y.device)
-        return ImageBatch(self.y[r], self.ctf[r], self.sigma2[r], self.weight, self.freqs)
+        iw = None if self.image_weight is None else self.image_weight[r]
+        return ImageBatch(self.y[r], self.ctf[r], self.sigma2[r], self.weight, self.freqs, iw)
 
 
 @dataclass
@@ -81,6 +86,7 @@ class LikelihoodResult:
     post_rot: torch.Tensor | None = None
     post_shift: torch.Tensor | None = None
     max_prob: torch.Tensor | None = None
+    value_weight: torch.Tensor | None = None  # the batch's image_weight (B,), or None
 
 
 def _as_real(z: torch.Tensor) -> torch.Tensor:
@@ -179,6 +185,8 @@ def marginal_loglik(
             post_shift[b0:b1] = g_shift
         if want_grad:
             winv = w[None, :] / sig2[:, None]  # (n, M)
+            if batch.image_weight is not None:
+                winv = winv * batch.image_weight[b0:b1, None].to(dev, winv.dtype)
             # sum_{i,l} gamma_ijl conj(s_lm) c y w / sigma^2  -> (J, M)
             Z = (winv * c * y)[:, None, :] * s.conj()[None]  # (n, L, M)
             Zr = _as_real(Z).reshape(n * L, 2 * M)
@@ -186,7 +194,8 @@ def marginal_loglik(
             term1 = torch.complex(GZ[:, :M], GZ[:, M:])
             term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
             grad += term2 - term1
-    return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift, max_prob)
+    return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift, max_prob,
+                            batch.image_weight)
 
 
 def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch.Tensor,
@@ -224,9 +233,10 @@ def volume_objective(volume, parts, oversample, want_grad, spectrum=None):
     of premultiply/pad/FFT).
 
     ``parts``: ``[(slice_op, evaluate)]`` with ``evaluate(slices)`` returning a result with
-    ``loglik`` (per image) and ``grad_slices`` (2 d(-sum log p)/d conj(S), or None). The
-    parts share the spectrum and one inverse transform. Returns
-    ``(-sum log p over all parts, grad or None, [result per part])``.
+    ``loglik`` (per image), ``grad_slices`` (2 d(-sum u log p)/d conj(S), or None) and
+    optionally ``value_weight`` (the images' weights u, :class:`ImageBatch`). The parts share
+    the spectrum and one inverse transform. Returns ``(-sum u log p over all parts, grad or
+    None, [result per part])``.
     """
     from ..fourier.slicing import spectrum_adjoint_to_volume, spectrum_from_volume
 
@@ -235,7 +245,8 @@ def volume_objective(volume, parts, oversample, want_grad, spectrum=None):
     value, grad_spec, results = 0.0, None, []
     for slice_op, evaluate in parts:
         res = evaluate(slice_op.slice(spectrum))
-        value -= float(res.loglik.sum())
+        uw = getattr(res, "value_weight", None)
+        value -= float(res.loglik.sum() if uw is None else (res.loglik * uw.to(res.loglik)).sum())
         if want_grad:
             g = slice_op.backproject(res.grad_slices)
             grad_spec = g if grad_spec is None else grad_spec.add_(g)
@@ -256,6 +267,7 @@ class SampledResult:
     post_rot: torch.Tensor
     post_shift: torch.Tensor
     max_prob: torch.Tensor | None = None
+    value_weight: torch.Tensor | None = None
 
 
 def sampled_loglik(
@@ -332,13 +344,15 @@ def sampled_loglik(
         max_prob[b0:b1] = gamma.amax(dim=(1, 2))
         if want_grad:
             winv = w[None, :] / sig2[:, None]
+            if batch.image_weight is not None:
+                winv = winv * batch.image_weight[b0:b1, None].to(dev, winv.dtype)
             Z = (winv * c * y)[:, None, :] * s.conj()  # (n, Lt, M)
             G = torch.bmm(gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1)).neg_()  # (n, R, 2M)
             wcc = (winv * c * c).repeat(1, 2)  # (n, 2M)
             G.addcmul_(g_rot[:, :, None] * wcc[:, None, :], S)
             grad_r.index_add_(0, ri.reshape(-1), G.reshape(-1, 2 * M))
     grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad and grad_out is None else None
-    return SampledResult(loglik, grad, post_rot, post_shift, max_prob)
+    return SampledResult(loglik, grad, post_rot, post_shift, max_prob, batch.image_weight)
 
 
 @dataclass
@@ -350,6 +364,10 @@ class GroupedResult:
     grad_slices: torch.Tensor | None
     groups: list[SampledResult]
 
+    @property
+    def value_weight(self) -> torch.Tensor | None:
+        return _joined_weights(self.groups)
+
 
 @dataclass
 class CombinedResult:
@@ -359,6 +377,19 @@ class CombinedResult:
     loglik: torch.Tensor
     grad_slices: torch.Tensor | None
     parts: list
+
+    @property
+    def value_weight(self) -> torch.Tensor | None:
+        return _joined_weights(self.parts)
+
+
+def _joined_weights(results) -> torch.Tensor | None:
+    """The results' ``value_weight`` concatenated like their ``loglik`` (None if none has one)."""
+    ws = [r.value_weight for r in results]
+    if all(w is None for w in ws):
+        return None
+    return torch.cat([torch.ones_like(r.loglik, dtype=torch.float32) if w is None else w.to(r.loglik.device)
+                      for r, w in zip(results, ws)])
 
 
 # Measured cost of one (image, pose) in sampled_loglik's per-image products relative to the
@@ -401,7 +432,7 @@ def sampled_loglik_shared(
     if want_grad and grad_out is not None:
         grad_out.add_(_as_real(grad))
         grad = None
-    return SampledResult(res.loglik, grad, post_rot, post_shift, res.max_prob)
+    return SampledResult(res.loglik, grad, post_rot, post_shift, res.max_prob, batch.image_weight)
 
 
 def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_grad: bool = True,
