@@ -326,3 +326,61 @@ def test_curves_match_relion_postprocess(tmp_path):
     rel_res = float(general["rlnFinalResolution"])
     i = int(round(D * apix / rel_res))
     assert D * apix / (i + 1) - 1e-6 <= res.resolution_A <= rel_res + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# cryorecon postprocess
+# --------------------------------------------------------------------------------------------
+
+def test_postprocess_command(tmp_path, capsys, monkeypatch):
+    from cryorecon import cli
+    from cryorecon.io.mrc import read_map
+
+    monkeypatch.setattr(cli, "COMMANDS", ["postprocess"])
+    D, apix = 24, 2.0
+    vol = blobs(D, seed=6, n=12)
+    h1, h2 = noisy_halves(vol, 0.02)
+    run = tmp_path / "run"
+    write_map(run / "volume_half1.mrc", h1.numpy(), apix)
+    write_map(run / "volume_half2.mrc", h2.numpy(), apix)
+    opts = ["--extend", "2", "--soft-edge", "6"]
+    assert cli.main(["postprocess", str(run), *opts]) == 0
+    out = capsys.readouterr().out
+    expect = gold_standard_fsc(h1, h2, apix, mask_options={"extend_A": 2.0, "soft_edge_A": 6.0})
+    assert f"{expect.resolution_A:.2f} Å" in out
+    doc = json.loads((run / "postprocess.json").read_text())
+    assert doc["gold_standard_resolution_A"] == pytest.approx(expect.resolution_A)
+    assert doc["gold_standard"]["mask"]["how"] == "auto"
+    assert np.allclose(doc["gold_standard"]["fsc_corrected"], expect.fsc_corrected, atol=1e-6)
+    combined, apix_out = read_map(run / "postprocess.mrc")
+    assert apix_out == pytest.approx(apix)
+    assert np.allclose(combined, combine_halves(h1, h2, expect.fsc_corrected).numpy(), atol=1e-5)
+    mask, _ = read_map(run / "postprocess_mask.mrc")
+    assert np.allclose(mask, expect.mask_map.numpy())
+    assert (run / "postprocess.png").read_bytes()[:4] == b"\x89PNG"
+
+    # two maps and a given mask; existing outputs are kept unless --force
+    prefix = tmp_path / "out" / "pp"
+    write_map(tmp_path / "mask.mrc", mask, apix)
+    args = ["postprocess", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"),
+            "--mask", str(tmp_path / "mask.mrc"), "-o", str(prefix)]
+    assert cli.main(args) == 0
+    doc2 = json.loads(prefix.with_suffix(".json").read_text())
+    assert doc2["gold_standard"]["mask"]["how"] == "given"
+    assert doc2["gold_standard_resolution_A"] == pytest.approx(expect.resolution_A)
+    assert not (tmp_path / "out" / "pp_mask.mrc").exists()
+    capsys.readouterr()
+    assert cli.main(args) == 3
+    assert cli.main(args + ["--force"]) == 0
+
+    # bad input: one line, exit 2
+    write_map(tmp_path / "small.mrc", np.zeros((16, 16, 16), np.float32), apix)
+    capsys.readouterr()
+    assert cli.main(["postprocess", str(run / "volume_half1.mrc"), str(tmp_path / "small.mrc"),
+                     "-o", str(tmp_path / "x")]) == 2
+    assert "box sizes differ" in capsys.readouterr().err
+    assert cli.main(["postprocess", str(tmp_path)]) == 2  # a folder without half maps
+    assert "volume_half1.mrc" in capsys.readouterr().err
+    assert cli.main(["postprocess", str(run), "-o", str(tmp_path / "y"),
+                     "--threshold", "1e6"]) == 2  # empty mask
+    assert "empty" in capsys.readouterr().err

@@ -297,7 +297,8 @@ class GoldStandardFSC:
         randomize_freq: its frequency (1/Å); ``randomize_at_A`` = its inverse (Å).
         resolution_A: the gold-standard resolution, corrected masked FSC at 0.143.
         resolutions: ``{curve: {threshold: Å}}`` for 0.5 and 0.143 of every curve.
-        mask: how the mask was made (:class:`MaskFacts`).
+        mask: how the mask was made (:class:`MaskFacts`); ``mask_map``: the mask itself
+            ``(D, D, D)`` float32 (not in :meth:`to_json`).
         warnings: RELION's checks: unmasked FSC beyond the corrected one (the mask cuts
             density), phase-randomised FSC above 0.1 at the resolution (mask too sharp),
             mask touching the box edge.
@@ -317,6 +318,7 @@ class GoldStandardFSC:
     mask: MaskFacts
     seed: int = 0
     warnings: list = field(default_factory=list)
+    mask_map: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def randomize_freq(self) -> float | None:
@@ -455,7 +457,7 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
         apix=apix, box=D, freq=freq, fsc_unmasked=unmasked, fsc_masked=masked,
         fsc_randomized=randomized, fsc_corrected=corrected, randomize_shell=shell,
         randomize_at_fsc=float(randomize_at_fsc), resolution_A=res, resolutions=resolutions,
-        mask=facts, seed=int(seed), warnings=warnings)
+        mask=facts, seed=int(seed), warnings=warnings, mask_map=m)
 
 
 # --------------------------------------------------------------------------------------------
