@@ -139,6 +139,10 @@ def test_phase_randomisation_keeps_amplitudes_and_low_shells_and_is_seeded(devic
     # away from the self-conjugate planes (kx = 0, Nyquist) the amplitudes are kept exactly
     free = (~inside) & (kx != 0) & (np.abs(kx) != D // 2)
     assert np.allclose(np.abs(F1[free]), np.abs(F0[free]), atol=1e-4 * np.abs(F0).max())
+    # ... and the phases replaced from the shell itself on (|k| >= shell, as RELION)
+    for where in (free & (r2 == shell ** 2), free):
+        moved = np.abs(F1[where] - F0[where]) > 1e-3 * np.abs(F0[where])
+        assert moved.mean() > 0.9
     # phases are new: the FSC with the original is noise-like beyond the shell
     _, c = fsc(vol.cpu(), r.cpu(), 1.0)
     assert bool((c[:shell] > 0.999).all())
@@ -384,3 +388,18 @@ def test_postprocess_command(tmp_path, capsys, monkeypatch):
     assert cli.main(["postprocess", str(run), "-o", str(tmp_path / "y"),
                      "--threshold", "1e6"]) == 2  # empty mask
     assert "empty" in capsys.readouterr().err
+
+
+def test_half_map_outputs_for_the_driver():
+    from cryorecon.gold_standard import half_map_outputs
+
+    D, apix = 24, 2.0
+    h1, h2 = noisy_halves(blobs(D, seed=6, n=12), 0.02)
+    out = half_map_outputs(h1, h2, apix, seed=4, mask_options={"extend_A": 2.0})
+    ref = gold_standard_fsc(h1, h2, apix, seed=4, mask_options={"extend_A": 2.0})
+    assert torch.allclose(out.result.fsc_corrected, ref.fsc_corrected)
+    assert torch.allclose(out.combined, combine_halves(h1, h2, ref.fsc_corrected))
+    doc = json.loads(json.dumps(out.run_json))
+    assert set(doc) == {"gold_standard", "gold_standard_resolution_A"}
+    assert doc["gold_standard_resolution_A"] == pytest.approx(ref.resolution_A)
+    assert doc["gold_standard"]["mask"]["extend_A"] == 2.0

@@ -501,3 +501,38 @@ def combine_halves(half1, half2, fsc_curve) -> torch.Tensor:
     wmap = wfull[idx.clamp_max(D // 2 + 1)]
     F = 0.5 * (fft3c(h1.double()) + fft3c(h2.double()))
     return ifft3c(F * wmap).real.to(torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# what a run stores
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class HalfMapOutputs:
+    """What a run writes from its two half maps (see :func:`half_map_outputs`).
+
+    Attributes:
+        combined: the FSC-weighted combined map ``(D, D, D)`` float32 (``volume.mrc``).
+        result: the :class:`GoldStandardFSC` (its ``mask_map`` is the mask used).
+        run_json: the entries for ``run.json``: ``{"gold_standard": result.to_json(),
+            "gold_standard_resolution_A": Å or None}``.
+    """
+
+    combined: torch.Tensor
+    result: GoldStandardFSC
+    run_json: dict
+
+
+def half_map_outputs(half1, half2, apix: float, *, seed: int = 0, mask=None,
+                     mask_options: dict | None = None) -> HalfMapOutputs:
+    """Gold-standard FSC and combined map of a run's two half maps, in one call (no I/O).
+
+    :func:`gold_standard_fsc` (automatic mask unless ``mask`` is given; ``mask_options`` go to
+    :func:`soft_mask_from_map`), then :func:`combine_halves` weighted by the corrected FSC.
+    """
+    res = gold_standard_fsc(half1, half2, apix, mask, seed=seed, mask_options=mask_options)
+    combined = combine_halves(half1, half2, res.fsc_corrected)
+    doc = res.to_json()
+    return HalfMapOutputs(combined=combined, result=res,
+                          run_json={"gold_standard": doc,
+                                    "gold_standard_resolution_A": doc["resolution_A"]})
