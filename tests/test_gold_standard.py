@@ -107,6 +107,33 @@ def test_mask_threshold_from_mass_and_from_the_maximum():
     assert "automatic" in facts2.describe()
 
 
+def test_mask_drops_small_islands_and_respects_the_noise_level():
+    D, apix = 24, 2.0
+    vol = ball(D, 4.0)
+    vol[2, 2, 2] = 1.0  # a lone voxel above the threshold, far from the molecule
+    opts = {"threshold": 0.5, "lowpass_A": None, "extend_A": apix, "soft_edge_A": 2 * apix}
+    mask, facts = soft_mask_from_map(vol, apix, **opts)
+    assert float(mask[2, 2, 2]) == 0.0 and float(mask[D // 2, D // 2, D // 2]) == 1.0
+    assert facts.dropped_fraction == pytest.approx(1 / int(vol.sum()))
+    kept, facts0 = soft_mask_from_map(vol, apix, min_island_fraction=0.0, **opts)
+    assert float(kept[2, 2, 2]) == 1.0 and facts0.dropped_fraction == 0.0
+    # a noise level raises the automatic threshold to 3 sigma, never a given one
+    _, f = soft_mask_from_map(vol, apix, lowpass_A=None, noise_sigma=0.2)
+    assert f.threshold == pytest.approx(0.6) and f.threshold_from == "noise"
+    _, f = soft_mask_from_map(vol, apix, lowpass_A=None, noise_sigma=0.01)
+    assert f.threshold == pytest.approx(0.1) and f.threshold_from == "fraction_of_max"
+    _, f = soft_mask_from_map(vol, apix, threshold=0.3, lowpass_A=None, noise_sigma=0.2)
+    assert f.threshold == pytest.approx(0.3)
+    # gold_standard_fsc measures the noise on the half-difference
+    h1, h2 = noisy_halves(blobs(D, seed=6, n=12), 1.5)
+    res = gold_standard_fsc(h1, h2, apix)
+    from cryorecon.gold_standard import lowpass
+
+    sigma = float(lowpass(0.5 * (h1 - h2), apix, 15.0).std())
+    assert res.mask.threshold >= 3 * sigma - 1e-7
+    assert res.mask.threshold_from == "noise"
+
+
 def test_mask_bad_input():
     vol = blobs(16)
     with pytest.raises(InputError):

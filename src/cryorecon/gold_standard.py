@@ -46,6 +46,10 @@ GOLD_STANDARD_THRESHOLD = 0.143
 #: low-passed map's maximum when neither a threshold nor a molecular mass is given.
 MASK_LOWPASS_A = 15.0
 MASK_FRACTION_OF_MAX = 0.1
+#: With a noise estimate, the automatic level is at least this many noise sigmas.
+MASK_NOISE_SIGMAS = 3.0
+#: Seed pieces smaller than this fraction of the largest connected piece are dropped.
+MASK_MIN_ISLAND_FRACTION = 0.05
 #: Extension and soft edge of the mask in voxels when not given in Å (RELION's
 #: ``--extend_inimask 3 --width_mask_edge 6`` defaults).
 MASK_EXTEND_PX = 3.0
@@ -94,13 +98,17 @@ class MaskFacts:
         how: ``"auto"`` (:func:`soft_mask_from_map`) or ``"given"`` (a mask passed in).
         threshold: density level of the binary seed (in the low-passed map's units);
             ``None`` for a given mask.
-        threshold_from: ``"value"`` (passed in), ``"molecular_mass"`` or ``"fraction_of_max"``.
+        threshold_from: ``"value"`` (passed in), ``"molecular_mass"``, ``"fraction_of_max"``
+            or ``"noise"`` (3 noise sigmas, above the fraction of the maximum).
         lowpass_A: low-pass applied before thresholding (Å); ``None`` = none.
         extend_A, soft_edge_A: binary extension and cosine edge width (Å).
         volume_fraction: sum of the mask over the box volume (soft voxels count fractionally).
         seed_fraction: fraction of voxels in the binary seed.
         touches_edge: the mask is non-zero on a face of the box (too big for the box).
+        dropped_fraction: fraction of the thresholded voxels dropped as small islands.
         molecular_mass_kDa: the mass used for the threshold, if any.
+        fraction_of_max, noise_sigma: the fraction of the maximum and the noise level the
+            automatic threshold was taken from, if any.
     """
 
     how: str
@@ -112,7 +120,10 @@ class MaskFacts:
     soft_edge_A: float | None = None
     seed_fraction: float | None = None
     touches_edge: bool = False
+    dropped_fraction: float = 0.0
     molecular_mass_kDa: float | None = None
+    fraction_of_max: float | None = None
+    noise_sigma: float | None = None
 
     def to_json(self) -> dict:
         return {k: _json_value(v) for k, v in asdict(self).items()}
@@ -124,7 +135,9 @@ class MaskFacts:
         if self.threshold_from == "molecular_mass":
             src = f"threshold enclosing {self.molecular_mass_kDa:g} kDa of protein"
         elif self.threshold_from == "fraction_of_max":
-            src = "threshold at a fraction of the maximum"
+            src = f"threshold {self.fraction_of_max:g} x the maximum"
+        elif self.threshold_from == "noise":
+            src = f"threshold {MASK_NOISE_SIGMAS:g} x the noise sigma"
         else:
             src = "given threshold"
         lp = f", low-passed to {self.lowpass_A:g} Å" if self.lowpass_A else ""
@@ -157,7 +170,9 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
                        extend_A: float | None = None, soft_edge_A: float | None = None, *,
                        lowpass_A: float | None = MASK_LOWPASS_A,
                        molecular_mass_kDa: float | None = None,
-                       fraction_of_max: float = MASK_FRACTION_OF_MAX
+                       fraction_of_max: float = MASK_FRACTION_OF_MAX,
+                       min_island_fraction: float = MASK_MIN_ISLAND_FRACTION,
+                       noise_sigma: float | None = None
                        ) -> tuple[torch.Tensor, MaskFacts]:
     """A soft solvent mask made from a map, as ``relion_mask_create`` makes one.
 
@@ -167,7 +182,12 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
        preference: ``threshold`` if given; the level that encloses the molecule's expected
        volume ``molecular_mass_kDa * 1000 / 0.81`` Å^3 if a mass is given; otherwise
        ``fraction_of_max`` (0.1) times the low-passed map's maximum, which for a map on a zero
-       background keeps the molecule and a margin around it, and no noise after the low-pass.
+       background keeps the molecule and a margin around it, raised to ``3 noise_sigma`` when
+       a noise level is given (the standard deviation of the noise in the low-passed map;
+       :func:`gold_standard_fsc` measures it on the half maps' half-difference).
+       Pieces of the seed smaller than ``min_island_fraction`` (0.05) of its largest
+       connected piece (26-connected) are dropped: noise peaks above the threshold, which
+       the extension would otherwise blow up into blobs scattered over the box.
     3. The seed is extended by ``extend_A`` Å (voxels within that distance of the seed become
        1; default 3 voxels) and given a raised-cosine edge of ``soft_edge_A`` Å (default 6
        voxels): ``0.5 (1 + cos(pi (d - extend) / soft_edge))`` at distance ``d`` from the seed,
@@ -205,10 +225,14 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
             raise InputError(f"mask fraction of the maximum must be in (0, 1), "
                              f"got {fraction_of_max}")
         thr, how = float(fraction_of_max * lp.max()), "fraction_of_max"
+        if noise_sigma is not None and MASK_NOISE_SIGMAS * float(noise_sigma) > thr:
+            thr, how = MASK_NOISE_SIGMAS * float(noise_sigma), "noise"
     seed = (lp >= thr).cpu().numpy()
     if not seed.any():
         raise InputError(f"mask threshold {thr:.4g} is above the map's maximum "
                          f"{float(lp.max()):.4g}: the mask would be empty")
+    n_seed = int(seed.sum())
+    seed = _drop_islands(seed, min_island_fraction)
     dist_px = distance_transform_edt(~seed)  # 0 inside the seed
     d = torch.from_numpy(dist_px * apix).to(vol.device)  # Å
     if soft_edge_A > 0:
@@ -221,9 +245,26 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
         how="auto", volume_fraction=float(mask.double().mean()), threshold=thr,
         threshold_from=how, lowpass_A=float(lowpass_A) if lowpass_A else None,
         extend_A=extend_A, soft_edge_A=soft_edge_A, seed_fraction=float(seed.mean()),
-        touches_edge=_touches_edge(mask),
-        molecular_mass_kDa=None if molecular_mass_kDa is None else float(molecular_mass_kDa))
+        touches_edge=_touches_edge(mask), dropped_fraction=1.0 - float(seed.sum()) / n_seed,
+        molecular_mass_kDa=None if molecular_mass_kDa is None else float(molecular_mass_kDa),
+        fraction_of_max=float(fraction_of_max) if how in ("fraction_of_max", "noise") else None,
+        noise_sigma=None if noise_sigma is None else float(noise_sigma))
     return mask, facts
+
+
+def _drop_islands(seed: np.ndarray, min_fraction: float) -> np.ndarray:
+    """The binary ``seed`` without its small pieces: connected components (26-connected)
+    with fewer than ``min_fraction`` times the voxels of the largest are removed."""
+    from scipy.ndimage import label
+
+    if min_fraction <= 0:
+        return seed
+    labels, n = label(seed, structure=np.ones((3, 3, 3), dtype=bool))
+    if n <= 1:
+        return seed
+    sizes = np.bincount(labels.reshape(-1))[1:]
+    keep = np.concatenate([[False], sizes >= min_fraction * sizes.max()])
+    return keep[labels]
 
 
 def _touches_edge(mask: torch.Tensor) -> bool:
@@ -386,7 +427,8 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
         apix: voxel size (Å).
         mask: solvent mask ``(D, D, D)`` with values in [0, 1]; ``None`` = made by
             :func:`soft_mask_from_map` from the average of the halves (``mask_options`` are
-            its keyword arguments).
+            its keyword arguments; ``noise_sigma`` defaults to the standard deviation of the
+            low-passed half-difference ``(half1 - half2) / 2``, the noise of the average).
         seed: seed of the random phases (one CPU generator; half1's phases drawn first).
         randomize_at_fsc: phases are randomised from the first shell (> 0) where the unmasked
             FSC drops below this value (RELION's ``--randomize_at_fsc``, 0.8).
@@ -408,7 +450,12 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
         raise InputError(f"randomize_at_fsc must be in (0, 1), got {randomize_at_fsc}")
     D = h1.shape[0]
     if mask is None:
-        m, facts = soft_mask_from_map(0.5 * (h1 + h2), apix, **(mask_options or {}))
+        opts = dict(mask_options or {})
+        if opts.get("noise_sigma") is None:
+            lp_A = opts.get("lowpass_A", MASK_LOWPASS_A)
+            diff = 0.5 * (h1 - h2)  # the noise of the average, without the signal
+            opts["noise_sigma"] = float((lowpass(diff, apix, lp_A) if lp_A else diff).std())
+        m, facts = soft_mask_from_map(0.5 * (h1 + h2), apix, **opts)
     else:
         m = torch.as_tensor(mask).to(dev, torch.float32)
         if m.shape != h1.shape:
