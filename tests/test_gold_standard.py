@@ -276,7 +276,7 @@ def test_combine_halves_weights_each_shell(device):
     h1 = torch.randn(D, D, D, generator=g).to(device)
     h2 = torch.randn(D, D, D, generator=g).to(device)
     curve = torch.linspace(1.0, 0.05, D // 2 + 1)
-    out = combine_halves(h1, h2, curve)
+    out = combine_halves(h1, h2, curve.to(device))
     assert out.device == h1.device and out.dtype == torch.float32
     # brute force with numpy's FFT: uncentred grid, shells from fftfreq
     F = 0.5 * (np.fft.fftn(np.fft.ifftshift(h1.cpu().double().numpy()))

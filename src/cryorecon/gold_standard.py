@@ -516,7 +516,10 @@ def fsc_weights(fsc_curve) -> torch.Tensor:
     the expected correlation of the full map with the true structure given the half-map FSC),
     0 where FSC <= 0 and at every shell from the first with FSC < 1e-4 on (RELION's
     ``applyFscWeighting``: nothing past the point where the signal is gone)."""
-    f = torch.as_tensor(np.asarray(fsc_curve, dtype=np.float64))
+    if isinstance(fsc_curve, torch.Tensor):
+        f = fsc_curve.detach().cpu().double()
+    else:
+        f = torch.as_tensor(np.asarray(fsc_curve, dtype=np.float64))
     w = torch.sqrt((2 * f / (1 + f)).clamp_min(0.0))
     w = torch.where(f > 0, w, torch.zeros_like(w))
     gone = torch.nonzero(f < 1e-4)

@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                         "the halves (low-pass, threshold, extension, cosine edge)")
     p.add_argument("--threshold", type=float, default=None,
                    help="density level of the automatic mask's seed (default: from "
-                        "--molecular-mass, else 0.1 x the low-passed map's maximum)")
+                        "--molecular-mass, else 0.1 x the low-passed map's maximum or 3 "
+                        "noise sigmas of the half-difference, whichever is higher)")
     p.add_argument("--molecular-mass", type=positive(), default=None, metavar="kDa",
                    help="choose the mask threshold so the seed holds this much protein")
     p.add_argument("--mask-lowpass", type=positive(), default=15.0, metavar="Å",
