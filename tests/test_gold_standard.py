@@ -140,6 +140,8 @@ def test_mask_bad_input():
         soft_mask_from_map(vol, 2.0, threshold=10.0)  # above the maximum: empty mask
     with pytest.raises(InputError):
         soft_mask_from_map(vol, 2.0, extend_A=-1.0)
+    with pytest.raises(InputError, match="no positive density"):
+        soft_mask_from_map(-vol, 2.0)
     with pytest.raises(InputError):
         soft_mask_from_map(vol, 0.0)
     with pytest.raises(InputError):

@@ -224,6 +224,9 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
         if not 0 < fraction_of_max < 1:
             raise InputError(f"mask fraction of the maximum must be in (0, 1), "
                              f"got {fraction_of_max}")
+        if not float(lp.max()) > 0:
+            raise InputError("the map has no positive density to make a mask from (is the "
+                             "contrast inverted?); give a threshold or a mask")
         thr, how = float(fraction_of_max * lp.max()), "fraction_of_max"
         if noise_sigma is not None and MASK_NOISE_SIGMAS * float(noise_sigma) > thr:
             thr, how = MASK_NOISE_SIGMAS * float(noise_sigma), "noise"
