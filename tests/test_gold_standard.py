@@ -141,7 +141,7 @@ def test_mask_bad_input():
     with pytest.raises(InputError):
         soft_mask_from_map(vol, 2.0, extend_A=-1.0)
     with pytest.raises(InputError, match="no positive density"):
-        soft_mask_from_map(-vol, 2.0)
+        soft_mask_from_map(-vol, 2.0, lowpass_A=None)
     with pytest.raises(InputError):
         soft_mask_from_map(vol, 0.0)
     with pytest.raises(InputError):
