@@ -279,3 +279,70 @@ def test_refresh_report_never_raises(tmp_path, monkeypatch):
 
     monkeypatch.setattr(html, "build_html", boom)
     assert refresh_report(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# half-map (gold-standard) FSC panel
+# ------------------------------------------------------------------------------------------------
+
+def _add_gold_standard(run: Path) -> dict:
+    """Half maps of the fake run's volume with independent noise, their gold-standard FSC in
+    run.json as the driver stores it."""
+    import torch
+
+    from cryorecon.gold_standard import gold_standard_fsc
+
+    vol, apix = rdata.read_map_quiet(run / "volume.mrc")
+    rng = np.random.default_rng(3)
+    halves = [vol + 0.05 * rng.standard_normal(vol.shape).astype(np.float32) for _ in range(2)]
+    for i, h in enumerate(halves, 1):
+        write_map(run / f"volume_half{i}.mrc", h, apix)
+    res = gold_standard_fsc(torch.from_numpy(halves[0]), torch.from_numpy(halves[1]), apix,
+                            mask_options={"lowpass_A": 4 * apix, "extend_A": apix,
+                                          "soft_edge_A": 3 * apix})
+    info = json.loads((run / "run.json").read_text())
+    info["gold_standard"] = res.to_json()
+    info["gold_standard_resolution_A"] = res.resolution_A
+    (run / "run.json").write_text(json.dumps(info))
+    return info
+
+
+def test_report_half_map_panel(tmp_path):
+    run = make_fake_run(tmp_path, D=32, iterations=100, snapshot_every=50, n_particles=200)
+    before = write_report(run, out=tmp_path / "before.html").read_text()
+    assert "Half-map FSC" not in before and "gold-standard" not in before
+    n_before = len(re.findall(r'src="data:image/png;base64,', before))
+
+    info = _add_gold_standard(run)
+    text = write_report(run).read_text()
+    _check_self_contained(text)
+    assert 'class="error"' not in text
+    assert '<section id="halfmaps"><h2>Half-map FSC</h2>' in text and 'href="#halfmaps"' in text
+    assert len(re.findall(r'src="data:image/png;base64,', text)) == n_before + 1
+    res = info["gold_standard_resolution_A"]
+    assert f"{res:.2f} Å" in text  # in the summary card and the panel's table
+    assert "gold-standard resolution (half maps, FSC 0.143)" in text
+    assert info["gold_standard"]["mask"]["description"] in text.replace("&#x27;", "'")
+    assert f"{info['gold_standard']['randomize_at_A']:.1f} Å" in text
+    # the panel comes before the reference FSC section, after the map
+    assert text.index('id="map"') < text.index('id="halfmaps"') < text.index('id="fsc"')
+
+    gs = rdata.read_gold_standard(info)
+    assert gs is not None and gs.resolution_A == pytest.approx(res)
+    assert np.allclose(gs.corrected, info["gold_standard"]["fsc_corrected"])
+
+    # a damaged entry: a note in its section, the rest of the report unharmed
+    info["gold_standard"]["fsc_masked"] = info["gold_standard"]["fsc_masked"][:-1]
+    (run / "run.json").write_text(json.dumps(info))
+    assert rdata.read_gold_standard(info) is None
+    text = write_report(run).read_text()
+    assert "its FSC curves cannot be read" in text and 'class="error"' not in text
+
+
+def test_halfmap_fsc_plot_is_a_png():
+    freq = np.linspace(0, 0.25, 17)
+    c = np.clip(1.2 - 6 * freq, -0.05, 1)
+    png = plots.plot_halfmap_fsc(freq, {"unmasked": c * 0.9, "masked": c, "corrected": c * 0.98,
+                                        "randomized": np.where(freq < 0.05, c, 0.01)},
+                                 resolution_A=6.5, randomize_at_A=20.0)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

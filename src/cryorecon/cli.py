@@ -20,6 +20,7 @@ COMMANDS = [
     "simulate",
     "backproject",
     "fsc",
+    "postprocess",
     "align",
     "info",
     "reconstruct",

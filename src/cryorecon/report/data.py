@@ -174,3 +174,71 @@ def value_at(metrics: Metrics, key: str, iteration: float) -> float | None:
     if not ok.size:
         return None
     return float(col[ok[-1]])
+
+
+@dataclass
+class GoldStandard:
+    """``run.json["gold_standard"]`` (written from
+    :meth:`cryorecon.gold_standard.GoldStandardFSC.to_json`) as arrays.
+
+    Curves are float64 arrays over ``freq`` (1/Å), NaN where a value is null; ``randomized``
+    is ``None`` when the run had no phase randomisation. Resolutions in Å (``None`` when
+    unknown); ``resolution_A`` is the corrected masked FSC at 0.143, preferring the run's
+    top-level ``gold_standard_resolution_A``.
+    """
+
+    freq: np.ndarray
+    unmasked: np.ndarray
+    masked: np.ndarray
+    corrected: np.ndarray
+    randomized: np.ndarray | None
+    resolution_A: float | None
+    resolution_unmasked_A: float | None
+    randomize_at_A: float | None
+    mask: str
+    warnings: list = field(default_factory=list)
+
+
+def _curve(x, n: int) -> np.ndarray | None:
+    if not isinstance(x, list) or len(x) != n:
+        return None
+    out = np.array([v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
+                    for v in x], dtype=np.float64)
+    return out
+
+
+def finite_number(x) -> float | None:
+    """``x`` as a float if it is a finite number (not a bool), else ``None``."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def read_gold_standard(info: dict | None) -> GoldStandard | None:
+    """The half-map FSC of a run from its ``run.json`` dict, or ``None`` when the run has
+    none or the entry is unusable (missing curves, curves of different lengths)."""
+    gs = (info or {}).get("gold_standard")
+    if not isinstance(gs, dict):
+        return None
+    freq = gs.get("freq_1_per_A")
+    if not isinstance(freq, list) or len(freq) < 2:
+        return None
+    n = len(freq)
+    freq = _curve(freq, n)
+    curves = {k: _curve(gs.get(f"fsc_{k}"), n) for k in ("unmasked", "masked", "corrected")}
+    if freq is None or not np.isfinite(freq).all() or any(c is None for c in curves.values()):
+        return None
+    res = finite_number(info.get("gold_standard_resolution_A"))
+    if res is None:
+        res = finite_number(gs.get("resolution_A"))
+    mask = gs.get("mask")
+    if isinstance(mask, dict):
+        desc = str(mask.get("description") or mask.get("how") or "")
+    else:
+        desc = str(mask or "")
+    warnings = [str(w) for w in gs.get("warnings") or [] if isinstance(w, str)]
+    return GoldStandard(freq=freq, randomized=_curve(gs.get("fsc_randomized"), n),
+                        resolution_A=res,
+                        resolution_unmasked_A=finite_number(gs.get("resolution_unmasked_A")),
+                        randomize_at_A=finite_number(gs.get("randomize_at_A")), mask=desc,
+                        warnings=warnings, **curves)

@@ -184,6 +184,9 @@ def section_summary(ctx: _Context) -> str:
         ("particles", _e(_fmt(ctx.info.get("n_particles")))),
         ("box, pixel", _e(f"{ctx.info.get('box')} px, {ctx.apix:.3g} Å" if ctx.info.get("box") else "-")),
     ]
+    gs_res = data.finite_number(ctx.info.get("gold_standard_resolution_A"))
+    if gs_res is not None:
+        cards.insert(5, ("gold-standard resolution (half maps, FSC 0.143)", _e(f"{gs_res:.2f} Å")))
     body = '<div class="cards">' + "".join(
         f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v in cards) + "</div>"
     parts = [body]
@@ -358,6 +361,42 @@ def section_fsc(ctx: _Context) -> str:
     return "".join(parts)
 
 
+def section_halfmaps(ctx: _Context) -> str | None:
+    """The gold-standard FSC of the run's two half maps (``run.json["gold_standard"]``);
+    ``None`` (no section) when the run has no half maps."""
+    if "gold_standard" not in ctx.info:
+        return None
+    gs = data.read_gold_standard(ctx.info)
+    if gs is None:
+        return _missing("run.json has a gold_standard entry, but its FSC curves cannot be read.")
+    curves = {"unmasked": gs.unmasked, "masked": gs.masked, "corrected": gs.corrected}
+    if gs.randomized is not None:
+        curves["randomized"] = gs.randomized
+    png = plots.plot_halfmap_fsc(gs.freq, curves, gs.resolution_A, gs.randomize_at_A,
+                                 title="volume_half1.mrc vs volume_half2.mrc")
+    res = (f"{gs.resolution_A:.2f} Å" if gs.resolution_A is not None else "not reached")
+    rows = [("gold-standard resolution (corrected masked FSC 0.143)", res),
+            ("unmasked FSC 0.143", f"{gs.resolution_unmasked_A:.2f} Å"
+             if gs.resolution_unmasked_A is not None else "-"),
+            ("phases randomised beyond", f"{gs.randomize_at_A:.1f} Å"
+             if gs.randomize_at_A is not None else "no randomisation"),
+            ("mask", gs.mask or "-")]
+    parts = [_img(png, "half-map FSC"), _table(rows, ["", ""])]
+    for w in gs.warnings:
+        parts.append(f'<p class="missing">{_e(w)}</p>')
+    parts.append(
+        '<p class="caption">Fourier shell correlation between the two half maps, refined '
+        'independently from two halves of the particles after a joint low-resolution start. '
+        '<b>Unmasked</b>: the whole boxes; <b>masked</b>: both multiplied by the solvent mask; '
+        '<b>phase-randomised</b>: the same after replacing the phases of both halves by random '
+        'ones beyond the shell where the unmasked FSC drops below 0.8, which measures the '
+        'correlation the mask itself adds; <b>corrected</b>: (masked - randomised) / (1 - '
+        'randomised) (Chen et al. 2013, as RELION\'s postprocess). The resolution is where the '
+        'corrected curve drops below 0.143, the criterion for half maps (Rosenthal &amp; '
+        'Henderson 2003); <code>volume.mrc</code> is the FSC-weighted average of the halves.</p>')
+    return "".join(parts)
+
+
 def section_directions(ctx: _Context) -> str:
     d = data.read_directions(ctx.run_dir)
     if d is None:
@@ -458,6 +497,7 @@ SECTIONS = [
     ("convergence", "Convergence", section_convergence),
     ("map", "Current map", section_map),
     ("snapshots", "Progress over time", section_snapshots),
+    ("halfmaps", "Half-map FSC", section_halfmaps),
     ("fsc", "FSC against a reference", section_fsc),
     ("directions", "View directions", section_directions),
     ("parameters", "Run parameters, versions, timings and machine", section_parameters),
@@ -470,19 +510,23 @@ def build_html(run_dir, reference=None, align: bool = False, level: float | None
     run_dir = Path(run_dir)
     ctx = _Context(run_dir, reference, align, level)
     body = []
+    shown = []
     for key, title, fn in SECTIONS:
         t0 = time.perf_counter()
         try:
             content = fn(ctx)
+            if content is None:  # a section that does not apply to this run
+                continue
         except Exception as exc:  # one broken section must not lose the others (or the run)
             log.warning(f"report: section '{title}' failed: {exc!r}")
             log.debug(traceback.format_exc())
             content = f'<p class="error">This section could not be built: {_e(repr(exc))}</p>'
         log.debug(f"report: {key} in {time.perf_counter() - t0:.2f} s")
         body.append(f'<section id="{key}"><h2>{_e(title)}</h2>{content}</section>')
+        shown.append((key, title))
     now = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     refresh = "" if not ctx.running else f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">'
-    nav = "".join(f'<a href="#{k}">{_e(t.split(",")[0])}</a>' for k, t, _ in SECTIONS)
+    nav = "".join(f'<a href="#{k}">{_e(t.split(",")[0])}</a>' for k, t in shown)
     sub = f"Updated {now}"
     if ctx.running:
         sub += f" · reloads every {REFRESH_SECONDS} s while the run is running"
