@@ -21,7 +21,8 @@ def _ball(D: int, centre, radius: float) -> np.ndarray:
 
 def test_level_from_mass_encloses_the_molecules_volume():
     rng = np.random.default_rng(0)
-    vol = (_ball(32, (16, 16, 16), 5.0) + 0.01 * rng.standard_normal((32, 32, 32))).astype(np.float32)
+    noise = 0.01 * rng.standard_normal((32, 32, 32))
+    vol = (_ball(32, (16, 16, 16), 5.0) + noise).astype(np.float32)
     apix, mass_da = 4.0, 300e3  # 300 kDa: 363,000 Å^3, 5672 voxels of 64 Å^3
     level = plots.surface_level(vol, mass_da=mass_da, apix=apix)
     n = mass_da * 1.21 / apix ** 3
