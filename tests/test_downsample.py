@@ -233,3 +233,30 @@ def test_hint_when_reading_a_large_box_without_downsample(tmp_path, caplog, log_
     with caplog.at_level(logging.INFO, logger="cryorecon"):
         read_particles_from_args(argparse.Namespace(particles=star, datadir=None))
     assert not any("hint" in m for m in caplog.messages)
+
+
+def test_export_of_a_downsampled_set_keeps_the_files_scale(sim, tmp_path):
+    """Poses exported from a run on downsampled images refer to the stacks as they are: the
+    files' pixel size and box in data_optics, and RELION 3.0 origins in the files' pixels."""
+    import starfile
+
+    from cryorecon.io.export import export_poses
+
+    blocks = starfile.read(sim)
+    parts = blocks["particles"].merge(blocks["optics"], on="rlnOpticsGroup")
+    parts = parts.drop(columns=["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize",
+                                "rlnImageDimensionality"], errors="ignore")
+    parts["rlnOriginX"] = parts.pop("rlnOriginXAngst") / parts["rlnImagePixelSize"]
+    parts["rlnOriginY"] = parts.pop("rlnOriginYAngst") / parts["rlnImagePixelSize"]
+    old = tmp_path / "relion30.star"
+    starfile.write({"particles": parts}, old)
+    (tmp_path / sim.with_suffix(".mrcs").name).symlink_to(sim.with_suffix(".mrcs"))
+    half = read_particles(old, downsample=16)
+    n = len(half)
+    poses = {"eulers_deg": np.zeros((n, 3)), "shifts_A": np.full((n, 2), 10.0)}
+    export_poses(half, poses, tmp_path / "out")
+    out = starfile.read(tmp_path / "out" / "particles.star")
+    assert float(out["optics"]["rlnImagePixelSize"].iloc[0]) == pytest.approx(10.0)
+    assert int(out["optics"]["rlnImageSize"].iloc[0]) == 32
+    np.testing.assert_allclose(out["particles"]["rlnOriginX"], 1.0)  # 10 Å at 10 Å/pixel
+    np.testing.assert_allclose(out["particles"]["rlnOriginXAngst"], 10.0)
