@@ -260,3 +260,17 @@ def test_export_of_a_downsampled_set_keeps_the_files_scale(sim, tmp_path):
     assert int(out["optics"]["rlnImageSize"].iloc[0]) == 32
     np.testing.assert_allclose(out["particles"]["rlnOriginX"], 1.0)  # 10 Å at 10 Å/pixel
     np.testing.assert_allclose(out["particles"]["rlnOriginXAngst"], 10.0)
+
+
+def test_resume_fingerprint_names_a_changed_downsample(sim):
+    from cryorecon.runstate import fingerprint_differences, particle_fingerprint
+
+    full = read_particles(sim)
+    saved = particle_fingerprint(full.at_box(16))
+    same = particle_fingerprint(read_particles(sim, downsample=16))
+    assert fingerprint_differences(saved, same) == []
+    diff = fingerprint_differences(saved, particle_fingerprint(full))
+    assert diff == ["images read at box 32, the checkpoint's run read them at 16 (--downsample)"]
+    old = {k: v for k, v in saved.items() if k != "box"}  # a checkpoint from before the box
+    assert fingerprint_differences(old, particle_fingerprint(full)) == [
+        "other images or CTF parameters"]

@@ -201,8 +201,9 @@ def folder_busy(folder) -> bool:
 # --------------------------------------------------------------------------- fingerprint
 def particle_fingerprint(ps) -> dict:
     """What identifies a particle set: ``count``, ``source`` (the file's name), ``stacks``
-    (names as written in the file) with their ``stack_bytes``, and ``digest`` (SHA-256 of
-    which images are used, pixel sizes and CTF parameters)."""
+    (names as written in the file) with their ``stack_bytes``, ``box`` (pixels, as read:
+    ``--downsample``), and ``digest`` (SHA-256 of which images are used, pixel sizes and CTF
+    parameters)."""
     h = hashlib.sha256()
     h.update("\0".join(ps.stack_names).encode())
     for a in (ps.stack_index, ps.slice_index, ps.apix):
@@ -221,6 +222,7 @@ def particle_fingerprint(ps) -> dict:
         "source": Path(ps.source).name,
         "stacks": list(ps.stack_names),
         "stack_bytes": sizes,
+        "box": int(ps.D),
         "digest": h.hexdigest(),
     }
 
@@ -240,6 +242,9 @@ def fingerprint_differences(saved: dict, now: dict) -> list[str]:
             f"stack {changed[0]} changed size"
             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
         )
+    if saved.get("box", now["box"]) != now["box"]:  # checkpoints before the box: digest
+        out.append(f"images read at box {now['box']}, the checkpoint's run read them at "
+                   f"{saved['box']} (--downsample)")
     if not out and saved["digest"] != now["digest"]:
         out.append("other images or CTF parameters")
     return out
