@@ -111,3 +111,16 @@ def test_report_level_from_mass(tmp_path):
     assert "500 kDa of protein" in write_report(run).read_text()
     (run / "run.json").write_text(json.dumps({"finished": True, "apix": apix}))
     assert "kDa of protein" not in write_report(run).read_text()
+
+
+@pytest.mark.parametrize("D", [24, 48, 96])  # interpolated x2, as is, block-averaged /2
+def test_surface_sits_where_the_density_is(D):
+    c = (D // 2 + D // 12, D // 2 - D // 6, D // 2)  # [z, y, x]
+    vol = _ball(D, c, D / 10)
+    tris = plots.surface(vol, 0.5)
+    centre = tris.reshape(-1, 3).mean(axis=0)  # (x, y, z) voxels about the box centre
+    want = np.array([c[2], c[1], c[0]], dtype=float) - D // 2
+    np.testing.assert_allclose(centre, want, atol=0.05 * D / 10)
+    # the ball's radius at level 0.5 of a Gaussian of sigma s: s sqrt(2 ln 2)
+    r = np.linalg.norm(tris.reshape(-1, 3) - want, axis=1)
+    assert abs(np.median(r) - D / 10 * np.sqrt(2 * np.log(2))) < 0.06 * D / 10 + 0.1

@@ -4,7 +4,8 @@ Everything draws on matplotlib's Agg canvas through ``matplotlib.figure.Figure``
 pyplot), so it works headless, in threads, and leaves the global backend alone.
 
 Isosurfaces: marching cubes (``skimage.measure.marching_cubes``) on the map, block-averaged
-to at most :data:`MAX_SURFACE_BOX` voxels a side, drawn as a ``Poly3DCollection`` with
+to at most :data:`MAX_SURFACE_BOX` voxels a side (maps of half that or less are interpolated
+to twice their size for a smoother surface), drawn as a ``Poly3DCollection`` with
 flat Lambert shading from a light near the viewer. The contour level comes from
 :func:`surface_level`: the level that encloses the molecule's expected volume when its mass
 is known (:data:`PROTEIN_A3_PER_DA` Å^3 per dalton, as ChimeraX's ``volume ... encloseVolume``),
@@ -386,7 +387,15 @@ def hide_dust(vol: np.ndarray, level: float, size_fraction: float = DUST_FRACTIO
     return out
 
 
-def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, int]:
+def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, float]:
+    """``vol`` block-averaged by an integer factor ``f`` to at most ``max_box`` a side, or,
+    when it is at most half of ``max_box``, interpolated to twice its size (cubic spline,
+    ``f = 1/2``) for a smoother surface. Voxel ``i`` of the result sits at ``i f + (f-1)/2``
+    of ``vol``."""
+    if 2 * max(vol.shape) <= max_box:
+        from scipy import ndimage
+
+        return ndimage.zoom(vol, 2, order=3, mode="nearest", grid_mode=True), 0.5
     f = math.ceil(max(vol.shape) / max_box)
     if f <= 1:
         return vol, 1
