@@ -124,3 +124,24 @@ def test_surface_sits_where_the_density_is(D):
     # the ball's radius at level 0.5 of a Gaussian of sigma s: s sqrt(2 ln 2)
     r = np.linalg.norm(tris.reshape(-1, 3) - want, axis=1)
     assert abs(np.median(r) - D / 10 * np.sqrt(2 * np.log(2))) < 0.06 * D / 10 + 0.1
+
+
+def test_principal_axes_turn_the_long_axis_to_z():
+    D = 32
+    g = np.arange(D, dtype=np.float32) - D // 2
+    z, y, x = np.meshgrid(g, g, g, indexing="ij")
+    a = np.array([1.0, 2.0, 2.0]) / 3.0  # the long axis, (x, y, z)
+    along = x * a[0] + y * a[1] + z * a[2]
+    r2 = x ** 2 + y ** 2 + z ** 2
+    vol = np.exp(-(r2 - along ** 2) / (2 * 2.5 ** 2) - along ** 2 / (2 * 7.0 ** 2))
+    vol = vol.astype(np.float32)
+    tris = plots.surface(vol, 0.5)
+    R = plots.principal_axes(tris)
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(R) == pytest.approx(1.0)
+    assert abs(abs(R[2] @ a) - 1) < 1e-3  # the longest axis becomes z
+    turned = tris.reshape(-1, 3) @ R.T
+    ext = turned.max(axis=0) - turned.min(axis=0)
+    assert ext[2] > 2 * ext[0] and ext[2] > 2 * ext[1]
+    assert plots.plot_isosurface(vol, 0.5)[:4] == b"\x89PNG"
+    assert plots.plot_isosurface(vol, 0.5, orient=False)[:4] == b"\x89PNG"

@@ -11,9 +11,12 @@ Steps (each shows a progress bar or a log line):
 4. the oracle: Wiener back-projection of the same particles with their *true* poses
    -> ``DIR/oracle.mrc``, the best map these data allow;
 5. FSC of both maps against the truth -> ``DIR/fsc.png`` and ``DIR/demo.json`` (resolutions at
-   FSC 0.5 and 0.143, stage timings, settings, file paths); a short summary on stdout.
+   FSC 0.5 and 0.143, stage timings, settings, file paths); a short summary on stdout; the
+   run's report ``DIR/run/report.html`` rebuilt with the truth as its reference (aligned) and
+   the complex's mass (from the atomic model) for the isosurface level.
 
-Settings (:data:`DEFAULT`, :data:`QUICK`), chosen to finish in minutes on 2 CPU cores. The
+Settings (:data:`DEFAULT`, :data:`QUICK`), chosen to finish in about 5 minutes on 2 CPU cores
+(the reconstruction stops by 6 minutes at the latest; ``--quick`` in about one). The
 cost of an iteration grows with the physical box times the band limit
 (``r = D * apix * omega*`` Fourier pixels: ~r^3 rotations, r^2 shifts and coefficients), not
 with D itself, so the demo keeps the box small in Å and the band limit modest:
@@ -81,8 +84,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help=HELP,
         description=HELP + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
-        "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes a few "
-        "minutes on 2 CPU cores (--quick: about a minute, a smoke test).")
+        "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes about "
+        "5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest (--quick: "
+        "about a minute, a smoke test).")
     p.add_argument("-o", "--out", default="cryorecon_demo", metavar="DIR",
                    help="output folder (default: cryorecon_demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the reconstruction (default 0)")

@@ -36,6 +36,10 @@ DUST_FRACTION = 0.05
 VIEWS = ((90.0, -90.0, "down z (x right, y up)"),
          (0.0, -90.0, "along +y (x right, z up)"),
          (25.0, -55.0, "oblique"))
+#: The same viewpoints in the density's principal axes (:func:`principal_axes`).
+PRINCIPAL_VIEWS = ((90.0, -90.0, "down the long axis"),
+                   (0.0, -90.0, "side (long axis up)"),
+                   (25.0, -55.0, "oblique"))
 SURFACE_RGB = (0.45, 0.66, 0.90)
 DPI = 90
 
@@ -474,13 +478,37 @@ def _half_extent(tris_list, default: float) -> float:
     return 1.08 * m if m > 0 else default
 
 
-def plot_isosurface(vol: np.ndarray, level: float | None) -> bytes:
-    """The isosurface at ``level`` seen from :data:`VIEWS`."""
+def principal_axes(tris: np.ndarray) -> np.ndarray:
+    """Rotation ``R`` (3x3, ``det R = +1``) whose rows are the principal axes of a surface's
+    vertices ((x, y, z) positions), shortest first: ``tris @ R.T`` has its longest extent
+    along z. Each axis points away from the side with the larger third moment (a unique
+    frame; seen down z, a capped barrel such as GroEL-GroES shows its open end)."""
+    pts = tris.reshape(-1, 3)
+    pts = pts - pts.mean(axis=0)
+    _, vecs = np.linalg.eigh(pts.T @ pts)  # ascending variance: columns short .. long
+    R = vecs.T.copy()
+    skew = ((pts @ R.T) ** 3).sum(axis=0)
+    R[skew > 0] *= -1.0
+    if np.linalg.det(R) < 0:
+        R[0] *= -1.0
+    return R
+
+
+def plot_isosurface(vol: np.ndarray, level: float | None, orient: bool = True) -> bytes:
+    """The isosurface at ``level`` seen from :data:`VIEWS`, or with ``orient`` (default)
+    turned into its principal axes first (:func:`principal_axes`, views
+    :data:`PRINCIPAL_VIEWS`): an ab-initio map has no preferred orientation in its box, and
+    down its long axis a barrel or a ring shows its channel."""
     tris = surface(vol, level) if level is not None else None
+    views = VIEWS
+    if orient and tris is not None and len(tris):
+        centre = tris.reshape(-1, 3).mean(axis=0)
+        tris = (tris - centre) @ principal_axes(tris).T
+        views = PRINCIPAL_VIEWS
     half = _half_extent([tris], min(vol.shape) / 2)
     fig = _figure(12.0, 4.2)
-    for i, (el, az, name) in enumerate(VIEWS):
-        ax = fig.add_subplot(1, len(VIEWS), i + 1, projection="3d")
+    for i, (el, az, name) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1, projection="3d")
         _draw_surface(ax, tris, el, az, half)
         ax.set_title(name, fontsize=10, y=0.98)
     fig.subplots_adjust(left=0, right=1, bottom=0, top=0.93, wspace=0)
