@@ -111,6 +111,7 @@ def test_unknown_device_is_one_line(star, maps, tmp_path, capsys, device):
         ["backproject", star, "-o", tmp_path / "m.mrc"],
         ["align", a, b],
         ["simulate", "-o", tmp_path / "sim", "-n", "2"],
+        ["demo", "-o", tmp_path / "demo", "--quick"],
     ):
         _fails(
             [*argv, "--device", device], capsys, 2, repr(device) if device != "cuda:x" else "device"

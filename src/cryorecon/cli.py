@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cryorecon {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        from .runstate import SignalStop
+
+        SignalStop.interrupt_delivered()
         print(f"cryorecon {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

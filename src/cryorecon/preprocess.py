@@ -12,10 +12,15 @@ unitary FFT and cropped to the half-plane coefficients inside the current cut-of
 cost grows with (D omega*)^2, not D^2. :func:`load_batch` reads the images of a
 :class:`~cryorecon.io.particles.ParticleSet` (memory-mapped, :mod:`cryorecon.io`) and hands
 them to it.
+
+:func:`fourier_crop` downsamples images by keeping the central D x D Fourier coefficients
+(``--downsample``; :meth:`~cryorecon.io.particles.ParticleSet.at_box` applies it as images are
+read), and :func:`suggest_box` proposes such a box for ab initio.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,6 +34,46 @@ from .model.likelihood import ImageBatch
 def default_diameter_A(D: int, apix: float) -> float:
     """Default particle diameter: 80% of the box width, in Å."""
     return 0.8 * D * apix
+
+
+def fourier_crop(images: torch.Tensor, D: int) -> torch.Tensor:
+    """Images ``(..., n, n)`` downsampled to ``(..., D, D)`` by Fourier cropping: the
+    coefficients of frequencies ``-D/2 .. D/2 - 1`` (cycles per new box) on each axis are
+    kept, the rest dropped; the origin (index ``n//2``) stays at the centre (index ``D//2``).
+    The pixel size grows by ``n / D``.
+
+    As RELION's ``windowFourierTransform`` (``relion_image_handler --rescale_angpix``): the
+    half-plane (``kx >= 0``) of the real transform is cropped, rows ``ky = 0 .. D/2`` and
+    ``-D/2 + 1 .. -1``, so the new Nyquist row holds the input's ``ky = +D/2`` coefficients
+    for ``kx >= 0`` (and their conjugates for ``kx < 0``). Scaling: the result holds
+    samples of the same band-limited function on the coarser grid (unitary transforms times
+    ``D / n``), so an image band-limited below the new Nyquist is sampled exactly; white noise
+    stays white, its sigma times ``D / n``. ``n`` and ``D`` even, ``D <= n`` (``D == n``
+    returns ``images``)."""
+    n = images.shape[-1]
+    if images.shape[-2] != n:
+        raise ValueError(f"fourier_crop: images must be square, got {tuple(images.shape[-2:])}")
+    if D == n:
+        return images
+    if not (0 < D < n) or D % 2 or n % 2:
+        raise ValueError(f"fourier_crop: target box {D} must be even and below the box {n} "
+                         "(also even)")
+    h = D // 2
+    spec = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)), norm="ortho")
+    spec = torch.cat([spec[..., : h + 1, : h + 1], spec[..., n - h + 1:, : h + 1]], dim=-2)
+    out = torch.fft.irfft2(spec, s=(D, D), norm="ortho") * (D / n)
+    return torch.fft.fftshift(out, dim=(-2, -1)).to(images.dtype)
+
+
+def suggest_box(D: int, apix: float, resolution_A: float, multiple: int = 8,
+                smallest: int = 32) -> int:
+    """The smallest box (a multiple of ``multiple``, at least ``smallest``) whose Nyquist
+    frequency, ``box / (2 D apix)`` 1/Å, reaches ``1 / resolution_A``: the box to Fourier-crop
+    ``D``-pixel images of ``apix`` Å to for a reconstruction to ``resolution_A`` Å. ``D`` itself
+    when no smaller box does."""
+    need = 2.0 * D * apix / float(resolution_A)
+    box = max(smallest, multiple * math.ceil(need / multiple - 1e-9))
+    return box if box < D else D
 
 
 def background_mask(D: int, diameter_px: float, device=None) -> torch.Tensor:

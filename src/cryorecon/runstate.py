@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -202,8 +203,9 @@ def folder_busy(folder) -> bool:
 # --------------------------------------------------------------------------- fingerprint
 def particle_fingerprint(ps) -> dict:
     """What identifies a particle set: ``count``, ``source`` (the file's name), ``stacks``
-    (names as written in the file) with their ``stack_bytes``, and ``digest`` (SHA-256 of
-    which images are used, pixel sizes and CTF parameters)."""
+    (names as written in the file) with their ``stack_bytes``, ``box`` (pixels, as read:
+    ``--downsample``), and ``digest`` (SHA-256 of which images are used, pixel sizes and CTF
+    parameters)."""
     h = hashlib.sha256()
     h.update("\0".join(ps.stack_names).encode())
     for a in (ps.stack_index, ps.slice_index, ps.apix):
@@ -222,6 +224,7 @@ def particle_fingerprint(ps) -> dict:
         "source": Path(ps.source).name,
         "stacks": list(ps.stack_names),
         "stack_bytes": sizes,
+        "box": int(ps.D),
         "digest": h.hexdigest(),
     }
 
@@ -241,6 +244,9 @@ def fingerprint_differences(saved: dict, now: dict) -> list[str]:
             f"stack {changed[0]} changed size"
             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
         )
+    if saved.get("box", now["box"]) != now["box"]:  # checkpoints before the box: digest
+        out.append(f"images read at box {now['box']}, the checkpoint's run read them at "
+                   f"{saved['box']} (--downsample)")
     if not out and saved["digest"] != now["digest"]:
         out.append("other images or CTF parameters")
     return out
@@ -361,23 +367,47 @@ class SignalStop:
     """Turns SIGTERM and SIGINT into a request to stop after the current iteration.
 
     :attr:`reason` is ``None`` until a signal arrives, then ``"SIGTERM"`` or ``"SIGINT"``. A
-    second signal raises KeyboardInterrupt at once. Only installable from the main thread;
-    elsewhere it does nothing. :meth:`restore` puts the previous handlers back.
+    second signal raises KeyboardInterrupt at once. Python swallows an exception raised while
+    a weakref callback or ``__del__`` runs (matplotlib makes many while the report is drawn),
+    so after a second signal the signal is sent again every :attr:`RESEND_SECONDS` until one
+    lands (the CLI calls :meth:`interrupt_delivered`), and :meth:`restore` raises it if none
+    has; Python's "Exception ignored" report of a swallowed one is silenced (it is not lost).
+    Only installable from the main thread; elsewhere it does nothing. :meth:`restore` puts the
+    previous handlers back.
     """
+
+    RESEND_SECONDS = 0.2
+    _delivered = threading.Event()
+
+    @classmethod
+    def interrupt_delivered(cls) -> None:
+        """The KeyboardInterrupt reached the top: stop sending the signal again."""
+        cls._delivered.set()
 
     SIGNALS = ("SIGTERM", "SIGINT")
 
     def __init__(self):
         self.reason: str | None = None
+        self._forced = False
         self._old = {}
+        SignalStop._delivered.clear()
         if threading.current_thread() is not threading.main_thread():
             return
         for name in self.SIGNALS:
             sig = getattr(signal, name)
             self._old[sig] = signal.signal(sig, self._handle)
+        self._old_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
+
+    def _unraisable(self, unraisable) -> None:
+        if self._forced and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            return  # swallowed in a callback: sent again, or raised by restore()
+        self._old_hook(unraisable)
 
     def _handle(self, signum, frame) -> None:
         if self.reason is not None:
+            self._forced = True
+            self._resend(signum)
             raise KeyboardInterrupt
         self.reason = signal.Signals(signum).name
         log.warning(
@@ -385,10 +415,24 @@ class SignalStop:
             "(signal again to stop at once)"
         )
 
+    def _resend(self, signum) -> None:
+        def again():
+            # still installed and not delivered: the KeyboardInterrupt was swallowed
+            if self._old and not self._delivered.is_set():
+                os.kill(os.getpid(), signum)
+
+        timer = threading.Timer(self.RESEND_SECONDS, again)
+        timer.daemon = True
+        timer.start()
+
     def restore(self) -> None:
+        if self._old:
+            sys.unraisablehook = self._old_hook
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}
+        if self._forced and not self._delivered.is_set():
+            raise KeyboardInterrupt  # a second signal whose KeyboardInterrupt was swallowed
 
 
 def exit_code_for(reason: str | None) -> int:

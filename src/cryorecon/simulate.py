@@ -111,6 +111,33 @@ def model_centre(path=None) -> np.ndarray:
     return np.array(st[0].calculate_center_of_mass().tolist())
 
 
+def model_mass_da(path=None) -> float:
+    """Mass (daltons) of a model, cleaned up as in :func:`density_from_model`, with the
+    hydrogens a crystal structure leaves out restored: each residue's tabulated hydrogen
+    count (gemmi's residue table, free residue), less the two a peptide or phosphodiester
+    bond removes for each residue after the first of its chain."""
+    import gemmi
+
+    st, _ = _read_structure(path)
+    model = st[0]
+    mass = float(model.calculate_mass())
+    h_mass = gemmi.Element("H").weight
+    for chain in model:
+        first = True
+        for res in chain:
+            if res.is_water():
+                continue
+            info = gemmi.find_tabulated_residue(res.name)
+            if info is None:
+                continue
+            n_h = info.hydrogen_count
+            if not first and (info.is_amino_acid() or info.is_nucleic_acid()):
+                n_h -= 2
+            first = first and not (info.is_amino_acid() or info.is_nucleic_acid())
+            mass += max(n_h, 0) * h_mass
+    return mass
+
+
 def overlay_origin(centre_A, D: int, apix: float) -> np.ndarray:
     """MRC origin (x, y, z) Å that overlays a map from :func:`density_from_model` on its model."""
     return np.asarray(centre_A, dtype=np.float64) - (D // 2) * apix
@@ -484,6 +511,7 @@ def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
         centre = model_centre(model)
         summary["model"] = str(model) if model is not None else "builtin:1aon.pdb.gz"
         summary["model_centre_A"] = centre.tolist()
+        summary["mass_da"] = model_mass_da(model)
         summary["pdb_overlay_origin_A"] = overlay_origin(centre, D, apix).tolist()
     elif isinstance(volume, (str, os.PathLike)):
         vol = load_volume(volume, D, apix)

@@ -27,3 +27,11 @@ def positive(kind=float):
 def at_least(low: float, kind=int):
     """argparse type: a number >= ``low``."""
     return bounded(kind, low, strict=False)
+
+
+def even_box(text: str) -> int:
+    """argparse type: an image box in pixels, even and at least 8."""
+    x = at_least(8)(text)
+    if x % 2:
+        raise argparse.ArgumentTypeError(f"must be even, got {text}")
+    return x

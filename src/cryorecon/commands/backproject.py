@@ -12,7 +12,7 @@ from ..io.mrc import write_map
 from ..preprocess import default_diameter_A
 from ..progress import log
 from ._args import at_least, positive
-from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
+from ._input import add_datadir_argument, add_image_arguments, read_particles_from_args
 from ._output import check_device, check_output_file
 
 
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output map")
     add_datadir_argument(p)
-    add_contrast_arguments(p)
+    add_image_arguments(p)
     p.set_defaults(func=run)
 
 

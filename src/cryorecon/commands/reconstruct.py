@@ -17,7 +17,7 @@ from ..preprocess import default_diameter_A
 from ..reconstruct import ReconstructConfig, reconstruct
 from ..runstate import exit_code_for
 from ._args import at_least, positive
-from ._input import add_contrast_arguments, add_datadir_argument, read_particles_from_args
+from ._input import add_datadir_argument, add_image_arguments, read_particles_from_args
 from ._output import check_device, check_output_dir
 
 
@@ -146,7 +146,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue a stopped run from its checkpoint")
     p.add_argument("--force", action="store_true", help="discard an existing run in DIR and start over")
     add_datadir_argument(p)
-    add_contrast_arguments(p)
+    add_image_arguments(p)
     add_reconstruct_arguments(p)
     p.set_defaults(func=run)
 

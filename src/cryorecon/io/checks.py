@@ -130,12 +130,13 @@ def single_pixel_size(ps) -> float:
 
 def blank_images(ps, batch_size: int = 1000) -> np.ndarray:
     """Indices of images whose pixels are all equal (one pass over the memory-mapped stacks,
-    with a progress bar)."""
+    as stored: before any Fourier cropping, which rounding would make unequal; with a
+    progress bar)."""
     n = len(ps)
     blank = np.zeros(n, dtype=bool)
     with bar(total=n, desc="checking images", unit="img") as pb:
         for a in range(0, n, batch_size):
-            imgs = ps.images(np.arange(a, min(n, a + batch_size)))
+            imgs = ps.stack_images(np.arange(a, min(n, a + batch_size)))
             flat = imgs.reshape(len(imgs), -1)
             blank[a : a + len(imgs)] = flat.max(axis=1) == flat.min(axis=1)
             pb.update(len(imgs))

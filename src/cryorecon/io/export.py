@@ -78,6 +78,8 @@ def export_poses(particles, poses: dict, out_dir, overwrite: bool = False) -> li
     """Write ``out_dir/particles.star`` (and ``particles.cs`` for a ``.cs`` input) with the
     run's ``poses`` for ``particles`` (the ParticleSet read from its file, in its order).
     Returns the paths written. See the module notes for columns, units and conventions."""
+    if particles.stack_D:  # read downsampled: the files' pixel sizes and box (shifts are in Å)
+        particles = particles.at_box(particles.stack_box)
     source = Path(particles.source)
     n = len(particles)
     p = check_poses(poses, n)

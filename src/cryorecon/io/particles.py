@@ -8,6 +8,12 @@ from stacks memory-mapped by ``mrcfile.mmap`` (the file handle is closed once th
 made; at most ``_MAX_OPEN`` maps are kept), so a data set is never held in RAM; every batch
 read is checked for NaN/Inf.
 
+Downsampling (``read_particles(..., downsample=D)`` or :meth:`ParticleSet.at_box`): a set can
+be read at a box ``D`` smaller than its stacks': each image is Fourier-cropped as it is read
+(:func:`cryorecon.preprocess.fourier_crop`), :attr:`ParticleSet.D` is ``D`` and the pixel
+sizes grow by ``stack box / D``; the CTF parameters (Å, kV, mm) and shifts (Å) are physical
+and stay as they are, so they follow. :attr:`ParticleSet.stack_box` is the box in the files.
+
 :func:`write_particles` writes a RELION 3.1 STAR file plus one ``.mrcs`` stack, streaming
 batches into a memory-mapped file, through temporary names renamed into place.
 
@@ -122,6 +128,8 @@ class ParticleSet:
     contrast_sign: float = 1.0
     # (N,) 1 or 2: the input's half-sets (rlnRandomSubset, alignments3D/split + 1), or None.
     random_subset: np.ndarray | None = None
+    # Box of the images in the stacks when they are Fourier-cropped to D as read (0: D).
+    stack_D: int = 0
     _headers: list = field(default=None, repr=False)
     _maps: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -138,6 +146,29 @@ class ParticleSet:
         state = self.__dict__.copy()
         state["_maps"] = OrderedDict()
         return state
+
+    @property
+    def stack_box(self) -> int:
+        """Box (pixels) of the images in the stack files; :attr:`D` is the box as read."""
+        return int(self.stack_D or self.D)
+
+    def at_box(self, D: int) -> "ParticleSet":
+        """This set read at box ``D``: images Fourier-cropped from :attr:`stack_box` to ``D``
+        as they are read, pixel sizes times ``stack_box / D`` (CTF and shifts are in physical
+        units and stay). ``D`` even and at most the stacks' box; ``at_box(stack_box)`` reads
+        the files as they are. InputError for another ``D``."""
+        box = self.stack_box
+        D = int(D)
+        if not box:
+            raise InputError(f"{self.source}: box size unknown (no stack read); cannot downsample")
+        if D % 2 or D < 8 or D > box:
+            raise InputError(f"{self.source}: cannot downsample {box} px images to {D}: the "
+                             f"target box must be even, at least 8 and at most {box}")
+        out = self.subset(slice(None))
+        out.apix = self.apix * (self.D / D)
+        out.D = D
+        out.stack_D = box if D != box else 0
+        return out
 
     def image_name(self, i: int) -> str:
         """RELION-style ``N@file`` name of particle ``i`` (N 1-based), for messages."""
@@ -172,9 +203,9 @@ class ParticleSet:
             h = _header_for(who, self.stacks[s])
             if h.nx != h.ny:
                 raise InputError(f"{who}: non-square images ({h.ny}x{h.nx}) in {h.path}")
-            if self.D and h.nx != self.D:
-                raise InputError(f"{who}: box size {h.nx} in {h.path} differs from {self.D} "
-                                 "(mixed box sizes)")
+            if self.stack_box and h.nx != self.stack_box:
+                raise InputError(f"{who}: box size {h.nx} in {h.path} differs from "
+                                 f"{self.stack_box} (mixed box sizes)")
             self._headers[s] = h
         return h
 
@@ -203,10 +234,24 @@ class ParticleSet:
         return mm
 
     def images(self, idx) -> np.ndarray:
-        """Images ``idx`` as float32 ``(len(idx), D, D)``, times :attr:`contrast_sign`; raises
-        InputError on NaN/Inf pixels."""
+        """Images ``idx`` as float32 ``(len(idx), D, D)``, times :attr:`contrast_sign`
+        (Fourier-cropped from the stacks' box when that is larger); raises InputError on
+        NaN/Inf pixels."""
+        out = self.stack_images(idx)
+        if self.stack_D and self.stack_D != self.D and len(out):
+            import torch
+
+            from ..preprocess import fourier_crop
+
+            out = fourier_crop(torch.from_numpy(out), self.D).numpy()
+        return out
+
+    def stack_images(self, idx) -> np.ndarray:
+        """Images ``idx`` as stored, float32 ``(len(idx), stack_box, stack_box)``, times
+        :attr:`contrast_sign`; raises InputError on NaN/Inf pixels."""
         idx = self._index(idx)
-        out = np.empty((len(idx), self.D, self.D), dtype=np.float32)
+        box = self.stack_box
+        out = np.empty((len(idx), box, box), dtype=np.float32)
         if len(idx) == 0:
             return out
         st = self.stack_index[idx]
@@ -217,8 +262,9 @@ class ParticleSet:
         for group in np.split(order, cuts):
             s = int(st[group[0]])
             h = self.header(s)
-            if h.nx != self.D:  # D unknown (0) when read without checks and no size in metadata
-                raise InputError(f"{self._where(idx[group[0]])}: box size {h.nx} differs from {self.D}")
+            if h.nx != box:  # D unknown (0) when read without checks and no size in metadata
+                raise InputError(f"{self._where(idx[group[0]])}: box size {h.nx} differs "
+                                 f"from {box}")
             rows = sl[group]
             beyond = rows >= h.nz
             if beyond.any():
@@ -265,19 +311,22 @@ class ParticleSet:
             stack_names=list(self.stack_names),
             contrast_sign=self.contrast_sign,
             random_subset=None if self.random_subset is None else self.random_subset[idx],
+            stack_D=self.stack_D,
             _headers=list(self._headers),
         )
 
 
 # --------------------------------------------------------------------------- reading
 def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_images: bool = True,
-                   datadir: str | os.PathLike | None = None) -> ParticleSet:
+                   datadir: str | os.PathLike | None = None,
+                   downsample: int | None = None) -> ParticleSet:
     """Read a particle set from a RELION ``.star`` or cryoSPARC ``.cs`` file.
 
     ``datadir``: the folder the image names are relative to, looked at first (InputError if it
     does not exist); without it stacks are looked for beside the file, in every folder above
     it (a RELION project's root), then in the current folder (:mod:`cryorecon.io.paths`).
 
+    ``downsample``: read the images Fourier-cropped to this box (:meth:`ParticleSet.at_box`).
     ``require_ctf``: raise InputError if a CTF column is missing (else ``ctf`` is ``{}``).
     ``check_images``: open each distinct stack's header once and check existence, readable
     header and full length, square images, one box size, and every index in range (no pixel
@@ -352,6 +401,8 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
                         continue
                     break
     check_particle_values(ps)
+    if downsample:
+        ps = ps.at_box(downsample)
     return ps
 
 

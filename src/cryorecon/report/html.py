@@ -102,7 +102,8 @@ def _fmt(v) -> str:
 class _Context:
     """What the sections share: the run folder's contents, read once."""
 
-    def __init__(self, run_dir: Path, reference, align: bool, level: float | None):
+    def __init__(self, run_dir: Path, reference, align: bool, level: float | None,
+                 mass_da: float | None = None):
         self.run_dir = run_dir
         self.info = data.read_run_info(run_dir) or {}
         self.metrics = data.read_metrics(run_dir)
@@ -116,6 +117,8 @@ class _Context:
         self.apix = float(apix) if apix else 1.0
         diam_A = self.info.get("diameter_A") or (self.info.get("config") or {}).get("diameter_A")
         self.diameter_px = float(diam_A) / self.apix if diam_A else None
+        mass = mass_da or self.info.get("mass_da") or (self.info.get("config") or {}).get("mass_da")
+        self.mass_da = float(mass) if mass else None
         self.finished = bool(self.info.get("finished", False))
         # Running means a live process holds the run folder's lock (runstate.RunLock).
         self.running = not self.finished and folder_busy(run_dir)
@@ -123,7 +126,7 @@ class _Context:
     def level(self, vol: np.ndarray) -> float | None:
         if self.level_override is not None:
             return float(self.level_override)
-        return plots.surface_level(vol, self.diameter_px)
+        return plots.surface_level(vol, self.diameter_px, mass_da=self.mass_da, apix=self.apix)
 
     def volume_iteration(self) -> int | None:
         """Iteration of volume.mrc: the run's last iteration when finished, otherwise the
@@ -249,11 +252,22 @@ def section_map(ctx: _Context) -> str:
 def _level_text(ctx: _Context, level) -> str:
     if ctx.level_override is not None:
         return "(set by the user)."
+    dust = (f" Pieces smaller than {plots.DUST_FRACTION:.0%} of the largest are hidden (dust), as "
+            "ChimeraX's <code>surface dust</code> does.")
+    if ctx.mass_da:
+        vol_A3 = ctx.mass_da * plots.PROTEIN_A3_PER_DA
+        return (f"(chosen automatically: the level that encloses the volume of "
+                f"{ctx.mass_da / 1e3:.0f} kDa of protein, {vol_A3:.3g} Å<sup>3</sup> at "
+                f"{plots.PROTEIN_A3_PER_DA} Å<sup>3</sup>/Da; in ChimeraX <code>volume #1 level "
+                f"{_fmt(level)}</code> or <code>volume #1 encloseVolume {vol_A3:.4g}</code> shows "
+                "the same surface)." + dust)
     d = ctx.diameter_px
     what = f"the particle diameter {d * ctx.apix:.0f} Å" if d else "80% of the box width"
     return (f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the volume of a "
             f"sphere of {_e(what)}, so maps at different times are shown at comparable size; in ChimeraX "
-            f"<code>volume #1 level {_fmt(level)}</code> shows the same surface).")
+            f"<code>volume #1 level {_fmt(level)}</code> shows the same surface; give the "
+            "molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from its "
+            "volume)." + dust)
 
 
 def _snapshot_items(ctx: _Context) -> list[tuple[int | None, str, Path | None]]:
@@ -505,10 +519,11 @@ SECTIONS = [
 ]
 
 
-def build_html(run_dir, reference=None, align: bool = False, level: float | None = None) -> str:
+def build_html(run_dir, reference=None, align: bool = False, level: float | None = None,
+               mass_da: float | None = None) -> str:
     """The report page as a string (see :func:`write_report`)."""
     run_dir = Path(run_dir)
-    ctx = _Context(run_dir, reference, align, level)
+    ctx = _Context(run_dir, reference, align, level, mass_da)
     body = []
     shown = []
     for key, title, fn in SECTIONS:
@@ -542,7 +557,8 @@ def build_html(run_dir, reference=None, align: bool = False, level: float | None
             'Fleet, "Building Proteins in a Day", TPAMI 2017.</p></main></body></html>\n')
 
 
-def write_report(run_dir, reference=None, out=None, *, align: bool = False, level: float | None = None) -> Path:
+def write_report(run_dir, reference=None, out=None, *, align: bool = False,
+                 level: float | None = None, mass_da: float | None = None) -> Path:
     """Write the run report for ``run_dir`` and return its path.
 
     Args:
@@ -553,13 +569,16 @@ def write_report(run_dir, reference=None, out=None, *, align: bool = False, leve
             tens of seconds. Without it the FSC assumes the maps are already aligned.
         level: isosurface level (default: chosen automatically, see
             :func:`cryorecon.report.plots.surface_level`).
+        mass_da: the molecule's mass in daltons; the automatic level then encloses its
+            volume (default: ``mass_da`` in run.json or its config, else a fraction of the
+            particle's sphere).
 
     The file is self-contained (inline PNG figures and CSS, no scripts, no network) and is
     replaced atomically (written to a temporary file in the same folder, then renamed).
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report.html"
-    page = build_html(run_dir, reference=reference, align=align, level=level)
+    page = build_html(run_dir, reference=reference, align=align, level=level, mass_da=mass_da)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_text(page, encoding="utf-8")

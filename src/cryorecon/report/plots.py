@@ -4,11 +4,15 @@ Everything draws on matplotlib's Agg canvas through ``matplotlib.figure.Figure``
 pyplot), so it works headless, in threads, and leaves the global backend alone.
 
 Isosurfaces: marching cubes (``skimage.measure.marching_cubes``) on the map, block-averaged
-to at most :data:`MAX_SURFACE_BOX` voxels a side, drawn as a ``Poly3DCollection`` with
+to at most :data:`MAX_SURFACE_BOX` voxels a side (maps of half that or less are interpolated
+to twice their size for a smoother surface), drawn as a ``Poly3DCollection`` with
 flat Lambert shading from a light near the viewer. The contour level comes from
-:func:`surface_level`: the level that encloses a fixed volume (:data:`ENCLOSED_FRACTION` of
-the particle's sphere), so maps taken at different times are shown at comparable sizes
-whatever their scale.
+:func:`surface_level`: the level that encloses the molecule's expected volume when its mass
+is known (:data:`PROTEIN_A3_PER_DA` Å^3 per dalton, as ChimeraX's ``volume ... encloseVolume``),
+otherwise a fixed volume (:data:`ENCLOSED_FRACTION` of the particle's sphere), so maps taken
+at different times are shown at comparable sizes whatever their scale. Dust is hidden as
+ChimeraX's "hide dust" does (:func:`hide_dust`): connected pieces above the level smaller
+than :data:`DUST_FRACTION` of the largest piece are not drawn.
 """
 
 from __future__ import annotations
@@ -22,12 +26,20 @@ import numpy as np
 MAX_SURFACE_BOX = 64
 #: More faces than this and the surface is recomputed on a coarser grid (speed).
 MAX_FACES = 30000
-#: The isosurface encloses this fraction of the volume of the particle's sphere.
+#: Without a mass, the isosurface encloses this fraction of the volume of the particle's sphere.
 ENCLOSED_FRACTION = 0.2
+#: Partial specific volume of protein: Å^3 per dalton (density 1.37 g/cm^3).
+PROTEIN_A3_PER_DA = 1.21
+#: Pieces of the surface with fewer voxels than this fraction of the largest piece are dust.
+DUST_FRACTION = 0.05
 #: The three viewpoints (matplotlib elevation, azimuth in degrees) and their names.
 VIEWS = ((90.0, -90.0, "down z (x right, y up)"),
          (0.0, -90.0, "along +y (x right, z up)"),
          (25.0, -55.0, "oblique"))
+#: The same viewpoints in the density's principal axes (:func:`principal_axes`).
+PRINCIPAL_VIEWS = ((90.0, -90.0, "down the long axis"),
+                   (0.0, -90.0, "side (long axis up)"),
+                   (25.0, -55.0, "oblique"))
 SURFACE_RGB = (0.45, 0.66, 0.90)
 DPI = 90
 
@@ -330,15 +342,29 @@ def _nice(x: float) -> float:
 # isosurfaces
 # ---------------------------------------------------------------------------------------------
 
-def surface_level(vol: np.ndarray, diameter_px: float | None = None, fraction: float = ENCLOSED_FRACTION) -> float | None:
-    """Contour level enclosing ``fraction`` of the volume of a sphere of ``diameter_px``
-    voxels (default 80% of the box): the ``1 - n/D^3`` quantile of the voxel values with
-    ``n = fraction * pi d^3 / 6``. ``None`` for a flat map."""
+def enclosed_voxels(mass_da: float, apix: float) -> float:
+    """Voxels of ``apix`` Å filled by protein of ``mass_da`` daltons
+    (``mass * PROTEIN_A3_PER_DA / apix^3``)."""
+    return float(mass_da) * PROTEIN_A3_PER_DA / float(apix) ** 3
+
+
+def surface_level(vol: np.ndarray, diameter_px: float | None = None,
+                  fraction: float = ENCLOSED_FRACTION, *, mass_da: float | None = None,
+                  apix: float | None = None) -> float | None:
+    """Contour level enclosing ``n`` voxels: the ``1 - n/D^3`` quantile of the voxel values.
+
+    With ``mass_da`` (daltons) and ``apix`` (Å/voxel), ``n`` is the molecule's expected volume
+    (:func:`enclosed_voxels`); otherwise ``n = fraction * pi d^3 / 6`` for a sphere of
+    ``diameter_px`` voxels (default 80% of the box). ``n`` is kept within ``[1e-4, 0.5]`` of
+    the box. ``None`` for a flat map."""
     vmin, vmax = float(vol.min()), float(vol.max())
     if not vmax > vmin:
         return None
-    d = diameter_px if diameter_px and diameter_px > 0 else 0.8 * min(vol.shape)
-    n = fraction * math.pi * d ** 3 / 6.0
+    if mass_da and mass_da > 0 and apix and apix > 0:
+        n = enclosed_voxels(mass_da, apix)
+    else:
+        d = diameter_px if diameter_px and diameter_px > 0 else 0.8 * min(vol.shape)
+        n = fraction * math.pi * d ** 3 / 6.0
     q = 1.0 - min(0.5, max(n / vol.size, 1e-4))
     level = float(np.quantile(vol, q))
     if not vmin < level < vmax:
@@ -346,7 +372,34 @@ def surface_level(vol: np.ndarray, diameter_px: float | None = None, fraction: f
     return level
 
 
-def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, int]:
+def hide_dust(vol: np.ndarray, level: float, size_fraction: float = DUST_FRACTION) -> np.ndarray:
+    """``vol`` with its dust below ``level``: the connected pieces of ``vol > level``
+    (26-connected voxels) with fewer voxels than ``size_fraction`` of the largest piece are
+    set to the map's minimum, so no surface is drawn around them (ChimeraX's "hide dust",
+    measured in voxels). Returns ``vol`` itself when there is nothing to hide."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(vol > level, structure=np.ones((3, 3, 3), dtype=bool))
+    if count <= 1:
+        return vol
+    sizes = np.bincount(labels.ravel())[1:]
+    dust = np.flatnonzero(sizes < size_fraction * sizes.max()) + 1
+    if len(dust) == 0:
+        return vol
+    out = np.array(vol, copy=True)
+    out[np.isin(labels, dust)] = float(vol.min())
+    return out
+
+
+def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, float]:
+    """``vol`` block-averaged by an integer factor ``f`` to at most ``max_box`` a side, or,
+    when it is at most half of ``max_box``, interpolated to twice its size (cubic spline,
+    ``f = 1/2``) for a smoother surface. Voxel ``i`` of the result sits at ``i f + (f-1)/2``
+    of ``vol``."""
+    if 2 * max(vol.shape) <= max_box:
+        from scipy import ndimage
+
+        return ndimage.zoom(vol, 2, order=3, mode="nearest", grid_mode=True), 0.5
     f = math.ceil(max(vol.shape) / max_box)
     if f <= 1:
         return vol, 1
@@ -356,9 +409,12 @@ def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, int]:
     return v, f
 
 
-def surface(vol: np.ndarray, level: float, max_box: int = MAX_SURFACE_BOX, max_faces: int = MAX_FACES):
+def surface(vol: np.ndarray, level: float, max_box: int = MAX_SURFACE_BOX,
+            max_faces: int = MAX_FACES, dust: float | None = DUST_FRACTION):
     """Triangles of the isosurface as an (F, 3, 3) array of (x, y, z) vertex positions in
-    voxels of the original map, relative to the box centre; ``None`` if there is none."""
+    voxels of the original map, relative to the box centre; ``None`` if there is none.
+    Pieces smaller than ``dust`` of the largest are left out (:func:`hide_dust`; ``None``
+    keeps every piece)."""
     try:
         from skimage.measure import marching_cubes
     except ImportError as exc:  # pragma: no cover - scikit-image is a dependency
@@ -367,6 +423,8 @@ def surface(vol: np.ndarray, level: float, max_box: int = MAX_SURFACE_BOX, max_f
     v, f = _downsample(np.asarray(vol, dtype=np.float32), max_box)
     if not float(v.min()) < level < float(v.max()):
         return None
+    if dust:
+        v = hide_dust(v, level, dust)
     step = 1
     while True:
         try:
@@ -420,13 +478,37 @@ def _half_extent(tris_list, default: float) -> float:
     return 1.08 * m if m > 0 else default
 
 
-def plot_isosurface(vol: np.ndarray, level: float | None) -> bytes:
-    """The isosurface at ``level`` seen from :data:`VIEWS`."""
+def principal_axes(tris: np.ndarray) -> np.ndarray:
+    """Rotation ``R`` (3x3, ``det R = +1``) whose rows are the principal axes of a surface's
+    vertices ((x, y, z) positions), shortest first: ``tris @ R.T`` has its longest extent
+    along z. Each axis points away from the side with the larger third moment (a unique
+    frame; seen down z, a capped barrel such as GroEL-GroES shows its open end)."""
+    pts = tris.reshape(-1, 3)
+    pts = pts - pts.mean(axis=0)
+    _, vecs = np.linalg.eigh(pts.T @ pts)  # ascending variance: columns short .. long
+    R = vecs.T.copy()
+    skew = ((pts @ R.T) ** 3).sum(axis=0)
+    R[skew > 0] *= -1.0
+    if np.linalg.det(R) < 0:
+        R[0] *= -1.0
+    return R
+
+
+def plot_isosurface(vol: np.ndarray, level: float | None, orient: bool = True) -> bytes:
+    """The isosurface at ``level`` seen from :data:`VIEWS`, or with ``orient`` (default)
+    turned into its principal axes first (:func:`principal_axes`, views
+    :data:`PRINCIPAL_VIEWS`): an ab-initio map has no preferred orientation in its box, and
+    down its long axis a barrel or a ring shows its channel."""
     tris = surface(vol, level) if level is not None else None
+    views = VIEWS
+    if orient and tris is not None and len(tris):
+        centre = tris.reshape(-1, 3).mean(axis=0)
+        tris = (tris - centre) @ principal_axes(tris).T
+        views = PRINCIPAL_VIEWS
     half = _half_extent([tris], min(vol.shape) / 2)
     fig = _figure(12.0, 4.2)
-    for i, (el, az, name) in enumerate(VIEWS):
-        ax = fig.add_subplot(1, len(VIEWS), i + 1, projection="3d")
+    for i, (el, az, name) in enumerate(views):
+        ax = fig.add_subplot(1, len(views), i + 1, projection="3d")
         _draw_surface(ax, tris, el, az, half)
         ax.set_title(name, fontsize=10, y=0.98)
     fig.subplots_adjust(left=0, right=1, bottom=0, top=0.93, wspace=0)
