@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__, runstate
+from . import __version__, parallel, runstate
 from .config import ReconstructConfig
 from .errors import InputError, OutputExistsError
 from .geometry.poses import pose_to_relion
@@ -78,9 +78,12 @@ class Run:
             state = runstate.load_checkpoint(self.ckpt_path, particles, config, RESUME_OVERRIDES)
             config = _resumed_config(state["config"], config)
         self.cfg = c = config
-        self.device = torch.device(c.device)
         if c.device.startswith("cuda") and not torch.cuda.is_available():
             raise InputError("--device cuda requested but CUDA is not available")
+        self.ranks, device = parallel.setup(c.device)
+        self.device = torch.device(device)
+        if self.ranks.active and c.classes > 1:
+            raise InputError("--classes with several ranks (torchrun) is not supported yet")
         self.metrics_path = self.out / "metrics.jsonl"
         self.D = particles.D
         self.apix = single_pixel_size(particles)
@@ -95,7 +98,15 @@ class Run:
         if self.group.order > 1 and c.pose_search == "search":
             raise InputError("--symmetry with --pose-search search is not supported yet; "
                              "use --pose-search importance or exact")
-        self._check_out_dir(resume, force)
+        problem = None
+        if self.ranks.is_main:
+            try:
+                self._check_out_dir(resume, force)
+            except (InputError, OutputExistsError, runstate.BusyError) as exc:
+                problem = exc
+        problem = self.ranks.broadcast_object(problem)
+        if problem is not None:
+            raise problem
         self.heldout, self.batches = split_particles(len(particles), c.heldout, c.minibatch, c.seed)
         runstate.warn_if_heldout_cut(len(self.heldout), c.heldout, len(particles))
         self.K = len(self.batches)
@@ -114,6 +125,9 @@ class Run:
         self.best_R = np.full((n, 3, 3), np.nan, dtype=np.float32)
         self.best_t = np.full((n, 2), np.nan, dtype=np.float32)
         self.max_prob = np.full(n, np.nan, dtype=np.float32)
+        # Iteration of each particle's last update on this rank (-1: none), for gathering
+        # the newest per-particle state of a data-parallel run (parallel.newest_rows).
+        self.updated_at = np.full(n, -1, dtype=np.int64)
         # Gold-standard half-sets (0 until the split, then 1 or 2 per particle), their maps
         # and SAGD states; batch_half[k] is minibatch k's half (0 before the split).
         self.subset = np.zeros(n, dtype=np.int64)
@@ -223,8 +237,9 @@ class Run:
                 Vk, _ = scale_to_data(Vk, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
                 self.class_maps.append(self._symmetric(Vk.to(self.device)))
                 self.class_sagd.append(SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every))
-        self.metrics_path.write_text("")
-        write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
+        if self.ranks.is_main:
+            self.metrics_path.write_text("")
+            write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
         self._write_info(finished=False)
 
     # ---- objective ------------------------------------------------------------------
@@ -236,10 +251,42 @@ class Run:
         idx = np.asarray(idx)
         if V is None and self.halves is not None and len(np.unique(self.subset[idx])) > 1:
             return self._by_half(idx, lvl, want_grad, record, objective)
-        batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
         obj = objective or self.objective
         V = self.map_of(idx) if V is None else V
-        return obj.evaluate(V, batch, idx, lvl, self.tau, want_grad=want_grad, record=record)
+        if not self.ranks.active:
+            batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
+            ev = obj.evaluate(V, batch, idx, lvl, self.tau, want_grad=want_grad, record=record)
+        else:
+            ev = self._evaluate_share(obj, V, idx, lvl, want_grad, record)
+        rec = np.broadcast_to(np.asarray(record, dtype=bool), idx.shape)
+        self.updated_at[self.ranks.mine(idx)[self.ranks.mine(rec)]] = self.tau
+        return ev
+
+    def _evaluate_share(self, obj, V, idx, lvl, want_grad, record) -> Evaluation:
+        """This rank's rows of ``idx`` evaluated, then values and gradient summed over the
+        ranks (:mod:`cryorecon.parallel`); per-image fields stay this rank's."""
+        r = self.ranks
+        mine = r.mine(idx)
+        rec = record if isinstance(record, bool) else np.asarray(record)[r.rank::r.world].copy()
+        if len(mine):
+            batch = load_batch(self.p, mine, lvl.halfplane, self.diameter_px, self.device)
+            ev = obj.evaluate(V, batch, mine, lvl, self.tau, want_grad=want_grad, record=rec)
+            refit = ev.refit
+        else:
+            e = torch.empty(0, device=self.device)
+            ev = Evaluation(0.0, torch.zeros_like(V) if want_grad else None, e.double(), e.reshape(0, 3, 3),
+                            e.reshape(0, 2), e, 0.0, 0.0, lambda V: 0.0)
+            refit = ev.refit
+        n = float(len(mine))
+        total = r.sum(n)
+        ev.value = r.sum(ev.value)
+        if ev.grad is not None:
+            r.sum_(ev.grad)
+        ev.fraction = r.sum(ev.fraction * n) / total
+        ev.computed = r.sum(ev.computed * n) / total
+        ev.refit = lambda V, refit=refit: r.sum(refit(V))
+        ev.particles = mine
+        return ev
 
     def _by_half(self, idx, lvl, want_grad, record, objective) -> Evaluation:
         """Particles of both half-sets, each scored against its own half's map: the two
@@ -311,6 +358,7 @@ class Run:
             self.half_sagd.append(sg)
         self.sagd.stored.clear()
         self.order = []
+        self._gather_particles()  # the minibatches were dealt anew: so were the ranks' rows
         self.split_at = self.tau
         where = "the input's rlnRandomSubset" if self.p.random_subset is not None else "a random split"
         log.info(f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
@@ -364,7 +412,7 @@ class Run:
         return self._symmetric(combine_halves(self.halves[0], self.halves[1], curve)).clamp_min(0)
 
     def _record_poses(self, idx, ev: Evaluation) -> None:
-        idx = np.asarray(idx)
+        idx = np.asarray(idx) if ev.particles is None else ev.particles
         self.best_R[idx] = ev.best_R.cpu().numpy()
         self.best_t[idx] = ev.best_t.cpu().numpy()
         self.max_prob[idx] = ev.max_prob.cpu().numpy()
@@ -415,7 +463,8 @@ class Run:
             idx = idx[:int(CHECK_BUDGET // (lvl.n_poses * lvl.halfplane.M))]
             if len(idx) < MIN_CHECK_PARTICLES:
                 return None
-        first = self.sampler is not None and bool((self.sampler.hist.tau_prev[idx] < 0).all())
+        first = self.sampler is not None and bool((self.sampler.hist.tau_prev[self.ranks.mine(idx)] < 0).all())
+        first = self.ranks.sum(float(first)) == self.ranks.world  # one decision on every rank
         ev = self.batch_objective(idx, lvl, want_grad=False)
         if first or ev.fraction >= 1.0:
             return None
@@ -591,34 +640,38 @@ class Run:
             self.elapsed += now - t_last
             t_last = now
             rec["seconds"] = round(self.elapsed, 3)
-            self._log(rec)
+            if self.ranks.is_main:
+                self._log(rec)
             tau = self.tau
             pb.update(1)
             pb.total = runstate.bar_total(tau, self.elapsed, c.max_iters, c.max_time)
             last = self.heldout_state.last
             pb.set_postfix(res=f"{rec['resolution_A']:.1f}A", heldout="-" if last is None else f"{last:.4g}")
-            if tau % c.snapshot_every == 0:
+            if tau % c.snapshot_every == 0 and self.ranks.is_main:
                 write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.combined().cpu().numpy(),
                           self.apix, overwrite=True)
             if tau % c.checkpoint_every == 0:
                 self._save()
                 self._write_info(finished=False)
             self._refresh_report()
-            reason = self.should_stop() or stop.reason
+            reason = self.ranks.broadcast_object(self.should_stop() or stop.reason)  # rank 0's clock decides
         stop.restore()
         pb.close()
         self._save()
-        self._gold_standard()
-        self._export()
+        if self.ranks.is_main:
+            self._gold_standard()
+            self._export()
         self._write_info(finished=reason == "converged", reason=reason)
-        self.lock.release()
+        if self.ranks.is_main:
+            self.lock.release()
         self._refresh_report(force=True)
+        self.ranks.barrier()
         log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
         return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
 
     def _refresh_report(self, force: bool = False) -> None:
         """Rebuild OUT/report.html at most every ``report_every`` seconds (and at the end)."""
-        if self.cfg.report_every is None:
+        if self.cfg.report_every is None or not self.ranks.is_main:
             return
         now = time.monotonic()
         if force or now - getattr(self, "_last_report", -math.inf) >= self.cfg.report_every:
@@ -659,7 +712,27 @@ class Run:
                 "directions": self.best_R[:, 2, :], "subset": self.subset.copy(),
                 "class_number": np.ones(n, dtype=np.int64) if self.classes is None else self.classes.assignment()}
 
+    def _gather_particles(self) -> None:
+        """Every particle's newest state (best pose, importance history) from the rank that
+        last updated it, on every rank (a no-op for one process)."""
+        r = self.ranks
+        if not r.active:
+            return
+        mine = np.flatnonzero(parallel.newest_rows(r, self.updated_at) == r.rank)
+        rows = {"idx": mine, "best_R": self.best_R[mine], "best_t": self.best_t[mine],
+                "max_prob": self.max_prob[mine],
+                "hist": None if self.sampler is None else self.sampler.hist.rows(mine)}
+        for got in r.gather_objects(rows):
+            i = got["idx"]
+            self.best_R[i], self.best_t[i], self.max_prob[i] = got["best_R"], got["best_t"], got["max_prob"]
+            if self.sampler is not None and len(i):
+                self.sampler.hist.set_rows(i, got["hist"])
+        self.updated_at[:] = self.tau
+
     def _save(self) -> None:
+        self._gather_particles()
+        if not self.ranks.is_main:
+            return
         state = {
             "V": self.V.cpu(), "sagd": self.sagd.state_dict(), "tau": self.tau, "elapsed": self.elapsed,
             "gen": self.gen.get_state(), "order": list(self.order),
@@ -742,6 +815,8 @@ class Run:
         log.info(f"resuming {self.out} at iteration {self.tau}")
 
     def _write_info(self, finished: bool, reason: str | None = None) -> None:
+        if not self.ranks.is_main:
+            return
         info = {
             "finished": finished, "stop_reason": reason, "iterations": self.tau, "seconds": self.elapsed,
             "config": asdict(self.cfg), "particles": str(self.p.source), "n_particles": len(self.p),
@@ -751,6 +826,7 @@ class Run:
             "diameter_A": self.diameter_px * self.apix, "shift_sigma_A": self.shift_sigma_px * self.apix,
             "resolution_steps": getattr(self.resolution, "history", []),
             "versions": {"cryorecon": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "ranks": self.ranks.world,
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},

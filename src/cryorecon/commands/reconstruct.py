@@ -175,7 +175,15 @@ def run(args) -> int:
     if force is None:
         force = _previous_contrast(args)
     apply_contrast(particles, diameter_A / apix, force=force)
-    summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
+    from .. import parallel
+
+    try:
+        summary = reconstruct(particles, args.out, config_from_args(args), resume=args.resume, force=args.force)
+    finally:
+        ranks = parallel.current()
+        parallel.teardown()
+    if not ranks.is_main:
+        return exit_code_for(summary["reason"])
     print(f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
           f"stopped: {summary['reason']})")
     code = exit_code_for(summary["reason"])

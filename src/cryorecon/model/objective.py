@@ -46,7 +46,9 @@ class Evaluation:
     shift in pixels (x, y), the ``t`` of Eq. 2; max_prob: (B,) its posterior probability.
     fraction: mean over images of the poses evaluated / poses of the full quadrature of the
     level; computed: the same counting padding. kl_directions: Fig. 3's KL between visits
-    (importance sampling only). refit: ``V -> value`` on the same poses.
+    (importance sampling only). refit: ``V -> value`` on the same poses. particles: the
+    particles the per-image fields belong to, when not the whole minibatch (data-parallel
+    runs: this rank's share, :mod:`cryorecon.parallel`).
     """
 
     value: float
@@ -59,6 +61,7 @@ class Evaluation:
     computed: float
     refit: Callable[[torch.Tensor], float]
     kl_directions: float | None = None
+    particles: np.ndarray | None = None  # the particles of the per-image fields (None: idx)
 
 
 class Marginaliser(Protocol):
