@@ -35,6 +35,8 @@ class Ranks:
 
     rank: int = 0
     world: int = 1
+    bytes_reduced: int = 0  # payload of this rank's all-reduces so far
+    comm_seconds: float = 0.0  # wall time spent in them (includes waiting for slower ranks)
 
     @property
     def active(self) -> bool:
@@ -51,9 +53,14 @@ class Ranks:
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the ranks (identity for one process)."""
         if self.active:
+            import time
+
             import torch.distributed as dist
 
+            t0 = time.perf_counter()
             dist.all_reduce(t)
+            self.comm_seconds += time.perf_counter() - t0
+            self.bytes_reduced += t.numel() * t.element_size()
         return t
 
     def sum(self, x: float) -> float:

@@ -635,7 +635,11 @@ class Run:
         stop = runstate.SignalStop()
         t_last = time.perf_counter()
         while reason is None:
+            b0, c0 = self.ranks.bytes_reduced, self.ranks.comm_seconds
             rec = self.step()
+            if self.ranks.active:
+                rec["allreduce_bytes"] = self.ranks.bytes_reduced - b0
+                rec["allreduce_seconds"] = round(self.ranks.comm_seconds - c0, 4)
             now = time.perf_counter()
             self.elapsed += now - t_last
             t_last = now
