@@ -359,12 +359,20 @@ def build(out: Path) -> str:
     return "\n".join(parts)
 
 
+# Sections below this line in docs/results.md are written by hand (tables printed by the
+# newer benchmarks) and kept as they are when the page is regenerated.
+KEEP_MARKER = "<!-- hand-written sections below: kept by results_page.py -->"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(build(args.out))
+    kept = ""
+    if args.out.exists() and KEEP_MARKER in args.out.read_text():
+        kept = "\n" + KEEP_MARKER + args.out.read_text().split(KEEP_MARKER, 1)[1]
+    args.out.write_text(build(args.out) + kept)
     print(f"wrote {args.out}")
     return 0
 

@@ -69,3 +69,12 @@ def test_paper_schedule_behind_the_same_interface():
         assert p.omega_star(tau) == sch.omega_star(tau) and p.epsilon(tau) == sch.epsilon(tau)
     assert not p.at_final(1) and p.at_final(10 ** 6)
     assert p.observe(10, 1.0) is False
+
+
+def test_paper_schedule_knows_its_final_iteration_and_adaptive_does_not():
+    sch = Schedule(omega_start=0.02, omega_step=0.005, omega_every=150, omega_max=0.04, apix=5.0)
+    p = PaperResolution(sch)
+    final = p.final_iteration()
+    assert p.at_final(final) and not p.at_final(final - 1)
+    assert final == next(t for t in range(1, 10 ** 4) if sch.omega_star(t) >= 0.04 - 1e-12)
+    assert AdaptiveResolution().final_iteration() is None

@@ -118,3 +118,8 @@ def test_a_dying_rank_stops_the_run_and_leaves_a_valid_checkpoint(data, tmp_path
     assert proc.returncode != 0
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert state["tau"] >= 3 and state["tau"] % 3 == 0
+    # the killed run resumes with 2 ranks from that checkpoint
+    tau = int(state["tau"])
+    _run(2, data, out, "--max-iters", str(tau + 3), "--resume")
+    recs = _metrics(out)
+    assert [r["iteration"] for r in recs] == list(range(1, tau + 4))

@@ -650,7 +650,9 @@ class Run:
             pb.update(1)
             pb.total = runstate.bar_total(tau, self.elapsed, c.max_iters, c.max_time)
             last = self.heldout_state.last
-            pb.set_postfix(res=f"{rec['resolution_A']:.1f}A", heldout="-" if last is None else f"{last:.4g}")
+            eta = self.time_to_final_cutoff()
+            pb.set_postfix(res=f"{rec['resolution_A']:.1f}A", heldout="-" if last is None else f"{last:.4g}",
+                           **({} if eta is None else {"final_cutoff_in": format_eta(eta)}))
             if tau % c.snapshot_every == 0 and self.ranks.is_main:
                 write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.combined().cpu().numpy(),
                           self.apix, overwrite=True)
@@ -672,6 +674,14 @@ class Run:
         self.ranks.barrier()
         log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
         return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
+
+    def time_to_final_cutoff(self) -> float | None:
+        """Seconds until the final cut-off at the pace so far (0 once there; None when the
+        schedule does not know it in advance, as the adaptive one)."""
+        final = self.resolution.final_iteration()
+        if final is None or self.tau <= 0:
+            return None
+        return max(0, final - self.tau) * self.elapsed / self.tau
 
     def _refresh_report(self, force: bool = False) -> None:
         """Rebuild OUT/report.html at most every ``report_every`` seconds (and at the end)."""
@@ -853,6 +863,13 @@ def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:
     rows = torch.as_tensor(best)
     pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[rows, torch.arange(len(rows))]  # noqa: E731
     return Evaluation(0.0, None, pick("loglik"), pick("best_R"), pick("best_t"), pick("max_prob"), 0.0, 0.0, _no_refit)
+
+
+def format_eta(seconds: float) -> str:
+    """``12s``, ``7.5m`` or ``3.2h``."""
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.1f}m" if seconds < 3600 else f"{seconds / 3600:.1f}h"
 
 
 def _no_refit(V):

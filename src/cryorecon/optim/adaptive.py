@@ -82,6 +82,10 @@ class AdaptiveResolution:
     def at_final(self, tau: int | None = None) -> bool:
         return self.omega_star() >= self.final
 
+    def final_iteration(self) -> int | None:
+        """Unknown in advance: the data decide when each step comes (None)."""
+        return None
+
     def epsilon(self, tau: int | None = None) -> float:
         """SAGD base learning rate: ``max(1/16, 2^(1 - steps))`` (Sec. 3.3.2's halving per step)."""
         return max(self.eps_min, 2.0 ** (1 - self.steps))
@@ -126,6 +130,16 @@ class PaperResolution:
 
     def at_final(self, tau: int) -> bool:
         return self.schedule.omega_star(tau) >= self.schedule.omega_star(10 ** 12)
+
+    def final_iteration(self) -> int:
+        """The first iteration at the final cut-off (the schedule is fixed in advance)."""
+        lo, hi = 0, 1
+        while not self.at_final(hi):
+            lo, hi = hi, 2 * hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if self.at_final(mid) else (mid, hi)
+        return hi
 
     def observe(self, tau: int, heldout: float) -> bool:
         return False
