@@ -56,17 +56,29 @@ UNION_CACHE_BYTES = 2 ** 27
 class SearchConfig:
     """Settings of the coarse-to-fine search (radii in Fourier pixels of the box).
 
-    coarse_radius: largest band of the exhaustive level 0. epsilon: posterior mass a level
-    may drop (split between rotations and shifts). min/max_rotations, min/max_shifts: per
-    image and level, bounds on the kept rotations and shifts.
+    coarse_radius: largest band of the exhaustive level 0. A cell of level l-1 (a rotation, or
+    a shift) is refined when it is among the fewest carrying a posterior mass of
+    ``1 - epsilon / 2`` (rotations and shifts each), or when its log posterior marginal lies
+    within ``margin`` nats of the image's best one, with
+    ``margin = max(margin_floor, margin_fraction * spread)`` and ``spread`` the best minus the
+    median log marginal of that image on that level: a coarse grid samples a peak of the
+    likelihood at up to half a spacing from its top, which costs a share of the image's
+    log-likelihood contrast, so the margin follows that contrast. min/max_rotations,
+    min/max_shifts: per image and level, bounds on the kept rotations and shifts.
+    max_fraction: an image whose candidate poses on a level exceed this share of that level's
+    grid takes the exact sum of Eq. 4 over the final grid instead (its posterior is too
+    broad for a search to pay).
     """
 
     coarse_radius: float = 5.5
     epsilon: float = 1e-3
+    margin_fraction: float = 0.6
+    margin_floor: float = 8.0
     min_rotations: int = 4
-    max_rotations: int = 24
+    max_rotations: int = 8192
     min_shifts: int = 1
-    max_shifts: int = 9
+    max_shifts: int = 64
+    max_fraction: float = 0.25
 
 
 @dataclass
@@ -175,6 +187,31 @@ def keep_mass(post: torch.Tensor, ids: torch.Tensor | None, mass: float, k_min: 
     return kept, valid
 
 
+def keep_margin(post: torch.Tensor, ids: torch.Tensor | None, mass: float, fraction: float, floor: float,
+                k_min: int, k_max: int):
+    """Per row of ``post`` (B, n; zero for padding), the union of the entries :func:`keep_mass`
+    keeps and those whose log probability lies within ``max(floor, fraction * spread)`` of
+    the row's largest, ``spread`` being the largest minus the median log probability over the
+    row's non-zero entries; at least ``k_min``, at most ``k_max`` entries (the most probable
+    first). Returns ``(ids (B, W), valid (B, W))`` as :func:`keep_mass` does."""
+    p, order = post.sort(-1, descending=True)
+    before = p.cumsum(-1) - p
+    n_mass = (before < mass).sum(-1)
+    lp = torch.log(p.double())
+    top = lp[:, :1]
+    nz = (p > 0).sum(-1).clamp(min=1)
+    med = torch.gather(lp, 1, ((nz - 1) // 2)[:, None])
+    margin = torch.clamp(fraction * (top - med), min=floor)
+    n_margin = (lp >= top - margin).sum(-1)
+    n = torch.maximum(n_mass, n_margin).clamp(min=k_min, max=k_max)
+    W = int(n.max())
+    p, order = p[:, :W], order[:, :W]
+    valid = (torch.arange(W, device=post.device)[None, :] < n[:, None]) & (p > 0)
+    valid[:, 0] = True
+    kept = order if ids is None else torch.gather(ids, 1, order)
+    return kept, valid
+
+
 def _compact(ids: torch.Tensor, ok: torch.Tensor):
     """Move each row's valid entries first and drop columns that are padding in every row."""
     order = torch.argsort((~ok).to(torch.int8), dim=-1, stable=True)
@@ -231,7 +268,12 @@ def _candidates(lvl: SearchLevel, rot, rot_ok, t, t_ok) -> _Candidates:
 
 
 class CoarseToFine:
-    """The coarse-to-fine marginaliser (see the module docstring); keeps no particle state."""
+    """The coarse-to-fine marginaliser (see the module docstring); keeps no particle state.
+
+    ``last_stats`` holds a summary of the last evaluation: ``work`` (the (pose x coefficient)
+    products computed, over the exact sum's), ``routed_exact`` (share of images sent to the
+    exact sum) and per level the kept rotations and shifts per image (median, max).
+    """
 
     name = "search"
 
@@ -242,6 +284,7 @@ class CoarseToFine:
         self.grid_scale, self.oversample = grid_scale, oversample
         self.cfg = cfg or SearchConfig()
         self._levels: tuple[float, list[SearchLevel]] | None = None
+        self.last_stats: dict = {}
 
     def hierarchy(self, level) -> list[SearchLevel]:
         """The levels for ``level`` (a :class:`cryorecon.start.Level`), built once per omega*."""
@@ -252,64 +295,133 @@ class CoarseToFine:
                 self.oversample, level.device, self.cfg, self.cache_bytes))
         return self._levels[1]
 
+    def _keep(self, post_rot, post_t, rot_ids, t_ids):
+        c = self.cfg
+        m = 1 - c.epsilon / 2
+        kr, vr = keep_margin(post_rot, rot_ids, m, c.margin_fraction, c.margin_floor, c.min_rotations,
+                             c.max_rotations)
+        kt, vt = keep_margin(post_t, t_ids, m, c.margin_fraction, c.margin_floor, c.min_shifts, c.max_shifts)
+        return kr, vr, kt, vt
+
     def evaluate(self, V, batch, idx, level, tau, want_grad=True, record=True) -> Evaluation:
         H = self.hierarchy(level)
         ov, c = self.oversample, self.cfg
         spec = spectrum_from_volume(V, ov)
         top = H[0]
-        b0 = _columns(batch, top.cols)
+        dev = spec.device
+        B = batch.B
+        full = H[-1].n_poses
+        full_work = float(full) * len(H[-1].cols) * B
+        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=dev)
         if len(H) == 1:
-            lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
-
             def nll(V, g=False, spectrum=None):
-                part = (top.slice_op, lambda S: marginal_loglik(S, b0, top.shifts, lw0, top.log_w_t, g))
+                part = (top.slice_op, lambda S: marginal_loglik(S, _columns(batch, top.cols), top.shifts, lw0,
+                                                                top.log_w_t, g))
                 return volume_objective(V, [part], ov, g, spectrum)
 
             val, grad, res = nll(V, want_grad, spec)
             r = res[0]
+            self.last_stats = {"work": 1.0, "routed_exact": 0.0, "levels": []}
             return Evaluation(val, grad, r.loglik, top.rotations(r.best_rot), top.shifts[r.best_shift],
                               r.max_prob, 1.0, 1.0, lambda V: nll(V)[0])
-        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
+        b0 = _columns(batch, top.cols)
         r0 = marginal_loglik(top.slice_op.slice(spec), b0, top.shifts, lw0, top.log_w_t,
                              want_grad=False, want_posteriors=True)
-        B = batch.B
-        full = H[-1].n_poses
-        n_eval = torch.full((B,), float(top.n_poses), dtype=torch.float64, device=spec.device)
+        n_eval = torch.full((B,), float(top.n_poses), dtype=torch.float64, device=dev)
         n_comp = float(top.n_poses) * B
-        post_rot, post_t, rot_ids_prev, t_ids_prev = r0.post_rot, r0.post_shift, None, None
+        work = float(top.n_poses) * len(top.cols) * B
+        active = torch.arange(B, device=dev)  # rows still searched
+        routed = torch.zeros(B, dtype=torch.bool, device=dev)
+        post_rot, post_t, rot_prev, t_prev = r0.post_rot, r0.post_shift, None, None
+        stats = []
+        cand = None
         for k in range(1, len(H)):
             prev, lvl = H[k - 1], H[k]
-            kr, vr = keep_mass(post_rot, rot_ids_prev, 1 - c.epsilon / 2, c.min_rotations, c.max_rotations)
-            kt, vt = keep_mass(post_t, t_ids_prev, 1 - c.epsilon / 2, c.min_shifts, c.max_shifts)
+            kr, vr, kt, vt = self._keep(post_rot, post_t, rot_prev, t_prev)
             rot, rot_ok = rotation_children(prev, lvl, kr, vr)
             t, t_ok = shift_children(lvl, kt, vt)
+            n_cand = rot_ok.sum(-1) * t_ok.sum(-1)
+            stats.append({"radius": lvl.radius, "rotations_kept": _med_max(vr.sum(-1)),
+                          "shifts_kept": _med_max(vt.sum(-1))})
+            dense = n_cand > c.max_fraction * lvl.n_poses
+            if bool(dense.any()):
+                routed[active[dense]] = True
+                keep = ~dense
+                active, rot, rot_ok, t, t_ok = active[keep], rot[keep], rot_ok[keep], t[keep], t_ok[keep]
+                if len(active) == 0:
+                    break
+                rot, rot_ok = _compact(rot, rot_ok)
+                t, t_ok = _compact(t, t_ok)
             cand = _candidates(lvl, rot, rot_ok, t, t_ok)
-            n_eval += cand.n_eval.double()
+            n_eval[active] += cand.n_eval.double()
             n_comp += float(rot.numel() * t.shape[1])
-            bl = _columns(batch, lvl.cols)
-            if lvl.slice_op is not None:
-                op = lvl.slice_op.subset(cand.rot_ids)
-            else:
-                op = SliceOperator(lvl.rotations(cand.rot_ids), lvl.freqs_px, self.D, ov,
-                                   cache_bytes=UNION_CACHE_BYTES)
-            shifts = lvl.shifts[cand.t_full]
-
-            def evaluate_level(S, g, bl=bl, cand=cand, shifts=shifts):
-                return sampled_loglik(S, bl, cand.rot_idx, cand.rot_logw, shifts, cand.t_logw, want_grad=g)
-
+            work += float(rot.numel() * t.shape[1]) * len(lvl.cols)
             if k < len(H) - 1:
-                res = evaluate_level(op.slice(spec), False)
-                post_rot, post_t, rot_ids_prev, t_ids_prev = res.post_rot, res.post_shift, cand.rot_full, cand.t_full
-                continue
+                res = _level_loglik(self, lvl, spec, batch.rows(active), cand, False)[1]
+                post_rot, post_t, rot_prev, t_prev = res.post_rot, res.post_shift, cand.rot_full, cand.t_full
+        n_routed = int(routed.sum())
+        if n_routed:
+            n_eval[routed] = float(full)
+            n_comp += float(full) * n_routed
+            work += full_work / B * n_routed
+        self.last_stats = {"work": work / full_work, "routed_exact": n_routed / B, "levels": stats}
+        return self._final(V, H[-1], level, batch, spec, active if len(active) and cand is not None else None,
+                           cand, routed, want_grad, float((n_eval / full).mean()), n_comp / (B * full))
 
-            def nll(V, g=False, spectrum=None, op=op, ev=evaluate_level):
-                return volume_objective(V, [(op, lambda S: ev(S, g))], ov, g, spectrum)
+    def _final(self, V, lvl, level, batch, spec, active, cand, routed, want_grad, fraction, computed):
+        """The last level: the search's rows on their candidates, the routed rows by the exact sum
+        over ``level``'s grid (the same grid as ``lvl``'s), sharing one spectrum and gradient."""
+        ov, dev, B = self.oversample, spec.device, batch.B
+        ex_rows = torch.nonzero(routed).squeeze(-1)
+        parts = []
+        if active is not None:
+            op, ev_level = _level_op(self, lvl, cand), _level_eval(lvl, batch.rows(active), cand)
+            parts.append(("search", op, ev_level))
+        if len(ex_rows):
+            bx = batch.rows(ex_rows)
+            parts.append(("exact", level.slice_op, lambda S, g: marginal_loglik(
+                S, bx, level.shifts, level.log_w_rot, level.log_w_shift, g)))
 
-            val, grad, res = nll(V, want_grad, spec)
-            r = res[0]
-            ar = torch.arange(B, device=spec.device)
-            best_rot = cand.rot_full[ar, r.post_rot.argmax(-1)]
-            best_t = cand.t_full[ar, r.post_shift.argmax(-1)]
-            return Evaluation(val, grad, r.loglik, lvl.rotations(best_rot), lvl.shifts[best_t], r.max_prob,
-                              float((n_eval / full).mean()), n_comp / (B * full), lambda V: nll(V)[0])
-        raise AssertionError("unreachable")
+        def nll(V, g=False, spectrum=None):
+            return volume_objective(V, [(op, lambda S, ev=ev: ev(S, g)) for _, op, ev in parts], ov, g, spectrum)
+
+        val, grad, results = nll(V, want_grad, spec)
+        loglik = torch.empty(B, dtype=torch.float64, device=dev)
+        best_R = torch.empty(B, 3, 3, device=dev)
+        best_t = torch.empty(B, 2, device=dev)
+        max_prob = torch.empty(B, device=dev)
+        for (kind, _, _), r in zip(parts, results):
+            if kind == "search":
+                ar = torch.arange(len(active), device=dev)
+                best_rot = cand.rot_full[ar, r.post_rot.argmax(-1)]
+                bt = cand.t_full[ar, r.post_shift.argmax(-1)]
+                rows, R, t = active, lvl.rotations(best_rot), lvl.shifts[bt]
+            else:
+                rows, R, t = ex_rows, level.rotations[r.best_rot], level.shifts[r.best_shift]
+            loglik[rows], best_R[rows], best_t[rows], max_prob[rows] = r.loglik, R, t, r.max_prob
+        return Evaluation(val, grad, loglik, best_R, best_t, max_prob, fraction, computed, lambda V: nll(V)[0])
+
+
+def _med_max(n: torch.Tensor) -> list[int]:
+    return [int(n.median()), int(n.max())] if n.numel() else [0, 0]
+
+
+def _level_op(search: CoarseToFine, lvl: SearchLevel, cand: _Candidates) -> SliceOperator:
+    if lvl.slice_op is not None:
+        return lvl.slice_op.subset(cand.rot_ids)
+    return SliceOperator(lvl.rotations(cand.rot_ids), lvl.freqs_px, search.D, search.oversample,
+                         cache_bytes=UNION_CACHE_BYTES)
+
+
+def _level_eval(lvl: SearchLevel, batch: ImageBatch, cand: _Candidates):
+    bl = _columns(batch, lvl.cols)
+    shifts = lvl.shifts[cand.t_full]
+
+    def ev(S, g):
+        return sampled_loglik(S, bl, cand.rot_idx, cand.rot_logw, shifts, cand.t_logw, want_grad=g)
+    return ev
+
+
+def _level_loglik(search: CoarseToFine, lvl: SearchLevel, spec, batch: ImageBatch, cand: _Candidates, g: bool):
+    op = _level_op(search, lvl, cand)
+    return op, _level_eval(lvl, batch, cand)(op.slice(spec), g)
