@@ -65,6 +65,9 @@ class SearchConfig:
     likelihood at up to half a spacing from its top, which costs a share of the image's
     log-likelihood contrast, so the margin follows that contrast. min/max_rotations,
     min/max_shifts: per image and level, bounds on the kept rotations and shifts.
+    shift_margin_fraction: the ``margin_fraction`` of shifts. By default every shift is kept:
+    the Gauss-Hermite nodes of a coarse level are spaced widely away from the centre, so a
+    sharp likelihood can rank an image's true shift far down there, and shifts are few.
     max_fraction: an image whose candidate poses on a level exceed this share of that level's
     grid takes the exact sum of Eq. 4 over the final grid instead (its posterior is too
     broad for a search to pay).
@@ -74,11 +77,12 @@ class SearchConfig:
     epsilon: float = 1e-3
     margin_fraction: float = 0.6
     margin_floor: float = 8.0
+    shift_margin_fraction: float = math.inf
     min_rotations: int = 4
     max_rotations: int = 8192
     min_shifts: int = 1
-    max_shifts: int = 64
-    max_fraction: float = 0.25
+    max_shifts: int = 1024
+    max_fraction: float = 0.5
 
 
 @dataclass
@@ -187,22 +191,28 @@ def keep_mass(post: torch.Tensor, ids: torch.Tensor | None, mass: float, k_min: 
     return kept, valid
 
 
+def log_spread(post: torch.Tensor) -> torch.Tensor:
+    """Per row of ``post`` (B, n), the largest minus the median log probability over the
+    row's non-zero entries (nats, float64): the image's log-likelihood contrast on that grid."""
+    p = post.sort(-1, descending=True).values.double()
+    nz = (p > 0).sum(-1).clamp(min=1)
+    return torch.log(p[:, 0]) - torch.log(torch.gather(p, 1, ((nz - 1) // 2)[:, None]).squeeze(1))
+
+
 def keep_margin(post: torch.Tensor, ids: torch.Tensor | None, mass: float, fraction: float, floor: float,
-                k_min: int, k_max: int):
+                k_min: int, k_max: int, spread: torch.Tensor | None = None):
     """Per row of ``post`` (B, n; zero for padding), the union of the entries :func:`keep_mass`
-    keeps and those whose log probability lies within ``max(floor, fraction * spread)`` of
-    the row's largest, ``spread`` being the largest minus the median log probability over the
-    row's non-zero entries; at least ``k_min``, at most ``k_max`` entries (the most probable
-    first). Returns ``(ids (B, W), valid (B, W))`` as :func:`keep_mass` does."""
+    keeps and those whose log probability lies within ``max(floor, fraction * spread)`` nats
+    of the row's largest (``spread``: (B,), default :func:`log_spread` of ``post``); at least
+    ``k_min``, at most ``k_max`` entries (the most probable first). Returns
+    ``(ids (B, W), valid (B, W))`` as :func:`keep_mass` does."""
     p, order = post.sort(-1, descending=True)
     before = p.cumsum(-1) - p
     n_mass = (before < mass).sum(-1)
     lp = torch.log(p.double())
-    top = lp[:, :1]
-    nz = (p > 0).sum(-1).clamp(min=1)
-    med = torch.gather(lp, 1, ((nz - 1) // 2)[:, None])
-    margin = torch.clamp(fraction * (top - med), min=floor)
-    n_margin = (lp >= top - margin).sum(-1)
+    spread = log_spread(post) if spread is None else spread.to(lp)
+    margin = torch.where(spread > 0, fraction * spread, torch.zeros_like(spread)).clamp(min=floor)
+    n_margin = ((lp >= lp[:, :1] - margin[:, None]) & (p > 0)).sum(-1)
     n = torch.maximum(n_mass, n_margin).clamp(min=k_min, max=k_max)
     W = int(n.max())
     p, order = p[:, :W], order[:, :W]
@@ -295,12 +305,13 @@ class CoarseToFine:
                 self.oversample, level.device, self.cfg, self.cache_bytes))
         return self._levels[1]
 
-    def _keep(self, post_rot, post_t, rot_ids, t_ids):
+    def _keep(self, post_rot, post_t, rot_ids, t_ids, spread_rot, spread_t):
         c = self.cfg
         m = 1 - c.epsilon / 2
         kr, vr = keep_margin(post_rot, rot_ids, m, c.margin_fraction, c.margin_floor, c.min_rotations,
-                             c.max_rotations)
-        kt, vt = keep_margin(post_t, t_ids, m, c.margin_fraction, c.margin_floor, c.min_shifts, c.max_shifts)
+                             c.max_rotations, spread_rot)
+        kt, vt = keep_margin(post_t, t_ids, m, c.shift_margin_fraction, c.margin_floor, c.min_shifts,
+                             c.max_shifts, spread_t)
         return kr, vr, kt, vt
 
     def evaluate(self, V, batch, idx, level, tau, want_grad=True, record=True) -> Evaluation:
@@ -333,11 +344,16 @@ class CoarseToFine:
         active = torch.arange(B, device=dev)  # rows still searched
         routed = torch.zeros(B, dtype=torch.bool, device=dev)
         post_rot, post_t, rot_prev, t_prev = r0.post_rot, r0.post_shift, None, None
+        # Each image's contrast is measured on level 0's whole grid (a kept set's median is no
+        # reference) and grows with the band like the number of coefficients.
+        spread0 = torch.stack([log_spread(post_rot), log_spread(post_t)])
         stats = []
         cand = None
         for k in range(1, len(H)):
             prev, lvl = H[k - 1], H[k]
-            kr, vr, kt, vt = self._keep(post_rot, post_t, rot_prev, t_prev)
+            grow = len(prev.cols) / len(top.cols)
+            sp = spread0[:, active] * grow
+            kr, vr, kt, vt = self._keep(post_rot, post_t, rot_prev, t_prev, sp[0], sp[1])
             rot, rot_ok = rotation_children(prev, lvl, kr, vr)
             t, t_ok = shift_children(lvl, kt, vt)
             n_cand = rot_ok.sum(-1) * t_ok.sum(-1)
