@@ -105,7 +105,7 @@ def test_mixed_routing_sums_both_paths(problem):
     """Some images searched, some routed to the exact sum: the routed ones get the exact log p,
     the searched ones at most it, and value, refit and gradient cover both paths."""
     V, batch, lvl, exact = problem
-    s = _search(SearchConfig(max_fraction=0.2))
+    s = _search(SearchConfig(max_fraction=0.02))
     ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1)
     assert 0.0 < s.last_stats["routed_exact"] < 1.0
     d = (exact.loglik.double() - ev.loglik.double()).numpy()

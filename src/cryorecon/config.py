@@ -59,7 +59,7 @@ class ReconstructConfig:
     n_spheres: int = 8
     search_epsilon: float = 1e-3
     search_coarse_radius: float = 5.5
-    search_max_rotations: int = 24
+    search_max_rotations: int = 8192
     s0: float = 10.0
     is_every: int | None = None
     is_check: int = 16

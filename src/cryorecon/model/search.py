@@ -65,9 +65,9 @@ class SearchConfig:
     likelihood at up to half a spacing from its top, which costs a share of the image's
     log-likelihood contrast, so the margin follows that contrast. min/max_rotations,
     min/max_shifts: per image and level, bounds on the kept rotations and shifts.
-    shift_margin_fraction: the ``margin_fraction`` of shifts. By default every shift is kept:
-    the Gauss-Hermite nodes of a coarse level are spaced widely away from the centre, so a
-    sharp likelihood can rank an image's true shift far down there, and shifts are few.
+    shift_margin_fraction: the ``margin_fraction`` of shifts, larger: the Gauss-Hermite nodes
+    of a coarse level are spaced widely away from the centre, so a sharp likelihood can rank
+    an image's true shift far down there.
     max_fraction: an image whose candidate poses on a level exceed this share of that level's
     grid takes the exact sum of Eq. 4 over the final grid instead (its posterior is too
     broad for a search to pay).
@@ -75,9 +75,9 @@ class SearchConfig:
 
     coarse_radius: float = 5.5
     epsilon: float = 1e-3
-    margin_fraction: float = 0.6
+    margin_fraction: float = 0.4
     margin_floor: float = 8.0
-    shift_margin_fraction: float = math.inf
+    shift_margin_fraction: float = 0.8
     min_rotations: int = 4
     max_rotations: int = 8192
     min_shifts: int = 1
