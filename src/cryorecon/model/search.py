@@ -44,7 +44,8 @@ from scipy.spatial import cKDTree
 from ..fourier.slicing import SliceOperator, spectrum_from_volume
 from ..geometry.grids import PoseGrid
 from ..geometry.rotations import direction_inplane_to_matrix
-from .likelihood import ImageBatch, marginal_loglik, sampled_loglik, volume_objective
+from .likelihood import (PER_IMAGE_COST, ImageBatch, marginal_loglik, sampled_loglik,
+                         sampled_loglik_shared, volume_objective)
 from .objective import Evaluation
 
 # Interpolation set-up cached per level-0 grid (small); finer levels recompute it per batch.
@@ -430,7 +431,16 @@ def _level_op(search: CoarseToFine, lvl: SearchLevel, cand: _Candidates) -> Slic
 
 
 def _level_eval(lvl: SearchLevel, batch: ImageBatch, cand: _Candidates):
+    """Eq. 13 on each image's candidates: per-image products (:func:`sampled_loglik`), or the
+    shared GEMM over the union of rotations and the level's shifts
+    (:func:`sampled_loglik_shared`) when that is cheaper (``PER_IMAGE_COST``)."""
     bl = _columns(batch, lvl.cols)
+    U, R, Lt = len(cand.rot_ids), cand.rot_idx.shape[1], cand.t_full.shape[1]
+    if lvl.grid.M_t * U < PER_IMAGE_COST * R * Lt:
+        def ev(S, g):
+            return sampled_loglik_shared(S, bl, cand.rot_idx, cand.rot_logw, cand.t_full, cand.t_logw,
+                                         lvl.shifts, want_grad=g)
+        return ev
     shifts = lvl.shifts[cand.t_full]
 
     def ev(S, g):
