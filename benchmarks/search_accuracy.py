@@ -139,6 +139,7 @@ def main(argv=None) -> int:
 
     quiet()
     t_start = time.perf_counter()
+    machine = machine_info()  # the code's commit as the run starts
     D, apix, N = args.box, args.apix, args.n_particles
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
     shift_sigma_px = 0.05 * D  # the driver's default prior width (5% of the box)
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
                                                           "n_particles": N, "seed": args.seed, "shift_range_px": 3.0,
                                                           "shift_sigma_px": shift_sigma_px},
               "grid_scale": args.grid_scale, "lowpass_A": args.lowpass_A, "rows": rows,
-              "wall_seconds": round(time.perf_counter() - t_start, 1), "machine": machine_info(),
+              "wall_seconds": round(time.perf_counter() - t_start, 1), "machine": machine,
               "command": "benchmarks/search_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json(args.out, result)
     print(f"wrote {args.out} ({result['wall_seconds']} s)")
