@@ -114,3 +114,16 @@ def test_mixed_routing_sums_both_paths(problem):
     assert ev.refit(V) == pytest.approx(ev.value, rel=1e-6)
     g, g0 = ev.grad.double(), exact.grad.double()
     assert float((g * g0).sum() / (g.norm() * g0.norm())) > 0.99
+
+
+def test_metrics_summarise_the_last_evaluation(problem):
+    V, batch, lvl, exact = problem
+    s = _search(SearchConfig())
+    assert s.metrics() == {}
+    ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1, want_grad=False)
+    m = s.metrics()
+    assert 0 < m["search_work"] < 1 and m["search_routed_exact"] == 0.0
+    assert len(m["search_kept_rotations"]) == len(s.hierarchy(lvl)) - 1
+    med, top = m["search_kept_rotations"][0]
+    assert 1 <= med <= top
+    assert ev.fraction < 1

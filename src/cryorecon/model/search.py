@@ -306,6 +306,18 @@ class CoarseToFine:
                 self.oversample, level.device, self.cfg, self.cache_bytes))
         return self._levels[1]
 
+    def metrics(self) -> dict:
+        """The last evaluation's summary for a run's ``metrics.jsonl``: ``search_work`` (share of
+        the exact sum's (pose x coefficient) products computed), ``search_routed_exact`` (share
+        of images sent to the exact sum), ``search_kept_rotations`` and ``search_kept_shifts``
+        (per level after the first: [median, max] kept per image); empty before any."""
+        st = self.last_stats
+        if not st:
+            return {}
+        return {"search_work": round(st["work"], 6), "search_routed_exact": round(st["routed_exact"], 4),
+                "search_kept_rotations": [lv["rotations_kept"] for lv in st["levels"]],
+                "search_kept_shifts": [lv["shifts_kept"] for lv in st["levels"]]}
+
     def _keep(self, post_rot, post_t, rot_ids, t_ids, spread_rot, spread_t):
         c = self.cfg
         m = 1 - c.epsilon / 2
