@@ -38,7 +38,6 @@ Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -62,9 +61,17 @@ def parse_variant(text: str):
     for item in filter(None, rest.split(",")):
         k, _, v = item.partition("=")
         if k not in kinds:
-            raise SystemExit(f"--variant {text}: unknown SearchConfig field {k!r} (known: {sorted(kinds)})")
+            raise SystemExit(
+                f"--variant {text}: unknown SearchConfig field {k!r} (known: {sorted(kinds)})"
+            )
         default = getattr(SearchConfig(), k)
-        kw[k] = None if v.lower() == "none" else type(default)(float(v)) if default is not None else float(v)
+        kw[k] = (
+            None
+            if v.lower() == "none"
+            else type(default)(float(v))
+            if default is not None
+            else float(v)
+        )
     return name, SearchConfig(**kw)
 
 
@@ -73,14 +80,16 @@ def lowpass(V: torch.Tensor, apix: float, res_A: float) -> torch.Tensor:
     D = V.shape[-1]
     k = torch.fft.fftfreq(D, d=apix)
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    s = torch.sqrt(kx ** 2 + ky ** 2 + kz ** 2)
+    s = torch.sqrt(kx**2 + ky**2 + kz**2)
     f0, w = 1.0 / res_A, 1.0 / (D * apix)
     filt = torch.clamp((f0 + w / 2 - s) / w, 0, 1)
     filt = 0.5 - 0.5 * torch.cos(math.pi * filt)
     return torch.fft.ifftn(torch.fft.fftn(V) * filt).real.to(torch.float32)
 
 
-def make_map(kind: str, truth: torch.Tensor, apix: float, lowpass_A: float, seed: int) -> torch.Tensor:
+def make_map(
+    kind: str, truth: torch.Tensor, apix: float, lowpass_A: float, seed: int
+) -> torch.Tensor:
     if kind == "truth":
         return truth
     if kind == "lowpass":
@@ -99,27 +108,44 @@ def compare(ev, ex, t, t_ex) -> dict:
     rel = ((ev.loglik.double() - ex.loglik.double()).abs() / ex.loglik.double().abs()).cpu().numpy()
     nats = (ev.loglik.double() - ex.loglik.double()).abs().cpu().numpy()
     g, g0 = ev.grad.double(), ex.grad.double()
-    return {"rel_median": float(np.median(rel)), "rel_p90": float(np.percentile(rel, 90)),
-            "rel_max": float(rel.max()), "nats_median": float(np.median(nats)), "nats_max": float(nats.max()),
-            "grad_cos": float((g * g0).sum() / (g.norm() * g0.norm())),
-            "grad_rel": float((g - g0).norm() / g0.norm()), "fraction": float(ev.fraction),
-            "computed": float(ev.computed), "seconds": round(t, 3), "exact_seconds": round(t_ex, 3),
-            "speedup": round(t_ex / t, 2)}
+    return {
+        "rel_median": float(np.median(rel)),
+        "rel_p90": float(np.percentile(rel, 90)),
+        "rel_max": float(rel.max()),
+        "nats_median": float(np.median(nats)),
+        "nats_max": float(nats.max()),
+        "grad_cos": float((g * g0).sum() / (g.norm() * g0.norm())),
+        "grad_rel": float((g - g0).norm() / g0.norm()),
+        "fraction": float(ev.fraction),
+        "computed": float(ev.computed),
+        "seconds": round(t, 3),
+        "exact_seconds": round(t_ex, 3),
+        "speedup": round(t_ex / t, 2),
+    }
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--box", type=int, default=32)
     ap.add_argument("--apix", type=float, default=10.0)
     ap.add_argument("--n-particles", type=int, default=32)
     ap.add_argument("--snr", type=float, nargs="+", default=[0.05, 0.5])
-    ap.add_argument("--maps", nargs="+", default=["truth", "mixed"], choices=["truth", "lowpass", "mixed"])
+    ap.add_argument(
+        "--maps", nargs="+", default=["truth", "mixed"], choices=["truth", "lowpass", "mixed"]
+    )
     ap.add_argument("--lowpass-A", type=float, default=60.0)
-    ap.add_argument("--resolutions", type=float, nargs="+", default=[40.0, 33.0], help="cut-offs (Å)")
+    ap.add_argument(
+        "--resolutions", type=float, nargs="+", default=[40.0, 33.0], help="cut-offs (Å)"
+    )
     ap.add_argument("--grid-scale", type=float, default=1.0)
-    ap.add_argument("--variant", action="append", default=None,
-                    help="search variant NAME[:key=value,...] (SearchConfig fields); repeatable")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="search variant NAME[:key=value,...] (SearchConfig fields); repeatable",
+    )
     ap.add_argument("--s0", type=float, default=10.0, help="importance sampling's s0 (0: skip it)")
     ap.add_argument("--tau-prev", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
@@ -147,30 +173,50 @@ def main(argv=None) -> int:
     idx = np.arange(N)
     schedule = ReconstructConfig().schedule(apix)
     rows = []
-    head = (f"{'snr':>5} {'map':>7} {'res_A':>5} {'method':>12} {'rel_med':>8} {'rel_p90':>8} {'rel_max':>8} "
-            f"{'nats_max':>8} {'g_cos':>7} {'g_rel':>6} {'fraction':>8} {'computed':>8} {'work':>7} "
-            f"{'exact%':>6} {'s':>6} {'exact_s':>7}")
-    print(f"box {D} at {apix:g} Å/px, {N} particles, grid scale {args.grid_scale:g}, "
-          f"variants {[n for n, _ in variants]}", flush=True)
+    head = (
+        f"{'snr':>5} {'map':>7} {'res_A':>5} {'method':>12} "
+        f"{'rel_med':>8} {'rel_p90':>8} {'rel_max':>8} "
+        f"{'nats_max':>8} {'g_cos':>7} {'g_rel':>6} {'fraction':>8} {'computed':>8} {'work':>7} "
+        f"{'exact%':>6} {'s':>6} {'exact_s':>7}"
+    )
+    print(
+        f"box {D} at {apix:g} Å/px, {N} particles, grid scale {args.grid_scale:g}, "
+        f"variants {[n for n, _ in variants]}",
+        flush=True,
+    )
     print(head, flush=True)
     for snr in args.snr:
-        b = next(simulate_particles(truth, N, apix, snr, seed=args.seed, batch_size=N, shift_range_px=3.0))
+        b = next(
+            simulate_particles(
+                truth, N, apix, snr, seed=args.seed, batch_size=N, shift_range_px=3.0
+            )
+        )
         for kind in args.maps:
             V = make_map(kind, truth, apix, args.lowpass_A, args.seed)
             for res in args.resolutions:
-                lvl = make_level(1.0 / res, D, apix, shift_sigma_px, args.grid_scale, "cpu", 2, 2 ** 28)
+                lvl = make_level(
+                    1.0 / res, D, apix, shift_sigma_px, args.grid_scale, "cpu", 2, 2**28
+                )
                 batch = image_batch(torch.from_numpy(b.images), b.ctf, apix, lvl.halfplane, 0.8 * D)
                 exact = ExactQuadrature(2)
                 exact.evaluate(V, batch, idx[:2], lvl, tau=1)  # warm-up: slicing set-up of the grid
                 t0 = time.perf_counter()
                 ex, post = exact.evaluate_with_posteriors(V, batch, lvl, True, want_posteriors=True)
                 t_ex = time.perf_counter() - t0
-                common = {"snr": snr, "map": kind, "resolution_A": res, "radius_px": lvl.halfplane.radius,
-                          "poses": lvl.n_poses, "coefficients": lvl.halfplane.M,
-                          "exact_loglik_median": float(ex.loglik.median())}
+                common = {
+                    "snr": snr,
+                    "map": kind,
+                    "resolution_A": res,
+                    "radius_px": lvl.halfplane.radius,
+                    "poses": lvl.n_poses,
+                    "coefficients": lvl.halfplane.M,
+                    "exact_loglik_median": float(ex.loglik.median()),
+                }
                 out = []
                 for name, cfg in variants:
-                    s = CoarseToFine(D, apix, shift_sigma_px, args.grid_scale, 2, cfg, cache_bytes=2 ** 28)
+                    s = CoarseToFine(
+                        D, apix, shift_sigma_px, args.grid_scale, 2, cfg, cache_bytes=2**28
+                    )
                     t0 = time.perf_counter()
                     s.hierarchy(lvl)
                     t_build = time.perf_counter() - t0
@@ -178,32 +224,69 @@ def main(argv=None) -> int:
                     ev = s.evaluate(V, batch, idx, lvl, tau=1)
                     t = time.perf_counter() - t0
                     st = getattr(s, "last_stats", {}) or {}
-                    out.append({"method": name, "config": asdict(cfg), **compare(ev, ex, t, t_ex),
-                                "work": st.get("work"), "routed_exact": st.get("routed_exact", 0.0),
-                                "levels": level_radii(lvl.halfplane.radius, cfg.coarse_radius),
-                                "build_seconds": round(t_build, 3), "stats": st})
+                    out.append(
+                        {
+                            "method": name,
+                            "config": asdict(cfg),
+                            **compare(ev, ex, t, t_ex),
+                            "work": st.get("work"),
+                            "routed_exact": st.get("routed_exact", 0.0),
+                            "levels": level_radii(lvl.halfplane.radius, cfg.coarse_radius),
+                            "build_seconds": round(t_build, 3),
+                            "stats": st,
+                        }
+                    )
                 if args.s0 > 0:
                     sampler = ImportanceSampler(N, ISConfig(s0=args.s0), schedule, args.seed)
-                    sampler.update_exact(idx, args.tau_prev, post.post_rot.cpu(), post.post_shift.cpu(), lvl.grid)
+                    sampler.update_exact(
+                        idx, args.tau_prev, post.post_rot.cpu(), post.post_shift.cpu(), lvl.grid
+                    )
                     t0 = time.perf_counter()
-                    ev = ImportanceSampled(sampler, 2).evaluate(V, batch, idx, lvl, args.tau_prev + 1, record=False)
+                    ev = ImportanceSampled(sampler, 2).evaluate(
+                        V, batch, idx, lvl, args.tau_prev + 1, record=False
+                    )
                     t = time.perf_counter() - t0
-                    out.append({"method": f"importance", "s0": args.s0, **compare(ev, ex, t, t_ex),
-                                "work": None, "routed_exact": None})
+                    out.append(
+                        {
+                            "method": "importance",
+                            "s0": args.s0,
+                            **compare(ev, ex, t, t_ex),
+                            "work": None,
+                            "routed_exact": None,
+                        }
+                    )
                 for r in out:
                     rows.append({**common, **r})
                     w = "-" if r["work"] is None else f"{r['work']:.4f}"
                     rx = "-" if r["routed_exact"] is None else f"{100 * r['routed_exact']:.0f}"
-                    print(f"{snr:>5g} {kind:>7} {res:>5g} {r['method']:>12} {r['rel_median']:>8.2e} "
-                          f"{r['rel_p90']:>8.2e} {r['rel_max']:>8.2e} {r['nats_max']:>8.2f} {r['grad_cos']:>7.4f} "
-                          f"{r['grad_rel']:>6.3f} {r['fraction']:>8.4f} {r['computed']:>8.4f} {w:>7} {rx:>6} "
-                          f"{r['seconds']:>6.2f} {r['exact_seconds']:>7.2f}", flush=True)
-    result = {"benchmark": "search_accuracy", "dataset": {"structure": "GroEL-GroES (1AON)", "box": D, "apix": apix,
-                                                          "n_particles": N, "seed": args.seed, "shift_range_px": 3.0,
-                                                          "shift_sigma_px": shift_sigma_px},
-              "grid_scale": args.grid_scale, "lowpass_A": args.lowpass_A, "rows": rows,
-              "wall_seconds": round(time.perf_counter() - t_start, 1), "machine": machine,
-              "command": "benchmarks/search_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+                    print(
+                        f"{snr:>5g} {kind:>7} {res:>5g} {r['method']:>12} {r['rel_median']:>8.2e} "
+                        f"{r['rel_p90']:>8.2e} {r['rel_max']:>8.2e} "
+                        f"{r['nats_max']:>8.2f} {r['grad_cos']:>7.4f} "
+                        f"{r['grad_rel']:>6.3f} {r['fraction']:>8.4f} "
+                        f"{r['computed']:>8.4f} {w:>7} {rx:>6} "
+                        f"{r['seconds']:>6.2f} {r['exact_seconds']:>7.2f}",
+                        flush=True,
+                    )
+    result = {
+        "benchmark": "search_accuracy",
+        "dataset": {
+            "structure": "GroEL-GroES (1AON)",
+            "box": D,
+            "apix": apix,
+            "n_particles": N,
+            "seed": args.seed,
+            "shift_range_px": 3.0,
+            "shift_sigma_px": shift_sigma_px,
+        },
+        "grid_scale": args.grid_scale,
+        "lowpass_A": args.lowpass_A,
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "machine": machine,
+        "command": "benchmarks/search_accuracy.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
     write_json(args.out, result)
     print(f"wrote {args.out} ({result['wall_seconds']} s)")
     return 0

@@ -40,7 +40,9 @@ def _search(cfg):
 
 
 def _rel(ev, exact):
-    return ((ev.loglik.double() - exact.loglik.double()).abs() / exact.loglik.double().abs()).numpy()
+    return (
+        (ev.loglik.double() - exact.loglik.double()).abs() / exact.loglik.double().abs()
+    ).numpy()
 
 
 def test_log_spread_is_top_minus_median_of_nonzero():
@@ -63,8 +65,16 @@ def test_keep_margin_keeps_everything_within_the_margin():
     ids, ok = keep_margin(post, None, mass=0.999, fraction=0.0, floor=0.0, k_min=1, k_max=3)
     assert sorted(ids[0][ok[0]].tolist()) == [0, 1, 2]
     # a given spread overrides the row's own; ids map back through ``ids``
-    ids, ok = keep_margin(post, torch.tensor([[10, 11, 12, 13, 14]]), mass=0.1, fraction=1.0, floor=0.0,
-                          k_min=1, k_max=5, spread=torch.tensor([6.5]))
+    ids, ok = keep_margin(
+        post,
+        torch.tensor([[10, 11, 12, 13, 14]]),
+        mass=0.1,
+        fraction=1.0,
+        floor=0.0,
+        k_min=1,
+        k_max=5,
+        spread=torch.tensor([6.5]),
+    )
     assert sorted(ids[0][ok[0]].tolist()) == [10, 11, 12, 13]
 
 
@@ -86,7 +96,9 @@ def test_a_fixed_cap_misses_modes_at_snr_half(problem):
     """The rule the margin replaces (mass 1 - 1e-3/2 capped at 24 rotations, 9 shifts, no
     margin): the test above can fail."""
     V, batch, lvl, exact = problem
-    cap = SearchConfig(margin_fraction=0.0, margin_floor=0.0, max_rotations=24, max_shifts=9, max_fraction=2.0)
+    cap = SearchConfig(
+        margin_fraction=0.0, margin_floor=0.0, max_rotations=24, max_shifts=9, max_fraction=2.0
+    )
     ev = _search(cap).evaluate(V, batch, np.arange(N), lvl, tau=1)
     assert np.median(_rel(ev, exact)) > 1e-3
 
