@@ -119,7 +119,7 @@ def demo_config(seed: int, prior: str = "exponential"):
                              omega_start=s.omega_start, omega_step=s.omega_step, omega_every=s.omega_every,
                              omega_max=s.omega_max, device="cpu", grid_scale=s.grid_scale, heldout=s.heldout,
                              heldout_every=s.heldout_every, patience=s.patience, checkpoint_every=25,
-                             snapshot_every=50, prior=prior, report_every=None)
+                             snapshot_every=50, prior=prior, report_every=None, resolution_schedule="paper")
 
 
 def run_reconstruction(particles, run_dir: Path, cfg, fresh: bool = False) -> dict:

@@ -72,7 +72,8 @@ def test_default_search_is_a_lower_bound_and_cheaper(problem):
     exact = ExactQuadrature(2).evaluate(V, batch, np.arange(N), lvl, tau=1, want_grad=False)
     ev = CoarseToFine(D, APIX, SHIFT_SIGMA_PX, 2.0, 2).evaluate(V, batch, np.arange(N), lvl, tau=1,
                                                                  want_grad=False)
-    assert ev.fraction < 0.5
+    # r = 6.9 px here: level 0 (5.5 px) alone is a third of the final grid's poses
+    assert ev.fraction < 0.75
     # log p_search <= log p per image (up to float32 rounding of the sums)
     assert (ev.loglik.double() <= exact.loglik.double() + 1e-3).all()
 

@@ -35,7 +35,7 @@ D, APIX, N_PARTICLES, SNR, SIM_SEED = 24, 13.0, 1000, 0.1, 1
 SCHEDULE = ["--grid-scale", "3", "--start-resolution", "50", "--omega-step", "0.005", "--omega-every", "25",
             "--resolution", "33.4", "--minibatch", "50", "--heldout", "50", "--heldout-every", "10",
             "--patience", "2", "--max-iters", "200", "--checkpoint-every", "10", "--snapshot-every", "50",
-            "--seed", "0"]
+            "--seed", "0", "--schedule", "paper"]
 METRIC_FIELDS = ("iteration", "seconds", "omega_star", "epsilon", "L", "heldout_nll", "minibatch",
                  "poses_evaluated")
 

@@ -1,10 +1,11 @@
 """Parameters of a reconstruction run (``cryorecon reconstruct``'s options).
 
-Lengths in Å, frequencies in 1/Å, times in seconds. The defaults are the paper's method:
-importance sampling over poses (Sec. 3.4) and the paper's cut-off schedule (Sec. 4.2). The
-coarse-to-fine pose search (:mod:`cryorecon.model.search`, ``pose_search="search"``) and a
-cut-off raised by the held-out error (:class:`~cryorecon.optim.adaptive.AdaptiveResolution`,
-``resolution_schedule="adaptive"``) are options until they are measured to beat them.
+Lengths in Å, frequencies in 1/Å, times in seconds. Defaults: importance sampling over poses
+(Sec. 3.4) and a cut-off that starts at 40 Å and rises when the held-out error levels off
+(:class:`~cryorecon.optim.adaptive.AdaptiveResolution`; docs/results.md has the comparison
+with the paper's fixed schedule, ``resolution_schedule="paper"``, Sec. 4.2). The
+coarse-to-fine pose search (:mod:`cryorecon.model.search`, ``pose_search="search"``) is an
+option until it is faster end to end.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class ReconstructConfig:
     max_iters: int = 5000
     max_time: float | None = None
     pose_search: str = "importance"
-    resolution_schedule: str = "paper"
+    resolution_schedule: str = "adaptive"
     omega_start: float | None = None
     omega_step: float = 0.005
     omega_every: int = 150
@@ -59,7 +60,7 @@ class ReconstructConfig:
     n_spheres: int = 8
     search_epsilon: float = 1e-3
     search_coarse_radius: float = 5.5
-    search_max_rotations: int = 24
+    search_max_rotations: int = 8192
     s0: float = 10.0
     is_every: int | None = None
     is_check: int = 16

@@ -533,6 +533,7 @@ class Run:
         V = self.map_of(idx)
         sagd = self.sagd if h == 0 else self.half_sagd[h - 1]
         ev = self.batch_objective(idx, lvl, V=V)
+        search_stats = self.objective.metrics() if hasattr(self.objective, "metrics") else {}
         ev.grad = self._symmetric(ev.grad)
         prior, K = self.prior, sagd.K
         f_V = ev.value + float(prior.neg_log_prior(V)) / K
@@ -555,6 +556,7 @@ class Run:
                          f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å")
         rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, check)
         rec["L"], rec["half"] = sagd.L, h
+        rec.update(search_stats)
         if heldout is not None and self.halves is not None:
             rec.update(self.halfmap_resolution())
         return rec

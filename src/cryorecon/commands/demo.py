@@ -153,7 +153,7 @@ def run(args) -> int:
                             omega_start=s.omega_start, omega_step=s.omega_step, omega_every=s.omega_every,
                             omega_max=s.omega_max, device=args.device, grid_scale=s.grid_scale,
                             heldout=s.heldout, heldout_every=s.heldout_every, patience=s.patience,
-                            checkpoint_every=25, snapshot_every=50)
+                            checkpoint_every=25, snapshot_every=50, resolution_schedule="paper")
     t = time.perf_counter()
     summary = reconstruct(particles, run_dir, cfg, force=args.force)
     timings["reconstruct"] = time.perf_counter() - t

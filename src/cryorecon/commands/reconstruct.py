@@ -40,11 +40,11 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--resolution", type=positive(), default=None,
                    help="final resolution cut-off in Å (default 1/0.11 = 9.1 Å, capped at Nyquist)")
     p.add_argument("--start-resolution", type=positive(), default=None,
-                   help="initial cut-off in Å (default 50; 40 with --schedule adaptive)")
+                   help="initial cut-off in Å (default 40; 50 with --schedule paper)")
     p.add_argument("--schedule", choices=RESOLUTION_SCHEDULES, default=d.resolution_schedule,
-                   help="how the cut-off rises: 'paper' (default) adds --omega-step every --omega-every "
-                        "iterations (Sec. 4.2); 'adaptive' multiplies it by --omega-factor once the held-out "
-                        "error levels off")
+                   help="how the cut-off rises: 'adaptive' (default) multiplies it by --omega-factor once "
+                        "the held-out error levels off; 'paper' adds --omega-step every --omega-every "
+                        "iterations (Sec. 4.2)")
     p.add_argument("--omega-factor", type=at_least(1.01, float), default=d.omega_factor,
                    help="adaptive schedule: factor of each cut-off increase (default 1.15)")
     p.add_argument("--omega-step", type=at_least(0, float), default=d.omega_step,
@@ -69,7 +69,7 @@ def add_reconstruct_arguments(p) -> None:
     p.add_argument("--search-epsilon", type=positive(), default=d.search_epsilon,
                    help="coarse-to-fine search: posterior mass each level may drop (default 1e-3)")
     p.add_argument("--search-max-rotations", type=at_least(1), default=d.search_max_rotations,
-                   help="coarse-to-fine search: most rotations kept per image and level (default 24)")
+                   help="coarse-to-fine search: most rotations kept per image and level (default 8192)")
     p.add_argument("--s0", type=positive(), default=d.s0,
                    help="importance-sampling draws per effective sample (default 10)")
     p.add_argument("--is-every", type=positive(int), default=d.is_every,

@@ -175,11 +175,13 @@ def marginal_loglik(
         total = per_rot.double().sum(-1)
         loglik[b0:b1] = m.double() + torch.log(total)
         inv_total = (1.0 / total).float()
-        gamma = e.mul_(inv_total[:, None, None])  # posterior over (shift, rotation)
+        # The posterior over (shift, rotation) is gamma = e * inv_total; e is left unnormalised
+        # (one pass less over the (n, L, J) block): the normalisation goes on the small factors.
+        # Its largest entry is e = exp(0) = 1, so the largest pose probability is inv_total.
         g_rot = per_rot.mul_(inv_total[:, None])  # (n, J)
-        g_shift = gamma.sum(2)  # (n, L)
+        g_shift = e.sum(2).mul_(inv_total[:, None])  # (n, L)
         best_rot[b0:b1], best_shift[b0:b1] = g_rot.argmax(-1), g_shift.argmax(-1)
-        max_prob[b0:b1] = gamma.amax(dim=(1, 2))
+        max_prob[b0:b1] = inv_total
         if want_posteriors:
             post_rot[b0:b1] = g_rot
             post_shift[b0:b1] = g_shift
@@ -188,9 +190,9 @@ def marginal_loglik(
             if batch.image_weight is not None:
                 winv = winv * batch.image_weight[b0:b1, None].to(dev, winv.dtype)
             # sum_{i,l} gamma_ijl conj(s_lm) c y w / sigma^2  -> (J, M)
-            Z = (winv * c * y)[:, None, :] * s.conj()[None]  # (n, L, M)
+            Z = (winv * c * y * inv_total[:, None])[:, None, :] * s.conj()[None]  # (n, L, M)
             Zr = _as_real(Z).reshape(n * L, 2 * M)
-            GZ = gamma.reshape(n * L, J).T @ Zr  # (J, 2M)
+            GZ = e.reshape(n * L, J).T @ Zr  # (J, 2M)
             term1 = torch.complex(GZ[:, :M], GZ[:, M:])
             term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
             grad += term2 - term1

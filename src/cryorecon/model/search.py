@@ -10,22 +10,29 @@ map at every visit (no pose history is carried between visits):
    on the image coefficients inside ``r_0`` with the Sec. 3.2 grid for ``r_0``, where the
    likelihood is smooth on that grid;
 2. level l = 1..n: the band doubles (``r_l = 2 r_{l-1}``; the last one is ``r``, at most a
-   doubling) and so does the grid density. Per image, the rotations and the shifts of level l-1 that carry a
-   posterior mass of ``1 - epsilon / 2`` each (at least ``min_rotations`` / ``min_shifts``,
-   at most ``max_rotations`` / ``max_shifts``) are replaced by their children on level l's
-   grid: every grid point of level l belongs to its nearest point of level l-1 (directions
-   on the sphere, in-plane angles, shifts in the plane), which partitions each grid into
-   cells. The image is evaluated on the product of its children rotations and shifts, with
-   level l's own quadrature weights (Eq. 4), by the per-image products of Eq. 13;
+   doubling) and so does the grid density. Per image, the rotations and the shifts of level
+   l-1 to refine are those whose log posterior marginal lies within a margin of the image's
+   best, ``max(margin_floor, margin_fraction * contrast)`` nats (``shift_margin_fraction``
+   for shifts), together with the fewest carrying a mass of ``1 - epsilon / 2``, within
+   ``[min, max]_rotations`` / ``_shifts``. ``contrast`` is the image's best minus median log
+   marginal on level 0's whole grid, grown with the band like the number of coefficients: a
+   grid samples a sharp peak up to half a spacing from its top, which costs a share of that
+   contrast, so a margin that follows it keeps the true mode on a coarse level at any SNR.
+   The kept points are replaced by their children on level l's grid: every grid point of
+   level l belongs to its nearest point of level l-1 (directions on the sphere, in-plane
+   angles, shifts in the plane), which partitions each grid into cells. The image is
+   evaluated on the product of its children rotations and shifts, with level l's own
+   quadrature weights (Eq. 4), by Eq. 13 (per-image products, or one GEMM over the union);
+   an image whose candidates exceed ``max_fraction`` of a level's grid (a posterior too
+   broad for a search to pay) takes the exact sum of Eq. 4 over the final grid instead;
 3. the final level is evaluated at the full band: its sum is the marginal likelihood (Eq. 4)
    restricted to the cells the search kept, and its posterior gives the gradient (Eq. 5,
    Appendix A) and the image's pose.
 
 Mass outside the kept cells is not added back: coarser levels are evaluated on fewer
 coefficients, so their likelihoods are not on the final band's scale. The search therefore
-underestimates log p(I) by the mass it dropped (at most about ``epsilon`` relative in p when
-the coarse posteriors rank cells as the final one would); ``benchmarks/search_accuracy.py``
-measures the error against the exact sum.
+underestimates log p(I) by the mass it dropped; ``benchmarks/search_accuracy.py`` measures
+the error against the exact sum (docs/results.md).
 
 Anchors: RELION's adaptive oversampling (a coarse pass, then the oversampled pass over the
 significant poses), cryoDRGN's hierarchical pose search (a base grid, subdivisions of the best
@@ -44,29 +51,52 @@ from scipy.spatial import cKDTree
 from ..fourier.slicing import SliceOperator, spectrum_from_volume
 from ..geometry.grids import PoseGrid
 from ..geometry.rotations import direction_inplane_to_matrix
-from .likelihood import ImageBatch, marginal_loglik, sampled_loglik, volume_objective
+from .likelihood import (
+    PER_IMAGE_COST,
+    ImageBatch,
+    marginal_loglik,
+    sampled_loglik,
+    sampled_loglik_shared,
+    volume_objective,
+)
 from .objective import Evaluation
 
 # Interpolation set-up cached per level-0 grid (small); finer levels recompute it per batch.
-LEVEL0_CACHE_BYTES = 2 ** 28
-UNION_CACHE_BYTES = 2 ** 27
+LEVEL0_CACHE_BYTES = 2**28
+UNION_CACHE_BYTES = 2**27
 
 
 @dataclass
 class SearchConfig:
     """Settings of the coarse-to-fine search (radii in Fourier pixels of the box).
 
-    coarse_radius: largest band of the exhaustive level 0. epsilon: posterior mass a level
-    may drop (split between rotations and shifts). min/max_rotations, min/max_shifts: per
-    image and level, bounds on the kept rotations and shifts.
+    coarse_radius: largest band of the exhaustive level 0. A cell of level l-1 (a rotation, or
+    a shift) is refined when it is among the fewest carrying a posterior mass of
+    ``1 - epsilon / 2`` (rotations and shifts each), or when its log posterior marginal lies
+    within ``margin`` nats of the image's best one, with
+    ``margin = max(margin_floor, margin_fraction * spread)`` and ``spread`` the best minus the
+    median log marginal of that image on that level: a coarse grid samples a peak of the
+    likelihood at up to half a spacing from its top, which costs a share of the image's
+    log-likelihood contrast, so the margin follows that contrast. min/max_rotations,
+    min/max_shifts: per image and level, bounds on the kept rotations and shifts.
+    shift_margin_fraction: the ``margin_fraction`` of shifts, larger: the Gauss-Hermite nodes
+    of a coarse level are spaced widely away from the centre, so a sharp likelihood can rank
+    an image's true shift far down there.
+    max_fraction: an image whose candidate poses on a level exceed this share of that level's
+    grid takes the exact sum of Eq. 4 over the final grid instead (its posterior is too
+    broad for a search to pay).
     """
 
     coarse_radius: float = 5.5
     epsilon: float = 1e-3
+    margin_fraction: float = 0.4
+    margin_floor: float = 8.0
+    shift_margin_fraction: float = 0.8
     min_rotations: int = 4
-    max_rotations: int = 24
+    max_rotations: int = 8192
     min_shifts: int = 1
-    max_shifts: int = 9
+    max_shifts: int = 1024
+    max_fraction: float = 0.5
 
 
 @dataclass
@@ -99,7 +129,9 @@ class SearchLevel:
     def rotations(self, ids: torch.Tensor) -> torch.Tensor:
         """(n, 3, 3) float32 rotations of grid ids ``j * M_psi + k`` (built on demand)."""
         M = self.grid.M_psi
-        return direction_inplane_to_matrix(self.directions[ids // M], self.psi[ids % M]).to(torch.float32)
+        return direction_inplane_to_matrix(self.directions[ids // M], self.psi[ids % M]).to(
+            torch.float32
+        )
 
 
 def _children(parent: np.ndarray, n_parents: int) -> torch.Tensor:
@@ -123,34 +155,61 @@ def level_radii(r: float, coarse_radius: float) -> list[float]:
     return radii
 
 
-def build_hierarchy(D: int, apix: float, radius: float, kx: torch.Tensor, ky: torch.Tensor,
-                    shift_sigma_px: float, grid_scale: float, oversample: int, device,
-                    cfg: SearchConfig, cache_bytes: int = 2 ** 30) -> list[SearchLevel]:
+def build_hierarchy(
+    D: int,
+    apix: float,
+    radius: float,
+    kx: torch.Tensor,
+    ky: torch.Tensor,
+    shift_sigma_px: float,
+    grid_scale: float,
+    oversample: int,
+    device,
+    cfg: SearchConfig,
+    cache_bytes: int = 2**30,
+) -> list[SearchLevel]:
     """The levels for a final band of ``radius`` Fourier pixels; ``kx, ky`` are the integer
-    frequencies of the final band's coefficients (:class:`~cryorecon.fourier.transforms.HalfPlane`)."""
+    frequencies of the final band's coefficients
+    (:class:`~cryorecon.fourier.transforms.HalfPlane`)."""
     levels: list[SearchLevel] = []
     r2 = (kx.double() ** 2 + ky.double() ** 2).cpu()
     freqs = torch.stack([kx, ky], -1).to(device, torch.float32)
     for k, r in enumerate(level_radii(radius, cfg.coarse_radius)):
-        grid = PoseGrid(D=D, apix=apix, omega_star=r / (D * apix), shift_sigma_px=shift_sigma_px,
-                        scale=grid_scale)
+        grid = PoseGrid(
+            D=D,
+            apix=apix,
+            omega_star=r / (D * apix),
+            shift_sigma_px=shift_sigma_px,
+            scale=grid_scale,
+        )
         inside = r2 < r * r if r < radius else torch.ones_like(r2, dtype=torch.bool)
         cols = torch.nonzero(inside).squeeze(-1).to(device)
         # Rotation weights are uniform on the grid: w_d w_psi p(R) (Eq. 4).
         lw_R = float(grid.log_w_d[0] + grid.log_w_psi[0] + grid.log_p_R)
-        lvl = SearchLevel(r, grid, cols, lw_R, grid.shifts.to(device, torch.float32),
-                          grid.log_w_t.to(device, torch.float32), grid.directions.to(device),
-                          grid.psi.to(device))
+        lvl = SearchLevel(
+            r,
+            grid,
+            cols,
+            lw_R,
+            grid.shifts.to(device, torch.float32),
+            grid.log_w_t.to(device, torch.float32),
+            grid.directions.to(device),
+            grid.psi.to(device),
+        )
         lvl.freqs_px = freqs[cols]
         if k == 0 or grid.n_rotations * len(cols) * 64 <= cache_bytes:
             # The whole grid's interpolation set-up, when it fits: a batch's union of
             # rotations then indexes it instead of recomputing it.
             R = grid.rotations(device=device)
-            lvl.slice_op = SliceOperator(R, freqs[cols], D, oversample, cache_bytes=max(cache_bytes, LEVEL0_CACHE_BYTES))
+            lvl.slice_op = SliceOperator(
+                R, freqs[cols], D, oversample, cache_bytes=max(cache_bytes, LEVEL0_CACHE_BYTES)
+            )
         if k > 0:
             prev = levels[-1].grid
             pd = cKDTree(prev.directions.numpy()).query(grid.directions.numpy())[1]
-            ppsi = np.rint(grid.psi.numpy() / (2 * math.pi / prev.M_psi)).astype(np.int64) % prev.M_psi
+            ppsi = (
+                np.rint(grid.psi.numpy() / (2 * math.pi / prev.M_psi)).astype(np.int64) % prev.M_psi
+            )
             pt = cKDTree(prev.shifts.numpy()).query(grid.shifts.numpy())[1]
             lvl.child_d = _children(pd, prev.M_d).to(device)
             lvl.child_psi = _children(ppsi, prev.M_psi).to(device)
@@ -167,6 +226,45 @@ def keep_mass(post: torch.Tensor, ids: torch.Tensor | None, mass: float, k_min: 
     p, order = post.sort(-1, descending=True)
     before = p.cumsum(-1) - p
     n = (before < mass).sum(-1).clamp(min=k_min, max=k_max)
+    W = int(n.max())
+    p, order = p[:, :W], order[:, :W]
+    valid = (torch.arange(W, device=post.device)[None, :] < n[:, None]) & (p > 0)
+    valid[:, 0] = True
+    kept = order if ids is None else torch.gather(ids, 1, order)
+    return kept, valid
+
+
+def log_spread(post: torch.Tensor) -> torch.Tensor:
+    """Per row of ``post`` (B, n), the largest minus the median log probability over the
+    row's non-zero entries (nats, float64): the image's log-likelihood contrast on that grid."""
+    p = post.sort(-1, descending=True).values.double()
+    nz = (p > 0).sum(-1).clamp(min=1)
+    return torch.log(p[:, 0]) - torch.log(torch.gather(p, 1, ((nz - 1) // 2)[:, None]).squeeze(1))
+
+
+def keep_margin(
+    post: torch.Tensor,
+    ids: torch.Tensor | None,
+    mass: float,
+    fraction: float,
+    floor: float,
+    k_min: int,
+    k_max: int,
+    spread: torch.Tensor | None = None,
+):
+    """Per row of ``post`` (B, n; zero for padding), the union of the entries :func:`keep_mass`
+    keeps and those whose log probability lies within ``max(floor, fraction * spread)`` nats
+    of the row's largest (``spread``: (B,), default :func:`log_spread` of ``post``); at least
+    ``k_min``, at most ``k_max`` entries (the most probable first). Returns
+    ``(ids (B, W), valid (B, W))`` as :func:`keep_mass` does."""
+    p, order = post.sort(-1, descending=True)
+    before = p.cumsum(-1) - p
+    n_mass = (before < mass).sum(-1)
+    lp = torch.log(p.double())
+    spread = log_spread(post) if spread is None else spread.to(lp)
+    margin = torch.where(spread > 0, fraction * spread, torch.zeros_like(spread)).clamp(min=floor)
+    n_margin = ((lp >= lp[:, :1] - margin[:, None]) & (p > 0)).sum(-1)
+    n = torch.maximum(n_mass, n_margin).clamp(min=k_min, max=k_max)
     W = int(n.max())
     p, order = p[:, :W], order[:, :W]
     valid = (torch.arange(W, device=post.device)[None, :] < n[:, None]) & (p > 0)
@@ -205,21 +303,23 @@ def shift_children(lvl: SearchLevel, ids: torch.Tensor, valid: torch.Tensor):
 def _columns(batch: ImageBatch, cols: torch.Tensor) -> ImageBatch:
     if cols.numel() == batch.y.shape[1]:
         return batch
-    return ImageBatch(batch.y[:, cols], batch.ctf[:, cols], batch.sigma2, batch.weight[cols], batch.freqs[cols],
-                      batch.image_weight)
+    return ImageBatch(
+        batch.y[:, cols], batch.ctf[:, cols], batch.sigma2, batch.weight[cols], batch.freqs[cols],
+        batch.image_weight,
+    )
 
 
 @dataclass
 class _Candidates:
     """The poses one level evaluates per image (product layout of Eq. 13)."""
 
-    rot_ids: torch.Tensor    # (U,) union of rotation ids on the level's grid
-    rot_idx: torch.Tensor    # (B, R) index into rot_ids
-    rot_full: torch.Tensor   # (B, R) rotation ids on the level's grid
-    rot_logw: torch.Tensor   # (B, R) log quadrature weight, -inf padding
-    t_full: torch.Tensor     # (B, Lt) shift ids on the level's grid
-    t_logw: torch.Tensor     # (B, Lt)
-    n_eval: torch.Tensor     # (B,) poses evaluated (without padding)
+    rot_ids: torch.Tensor  # (U,) union of rotation ids on the level's grid
+    rot_idx: torch.Tensor  # (B, R) index into rot_ids
+    rot_full: torch.Tensor  # (B, R) rotation ids on the level's grid
+    rot_logw: torch.Tensor  # (B, R) log quadrature weight, -inf padding
+    t_full: torch.Tensor  # (B, Lt) shift ids on the level's grid
+    t_logw: torch.Tensor  # (B, Lt)
+    n_eval: torch.Tensor  # (B,) poses evaluated (without padding)
 
 
 def _candidates(lvl: SearchLevel, rot, rot_ok, t, t_ok) -> _Candidates:
@@ -232,85 +332,306 @@ def _candidates(lvl: SearchLevel, rot, rot_ok, t, t_ok) -> _Candidates:
 
 
 class CoarseToFine:
-    """The coarse-to-fine marginaliser (see the module docstring); keeps no particle state."""
+    """The coarse-to-fine marginaliser (see the module docstring); keeps no particle state.
+
+    ``last_stats`` holds a summary of the last evaluation: ``work`` (the (pose x coefficient)
+    products computed, over the exact sum's), ``routed_exact`` (share of images sent to the
+    exact sum) and per level the kept rotations and shifts per image (median, max).
+    """
 
     name = "search"
 
-    def __init__(self, D: int, apix: float, shift_sigma_px: float, grid_scale: float = 1.0,
-                 oversample: int = 2, cfg: SearchConfig | None = None, cache_bytes: int = 2 ** 30):
+    def __init__(
+        self,
+        D: int,
+        apix: float,
+        shift_sigma_px: float,
+        grid_scale: float = 1.0,
+        oversample: int = 2,
+        cfg: SearchConfig | None = None,
+        cache_bytes: int = 2**30,
+    ):
         self.D, self.apix, self.shift_sigma_px = D, apix, shift_sigma_px
         self.cache_bytes = cache_bytes
         self.grid_scale, self.oversample = grid_scale, oversample
         self.cfg = cfg or SearchConfig()
         self._levels: tuple[float, list[SearchLevel]] | None = None
+        self.last_stats: dict = {}
 
     def hierarchy(self, level) -> list[SearchLevel]:
         """The levels for ``level`` (a :class:`cryorecon.start.Level`), built once per omega*."""
         if self._levels is None or self._levels[0] != level.omega:
             hp = level.halfplane
-            self._levels = (level.omega, build_hierarchy(
-                self.D, self.apix, hp.radius, hp.kx, hp.ky, self.shift_sigma_px, self.grid_scale,
-                self.oversample, level.device, self.cfg, self.cache_bytes))
+            self._levels = (
+                level.omega,
+                build_hierarchy(
+                    self.D,
+                    self.apix,
+                    hp.radius,
+                    hp.kx,
+                    hp.ky,
+                    self.shift_sigma_px,
+                    self.grid_scale,
+                    self.oversample,
+                    level.device,
+                    self.cfg,
+                    self.cache_bytes,
+                ),
+            )
         return self._levels[1]
+
+    def metrics(self) -> dict:
+        """The last evaluation's summary for a run's ``metrics.jsonl``: ``search_work`` (share of
+        the exact sum's (pose x coefficient) products computed), ``search_routed_exact`` (share
+        of images sent to the exact sum), ``search_kept_rotations`` and ``search_kept_shifts``
+        (per level after the first: [median, max] kept per image); empty before any."""
+        st = self.last_stats
+        if not st:
+            return {}
+        return {
+            "search_work": round(st["work"], 6),
+            "search_routed_exact": round(st["routed_exact"], 4),
+            "search_kept_rotations": [lv["rotations_kept"] for lv in st["levels"]],
+            "search_kept_shifts": [lv["shifts_kept"] for lv in st["levels"]],
+        }
+
+    def _keep(self, post_rot, post_t, rot_ids, t_ids, spread_rot, spread_t):
+        c = self.cfg
+        m = 1 - c.epsilon / 2
+        kr, vr = keep_margin(
+            post_rot,
+            rot_ids,
+            m,
+            c.margin_fraction,
+            c.margin_floor,
+            c.min_rotations,
+            c.max_rotations,
+            spread_rot,
+        )
+        kt, vt = keep_margin(
+            post_t,
+            t_ids,
+            m,
+            c.shift_margin_fraction,
+            c.margin_floor,
+            c.min_shifts,
+            c.max_shifts,
+            spread_t,
+        )
+        return kr, vr, kt, vt
 
     def evaluate(self, V, batch, idx, level, tau, want_grad=True, record=True) -> Evaluation:
         H = self.hierarchy(level)
         ov, c = self.oversample, self.cfg
         spec = spectrum_from_volume(V, ov)
         top = H[0]
-        b0 = _columns(batch, top.cols)
+        dev = spec.device
+        B = batch.B
+        full = H[-1].n_poses
+        full_work = float(full) * len(H[-1].cols) * B
+        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=dev)
         if len(H) == 1:
-            lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
 
             def nll(V, g=False, spectrum=None):
-                part = (top.slice_op, lambda S: marginal_loglik(S, b0, top.shifts, lw0, top.log_w_t, g))
+                part = (
+                    top.slice_op,
+                    lambda S: marginal_loglik(
+                        S, _columns(batch, top.cols), top.shifts, lw0, top.log_w_t, g
+                    ),
+                )
                 return volume_objective(V, [part], ov, g, spectrum)
 
             val, grad, res = nll(V, want_grad, spec)
             r = res[0]
-            return Evaluation(val, grad, r.loglik, top.rotations(r.best_rot), top.shifts[r.best_shift],
-                              r.max_prob, 1.0, 1.0, lambda V: nll(V)[0])
-        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=spec.device)
-        r0 = marginal_loglik(top.slice_op.slice(spec), b0, top.shifts, lw0, top.log_w_t,
-                             want_grad=False, want_posteriors=True)
-        B = batch.B
-        full = H[-1].n_poses
-        n_eval = torch.full((B,), float(top.n_poses), dtype=torch.float64, device=spec.device)
+            self.last_stats = {"work": 1.0, "routed_exact": 0.0, "levels": []}
+            return Evaluation(
+                val,
+                grad,
+                r.loglik,
+                top.rotations(r.best_rot),
+                top.shifts[r.best_shift],
+                r.max_prob,
+                1.0,
+                1.0,
+                lambda V: nll(V)[0],
+            )
+        b0 = _columns(batch, top.cols)
+        r0 = marginal_loglik(
+            top.slice_op.slice(spec),
+            b0,
+            top.shifts,
+            lw0,
+            top.log_w_t,
+            want_grad=False,
+            want_posteriors=True,
+        )
+        n_eval = torch.full((B,), float(top.n_poses), dtype=torch.float64, device=dev)
         n_comp = float(top.n_poses) * B
-        post_rot, post_t, rot_ids_prev, t_ids_prev = r0.post_rot, r0.post_shift, None, None
+        work = float(top.n_poses) * len(top.cols) * B
+        active = torch.arange(B, device=dev)  # rows still searched
+        routed = torch.zeros(B, dtype=torch.bool, device=dev)
+        post_rot, post_t, rot_prev, t_prev = r0.post_rot, r0.post_shift, None, None
+        # Each image's contrast is measured on level 0's whole grid (a kept set's median is no
+        # reference) and grows with the band like the number of coefficients.
+        spread0 = torch.stack([log_spread(post_rot), log_spread(post_t)])
+        stats = []
+        cand = None
         for k in range(1, len(H)):
             prev, lvl = H[k - 1], H[k]
-            kr, vr = keep_mass(post_rot, rot_ids_prev, 1 - c.epsilon / 2, c.min_rotations, c.max_rotations)
-            kt, vt = keep_mass(post_t, t_ids_prev, 1 - c.epsilon / 2, c.min_shifts, c.max_shifts)
+            grow = len(prev.cols) / len(top.cols)
+            sp = spread0[:, active] * grow
+            kr, vr, kt, vt = self._keep(post_rot, post_t, rot_prev, t_prev, sp[0], sp[1])
             rot, rot_ok = rotation_children(prev, lvl, kr, vr)
             t, t_ok = shift_children(lvl, kt, vt)
+            n_cand = rot_ok.sum(-1) * t_ok.sum(-1)
+            stats.append(
+                {
+                    "radius": lvl.radius,
+                    "rotations_kept": _med_max(vr.sum(-1)),
+                    "shifts_kept": _med_max(vt.sum(-1)),
+                }
+            )
+            dense = n_cand > c.max_fraction * lvl.n_poses
+            if bool(dense.any()):
+                routed[active[dense]] = True
+                keep = ~dense
+                active, rot, rot_ok, t, t_ok = (
+                    active[keep],
+                    rot[keep],
+                    rot_ok[keep],
+                    t[keep],
+                    t_ok[keep],
+                )
+                if len(active) == 0:
+                    break
+                rot, rot_ok = _compact(rot, rot_ok)
+                t, t_ok = _compact(t, t_ok)
             cand = _candidates(lvl, rot, rot_ok, t, t_ok)
-            n_eval += cand.n_eval.double()
+            n_eval[active] += cand.n_eval.double()
             n_comp += float(rot.numel() * t.shape[1])
-            bl = _columns(batch, lvl.cols)
-            if lvl.slice_op is not None:
-                op = lvl.slice_op.subset(cand.rot_ids)
-            else:
-                op = SliceOperator(lvl.rotations(cand.rot_ids), lvl.freqs_px, self.D, ov,
-                                   cache_bytes=UNION_CACHE_BYTES)
-            shifts = lvl.shifts[cand.t_full]
-
-            def evaluate_level(S, g, bl=bl, cand=cand, shifts=shifts):
-                return sampled_loglik(S, bl, cand.rot_idx, cand.rot_logw, shifts, cand.t_logw, want_grad=g)
-
+            work += float(rot.numel() * t.shape[1]) * len(lvl.cols)
             if k < len(H) - 1:
-                res = evaluate_level(op.slice(spec), False)
-                post_rot, post_t, rot_ids_prev, t_ids_prev = res.post_rot, res.post_shift, cand.rot_full, cand.t_full
-                continue
+                res = _level_loglik(self, lvl, spec, batch.rows(active), cand, False)[1]
+                post_rot, post_t, rot_prev, t_prev = (
+                    res.post_rot,
+                    res.post_shift,
+                    cand.rot_full,
+                    cand.t_full,
+                )
+        n_routed = int(routed.sum())
+        if n_routed:
+            n_eval[routed] = float(full)
+            n_comp += float(full) * n_routed
+            work += full_work / B * n_routed
+        self.last_stats = {"work": work / full_work, "routed_exact": n_routed / B, "levels": stats}
+        return self._final(
+            V,
+            H[-1],
+            level,
+            batch,
+            spec,
+            active if len(active) and cand is not None else None,
+            cand,
+            routed,
+            want_grad,
+            float((n_eval / full).mean()),
+            n_comp / (B * full),
+        )
 
-            def nll(V, g=False, spectrum=None, op=op, ev=evaluate_level):
-                return volume_objective(V, [(op, lambda S: ev(S, g))], ov, g, spectrum)
+    def _final(
+        self, V, lvl, level, batch, spec, active, cand, routed, want_grad, fraction, computed
+    ):
+        """The last level: the search's rows on their candidates, the routed rows by the exact sum
+        over ``level``'s grid (the same grid as ``lvl``'s), sharing one spectrum and gradient."""
+        ov, dev, B = self.oversample, spec.device, batch.B
+        ex_rows = torch.nonzero(routed).squeeze(-1)
+        parts = []
+        if active is not None:
+            op, ev_level = _level_op(self, lvl, cand), _level_eval(lvl, batch.rows(active), cand)
+            parts.append(("search", op, ev_level))
+        if len(ex_rows):
+            bx = batch.rows(ex_rows)
+            parts.append(
+                (
+                    "exact",
+                    level.slice_op,
+                    lambda S, g: marginal_loglik(
+                        S, bx, level.shifts, level.log_w_rot, level.log_w_shift, g
+                    ),
+                )
+            )
 
-            val, grad, res = nll(V, want_grad, spec)
-            r = res[0]
-            ar = torch.arange(B, device=spec.device)
-            best_rot = cand.rot_full[ar, r.post_rot.argmax(-1)]
-            best_t = cand.t_full[ar, r.post_shift.argmax(-1)]
-            return Evaluation(val, grad, r.loglik, lvl.rotations(best_rot), lvl.shifts[best_t], r.max_prob,
-                              float((n_eval / full).mean()), n_comp / (B * full), lambda V: nll(V)[0])
-        raise AssertionError("unreachable")
+        def nll(V, g=False, spectrum=None):
+            return volume_objective(
+                V, [(op, lambda S, ev=ev: ev(S, g)) for _, op, ev in parts], ov, g, spectrum
+            )
+
+        val, grad, results = nll(V, want_grad, spec)
+        loglik = torch.empty(B, dtype=torch.float64, device=dev)
+        best_R = torch.empty(B, 3, 3, device=dev)
+        best_t = torch.empty(B, 2, device=dev)
+        max_prob = torch.empty(B, device=dev)
+        for (kind, _, _), r in zip(parts, results):
+            if kind == "search":
+                ar = torch.arange(len(active), device=dev)
+                best_rot = cand.rot_full[ar, r.post_rot.argmax(-1)]
+                bt = cand.t_full[ar, r.post_shift.argmax(-1)]
+                rows, R, t = active, lvl.rotations(best_rot), lvl.shifts[bt]
+            else:
+                rows, R, t = ex_rows, level.rotations[r.best_rot], level.shifts[r.best_shift]
+            loglik[rows], best_R[rows], best_t[rows], max_prob[rows] = r.loglik, R, t, r.max_prob
+        return Evaluation(
+            val, grad, loglik, best_R, best_t, max_prob, fraction, computed, lambda V: nll(V)[0]
+        )
+
+
+def _med_max(n: torch.Tensor) -> list[int]:
+    return [int(n.median()), int(n.max())] if n.numel() else [0, 0]
+
+
+def _level_op(search: CoarseToFine, lvl: SearchLevel, cand: _Candidates) -> SliceOperator:
+    if lvl.slice_op is not None:
+        return lvl.slice_op.subset(cand.rot_ids)
+    return SliceOperator(
+        lvl.rotations(cand.rot_ids),
+        lvl.freqs_px,
+        search.D,
+        search.oversample,
+        cache_bytes=UNION_CACHE_BYTES,
+    )
+
+
+def _level_eval(lvl: SearchLevel, batch: ImageBatch, cand: _Candidates):
+    """Eq. 13 on each image's candidates: per-image products (:func:`sampled_loglik`), or the
+    shared GEMM over the union of rotations and the level's shifts
+    (:func:`sampled_loglik_shared`) when that is cheaper (``PER_IMAGE_COST``)."""
+    bl = _columns(batch, lvl.cols)
+    U, R, Lt = len(cand.rot_ids), cand.rot_idx.shape[1], cand.t_full.shape[1]
+    if lvl.grid.M_t * U < PER_IMAGE_COST * R * Lt:
+
+        def ev(S, g):
+            return sampled_loglik_shared(
+                S,
+                bl,
+                cand.rot_idx,
+                cand.rot_logw,
+                cand.t_full,
+                cand.t_logw,
+                lvl.shifts,
+                want_grad=g,
+            )
+
+        return ev
+    shifts = lvl.shifts[cand.t_full]
+
+    def ev(S, g):
+        return sampled_loglik(S, bl, cand.rot_idx, cand.rot_logw, shifts, cand.t_logw, want_grad=g)
+
+    return ev
+
+
+def _level_loglik(
+    search: CoarseToFine, lvl: SearchLevel, spec, batch: ImageBatch, cand: _Candidates, g: bool
+):
+    op = _level_op(search, lvl, cand)
+    return op, _level_eval(lvl, batch, cand)(op.slice(spec), g)
