@@ -104,6 +104,8 @@ class Run:
                 self._check_out_dir(resume, force)
             except (InputError, OutputExistsError, runstate.BusyError) as exc:
                 problem = exc
+                if getattr(self, "lock", None) is not None:  # refused after taking the lock
+                    self.lock.release()
         problem = self.ranks.broadcast_object(problem)
         if problem is not None:
             raise problem
@@ -827,7 +829,8 @@ class Run:
                 sm.gen.set_state(gen)
                 sm.anneal_from = anneal or 0
         # Drop metric lines written after the checkpoint: they will be recomputed.
-        runstate.trim_metrics(self.metrics_path, self.tau)
+        if self.ranks.is_main:
+            runstate.trim_metrics(self.metrics_path, self.tau)
         log.info(f"resuming {self.out} at iteration {self.tau}")
 
     def _write_info(self, finished: bool, reason: str | None = None) -> None:
