@@ -54,20 +54,32 @@ def quiet() -> None:
 
 def code_version() -> dict:
     """Commit of the checkout and whether ``src/`` differs from it (read-only git calls)."""
+
     def git(*a):
         try:
-            return subprocess.run(["git", "-C", str(HERE.parent), *a], capture_output=True, text=True,
-                                  timeout=20).stdout.strip()
+            return subprocess.run(
+                ["git", "-C", str(HERE.parent), *a], capture_output=True, text=True, timeout=20
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "src_modified": bool(git("status", "--porcelain", "--", "src"))}
+
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "src_modified": bool(git("status", "--porcelain", "--", "src")),
+    }
 
 
 def machine_info() -> dict:
-    return {"code": code_version(), "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0], "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "code": code_version(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def cpu_seconds() -> float:
@@ -86,16 +98,23 @@ def ensure_dataset(work: Path, seed: int = DATA_SEED) -> tuple[Path, dict]:
     s = demo_settings()
     data = work / "data"
     want = {"n": s.n, "box": s.box, "apix": s.apix, "snr": s.snr, "seed": seed}
-    info = {"structure": "GroEL-GroES (PDB 1AON, built in)", **want, "nyquist_A": 2 * s.apix,
-            "defocus_um": [1.0, 3.0], "folder": str(data)}
+    info = {
+        "structure": "GroEL-GroES (PDB 1AON, built in)",
+        **want,
+        "nyquist_A": 2 * s.apix,
+        "defocus_um": [1.0, 3.0],
+        "folder": str(data),
+    }
     meta = data / "simulation.json"
     if meta.exists() and (data / "particles.star").exists():
         have = json.loads(meta.read_text())
         if all(have.get(k) == v for k, v in want.items()):
             print(f"dataset: reusing {data}", flush=True)
             return data, {**info, "simulate_seconds": None}
-    print(f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> {data}",
-          flush=True)
+    print(
+        f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> {data}",
+        flush=True,
+    )
     t = time.perf_counter()
     run_simulation(data, n=s.n, D=s.box, apix=s.apix, snr=s.snr, seed=seed, force=True)
     return data, {**info, "simulate_seconds": round(time.perf_counter() - t, 2)}
@@ -115,11 +134,26 @@ def demo_config(seed: int, prior: str = "exponential"):
     from cryorecon.reconstruct import ReconstructConfig
 
     s = demo_settings()
-    return ReconstructConfig(minibatch=s.minibatch, seed=seed, max_iters=s.max_iters, max_time=s.max_time,
-                             omega_start=s.omega_start, omega_step=s.omega_step, omega_every=s.omega_every,
-                             omega_max=s.omega_max, device="cpu", grid_scale=s.grid_scale, heldout=s.heldout,
-                             heldout_every=s.heldout_every, patience=s.patience, checkpoint_every=25,
-                             snapshot_every=50, prior=prior, report_every=None, resolution_schedule="paper")
+    return ReconstructConfig(
+        minibatch=s.minibatch,
+        seed=seed,
+        max_iters=s.max_iters,
+        max_time=s.max_time,
+        omega_start=s.omega_start,
+        omega_step=s.omega_step,
+        omega_every=s.omega_every,
+        omega_max=s.omega_max,
+        device="cpu",
+        grid_scale=s.grid_scale,
+        heldout=s.heldout,
+        heldout_every=s.heldout_every,
+        patience=s.patience,
+        checkpoint_every=25,
+        snapshot_every=50,
+        prior=prior,
+        report_every=None,
+        resolution_schedule="paper",
+    )
 
 
 def run_reconstruction(particles, run_dir: Path, cfg, fresh: bool = False) -> dict:
@@ -135,9 +169,17 @@ def run_reconstruction(particles, run_dir: Path, cfg, fresh: bool = False) -> di
     t0, c0 = time.perf_counter(), cpu_seconds()
     summary = reconstruct(particles, run_dir, cfg, force=True)
     wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    prior = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["prior_state"]
-    result = {"iterations": int(summary["iterations"]), "stop_reason": summary["reason"],
-              "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "prior": prior, "code": code_version()}
+    prior = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)[
+        "prior_state"
+    ]
+    result = {
+        "iterations": int(summary["iterations"]),
+        "stop_reason": summary["reason"],
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "prior": prior,
+        "code": code_version(),
+    }
     tmp = run_dir / ".bench.json.tmp"
     tmp.write_text(json.dumps({"config": want, "result": result}, indent=2))
     os.replace(tmp, bench)
@@ -162,16 +204,25 @@ def finite(x, nd: int = 2):
     return round(x, nd) if math.isfinite(x) else None
 
 
-def score_vs_truth(truth: torch.Tensor, vol: torch.Tensor, apix: float, seed: int, n_global: int) -> dict:
+def score_vs_truth(
+    truth: torch.Tensor, vol: torch.Tensor, apix: float, seed: int, n_global: int
+) -> dict:
     """Align ``vol`` to the truth (rotation, shift, hand) and FSC them; keeps the aligned map."""
     from cryorecon.validate import align, fsc
 
     al = align(truth, vol, apix=apix, seed=seed, n_global=n_global, progress=False)
     freq, curve = fsc(truth, al.aligned, apix)
-    return {"aligned": al.aligned, "freq": freq.numpy(), "curve": curve.numpy(), "flipped": bool(al.flipped),
-            "cc": round(float(al.cc), 4), "cc_other_hand": finite(al.cc_other_hand, 4),
-            "hand_margin": hand_margin(al),
-            "align_s": round(al.seconds, 2), "resolution_A": fsc_resolutions(freq, curve)}
+    return {
+        "aligned": al.aligned,
+        "freq": freq.numpy(),
+        "curve": curve.numpy(),
+        "flipped": bool(al.flipped),
+        "cc": round(float(al.cc), 4),
+        "cc_other_hand": finite(al.cc_other_hand, 4),
+        "hand_margin": hand_margin(al),
+        "align_s": round(al.seconds, 2),
+        "resolution_A": fsc_resolutions(freq, curve),
+    }
 
 
 def hand_margin(al):
@@ -219,7 +270,9 @@ def resume_copy(run: Path, work: Path):
     work.mkdir(parents=True)
     shutil.copy(run / "checkpoint.pt", work / "checkpoint.pt")
     (work / "run.json").write_text(json.dumps({**info, "finished": False}))
-    return Run(read_particles(info["particles"]), work, ReconstructConfig(report_every=None), resume=True)
+    return Run(
+        read_particles(info["particles"]), work, ReconstructConfig(report_every=None), resume=True
+    )
 
 
 def write_json(path: Path, obj) -> None:

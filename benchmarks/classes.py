@@ -26,13 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, quiet, score_vs_truth, write_json  # noqa: E402
 
 
-def make_mixture(root: Path, n: int, D: int, apix: float, snr: float, noise_fraction: float, seed: int):
+def make_mixture(
+    root: Path, n: int, D: int, apix: float, snr: float, noise_fraction: float, seed: int
+):
     """Write the mixture (particles.star + stack), the truths and the labels (0 = noise)."""
     import gemmi
     import mrcfile
 
     from cryorecon.io.particles import write_particles
-    from cryorecon.simulate import builtin_model_path, density_from_model, model_centre, simulate_particles
+    from cryorecon.simulate import (
+        builtin_model_path,
+        density_from_model,
+        model_centre,
+        simulate_particles,
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     st = gemmi.read_structure(str(builtin_model_path()))
@@ -40,27 +47,45 @@ def make_mixture(root: Path, n: int, D: int, apix: float, snr: float, noise_frac
         st[0].remove_chain(name)
     st.write_pdb(str(root / "groel.pdb"))
     centre = model_centre(None)  # one frame for both, so they differ by GroES only
-    truths = [density_from_model(None, D=D, apix=apix, centre_A=centre),
-              density_from_model(root / "groel.pdb", D=D, apix=apix, centre_A=centre)]
+    truths = [
+        density_from_model(None, D=D, apix=apix, centre_A=centre),
+        density_from_model(root / "groel.pdb", D=D, apix=apix, centre_A=centre),
+    ]
     n_noise = int(round(noise_fraction * n))
     n_each = (n - n_noise) // 2
     images, ctfs, labels, angles, shifts = [], [], [], [], []
     for k, V in enumerate(truths):
         b = next(simulate_particles(V, n_each, apix, snr, seed=seed + k, batch_size=n_each))
-        images.append(b.images), ctfs.append(b.ctf), angles.append(b.angles), shifts.append(b.shifts_A)
+        (
+            images.append(b.images),
+            ctfs.append(b.ctf),
+            angles.append(b.angles),
+            shifts.append(b.shifts_A),
+        )
         labels += [k + 1] * n_each
     if n_noise:
-        b = next(simulate_particles(torch.zeros_like(truths[0]), n_noise, apix, None, seed=seed + 7,
-                                    batch_size=n_noise))
+        b = next(
+            simulate_particles(
+                torch.zeros_like(truths[0]), n_noise, apix, None, seed=seed + 7, batch_size=n_noise
+            )
+        )
         sigma = float(np.std(images[0]))
-        noise = np.random.default_rng(seed + 8).normal(0.0, sigma, b.images.shape).astype(np.float32)
+        noise = (
+            np.random.default_rng(seed + 8).normal(0.0, sigma, b.images.shape).astype(np.float32)
+        )
         images.append(noise), ctfs.append(b.ctf), angles.append(b.angles), shifts.append(b.shifts_A)
         labels += [0] * n_noise
     perm = np.random.default_rng(seed).permutation(len(labels))
     ctf = {key: np.concatenate([c[key] for c in ctfs])[perm] for key in ctfs[0]}
-    write_particles(root / "particles.star", np.concatenate(images)[perm], apix, ctf, overwrite=True)
-    np.savez(root / "truth_poses.npz", labels=np.asarray(labels)[perm],
-             angles=np.concatenate(angles)[perm], shifts_A=np.concatenate(shifts)[perm])
+    write_particles(
+        root / "particles.star", np.concatenate(images)[perm], apix, ctf, overwrite=True
+    )
+    np.savez(
+        root / "truth_poses.npz",
+        labels=np.asarray(labels)[perm],
+        angles=np.concatenate(angles)[perm],
+        shifts_A=np.concatenate(shifts)[perm],
+    )
     for k, V in enumerate(truths, 1):
         with mrcfile.new(root / f"truth{k}.mrc", overwrite=True) as m:
             m.set_data(V.numpy())
@@ -78,7 +103,9 @@ def oracle(star: Path, rows: np.ndarray, angles, shifts):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--box", type=int, default=32)
     ap.add_argument("--apix", type=float, default=10.0)
@@ -101,18 +128,45 @@ def main(argv=None) -> int:
     tp = np.load(data / "truth_poses.npz")
     run = args.work / f"run_k{args.classes}"
     t0 = time.perf_counter()
-    rc = cli(["-q", "reconstruct", str(data / "particles.star"), "-o", str(run), "--force",
-              "--classes", str(args.classes), "--max-time", str(args.max_time), "--seed", str(args.seed),
-              *args.extra])
+    rc = cli(
+        [
+            "-q",
+            "reconstruct",
+            str(data / "particles.star"),
+            "-o",
+            str(run),
+            "--force",
+            "--classes",
+            str(args.classes),
+            "--max-time",
+            str(args.max_time),
+            "--seed",
+            str(args.seed),
+            *args.extra,
+        ]
+    )
     wall = time.perf_counter() - t0
     table = starfile.read(run / "particles.star")["particles"]
     rows = table["rlnImageName"].str.split("@").str[0].astype(int).to_numpy() - 1
     got = table["rlnClassNumber"].to_numpy()
     labels = tp["labels"][rows]
-    result = {"benchmark": "classes", "command": " ".join(sys.argv), "rc": rc, "wall_s": round(wall, 1),
-              "n": args.n, "box": args.box, "apix": args.apix, "snr": args.snr, "noise_fraction": args.noise,
-              "classes": args.classes, "machine": machine_info(), "structures": []}
-    print(f"{'structure':<14}{'class':>6}{'purity':>8}{'FSC0.5':>9}{'FSC0.143':>10}{'oracle0.5':>11}")
+    result = {
+        "benchmark": "classes",
+        "command": " ".join(sys.argv),
+        "rc": rc,
+        "wall_s": round(wall, 1),
+        "n": args.n,
+        "box": args.box,
+        "apix": args.apix,
+        "snr": args.snr,
+        "noise_fraction": args.noise,
+        "classes": args.classes,
+        "machine": machine_info(),
+        "structures": [],
+    }
+    print(
+        f"{'structure':<14}{'class':>6}{'purity':>8}{'FSC0.5':>9}{'FSC0.143':>10}{'oracle0.5':>11}"
+    )
     for k, name in ((1, "GroEL-GroES"), (2, "GroEL")):
         mine = labels == k
         cls, count = Counter(got[mine]).most_common(1)[0]
@@ -120,13 +174,22 @@ def main(argv=None) -> int:
 
         vol = torch.as_tensor(read_map(run / f"volume_class{cls:03d}.mrc")[0])
         sc = score_vs_truth(truths[k - 1], vol, args.apix, args.seed, 1000)
-        orc = oracle(data / "particles.star", np.flatnonzero(tp["labels"] == k), tp["angles"], tp["shifts_A"])
+        orc = oracle(
+            data / "particles.star", np.flatnonzero(tp["labels"] == k), tp["angles"], tp["shifts_A"]
+        )
         so = score_vs_truth(truths[k - 1], orc, args.apix, args.seed, 1000)
-        row = {"structure": name, "class": int(cls), "purity": round(count / mine.sum(), 3),
-               "resolution_A": sc["resolution_A"], "oracle_resolution_A": so["resolution_A"]}
+        row = {
+            "structure": name,
+            "class": int(cls),
+            "purity": round(count / mine.sum(), 3),
+            "resolution_A": sc["resolution_A"],
+            "oracle_resolution_A": so["resolution_A"],
+        }
         result["structures"].append(row)
-        print(f"{name:<14}{cls:>6}{row['purity']:>8.2f}{sc['resolution_A']['0.5'] or float('nan'):>9.1f}"
-              f"{sc['resolution_A']['0.143'] or float('nan'):>10.1f}{so['resolution_A']['0.5'] or float('nan'):>11.1f}")
+        print(
+            f"{name:<14}{cls:>6}{row['purity']:>8.2f}{sc['resolution_A']['0.5'] or float('nan'):>9.1f}"
+            f"{sc['resolution_A']['0.143'] or float('nan'):>10.1f}{so['resolution_A']['0.5'] or float('nan'):>11.1f}"
+        )
     noise = labels == 0
     if noise.any():
         result["noise_classes"] = {int(c): int(v) for c, v in Counter(got[noise]).items()}

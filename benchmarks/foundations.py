@@ -61,6 +61,7 @@ def loadavg() -> list[float] | None:
 
 # --------------------------------------------------------------------------- projection error
 
+
 def _standardise(a):
     a = a - a.mean((-1, -2), keepdim=True)
     return a / a.std((-1, -2), keepdim=True)
@@ -117,6 +118,7 @@ def projection_error(golden_dir: Path) -> dict:
 
 # --------------------------------------------------------------------------- timed subprocesses
 
+
 def _parse_time_v(text: str) -> dict:
     def grab(label):
         m = re.search(rf"{re.escape(label)}:\s*(\S+)", text)
@@ -128,7 +130,7 @@ def _parse_time_v(text: str) -> dict:
     wall_s = None
     if wall:
         parts = [float(p) for p in wall.split(":")]
-        wall_s = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        wall_s = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     return {
         "wall_s_time": wall_s,
         "cpu_s": None if user is None else round(float(user) + float(sys_), 2),
@@ -151,22 +153,32 @@ def run_step(label: str, args: list[str], work: Path) -> dict:
     load_after = loadavg()
     after_ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise RuntimeError(f"step {label} failed (exit {proc.returncode}):\n"
-                           f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
-    rec = {"command": " ".join(["cryorecon", *args]), "wall_s": round(wall, 2),
-           "load_before": load_before, "load_after": load_after}
+        raise RuntimeError(
+            f"step {label} failed (exit {proc.returncode}):\n"
+            f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+        )
+    rec = {
+        "command": " ".join(["cryorecon", *args]),
+        "wall_s": round(wall, 2),
+        "load_before": load_before,
+        "load_after": load_after,
+    }
     if use_time and timefile.exists():
         rec.update(_parse_time_v(timefile.read_text()))
         rec["measured_by"] = "/usr/bin/time -v"
         timefile.unlink()
     else:
-        rec["cpu_s"] = round((after_ru.ru_utime - before_ru.ru_utime)
-                             + (after_ru.ru_stime - before_ru.ru_stime), 2)
+        rec["cpu_s"] = round(
+            (after_ru.ru_utime - before_ru.ru_utime) + (after_ru.ru_stime - before_ru.ru_stime), 2
+        )
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        rec["peak_rss_mb"] = round(after_ru.ru_maxrss * scale / 2 ** 20, 1)
+        rec["peak_rss_mb"] = round(after_ru.ru_maxrss * scale / 2**20, 1)
         rec["measured_by"] = "getrusage(RUSAGE_CHILDREN) (peak RSS = max over children so far)"
-    print(f"      wall {rec['wall_s']:.1f} s, cpu {rec['cpu_s']} s, peak RSS {rec['peak_rss_mb']} MB, "
-          f"load {load_before} -> {load_after}", flush=True)
+    print(
+        f"      wall {rec['wall_s']:.1f} s, cpu {rec['cpu_s']} s, peak RSS {rec['peak_rss_mb']} MB, "
+        f"load {load_before} -> {load_after}",
+        flush=True,
+    )
     return rec
 
 
@@ -175,49 +187,108 @@ def run_dataset(name: str, box: int, apix: float, snr, n: int, seed: int, work: 
     d.mkdir(parents=True, exist_ok=True)
     snr_arg = "inf" if snr is None else f"{snr:g}"
     print(f"{name}: n={n}, box {box}, {apix:g} Å/px, SNR {snr_arg}", flush=True)
-    rec = {"dataset": name, "n": n, "box": box, "apix": apix, "snr": snr, "seed": seed,
-           "defocus_um": [1.0, 3.0], "voltage_kv": 300.0, "max_shift_px": 3.0, "dir": str(d)}
-    rec["simulate"] = run_step(f"{name}_simulate", [
-        "simulate", "-n", str(n), "--box", str(box), "--apix", f"{apix:g}", "--snr", snr_arg,
-        "--seed", str(seed), "-o", str(d), "--force"], work)
-    rec["backproject"] = run_step(f"{name}_backproject", [
-        "backproject", str(d / "particles.star"), "-o", str(d / "oracle.mrc"), "--force"], work)
-    rec["fsc"] = run_step(f"{name}_fsc", [
-        "fsc", str(d / "truth.mrc"), str(d / "oracle.mrc"), "-o", str(d / "fsc_oracle"),
-        "--force"], work)
+    rec = {
+        "dataset": name,
+        "n": n,
+        "box": box,
+        "apix": apix,
+        "snr": snr,
+        "seed": seed,
+        "defocus_um": [1.0, 3.0],
+        "voltage_kv": 300.0,
+        "max_shift_px": 3.0,
+        "dir": str(d),
+    }
+    rec["simulate"] = run_step(
+        f"{name}_simulate",
+        [
+            "simulate",
+            "-n",
+            str(n),
+            "--box",
+            str(box),
+            "--apix",
+            f"{apix:g}",
+            "--snr",
+            snr_arg,
+            "--seed",
+            str(seed),
+            "-o",
+            str(d),
+            "--force",
+        ],
+        work,
+    )
+    rec["backproject"] = run_step(
+        f"{name}_backproject",
+        ["backproject", str(d / "particles.star"), "-o", str(d / "oracle.mrc"), "--force"],
+        work,
+    )
+    rec["fsc"] = run_step(
+        f"{name}_fsc",
+        [
+            "fsc",
+            str(d / "truth.mrc"),
+            str(d / "oracle.mrc"),
+            "-o",
+            str(d / "fsc_oracle"),
+            "--force",
+        ],
+        work,
+    )
     fj = json.loads((d / "fsc_oracle.json").read_text())
     res = fj["resolution_A"]
     rec["resolution_A"] = {"0.5": res.get("0.5"), "0.143": res.get("0.143")}
     rec["nyquist_A"] = 2 * apix
     rec["fsc_json"] = str(d / "fsc_oracle.json")
-    print(f"      oracle FSC 0.5: {rec['resolution_A']['0.5']} Å, 0.143: "
-          f"{rec['resolution_A']['0.143']} Å (Nyquist {2 * apix:g} Å)", flush=True)
+    print(
+        f"      oracle FSC 0.5: {rec['resolution_A']['0.5']} Å, 0.143: "
+        f"{rec['resolution_A']['0.143']} Å (Nyquist {2 * apix:g} Å)",
+        flush=True,
+    )
     return rec
 
 
 # --------------------------------------------------------------------------- report
 
+
 def machine() -> dict:
     try:
         import torch
+
         torch_version, threads = torch.__version__, torch.get_num_threads()
     except Exception:  # pragma: no cover
         torch_version, threads = None, None
     try:
         from importlib.metadata import version
+
         cr_version = version("cryorecon")
     except Exception:
         cr_version = None
     git = None
     try:
-        git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip() or None
+        git = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch": torch_version, "torch_threads": threads, "cryorecon": cr_version,
-            "git_head": git, "loadavg_start": loadavg()}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch_version,
+        "torch_threads": threads,
+        "cryorecon": cr_version,
+        "git_head": git,
+        "loadavg_start": loadavg(),
+    }
 
 
 def _fmt(x, spec=".1f"):
@@ -236,18 +307,24 @@ def table(result: dict) -> str:
         lines.append("|---|---:|---:|---:|---:|")
         for name in ("centered", "shifted"):
             r = pe[name]
-            lines.append(f"| {name} | {r['n_images']} | {r['rel_err_mean']:.4f} | "
-                         f"{r['rel_err_median']:.4f} | {r['rel_err_max']:.4f} |")
+            lines.append(
+                f"| {name} | {r['n_images']} | {r['rel_err_mean']:.4f} | "
+                f"{r['rel_err_median']:.4f} | {r['rel_err_max']:.4f} |"
+            )
     lines.append("")
     lines.append("Oracle back-projection (true poses) vs truth, and cost of each step")
     lines.append("")
-    lines.append("| dataset | n | box | Å/px | SNR | step | wall s | CPU s | peak RSS MB | load 1m before→after "
-                 "| FSC 0.5 Å | FSC 0.143 Å | Nyquist Å |")
+    lines.append(
+        "| dataset | n | box | Å/px | SNR | step | wall s | CPU s | peak RSS MB | load 1m before→after "
+        "| FSC 0.5 Å | FSC 0.143 Å | Nyquist Å |"
+    )
     lines.append("|---|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
     for d in result["datasets"]:
         if "error" in d:
-            lines.append(f"| {d['dataset']} | {d['n']} | {d['box']} | {d['apix']:g} | "
-                         f"{'none' if d['snr'] is None else d['snr']} | FAILED | | | | | | | |")
+            lines.append(
+                f"| {d['dataset']} | {d['n']} | {d['box']} | {d['apix']:g} | "
+                f"{'none' if d['snr'] is None else d['snr']} | FAILED | | | | | | | |"
+            )
             continue
         for step in ("simulate", "backproject"):
             s = d[step]
@@ -260,33 +337,48 @@ def table(result: dict) -> str:
                 f"{_fmt(s['wall_s'])} | {_fmt(s.get('cpu_s'))} | {_fmt(s.get('peak_rss_mb'))} | {load} | "
                 f"{_fmt(res.get('0.5'), '.2f') if res else ''} | "
                 f"{_fmt(res.get('0.143'), '.2f') if res else ''} | "
-                f"{format(d['nyquist_A'], 'g') if res else ''} |")
+                f"{format(d['nyquist_A'], 'g') if res else ''} |"
+            )
     m = result["machine"]
     lines.append("")
-    lines.append(f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
-                 f"({m['torch_threads']} threads), load avg at start {m['loadavg_start']}, "
-                 f"at end {result.get('loadavg_end')}; seed {result['seed']}; "
-                 f"total {result.get('total_wall_s')} s; {result['started_utc']}")
+    lines.append(
+        f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+        f"({m['torch_threads']} threads), load avg at start {m['loadavg_start']}, "
+        f"at end {result.get('loadavg_end')}; seed {result['seed']}; "
+        f"total {result.get('total_wall_s')} s; {result['started_utc']}"
+    )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output (the .md goes next to it)")
-    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="folder for simulated data and maps")
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="JSON output (the .md goes next to it)"
+    )
+    ap.add_argument(
+        "--work", type=Path, default=DEFAULT_WORK, help="folder for simulated data and maps"
+    )
     ap.add_argument("--n", type=int, default=10000, help="particles per dataset (default 10000)")
     ap.add_argument("--quick", action="store_true", help="n = 1000 smoke test")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--only", nargs="*", choices=[d[0] for d in DATASETS],
-                    help="run only these datasets (default: all)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        choices=[d[0] for d in DATASETS],
+        help="run only these datasets (default: all)",
+    )
     ap.add_argument("--golden", type=Path, default=GOLDEN, help="RELION golden projections folder")
     args = ap.parse_args(argv)
     n = 1000 if args.quick else args.n
 
     t_start = time.perf_counter()
-    result = {"benchmark": "foundations", "seed": args.seed, "n": n,
-              "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine()}
+    result = {
+        "benchmark": "foundations",
+        "seed": args.seed,
+        "n": n,
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+    }
     print(f"machine: {result['machine']}", flush=True)
     print("projection error vs RELION ...", flush=True)
     result["projection_error"] = projection_error(args.golden)
@@ -303,8 +395,17 @@ def main(argv=None) -> int:
         except Exception as e:  # keep going: report what failed
             failed = True
             print(f"  FAILED: {e}", file=sys.stderr, flush=True)
-            result["datasets"].append({"dataset": name, "n": n, "box": box, "apix": apix,
-                                       "snr": snr, "seed": args.seed, "error": str(e)})
+            result["datasets"].append(
+                {
+                    "dataset": name,
+                    "n": n,
+                    "box": box,
+                    "apix": apix,
+                    "snr": snr,
+                    "seed": args.seed,
+                    "error": str(e),
+                }
+            )
     result["loadavg_end"] = loadavg()
     result["total_wall_s"] = round(time.perf_counter() - t_start, 1)
 

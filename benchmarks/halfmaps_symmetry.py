@@ -25,7 +25,9 @@ from _common import RESULTS, machine_info, quiet, score_vs_truth, write_json  # 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=4000)
     ap.add_argument("--box", type=int, default=32)
     ap.add_argument("--apix", type=float, default=10.0)
@@ -49,34 +51,76 @@ def main(argv=None) -> int:
     rows = []
     for g in args.groups:
         run = args.work / f"run_{g}"
-        rc = cli(["-q", "reconstruct", str(data / "particles.star"), "-o", str(run), "--force",
-                  "--max-time", str(args.minutes), "--symmetry", g, "--report-every", "0", *extra])
+        rc = cli(
+            [
+                "-q",
+                "reconstruct",
+                str(data / "particles.star"),
+                "-o",
+                str(run),
+                "--force",
+                "--max-time",
+                str(args.minutes),
+                "--symmetry",
+                g,
+                "--report-every",
+                "0",
+                *extra,
+            ]
+        )
         info = json.loads((run / "run.json").read_text())
-        recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        recs = [
+            json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()
+        ]
         vol = torch.as_tensor(read_map(run / "volume.mrc")[0])
         sc = score_vs_truth(truth, vol, args.apix, 0, 1000)
         gs = info.get("gold_standard_resolution_A")
         r05 = sc["resolution_A"]["0.5"]
-        rows.append({"symmetry": g, "rc": rc, "iterations": info["iterations"], "seconds": round(info["seconds"], 1),
-                     "stop_reason": info["stop_reason"], "gold_standard_resolution_A": gs,
-                     "fsc_vs_truth_A": sc["resolution_A"], "ratio_gold_to_truth_05": None if not (gs and r05) else
-                     round(gs / r05, 3),
-                     "median_s_per_iteration": float(np.median(np.diff([r["seconds"] for r in recs]))),
-                     "median_poses_per_iteration": float(np.median([r["poses_full"] for r in recs])),
-                     "symmetry_score_C7": round(symmetry_score(vol, parse_symmetry("C7")), 4)})
-    print(f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min per run "
-          "(2 shared CPU cores)")
-    print(f"{'group':<6}{'iters':>6}{'gold 0.143':>11}{'truth 0.5':>10}{'truth 0.143':>12}{'ratio':>7}"
-          f"{'s/it':>7}{'poses/it':>10}{'C7 score':>9}")
+        rows.append(
+            {
+                "symmetry": g,
+                "rc": rc,
+                "iterations": info["iterations"],
+                "seconds": round(info["seconds"], 1),
+                "stop_reason": info["stop_reason"],
+                "gold_standard_resolution_A": gs,
+                "fsc_vs_truth_A": sc["resolution_A"],
+                "ratio_gold_to_truth_05": None if not (gs and r05) else round(gs / r05, 3),
+                "median_s_per_iteration": float(np.median(np.diff([r["seconds"] for r in recs]))),
+                "median_poses_per_iteration": float(np.median([r["poses_full"] for r in recs])),
+                "symmetry_score_C7": round(symmetry_score(vol, parse_symmetry("C7")), 4),
+            }
+        )
+    print(
+        f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min per run "
+        "(2 shared CPU cores)"
+    )
+    print(
+        f"{'group':<6}{'iters':>6}{'gold 0.143':>11}{'truth 0.5':>10}{'truth 0.143':>12}{'ratio':>7}"
+        f"{'s/it':>7}{'poses/it':>10}{'C7 score':>9}"
+    )
     for r in rows:
         t = r["fsc_vs_truth_A"]
-        print(f"{r['symmetry']:<6}{r['iterations']:>6}{r['gold_standard_resolution_A'] or float('nan'):>11.1f}"
-              f"{t['0.5'] or float('nan'):>10.1f}{t['0.143'] or float('nan'):>12.1f}"
-              f"{r['ratio_gold_to_truth_05'] or float('nan'):>7.2f}{r['median_s_per_iteration']:>7.2f}"
-              f"{r['median_poses_per_iteration']:>10.0f}{r['symmetry_score_C7']:>9.3f}")
-    write_json(args.out, {"benchmark": "halfmaps_symmetry", "command": " ".join(sys.argv), "rows": rows,
-                          "n": args.n, "box": args.box, "apix": args.apix, "snr": args.snr,
-                          "minutes": args.minutes, "machine": machine_info()})
+        print(
+            f"{r['symmetry']:<6}{r['iterations']:>6}{r['gold_standard_resolution_A'] or float('nan'):>11.1f}"
+            f"{t['0.5'] or float('nan'):>10.1f}{t['0.143'] or float('nan'):>12.1f}"
+            f"{r['ratio_gold_to_truth_05'] or float('nan'):>7.2f}{r['median_s_per_iteration']:>7.2f}"
+            f"{r['median_poses_per_iteration']:>10.0f}{r['symmetry_score_C7']:>9.3f}"
+        )
+    write_json(
+        args.out,
+        {
+            "benchmark": "halfmaps_symmetry",
+            "command": " ".join(sys.argv),
+            "rows": rows,
+            "n": args.n,
+            "box": args.box,
+            "apix": args.apix,
+            "snr": args.snr,
+            "minutes": args.minutes,
+            "machine": machine_info(),
+        },
+    )
     return 0
 
 

@@ -92,41 +92,59 @@ def pct(x: np.ndarray, q: float) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("run", type=Path, help="run folder (checkpoint.pt, run.json, metrics.jsonl)")
     ap.add_argument("--particles", help="particle file (default: the one in run.json)")
     ap.add_argument("--n-particles", type=int, default=100)
     ap.add_argument("--s0", type=float, nargs="+", default=[1, 3, 10, 30, 100])
-    ap.add_argument("--omega", type=float, default=None, help="band limit 1/Å (default: the run's last omega*)")
-    ap.add_argument("--grid-scale", type=float, default=None, help="quadrature coarsening (default: the run's)")
+    ap.add_argument(
+        "--omega", type=float, default=None, help="band limit 1/Å (default: the run's last omega*)"
+    )
+    ap.add_argument(
+        "--grid-scale", type=float, default=None, help="quadrature coarsening (default: the run's)"
+    )
     ap.add_argument("--repeats", type=int, default=3, help="independent draws per s0")
-    ap.add_argument("--tau-prev", type=int, default=None,
-                    help="iteration of the previous visit (alpha, T of Eq. 20); see the module notes")
+    ap.add_argument(
+        "--tau-prev",
+        type=int,
+        default=None,
+        help="iteration of the previous visit (alpha, T of Eq. 20); see the module notes",
+    )
     ap.add_argument("--history", choices=["auto", "run", "exact"], default="auto")
-    ap.add_argument("--chunk", type=int, default=None, help="particles per plan (default: the run's minibatch)")
+    ap.add_argument(
+        "--chunk", type=int, default=None, help="particles per plan (default: the run's minibatch)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--floor-check", type=int, default=4,
-                    help="particles for the whole-grid check of sampled_loglik against marginal_loglik (0: off)")
+    ap.add_argument(
+        "--floor-check",
+        type=int,
+        default=4,
+        help="particles for the whole-grid check of sampled_loglik against marginal_loglik (0: off)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_accuracy.json")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from cryorecon.config import ReconstructConfig
     from cryorecon.fourier.slicing import SliceOperator, spectrum_from_volume
     from cryorecon.io.particles import read_particles
-    from cryorecon.preprocess import load_batch
     from cryorecon.model.importance import ImportanceSampler, ISConfig, PoseHistory
     from cryorecon.model.likelihood import marginal_loglik, sampled_loglik, sampled_loglik_groups
-    from cryorecon.config import ReconstructConfig
     from cryorecon.model.objective import MAX_SAMPLED_FRACTION
+    from cryorecon.preprocess import load_batch
     from cryorecon.start import make_level
 
     t_start = time.perf_counter()
     run = args.run
     info = json.loads((run / "run.json").read_text())
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg_d = {k: v for k, v in state["config"].items() if k in ReconstructConfig.__dataclass_fields__}
+    cfg_d = {
+        k: v for k, v in state["config"].items() if k in ReconstructConfig.__dataclass_fields__
+    }
     cfg = ReconstructConfig(**cfg_d)
     ps = read_particles(resolve_particles(args.particles, info, run))
     D = ps.D
@@ -149,23 +167,34 @@ def main(argv=None) -> int:
     # ---- particles and history mode ------------------------------------------------------
     hist_state = state.get("importance")
     n_total = len(ps)
-    has_hist = (np.asarray(hist_state["tau_prev"]) >= 0) if hist_state is not None else np.zeros(n_total, bool)
+    has_hist = (
+        (np.asarray(hist_state["tau_prev"]) >= 0)
+        if hist_state is not None
+        else np.zeros(n_total, bool)
+    )
     mode = args.history
     if mode == "auto":
         mode = "run" if has_hist.sum() >= args.n_particles else "exact"
     if mode == "run" and hist_state is None:
-        raise SystemExit("the checkpoint holds no importance-sampling history (run with --exact?); use --history exact")
+        raise SystemExit(
+            "the checkpoint holds no importance-sampling history (run with --exact?); use --history exact"
+        )
     pool = np.flatnonzero(has_hist) if mode == "run" else np.arange(n_total)
     if len(pool) < args.n_particles:
-        raise SystemExit(f"only {len(pool)} particles available for --history {mode}; lower --n-particles")
+        raise SystemExit(
+            f"only {len(pool)} particles available for --history {mode}; lower --n-particles"
+        )
     rng = np.random.default_rng(args.seed)
     pidx = np.sort(rng.choice(pool, args.n_particles, replace=False))
     n = len(pidx)
     groups = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]  # local indices
 
-    print(f"run {run} (tau {tau_run}); omega* {omega:.4g} 1/Å ({1 / omega:.1f} Å), grid scale {grid_scale}: "
-          f"M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} ({grid.n_rotations * grid.M_t} poses), "
-          f"{lvl.halfplane.M} coefficients; {n} particles, history '{mode}'", flush=True)
+    print(
+        f"run {run} (tau {tau_run}); omega* {omega:.4g} 1/Å ({1 / omega:.1f} Å), grid scale {grid_scale}: "
+        f"M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} ({grid.n_rotations * grid.M_t} poses), "
+        f"{lvl.halfplane.M} coefficients; {n} particles, history '{mode}'",
+        flush=True,
+    )
 
     # ---- exact log p and posteriors ----------------------------------------------------------
     t0 = time.perf_counter()
@@ -173,8 +202,15 @@ def main(argv=None) -> int:
     batches, exact_ll, post_rot, post_shift = [], [], [], []
     for g in groups:
         b = load_batch(ps, pidx[g], lvl.halfplane, diameter_px, "cpu")
-        r = marginal_loglik(slices_full, b, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, want_grad=False,
-                            want_posteriors=True)
+        r = marginal_loglik(
+            slices_full,
+            b,
+            lvl.shifts,
+            lvl.log_w_rot,
+            lvl.log_w_shift,
+            want_grad=False,
+            want_posteriors=True,
+        )
         batches.append(b)
         exact_ll.append(r.loglik)
         post_rot.append(r.post_rot)
@@ -191,23 +227,44 @@ def main(argv=None) -> int:
         b0 = batches[0]
         bf = type(b0)(sub(b0.y), sub(b0.ctf), sub(b0.sigma2), b0.weight, b0.freqs)
         J = grid.n_rotations
-        rf = sampled_loglik(slices_full, bf, torch.arange(J).expand(nf, J), lvl.log_w_rot.expand(nf, J),
-                            lvl.shifts.expand(nf, -1, -1), lvl.log_w_shift.expand(nf, -1), want_grad=False)
+        rf = sampled_loglik(
+            slices_full,
+            bf,
+            torch.arange(J).expand(nf, J),
+            lvl.log_w_rot.expand(nf, J),
+            lvl.shifts.expand(nf, -1, -1),
+            lvl.log_w_shift.expand(nf, -1),
+            want_grad=False,
+        )
         floor_nats = float((rf.loglik - exact_ll[0][:nf]).abs().max())
-        print(f"numerical floor (whole grid through sampled_loglik vs marginal_loglik, {nf} particles): "
-              f"{floor_nats:.2e} nats", flush=True)
+        print(
+            f"numerical floor (whole grid through sampled_loglik vs marginal_loglik, {nf} particles): "
+            f"{floor_nats:.2e} nats",
+            flush=True,
+        )
 
     del slices_full
 
     # ---- history ("previous visit") -------------------------------------------------------------
     sampler = ImportanceSampler(n, ISConfig(s0=1.0), schedule, args.seed)
     if mode == "run":
-        keep = dict(keep_d=hist_state["d"].shape[1], keep_psi=hist_state["psi"].shape[1],
-                    keep_t=hist_state["t"].shape[1])
+        keep = dict(
+            keep_d=hist_state["d"].shape[1],
+            keep_psi=hist_state["psi"].shape[1],
+            keep_t=hist_state["t"].shape[1],
+        )
         sampler.cfg = ISConfig(s0=1.0, **keep)
         sampler.hist = PoseHistory(n, sampler.cfg)
-        sampler.hist.load_state_dict({k: (v[pidx].copy() if isinstance(v, np.ndarray) else v[torch.as_tensor(pidx)].clone())
-                                      for k, v in hist_state.items()})
+        sampler.hist.load_state_dict(
+            {
+                k: (
+                    v[pidx].copy()
+                    if isinstance(v, np.ndarray)
+                    else v[torch.as_tensor(pidx)].clone()
+                )
+                for k, v in hist_state.items()
+            }
+        )
         if args.tau_prev is not None:
             sampler.hist.tau_prev[:] = args.tau_prev
     else:
@@ -218,8 +275,11 @@ def main(argv=None) -> int:
     tp_groups = [int(tau_prev[g].max()) for g in groups]
     alphas = sorted({schedule.alpha(max(t, 0)) for t in tp_groups})
     temps = sorted({schedule.temperature(max(t, 0)) for t in tp_groups})
-    print(f"tau_prev: {np.min(tau_prev)}..{np.max(tau_prev)} (groups use {sorted(set(tp_groups))}); "
-          f"alpha {', '.join(f'{a:.3g}' for a in alphas)}; T {', '.join(f'{t:.3g}' for t in temps)}", flush=True)
+    print(
+        f"tau_prev: {np.min(tau_prev)}..{np.max(tau_prev)} (groups use {sorted(set(tp_groups))}); "
+        f"alpha {', '.join(f'{a:.3g}' for a in alphas)}; T {', '.join(f'{t:.3g}' for t in temps)}",
+        flush=True,
+    )
 
     # ---- importance sampling at each s0 -----------------------------------------------------------
     full = grid.n_rotations * grid.M_t
@@ -279,14 +339,20 @@ def main(argv=None) -> int:
         row = {
             "s0": float(s0),
             "n": int(len(rel)),
-            "rel_median": float(np.median(rel)), "rel_p90": pct(rel, 90), "rel_mean": float(rel.mean()),
+            "rel_median": float(np.median(rel)),
+            "rel_p90": pct(rel, 90),
+            "rel_mean": float(rel.mean()),
             "rel_max": float(rel.max()),
-            "abs_nats_median": float(np.median(absn)), "abs_nats_p90": pct(absn, 90), "abs_nats_max": float(absn.max()),
+            "abs_nats_median": float(np.median(absn)),
+            "abs_nats_p90": pct(absn, 90),
+            "abs_nats_max": float(absn.max()),
             "signed_nats_mean": float(signed.mean()),
-            "fraction_mean": float(frac.mean()), "fraction_median": float(np.median(frac)),
+            "fraction_mean": float(frac.mean()),
+            "fraction_median": float(np.median(frac)),
             "fraction_plan_mean": float(np.mean(plan_fracs)),
             "fraction_computed_mean": float(np.mean(comp_fracs)),
-            "plans_none": plans_none, "plans_total": plans_total,
+            "plans_none": plans_none,
+            "plans_total": plans_total,
             "rows_exact": int(exact_rows.sum()),
             "rel_median_sampled_rows": float(np.median(rel[sampled])) if sampled.any() else None,
             "rel_p90_sampled_rows": pct(rel[sampled], 90) if sampled.any() else None,
@@ -295,36 +361,60 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - t0, 2),
         }
         rows.append(row)
-        print(f"  s0 {s0:g}: rel median {row['rel_median']:.2e}, p90 {row['rel_p90']:.2e}, "
-              f"fraction {row['fraction_mean']:.3g} ({row['seconds']} s)", flush=True)
+        print(
+            f"  s0 {s0:g}: rel median {row['rel_median']:.2e}, p90 {row['rel_p90']:.2e}, "
+            f"fraction {row['fraction_mean']:.3g} ({row['seconds']} s)",
+            flush=True,
+        )
 
     # ---- report ---------------------------------------------------------------------------------------
-    hdr = (f"{'s0':>6} {'rel med':>9} {'rel p90':>9} {'rel max':>9} {'|d| med':>9} {'|d| p90':>9} "
-           f"{'mean d':>9} {'fraction':>9} {'speedup':>8} {'computed':>9} {'exact rows':>10} {'None':>6}  uniq d/psi/t")
+    hdr = (
+        f"{'s0':>6} {'rel med':>9} {'rel p90':>9} {'rel max':>9} {'|d| med':>9} {'|d| p90':>9} "
+        f"{'mean d':>9} {'fraction':>9} {'speedup':>8} {'computed':>9} {'exact rows':>10} {'None':>6}  uniq d/psi/t"
+    )
     print()
     print(hdr)
     for r in rows:
         u = r["unique_draws_mean"]
-        print(f"{r['s0']:>6g} {r['rel_median']:>9.2e} {r['rel_p90']:>9.2e} {r['rel_max']:>9.2e} "
-              f"{r['abs_nats_median']:>9.3g} {r['abs_nats_p90']:>9.3g} {r['signed_nats_mean']:>+9.3g} "
-              f"{r['fraction_mean']:>9.3g} {1 / r['fraction_mean']:>8.3g} {r['fraction_computed_mean']:>9.3g} "
-              f"{r['rows_exact']:>5}/{r['n']:<4} "
-              f"{r['plans_none']:>3}/{r['plans_total']:<2}  {u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}")
-    print("(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full quadrature; "
-          "computed: what the engine evaluates (exact images whole, groups padded to max n_d x n_psi x n_t); "
-          "exact rows: images routed to the exact sum; None: plans entirely exact)")
+        print(
+            f"{r['s0']:>6g} {r['rel_median']:>9.2e} {r['rel_p90']:>9.2e} {r['rel_max']:>9.2e} "
+            f"{r['abs_nats_median']:>9.3g} {r['abs_nats_p90']:>9.3g} {r['signed_nats_mean']:>+9.3g} "
+            f"{r['fraction_mean']:>9.3g} {1 / r['fraction_mean']:>8.3g} {r['fraction_computed_mean']:>9.3g} "
+            f"{r['rows_exact']:>5}/{r['n']:<4} "
+            f"{r['plans_none']:>3}/{r['plans_total']:<2}  {u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}"
+        )
+    print(
+        "(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full quadrature; "
+        "computed: what the engine evaluates (exact images whole, groups padded to max n_d x n_psi x n_t); "
+        "exact rows: images routed to the exact sum; None: plans entirely exact)"
+    )
 
     result = {
         "benchmark": "importance_accuracy",
-        "run": str(run), "particles": str(ps.source), "tau_run": tau_run,
-        "omega_star": omega, "resolution_A": 1.0 / omega, "grid_scale": grid_scale, "box": D, "apix": apix,
+        "run": str(run),
+        "particles": str(ps.source),
+        "tau_run": tau_run,
+        "omega_star": omega,
+        "resolution_A": 1.0 / omega,
+        "grid_scale": grid_scale,
+        "box": D,
+        "apix": apix,
         "grid": {"M_d": grid.M_d, "M_psi": grid.M_psi, "M_t": grid.M_t, "poses": full},
         "coefficients": int(lvl.halfplane.M),
-        "n_particles": n, "particle_indices": pidx.tolist(), "repeats": args.repeats, "chunk": chunk,
-        "seed": args.seed, "history": mode,
+        "n_particles": n,
+        "particle_indices": pidx.tolist(),
+        "repeats": args.repeats,
+        "chunk": chunk,
+        "seed": args.seed,
+        "history": mode,
         "tau_prev": {"min": int(tau_prev.min()), "max": int(tau_prev.max()), "groups": tp_groups},
-        "alpha": alphas, "temperature": temps,
-        "exact_loglik": {"median": float(np.median(exact)), "min": float(exact.min()), "max": float(exact.max())},
+        "alpha": alphas,
+        "temperature": temps,
+        "exact_loglik": {
+            "median": float(np.median(exact)),
+            "min": float(exact.min()),
+            "max": float(exact.max()),
+        },
         "exact_seconds": round(t_exact, 2),
         "numerical_floor_nats": floor_nats,
         "rows": rows,
@@ -335,7 +425,11 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     png = args.out.with_suffix(".png")
-    plot(rows, png, f"{n} particles, {1 / omega:.0f} Å, history '{mode}', tau_prev {int(np.median(tau_prev))}")
+    plot(
+        rows,
+        png,
+        f"{n} particles, {1 / omega:.0f} Å, history '{mode}', tau_prev {int(np.median(tau_prev))}",
+    )
     print(f"wrote {args.out} and {png}")
     return 0
 
@@ -354,13 +448,27 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     # Zero errors (the exact sum was used) cannot sit on a log axis: hollow markers at a floor.
     floor = float(pos.min()) / 10 if len(pos) else 1e-6
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(s0, np.where(med > 0, med, np.nan), "o-", color="tab:blue", label="relative error, median")
-    ax.loglog(s0, np.where(p90 > 0, p90, np.nan), "s--", color="tab:blue", alpha=0.6,
-              label="relative error, 90th pct")
+    ax.loglog(
+        s0, np.where(med > 0, med, np.nan), "o-", color="tab:blue", label="relative error, median"
+    )
+    ax.loglog(
+        s0,
+        np.where(p90 > 0, p90, np.nan),
+        "s--",
+        color="tab:blue",
+        alpha=0.6,
+        label="relative error, 90th pct",
+    )
     zero = p90 <= 0
     if zero.any():
-        ax.loglog(s0[zero], np.full(zero.sum(), floor), "o", mfc="none", color="tab:blue",
-                  label="error 0 (exact sum used), drawn at floor")
+        ax.loglog(
+            s0[zero],
+            np.full(zero.sum(), floor),
+            "o",
+            mfc="none",
+            color="tab:blue",
+            label="error 0 (exact sum used), drawn at floor",
+        )
     ax.set_xlabel("ESS scaling factor $s_0$")
     ax.set_ylabel("relative error of log p(I)", color="tab:blue")
     ax.tick_params(axis="y", colors="tab:blue")

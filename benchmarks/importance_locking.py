@@ -39,15 +39,19 @@ from _common import resume_copy  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a run folder with checkpoint.pt (importance sampling on)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "run", type=Path, help="a run folder with checkpoint.pt (importance sampling on)"
+    )
     ap.add_argument("--particles", type=int, default=100, help="held-out particles examined")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_locking.json")
     args = ap.parse_args()
 
     from cryorecon.fourier.slicing import spectrum_from_volume
-    from cryorecon.preprocess import load_batch
     from cryorecon.model.likelihood import marginal_loglik
+    from cryorecon.preprocess import load_batch
 
     with tempfile.TemporaryDirectory() as tmp:
         run = resume_copy(args.run, Path(tmp) / "run")
@@ -67,8 +71,15 @@ def main() -> int:
 
         batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px, run.device)
         S = lvl.slice_op.slice(spectrum_from_volume(run.V, run.cfg.oversample))
-        res = marginal_loglik(S, batch, lvl.shifts, lvl.log_w_rot, lvl.log_w_shift, want_grad=False,
-                              want_posteriors=True)
+        res = marginal_loglik(
+            S,
+            batch,
+            lvl.shifts,
+            lvl.log_w_rot,
+            lvl.log_w_shift,
+            want_grad=False,
+            want_posteriors=True,
+        )
         v_ex = -float(res.loglik.sum())
         p_d = res.post_rot.double().reshape(len(idx), g.M_d, g.M_psi).sum(2)
         i = torch.as_tensor(idx)
@@ -78,16 +89,29 @@ def main() -> int:
         covered = (p_d * (q_d > 2.0 / g.M_d)).sum(1).numpy()
 
     result = {
-        "benchmark": "importance_locking", "run": str(args.run), "command": " ".join(sys.argv),
-        "iteration": run.tau, "resolution_A": round(1 / lvl.omega, 2), "particles": len(idx),
-        "annealing_clock": clock, "alpha": run.schedule.alpha(clock), "temperature": run.schedule.temperature(clock),
-        "fraction_evaluated": is_info["fraction"], "grid_spacing_deg": round(math.degrees(g.r_d), 2),
+        "benchmark": "importance_locking",
+        "run": str(args.run),
+        "command": " ".join(sys.argv),
+        "iteration": run.tau,
+        "resolution_A": round(1 / lvl.omega, 2),
+        "particles": len(idx),
+        "annealing_clock": clock,
+        "alpha": run.schedule.alpha(clock),
+        "temperature": run.schedule.temperature(clock),
+        "fraction_evaluated": is_info["fraction"],
+        "grid_spacing_deg": round(math.degrees(g.r_d), 2),
         "neg_loglik_per_particle": {"importance": v_is / len(idx), "exact": v_ex / len(idx)},
-        "deficit_nats_per_particle": (v_is - v_ex) / len(idx), "rel_error": (v_is - v_ex) / abs(v_ex),
-        "angle_to_exact_mode_deg": {f"q{int(q * 100)}": round(float(np.quantile(angle, q)), 1)
-                                    for q in (0.1, 0.25, 0.5, 0.75, 0.9)},
+        "deficit_nats_per_particle": (v_is - v_ex) / len(idx),
+        "rel_error": (v_is - v_ex) / abs(v_ex),
+        "angle_to_exact_mode_deg": {
+            f"q{int(q * 100)}": round(float(np.quantile(angle, q)), 1)
+            for q in (0.1, 0.25, 0.5, 0.75, 0.9)
+        },
         "within_two_grid_steps": float(np.mean(angle <= 2 * math.degrees(g.r_d))),
-        "exact_mass_where_sampling_looks": {"median": float(np.median(covered)), "mean": float(covered.mean())},
+        "exact_mass_where_sampling_looks": {
+            "median": float(np.median(covered)),
+            "mean": float(covered.mean()),
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -51,33 +51,67 @@ def per_level_seconds(metrics: list[dict]) -> dict:
 
 
 def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: int = 0) -> dict:
-    cmd = py + ["reconstruct", str(data / "particles.star"), "-o", str(run), "--force", "--seed", str(seed),
-                "--resolution", str(args.resolution), "--grid-scale", str(args.grid_scale),
-                "--omega-every", str(args.omega_every), "--minibatch", str(args.minibatch),
-                "--max-iters", str(args.iters), "--patience", "1000000",
-                "--s0", str(args.s0), "--snapshot-every", str(args.iters), "--report-every", "100000"]
+    cmd = py + [
+        "reconstruct",
+        str(data / "particles.star"),
+        "-o",
+        str(run),
+        "--force",
+        "--seed",
+        str(seed),
+        "--resolution",
+        str(args.resolution),
+        "--grid-scale",
+        str(args.grid_scale),
+        "--omega-every",
+        str(args.omega_every),
+        "--minibatch",
+        str(args.minibatch),
+        "--max-iters",
+        str(args.iters),
+        "--patience",
+        "1000000",
+        "--s0",
+        str(args.s0),
+        "--snapshot-every",
+        str(args.iters),
+        "--report-every",
+        "100000",
+    ]
     if is_every:
         cmd += ["--is-every", str(is_every)]
     if exact:
         cmd.append("--exact")
-    print(f"  {'exact' if exact else f'importance sampling (annealing step {step_label(is_every, args)})'} ...",
-          flush=True)
+    print(
+        f"  {'exact' if exact else f'importance sampling (annealing step {step_label(is_every, args)})'} ...",
+        flush=True,
+    )
     t = timed(cmd)
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     final = score(data / "truth.mrc", run / "volume.mrc", seed=seed, band_A=args.resolution)
     rec = {k: v for k, v in t.items() if k != "stdout"}
-    rec.update({
-        "iterations": len(metrics), "final": final,
-        "seconds_per_iteration_by_resolution_A": per_level_seconds(metrics),
-        "fraction_evaluated": [m["fraction_evaluated"] for m in metrics],
-        "fraction_computed": [m.get("fraction_computed", 1.0) for m in metrics],
-        "seconds": [m["seconds"] for m in metrics],
-        "resolution_A": [m["resolution_A"] for m in metrics],
-        "run_seconds": metrics[-1]["seconds"],
-    })
-    print(f"    {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, {rec['peak_rss_mib']:.0f} MiB; "
-          f"FSC0.5 {final['fsc05_A']} Å, 0.143 {final['fsc0143_A']} Å; last fraction "
-          f"{rec['fraction_evaluated'][-1]:.3g}", flush=True)
+    rec.update(
+        {
+            "iterations": len(metrics),
+            "final": final,
+            "seconds_per_iteration_by_resolution_A": per_level_seconds(metrics),
+            "fraction_evaluated": [m["fraction_evaluated"] for m in metrics],
+            "fraction_computed": [m.get("fraction_computed", 1.0) for m in metrics],
+            "seconds": [m["seconds"] for m in metrics],
+            "resolution_A": [m["resolution_A"] for m in metrics],
+            "run_seconds": metrics[-1]["seconds"],
+        }
+    )
+    print(
+        f"    {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU, {rec['peak_rss_mib']:.0f} MiB; "
+        f"FSC0.5 {final['fsc05_A']} Å, 0.143 {final['fsc0143_A']} Å; last fraction "
+        f"{rec['fraction_evaluated'][-1]:.3g}",
+        flush=True,
+    )
     return rec
 
 
@@ -91,15 +125,22 @@ def summarise(comparisons: list[dict]) -> list[dict]:
     for ie in sorted({c["is_every"] for c in comparisons}):
         cs = [c for c in comparisons if c["is_every"] == ie]
         mean = lambda xs: round(statistics.fmean(xs), 2)  # noqa: E731
-        out.append({
-            "is_every": ie, "seeds": [c["seed"] for c in cs],
-            "median_speedup_wall": round(statistics.median(c["speedup_wall"] for c in cs), 3),
-            "median_speedup_cpu": round(statistics.median(c["speedup_cpu"] for c in cs), 3),
-            "mean_fsc05_A": {"importance": mean([c["importance"]["final"]["fsc05_A"] for c in cs]),
-                             "exact": mean([c["exact"]["final"]["fsc05_A"] for c in cs])},
-            "mean_fsc0143_A": {"importance": mean([c["importance"]["final"]["fsc0143_A"] for c in cs]),
-                               "exact": mean([c["exact"]["final"]["fsc0143_A"] for c in cs])},
-        })
+        out.append(
+            {
+                "is_every": ie,
+                "seeds": [c["seed"] for c in cs],
+                "median_speedup_wall": round(statistics.median(c["speedup_wall"] for c in cs), 3),
+                "median_speedup_cpu": round(statistics.median(c["speedup_cpu"] for c in cs), 3),
+                "mean_fsc05_A": {
+                    "importance": mean([c["importance"]["final"]["fsc05_A"] for c in cs]),
+                    "exact": mean([c["exact"]["final"]["fsc05_A"] for c in cs]),
+                },
+                "mean_fsc0143_A": {
+                    "importance": mean([c["importance"]["final"]["fsc0143_A"] for c in cs]),
+                    "exact": mean([c["exact"]["final"]["fsc0143_A"] for c in cs]),
+                },
+            }
+        )
         for k in ("fsc05_A", "fsc0143_A"):
             m = out[-1][f"mean_{k}"]
             out[-1][f"mean_ratio_{k}"] = round(m["importance"] / m["exact"], 3)
@@ -124,16 +165,32 @@ def plot(result: dict, path: Path) -> None:
             it = range(1, len(r["seconds"]) + 1)
             axes[0].plot(it, r["seconds"], style, label=label)
             axes[1].plot(it, r["fraction_evaluated"], style, label=label)
-        levels = sorted(cmp["exact"]["seconds_per_iteration_by_resolution_A"], key=float, reverse=True)
+        levels = sorted(
+            cmp["exact"]["seconds_per_iteration_by_resolution_A"], key=float, reverse=True
+        )
         ex = [cmp["exact"]["seconds_per_iteration_by_resolution_A"][k] for k in levels]
-        im = [cmp["importance"]["seconds_per_iteration_by_resolution_A"].get(k, float("nan")) for k in levels]
-        axes[2].plot([float(k) for k in levels], [e / i for e, i in zip(ex, im)], "o-",
-                     label=f"seed {s}, step {ie or 'default'}")
+        im = [
+            cmp["importance"]["seconds_per_iteration_by_resolution_A"].get(k, float("nan"))
+            for k in levels
+        ]
+        axes[2].plot(
+            [float(k) for k in levels],
+            [e / i for e, i in zip(ex, im)],
+            "o-",
+            label=f"seed {s}, step {ie or 'default'}",
+        )
     axes[0].set(xlabel="iteration", ylabel="cumulative run seconds", title="time")
-    axes[1].set(xlabel="iteration", ylabel="fraction of full quadrature", yscale="log",
-                title="poses evaluated (Fig. 9)")
-    axes[2].set(xlabel="cut-off resolution 1/omega* (Å)", ylabel="exact / IS seconds per iteration",
-                title="speed-up per iteration")
+    axes[1].set(
+        xlabel="iteration",
+        ylabel="fraction of full quadrature",
+        yscale="log",
+        title="poses evaluated (Fig. 9)",
+    )
+    axes[2].set(
+        xlabel="cut-off resolution 1/omega* (Å)",
+        ylabel="exact / IS seconds per iteration",
+        title="speed-up per iteration",
+    )
     axes[2].invert_xaxis()
     axes[2].axhline(1, color="0.6", lw=0.8)
     for ax in axes:
@@ -145,18 +202,29 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
     ap.add_argument("--iters", type=int, default=200, help="iterations per run (both runs)")
     ap.add_argument("--resolution", type=float, default=20.0, help="omega* cap, Å")
     ap.add_argument("--grid-scale", type=float, default=3.0)
     ap.add_argument("--omega-every", type=int, default=25)
     ap.add_argument("--minibatch", type=int, default=100)
-    ap.add_argument("--is-every", type=int, nargs="+", default=[0],
-                    help="annealing steps of the importance runs, one run per value (0: the CLI's default, "
-                         "a third of --omega-every)")
+    ap.add_argument(
+        "--is-every",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="annealing steps of the importance runs, one run per value (0: the CLI's default, "
+        "a third of --omega-every)",
+    )
     ap.add_argument("--s0", type=float, default=10.0)
-    ap.add_argument("--tag", default="", help="suffix of the run folders, to keep other settings' runs (e.g. _g2)")
+    ap.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the run folders, to keep other settings' runs (e.g. _g2)",
+    )
     ap.add_argument("--work", type=Path, default=HERE / "results" / "small_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_speedup.json")
     args = ap.parse_args()
@@ -166,55 +234,123 @@ def main() -> int:
     if not (data / "particles.star").exists():
         print("simulating the small set (benchmarks/small.py --n 4000 data) ...", flush=True)
         args.work.mkdir(parents=True, exist_ok=True)
-        timed(py + ["simulate", "-n", "4000", "--box", "64", "--apix", "5.6", "--snr", "0.05", "--seed", "0",
-                    "-o", str(data), "--force"])
-    sim = json.loads((data / "simulation.json").read_text()) if (data / "simulation.json").exists() else {}
-    result = {"benchmark": "importance_speedup", "command": " ".join(sys.argv), "data": str(data), "simulation": sim,
-              "settings": {k: getattr(args, k) for k in ("iters", "resolution", "grid_scale", "omega_every",
-                                                          "minibatch", "is_every", "s0")},
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                          "loadavg_start": os.getloadavg()}, "comparisons": []}
+        timed(
+            py
+            + [
+                "simulate",
+                "-n",
+                "4000",
+                "--box",
+                "64",
+                "--apix",
+                "5.6",
+                "--snr",
+                "0.05",
+                "--seed",
+                "0",
+                "-o",
+                str(data),
+                "--force",
+            ]
+        )
+    sim = (
+        json.loads((data / "simulation.json").read_text())
+        if (data / "simulation.json").exists()
+        else {}
+    )
+    result = {
+        "benchmark": "importance_speedup",
+        "command": " ".join(sys.argv),
+        "data": str(data),
+        "simulation": sim,
+        "settings": {
+            k: getattr(args, k)
+            for k in (
+                "iters",
+                "resolution",
+                "grid_scale",
+                "omega_every",
+                "minibatch",
+                "is_every",
+                "s0",
+            )
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "loadavg_start": os.getloadavg(),
+        },
+        "comparisons": [],
+    }
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        ex = run_one(py, data, args.work / f"speedup_exact{args.tag}_seed{seed}", seed, args, exact=True)
+        ex = run_one(
+            py, data, args.work / f"speedup_exact{args.tag}_seed{seed}", seed, args, exact=True
+        )
         for ie in args.is_every:
-            imp = run_one(py, data, args.work / f"speedup_is{ie or 'default'}{args.tag}_seed{seed}", seed, args,
-                          exact=False, is_every=ie)
-            result["comparisons"].append({
-                "seed": seed, "is_every": ie, "importance": imp, "exact": ex,
-                "speedup_wall": round(ex["wall_s"] / imp["wall_s"], 3),
-                "speedup_cpu": round(ex["cpu_s"] / imp["cpu_s"], 3),
-                "speedup_run_seconds": round(ex["run_seconds"] / imp["run_seconds"], 3),
-                "resolution_ratio_fsc05": round(imp["final"]["fsc05_A"] / ex["final"]["fsc05_A"], 3),
-                "resolution_ratio_fsc0143": round(imp["final"]["fsc0143_A"] / ex["final"]["fsc0143_A"], 3)})
+            imp = run_one(
+                py,
+                data,
+                args.work / f"speedup_is{ie or 'default'}{args.tag}_seed{seed}",
+                seed,
+                args,
+                exact=False,
+                is_every=ie,
+            )
+            result["comparisons"].append(
+                {
+                    "seed": seed,
+                    "is_every": ie,
+                    "importance": imp,
+                    "exact": ex,
+                    "speedup_wall": round(ex["wall_s"] / imp["wall_s"], 3),
+                    "speedup_cpu": round(ex["cpu_s"] / imp["cpu_s"], 3),
+                    "speedup_run_seconds": round(ex["run_seconds"] / imp["run_seconds"], 3),
+                    "resolution_ratio_fsc05": round(
+                        imp["final"]["fsc05_A"] / ex["final"]["fsc05_A"], 3
+                    ),
+                    "resolution_ratio_fsc0143": round(
+                        imp["final"]["fsc0143_A"] / ex["final"]["fsc0143_A"], 3
+                    ),
+                }
+            )
     result["summary"] = summarise(result["comparisons"])
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
-    print("\n| seed | path | wall s | CPU s | peak RSS MiB | s/it at cap | last fraction | FSC 0.5 Å | FSC 0.143 Å |")
+    print(
+        "\n| seed | path | wall s | CPU s | peak RSS MiB | s/it at cap | last fraction | FSC 0.5 Å | FSC 0.143 Å |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     cap = f"{args.resolution:.2f}"
 
     def line(seed, label, r):
-        print(f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
-              f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |")
+        print(
+            f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
+            f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |"
+        )
 
     for c in result["comparisons"]:
         line(c["seed"], f"importance, step {step_label(c['is_every'], args)}", c["importance"])
     for seed in args.seeds:
         line(seed, "exact", next(c["exact"] for c in result["comparisons"] if c["seed"] == seed))
     for c in result["comparisons"]:
-        print(f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall x{c['speedup_wall']}, CPU "
-              f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
-              f"0.143 x{c['resolution_ratio_fsc0143']}")
+        print(
+            f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall x{c['speedup_wall']}, CPU "
+            f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
+            f"0.143 x{c['resolution_ratio_fsc0143']}"
+        )
     for m in result["summary"]:
         f05, f0143 = m["mean_fsc05_A"], m["mean_fsc0143_A"]
-        print(f"step {step_label(m['is_every'], args)} over seeds {m['seeds']}: median speed-up wall "
-              f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS {f05['importance']}"
-              f" vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
-              f"{f0143['importance']} vs {f0143['exact']} Å (x{m['mean_ratio_fsc0143_A']})")
+        print(
+            f"step {step_label(m['is_every'], args)} over seeds {m['seeds']}: median speed-up wall "
+            f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS {f05['importance']}"
+            f" vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
+            f"{f0143['importance']} vs {f0143['exact']} Å (x{m['mean_ratio_fsc0143_A']})"
+        )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -32,30 +32,51 @@ from small import lowpass, score, timed  # noqa: E402
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("data", type=Path, help="folder with particles.star and truth.mrc")
-    ap.add_argument("--resolution", type=float, required=True, help="band limit of the capped score, Å")
-    ap.add_argument("--map", type=Path, default=None, help="output map (default DATA/../oracle_full.mrc)")
+    ap.add_argument(
+        "--resolution", type=float, required=True, help="band limit of the capped score, Å"
+    )
+    ap.add_argument(
+        "--map", type=Path, default=None, help="output map (default DATA/../oracle_full.mrc)"
+    )
     ap.add_argument("--out", type=Path, required=True, help="JSON output")
     args = ap.parse_args()
 
     star = args.data / "particles.star"
     out_map = args.map or args.data.parent / "oracle_full.mrc"
-    cmd = [sys.executable, "-m", "cryorecon", "backproject", str(star), "-o", str(out_map), "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cryorecon",
+        "backproject",
+        str(star),
+        "-o",
+        str(out_map),
+        "--force",
+    ]
     print("back-projecting ...", flush=True)
     t = timed(cmd)
     capped = out_map.with_name(out_map.stem + "_capped.mrc")
     lowpass(out_map, capped, args.resolution)
     sim = args.data / "simulation.json"
     result = {
-        "benchmark": "oracle", "command": " ".join(sys.argv), "data": str(args.data),
+        "benchmark": "oracle",
+        "command": " ".join(sys.argv),
+        "data": str(args.data),
         "simulation": json.loads(sim.read_text()) if sim.exists() else None,
         "backproject": {k: v for k, v in t.items() if k != "stdout"},
         "oracle": score(args.data / "truth.mrc", out_map, align=False),
         "oracle_capped": score(args.data / "truth.mrc", capped, align=False),
         "resolution_cap_A": args.resolution,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
     }
     write_json(args.out, result)
     print(json.dumps({k: result[k] for k in ("backproject", "oracle", "oracle_capped")}, indent=2))

@@ -64,11 +64,25 @@ def demo_config(s, seed: int):
     the periodic HTML report."""
     from cryorecon.reconstruct import ReconstructConfig
 
-    return ReconstructConfig(minibatch=s.minibatch, seed=seed, max_iters=s.max_iters, max_time=s.max_time,
-                             omega_start=s.omega_start, omega_step=s.omega_step, omega_every=s.omega_every,
-                             omega_max=s.omega_max, device="cpu", grid_scale=s.grid_scale, heldout=s.heldout,
-                             heldout_every=s.heldout_every, patience=s.patience, checkpoint_every=25,
-                             snapshot_every=50, report_every=None, resolution_schedule="paper")
+    return ReconstructConfig(
+        minibatch=s.minibatch,
+        seed=seed,
+        max_iters=s.max_iters,
+        max_time=s.max_time,
+        omega_start=s.omega_start,
+        omega_step=s.omega_step,
+        omega_every=s.omega_every,
+        omega_max=s.omega_max,
+        device="cpu",
+        grid_scale=s.grid_scale,
+        heldout=s.heldout,
+        heldout_every=s.heldout_every,
+        patience=s.patience,
+        checkpoint_every=25,
+        snapshot_every=50,
+        report_every=None,
+        resolution_schedule="paper",
+    )
 
 
 def dataset(work: Path, s, seed: int) -> tuple[Path, float]:
@@ -95,13 +109,21 @@ def lowpass(vol: torch.Tensor, apix: float, resolution_A: float) -> torch.Tensor
     D = vol.shape[-1]
     k = (torch.arange(D) - D // 2) / (D * apix)
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
-    keep = torch.sqrt(kx ** 2 + ky ** 2 + kz ** 2) < 1.0 / resolution_A
+    keep = torch.sqrt(kx**2 + ky**2 + kz**2) < 1.0 / resolution_A
     return ifft3c(fft3c(vol.double()) * keep).real.float()
 
 
-def score(truth: torch.Tensor, vol: torch.Tensor, apix: float, seed: int, n_global: int, align: bool = True):
+def score(
+    truth: torch.Tensor,
+    vol: torch.Tensor,
+    apix: float,
+    seed: int,
+    n_global: int,
+    align: bool = True,
+):
     """Align ``vol`` to ``truth`` (optional) and return (record, aligned map, FSC curve)."""
-    from cryorecon.validate import align as align_maps, fsc, resolution_at
+    from cryorecon.validate import align as align_maps
+    from cryorecon.validate import fsc, resolution_at
 
     rec = {}
     if align:
@@ -126,21 +148,49 @@ def run_seed(particles, truth, apix, s, seed: int, work: Path, max_iterations: i
     c0, w0 = time.process_time(), time.perf_counter()
     summary = reconstruct(particles, work / f"cryorecon_seed{seed}", cfg, force=True)
     cpu = time.process_time() - c0
-    cryo = {"iterations": summary["iterations"], "stop_reason": summary["reason"],
-            "wall_s": round(time.perf_counter() - w0, 2), "cpu_s": round(cpu, 2)}
+    cryo = {
+        "iterations": summary["iterations"],
+        "stop_reason": summary["reason"],
+        "wall_s": round(time.perf_counter() - w0, 2),
+        "cpu_s": round(cpu, 2),
+    }
     print(f"seed {seed}: projection matching for {cpu:.0f} CPU s ...", flush=True)
     pm_dir = work / f"projection_matching_seed{seed}"
-    pm = projection_matching(particles, pm_dir, cfg, max_cpu_seconds=cpu, max_iterations=max_iterations, force=True)
-    metrics = [json.loads(ln) for ln in (pm_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    pm = projection_matching(
+        particles, pm_dir, cfg, max_cpu_seconds=cpu, max_iterations=max_iterations, force=True
+    )
+    metrics = [
+        json.loads(ln) for ln in (pm_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
     last = metrics[-1]
-    pmr = {"iterations": pm["iterations"], "stop_reason": pm["reason"], "wall_s": round(pm["seconds"], 2),
-           "cpu_s": round(pm["cpu_seconds"], 2), "final_omega_star": pm["omega_star"],
-           "last_fraction_changed": last["fraction_changed"], "last_mean_correlation": last["mean_correlation"],
-           "per_iteration": [{k: m[k] for k in ("iteration", "cpu_seconds", "omega_star", "mean_loglik",
-                                                "mean_correlation", "fraction_changed")} for m in metrics]}
-    maps = {"cryorecon": read_map(work / f"cryorecon_seed{seed}" / "volume.mrc")[0],
-            "projection matching": read_map(pm_dir / "volume.mrc")[0],
-            "start": read_map(pm_dir / "initial.mrc")[0]}
+    pmr = {
+        "iterations": pm["iterations"],
+        "stop_reason": pm["reason"],
+        "wall_s": round(pm["seconds"], 2),
+        "cpu_s": round(pm["cpu_seconds"], 2),
+        "final_omega_star": pm["omega_star"],
+        "last_fraction_changed": last["fraction_changed"],
+        "last_mean_correlation": last["mean_correlation"],
+        "per_iteration": [
+            {
+                k: m[k]
+                for k in (
+                    "iteration",
+                    "cpu_seconds",
+                    "omega_star",
+                    "mean_loglik",
+                    "mean_correlation",
+                    "fraction_changed",
+                )
+            }
+            for m in metrics
+        ],
+    }
+    maps = {
+        "cryorecon": read_map(work / f"cryorecon_seed{seed}" / "volume.mrc")[0],
+        "projection matching": read_map(pm_dir / "volume.mrc")[0],
+        "start": read_map(pm_dir / "initial.mrc")[0],
+    }
     return {"seed": seed, "cryorecon": cryo, "projection_matching": pmr}, maps
 
 
@@ -165,16 +215,29 @@ def figure(path: Path, freq, panels: dict, curves: dict, cutoff_A: float, title:
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(f"{name} ({plane})" if row == 0 else f"({plane})", fontsize=9)
-    draw_fsc(fig.add_subplot(gs[2, :]), freq, curves, cutoff_A=cutoff_A, title=title, ylabel="FSC against the truth")
+    draw_fsc(
+        fig.add_subplot(gs[2, :]),
+        freq,
+        curves,
+        cutoff_A=cutoff_A,
+        title=title,
+        ylabel="FSC against the truth",
+    )
     fig.tight_layout()
     fig.savefig(path, format="png")
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="random starts (default: 0)")
-    ap.add_argument("--data-seed", type=int, default=0, help="simulation seed (default 0, as `cryorecon demo`)")
-    ap.add_argument("--max-iterations", type=int, default=1000, help="cap on projection-matching iterations")
+    ap.add_argument(
+        "--data-seed", type=int, default=0, help="simulation seed (default 0, as `cryorecon demo`)"
+    )
+    ap.add_argument(
+        "--max-iterations", type=int, default=1000, help="cap on projection-matching iterations"
+    )
     ap.add_argument("--work", type=Path, default=HERE / "results" / "projection_matching_work")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "projection_matching.json")
     args = ap.parse_args()
@@ -193,55 +256,100 @@ def main() -> int:
     truth_np, apix = read_map(data / "truth.mrc")
     truth = torch.from_numpy(truth_np)
     cutoff_A = 1.0 / s.omega_max
-    result = {"benchmark": "projection_matching",
-              "dataset": {"structure": "GroEL-GroES (PDB 1AON, built in)", "n": s.n, "box": s.box, "apix": s.apix,
-                          "snr": s.snr, "data_seed": args.data_seed, "nyquist_A": 2 * s.apix,
-                          "simulate_s": round(sim_s, 2)},
-              "settings": {"demo": asdict(s), "reconstruct_config": asdict(demo_config(s, 0)),
-                           "max_iterations": args.max_iterations, "final_cutoff_A": round(cutoff_A, 2)},
-              "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "loadavg_start": os.getloadavg()},
-              "runs": []}
+    result = {
+        "benchmark": "projection_matching",
+        "dataset": {
+            "structure": "GroEL-GroES (PDB 1AON, built in)",
+            "n": s.n,
+            "box": s.box,
+            "apix": s.apix,
+            "snr": s.snr,
+            "data_seed": args.data_seed,
+            "nyquist_A": 2 * s.apix,
+            "simulate_s": round(sim_s, 2),
+        },
+        "settings": {
+            "demo": asdict(s),
+            "reconstruct_config": asdict(demo_config(s, 0)),
+            "max_iterations": args.max_iterations,
+            "final_cutoff_A": round(cutoff_A, 2),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "runs": [],
+    }
 
     t = time.perf_counter()
     oracle = wiener_backproject(particles).cpu()
     result["oracle"], _, oracle_curve = score(truth, oracle, apix, 0, 0, align=False)
     result["oracle"]["wall_s"] = round(time.perf_counter() - t, 2)
-    result["oracle_capped"], _, capped_curve = score(truth, lowpass(oracle, apix, cutoff_A), apix, 0, 0, align=False)
+    result["oracle_capped"], _, capped_curve = score(
+        truth, lowpass(oracle, apix, cutoff_A), apix, 0, 0, align=False
+    )
 
     freq = fsc(truth, truth, apix)[0]
     curves, first_maps = {}, None
     for seed in args.seeds:
         rec, maps = run_seed(particles, truth, apix, s, seed, args.work, args.max_iterations)
-        for key, name in (("cryorecon", "cryorecon"), ("projection_matching", "projection matching"),
-                          ("start", "start")):
-            sc, aligned, curve = score(truth, torch.from_numpy(maps[name]), apix, seed, s.align_n_global)
+        for key, name in (
+            ("cryorecon", "cryorecon"),
+            ("projection_matching", "projection matching"),
+            ("start", "start"),
+        ):
+            sc, aligned, curve = score(
+                truth, torch.from_numpy(maps[name]), apix, seed, s.align_n_global
+            )
             rec.setdefault(key, {}).update(sc)
             rec[key]["fsc_curve"] = [round(float(x), 4) for x in curve]
             maps[name] = aligned.numpy()
             if name != "start":
-                curves[f"{name}, seed {seed}"] = (curve.numpy(), {thr: sc[f"fsc{thr:g}_A"] for thr in THRESHOLDS})
+                curves[f"{name}, seed {seed}"] = (
+                    curve.numpy(),
+                    {thr: sc[f"fsc{thr:g}_A"] for thr in THRESHOLDS},
+                )
         result["runs"].append(rec)
         first_maps = first_maps or maps
         c, p = rec["cryorecon"], rec["projection_matching"]
-        print(f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> {c['fsc0.5_A']} / "
-              f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU s -> "
-              f"{p['fsc0.5_A']} / {p['fsc0.143_A']} Å", flush=True)
+        print(
+            f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> {c['fsc0.5_A']} / "
+            f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU s -> "
+            f"{p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
+            flush=True,
+        )
 
-    curves["oracle (true poses)"] = (oracle_curve.numpy(),
-                                     {thr: result["oracle"][f"fsc{thr:g}_A"] for thr in THRESHOLDS})
+    curves["oracle (true poses)"] = (
+        oracle_curve.numpy(),
+        {thr: result["oracle"][f"fsc{thr:g}_A"] for thr in THRESHOLDS},
+    )
     curves[f"oracle band-limited at {cutoff_A:.0f} Å"] = (
-        capped_curve.numpy(), {thr: result["oracle_capped"][f"fsc{thr:g}_A"] for thr in THRESHOLDS})
+        capped_curve.numpy(),
+        {thr: result["oracle_capped"][f"fsc{thr:g}_A"] for thr in THRESHOLDS},
+    )
     result["fsc_freq_1_per_A"] = [round(float(x), 6) for x in freq]
     result["oracle"]["fsc_curve"] = [round(float(x), 4) for x in oracle_curve]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     png = args.out.with_suffix(".png")
-    panels = {"truth": truth_np, f"random start (seed {args.seeds[0]})": first_maps["start"],
-              f"cryorecon (seed {args.seeds[0]})": first_maps["cryorecon"],
-              f"proj. matching (seed {args.seeds[0]})": first_maps["projection matching"], "oracle": oracle.numpy()}
-    figure(png, freq.numpy(), panels, curves, cutoff_A,
-           f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, same CPU time")
+    panels = {
+        "truth": truth_np,
+        f"random start (seed {args.seeds[0]})": first_maps["start"],
+        f"cryorecon (seed {args.seeds[0]})": first_maps["cryorecon"],
+        f"proj. matching (seed {args.seeds[0]})": first_maps["projection matching"],
+        "oracle": oracle.numpy(),
+    }
+    figure(
+        png,
+        freq.numpy(),
+        panels,
+        curves,
+        cutoff_A,
+        f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, same CPU time",
+    )
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     result["wall_s"] = round(time.perf_counter() - t_all, 2)
@@ -257,18 +365,30 @@ def main() -> int:
     print("\n| seed | method | iterations | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | align cc |")
     print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
-        for key, name in (("cryorecon", "cryorecon"), ("projection_matching", "projection matching")):
+        for key, name in (
+            ("cryorecon", "cryorecon"),
+            ("projection_matching", "projection matching"),
+        ):
             m = r[key]
-            print(f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | "
-                  f"{fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |")
+            print(
+                f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | "
+                f"{fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |"
+            )
         m = r["start"]
-        print(f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | "
-              f"{m['align_cc']:.3f} |")
-    for key, name in (("oracle", "oracle (true poses)"), ("oracle_capped", f"oracle, band-limited {cutoff_A:.0f} Å")):
+        print(
+            f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | "
+            f"{m['align_cc']:.3f} |"
+        )
+    for key, name in (
+        ("oracle", "oracle (true poses)"),
+        ("oracle_capped", f"oracle, band-limited {cutoff_A:.0f} Å"),
+    ):
         m = result[key]
         print(f"| - | {name} | - | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | - |")
-    print(f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB; "
-          f"wrote {args.out} and {png}")
+    print(
+        f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB; "
+        f"wrote {args.out} and {png}"
+    )
     return 0
 
 

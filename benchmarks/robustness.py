@@ -80,26 +80,51 @@ def summarise_pairs(freq: np.ndarray, curves: np.ndarray) -> dict:
     res0143 = np.array([resolution_at(freq, c, 0.143) for c in curves])
     for name, r in (("pair_resolution_0.5_A", res05), ("pair_resolution_0.143_A", res0143)):
         fin = r[np.isfinite(r)]
-        summary[name] = {"mean": C.finite(fin.mean()) if fin.size else None,
-                         "median": C.finite(np.median(fin)) if fin.size else None,
-                         "min": C.finite(fin.min()) if fin.size else None,
-                         "max": C.finite(fin.max()) if fin.size else None, "n_not_finite": int((~np.isfinite(r)).sum())}
+        summary[name] = {
+            "mean": C.finite(fin.mean()) if fin.size else None,
+            "median": C.finite(np.median(fin)) if fin.size else None,
+            "min": C.finite(fin.min()) if fin.size else None,
+            "max": C.finite(fin.max()) if fin.size else None,
+            "n_not_finite": int((~np.isfinite(r)).sum()),
+        }
     for t in (0.5, 0.143):
-        summary[f"pair_resolution_{t:g}_A"]["n_not_crossed_before_nyquist"] = int((curves >= t).all(1).sum())
+        summary[f"pair_resolution_{t:g}_A"]["n_not_crossed_before_nyquist"] = int(
+            (curves >= t).all(1).sum()
+        )
     return summary
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--starts", type=int, default=15, help="number of random starts, seeds 1..N (default 15)")
-    ap.add_argument("--align-global", type=int, default=1000,
-                    help="global rotations of each pairwise alignment (default 1000; the demo uses 3000)")
-    ap.add_argument("--truth-align-global", type=int, default=3000,
-                    help="global rotations of each alignment to the truth (default 3000)")
-    ap.add_argument("--check-pairs", type=int, default=3,
-                    help="realign this many pairs with 3000 rotations and record the difference (default 3)")
-    ap.add_argument("--show", type=int, default=4, help="runs shown as slices in the figure (default 4)")
-    ap.add_argument("--fresh", action="store_true", help="rerun reconstructions even if a finished one is there")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--starts", type=int, default=15, help="number of random starts, seeds 1..N (default 15)"
+    )
+    ap.add_argument(
+        "--align-global",
+        type=int,
+        default=1000,
+        help="global rotations of each pairwise alignment (default 1000; the demo uses 3000)",
+    )
+    ap.add_argument(
+        "--truth-align-global",
+        type=int,
+        default=3000,
+        help="global rotations of each alignment to the truth (default 3000)",
+    )
+    ap.add_argument(
+        "--check-pairs",
+        type=int,
+        default=3,
+        help="realign this many pairs with 3000 rotations and record the difference (default 3)",
+    )
+    ap.add_argument(
+        "--show", type=int, default=4, help="runs shown as slices in the figure (default 4)"
+    )
+    ap.add_argument(
+        "--fresh", action="store_true", help="rerun reconstructions even if a finished one is there"
+    )
     ap.add_argument("--work", type=Path, default=C.RESULTS / "robustness_work")
     ap.add_argument("--out", type=Path, default=C.RESULTS / "robustness.json")
     ap.add_argument("--png", type=Path, default=C.RESULTS / "robustness.png")
@@ -116,10 +141,18 @@ def main() -> int:
     s = C.demo_settings()
     seeds = list(range(1, args.starts + 1))
     result = {
-        "benchmark": "robustness", "paper": "Sec. 4.5, Fig. 12", "dataset": dataset,
-        "settings": {"seeds": seeds, "demo_settings": asdict(s), "report_rendered": False,
-                     "pair_align_n_global": args.align_global, "truth_align_n_global": args.truth_align_global},
-        "machine": C.machine_info(), "runs": [],
+        "benchmark": "robustness",
+        "paper": "Sec. 4.5, Fig. 12",
+        "dataset": dataset,
+        "settings": {
+            "seeds": seeds,
+            "demo_settings": asdict(s),
+            "report_rendered": False,
+            "pair_align_n_global": args.align_global,
+            "truth_align_n_global": args.truth_align_global,
+        },
+        "machine": C.machine_info(),
+        "runs": [],
     }
 
     # ---- 1. reconstructions
@@ -133,16 +166,30 @@ def main() -> int:
         sc = C.score_vs_truth(truth, vols[seed], apix, seed=seed, n_global=args.truth_align_global)
         aligned[seed], truth_curves[seed] = sc["aligned"], sc["curve"]
         r = sc["resolution_A"]
-        result["runs"].append({
-            "seed": seed, "iterations": rec["iterations"], "stop_reason": rec["stop_reason"], "wall_s": rec["wall_s"],
-            "cpu_s": rec["cpu_s"], "reused_run": rec["reused"], "code": rec["code"], "fsc_vs_truth_A": r,
-            "hand_flipped_vs_truth": sc["flipped"], "hand_margin": sc["hand_margin"], "align_cc": sc["cc"],
-            "align_s": sc["align_s"], "fsc_curve_vs_truth": [round(float(x), 5) for x in sc["curve"]],
-            "run": str(run_dir)})
-        print(f"[run {k}/{len(seeds)}] seed {seed}: {'reused, ' if rec['reused'] else ''}{rec['iterations']} it "
-              f"({rec['stop_reason']}), {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs truth "
-              f"{C.fmt_A(r['0.5'])} / {C.fmt_A(r['0.143'])} Å, hand {'flipped' if sc['flipped'] else 'same'}",
-              flush=True)
+        result["runs"].append(
+            {
+                "seed": seed,
+                "iterations": rec["iterations"],
+                "stop_reason": rec["stop_reason"],
+                "wall_s": rec["wall_s"],
+                "cpu_s": rec["cpu_s"],
+                "reused_run": rec["reused"],
+                "code": rec["code"],
+                "fsc_vs_truth_A": r,
+                "hand_flipped_vs_truth": sc["flipped"],
+                "hand_margin": sc["hand_margin"],
+                "align_cc": sc["cc"],
+                "align_s": sc["align_s"],
+                "fsc_curve_vs_truth": [round(float(x), 5) for x in sc["curve"]],
+                "run": str(run_dir),
+            }
+        )
+        print(
+            f"[run {k}/{len(seeds)}] seed {seed}: {'reused, ' if rec['reused'] else ''}{rec['iterations']} it "
+            f"({rec['stop_reason']}), {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs truth "
+            f"{C.fmt_A(r['0.5'])} / {C.fmt_A(r['0.143'])} Å, hand {'flipped' if sc['flipped'] else 'same'}",
+            flush=True,
+        )
     seconds_runs = time.perf_counter() - t_rec
     freq, _ = fsc(truth, truth, apix)
     freq = freq.numpy()
@@ -150,7 +197,9 @@ def main() -> int:
 
     # ---- 2. all pairs
     pairs = list(itertools.combinations(seeds, 2))
-    print(f"aligning {len(pairs)} pairs ({args.align_global} global rotations each) ...", flush=True)
+    print(
+        f"aligning {len(pairs)} pairs ({args.align_global} global rotations each) ...", flush=True
+    )
     t_pairs = time.perf_counter()
     pair_recs, curves, curves_via_truth = [], [], []
     for n, (a, b) in enumerate(pairs, 1):
@@ -161,95 +210,147 @@ def main() -> int:
         curves.append(c)
         curves_via_truth.append(cv.numpy())
         res = C.fsc_resolutions(freq, c)
-        pair_recs.append({"seeds": [a, b], "flipped": bool(al.flipped),
-                          "hand_consistent": bool(al.flipped) == (hand[a] != hand[b]),
-                          "hand_margin": C.hand_margin(al), "align_cc": round(float(al.cc), 4),
-                          "align_s": round(al.seconds, 2), "fsc_resolution_A": res,
-                          "fsc_resolution_via_truth_A": C.fsc_resolutions(freq, cv.numpy()),
-                          "fsc_curve": [round(float(x), 5) for x in c]})
+        pair_recs.append(
+            {
+                "seeds": [a, b],
+                "flipped": bool(al.flipped),
+                "hand_consistent": bool(al.flipped) == (hand[a] != hand[b]),
+                "hand_margin": C.hand_margin(al),
+                "align_cc": round(float(al.cc), 4),
+                "align_s": round(al.seconds, 2),
+                "fsc_resolution_A": res,
+                "fsc_resolution_via_truth_A": C.fsc_resolutions(freq, cv.numpy()),
+                "fsc_curve": [round(float(x), 5) for x in c],
+            }
+        )
         if n % 10 == 0 or n == len(pairs):
             el = time.perf_counter() - t_pairs
-            print(f"  {n}/{len(pairs)} pairs, {el:.0f} s (last: seeds {a}-{b}, FSC0.5 {C.fmt_A(res['0.5'])} Å)",
-                  flush=True)
+            print(
+                f"  {n}/{len(pairs)} pairs, {el:.0f} s (last: seeds {a}-{b}, FSC0.5 {C.fmt_A(res['0.5'])} Å)",
+                flush=True,
+            )
     seconds_pairs = time.perf_counter() - t_pairs
 
     # ---- 3. check the reduced alignment setting on a few pairs
     checks = []
-    for a, b in pairs[:max(0, args.check_pairs)]:
+    for a, b in pairs[: max(0, args.check_pairs)]:
         al = align(vols[a], vols[b], apix=apix, seed=0, n_global=3000, progress=False)
         _, c = fsc(vols[a], al.aligned, apix)
         res = C.fsc_resolutions(freq, c.numpy())
         pr = next(p for p in pair_recs if p["seeds"] == [a, b])
-        checks.append({"seeds": [a, b], "cc_3000": round(float(al.cc), 4), "cc_reduced": pr["align_cc"],
-                       "fsc05_A_3000": res["0.5"], "fsc05_A_reduced": pr["fsc_resolution_A"]["0.5"],
-                       "flipped_3000": bool(al.flipped), "flipped_reduced": pr["flipped"],
-                       "align_s_3000": round(al.seconds, 2)})
+        checks.append(
+            {
+                "seeds": [a, b],
+                "cc_3000": round(float(al.cc), 4),
+                "cc_reduced": pr["align_cc"],
+                "fsc05_A_3000": res["0.5"],
+                "fsc05_A_reduced": pr["fsc_resolution_A"]["0.5"],
+                "flipped_3000": bool(al.flipped),
+                "flipped_reduced": pr["flipped"],
+                "align_s_3000": round(al.seconds, 2),
+            }
+        )
 
     curves = np.stack(curves)
     curves_via_truth = np.stack(curves_via_truth)
-    result["pairwise"] = {"n_pairs": len(pairs), **summarise_pairs(freq, curves),
-                          "hand_consistent": int(sum(p["hand_consistent"] for p in pair_recs)),
-                          "hand_margin_median": C.finite(np.median([p["hand_margin"] for p in pair_recs]), 4),
-                          "mean_align_s": round(float(np.mean([p["align_s"] for p in pair_recs])), 2),
-                          "pairs": pair_recs}
+    result["pairwise"] = {
+        "n_pairs": len(pairs),
+        **summarise_pairs(freq, curves),
+        "hand_consistent": int(sum(p["hand_consistent"] for p in pair_recs)),
+        "hand_margin_median": C.finite(np.median([p["hand_margin"] for p in pair_recs]), 4),
+        "mean_align_s": round(float(np.mean([p["align_s"] for p in pair_recs])), 2),
+        "pairs": pair_recs,
+    }
     via = summarise_pairs(freq, curves_via_truth)
     result["pairwise_via_truth_alignment"] = {
         "note": "FSC of the maps as aligned to the truth, no pairwise alignment (cross-check)",
-        "mean_curve_resolution_A": via["mean_curve_resolution_A"], "mean_curve_crosses": via["mean_curve_crosses"],
+        "mean_curve_resolution_A": via["mean_curve_resolution_A"],
+        "mean_curve_crosses": via["mean_curve_crosses"],
         "pair_resolution_0.5_A": via["pair_resolution_0.5_A"],
-        "mean": via["mean"]}
+        "mean": via["mean"],
+    }
     result["align_check"] = checks
     tv = np.stack([truth_curves[sd] for sd in seeds])
-    r05 = [r["fsc_vs_truth_A"]["0.5"] for r in result["runs"] if r["fsc_vs_truth_A"]["0.5"] is not None]
-    r0143 = [r["fsc_vs_truth_A"]["0.143"] for r in result["runs"] if r["fsc_vs_truth_A"]["0.143"] is not None]
-    result["vs_truth"] = {"fsc_0.5_A": {"mean": C.finite(np.mean(r05)), "min": C.finite(min(r05)), "max": C.finite(max(r05))},
-                          "fsc_0.143_A": {"mean": C.finite(np.mean(r0143)), "min": C.finite(min(r0143)),
-                                          "max": C.finite(max(r0143))},
-                          "mean_curve_resolution_A": C.fsc_resolutions(freq, tv.mean(0)),
-                          "hand_flipped": int(sum(hand.values())),
-                          "hand_margin_median": C.finite(np.median([r["hand_margin"] for r in result["runs"]]), 4)}
+    r05 = [
+        r["fsc_vs_truth_A"]["0.5"] for r in result["runs"] if r["fsc_vs_truth_A"]["0.5"] is not None
+    ]
+    r0143 = [
+        r["fsc_vs_truth_A"]["0.143"]
+        for r in result["runs"]
+        if r["fsc_vs_truth_A"]["0.143"] is not None
+    ]
+    result["vs_truth"] = {
+        "fsc_0.5_A": {
+            "mean": C.finite(np.mean(r05)),
+            "min": C.finite(min(r05)),
+            "max": C.finite(max(r05)),
+        },
+        "fsc_0.143_A": {
+            "mean": C.finite(np.mean(r0143)),
+            "min": C.finite(min(r0143)),
+            "max": C.finite(max(r0143)),
+        },
+        "mean_curve_resolution_A": C.fsc_resolutions(freq, tv.mean(0)),
+        "hand_flipped": int(sum(hand.values())),
+        "hand_margin_median": C.finite(np.median([r["hand_margin"] for r in result["runs"]]), 4),
+    }
     result["fsc_freq_1_per_A"] = [float(x) for x in freq]
-    result["seconds"] = {"reconstructions_and_truth_alignment": round(seconds_runs, 1), "pairs": round(seconds_pairs, 1),
-                         "total": round(time.perf_counter() - t_all, 1),
-                         "sum_of_run_wall": round(sum(r["wall_s"] for r in result["runs"]), 1),
-                         "sum_of_run_cpu": round(sum(r["cpu_s"] for r in result["runs"]), 1),
-                         "runs_reused": int(sum(r["reused_run"] for r in result["runs"])),
-                         "note": "reused runs cost nothing here; their recorded times are in sum_of_run_*"}
+    result["seconds"] = {
+        "reconstructions_and_truth_alignment": round(seconds_runs, 1),
+        "pairs": round(seconds_pairs, 1),
+        "total": round(time.perf_counter() - t_all, 1),
+        "sum_of_run_wall": round(sum(r["wall_s"] for r in result["runs"]), 1),
+        "sum_of_run_cpu": round(sum(r["cpu_s"] for r in result["runs"]), 1),
+        "runs_reused": int(sum(r["reused_run"] for r in result["runs"])),
+        "note": "reused runs cost nothing here; their recorded times are in sum_of_run_*",
+    }
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     C.write_json(args.out, result)
     starts = {}
-    for sd in seeds[:args.show]:
+    for sd in seeds[: args.show]:
         init = args.work / f"run_seed{sd}" / "initial.mrc"
         if init.exists():
             starts[sd] = C.load_map(init)[0]
-    plot(args.png, freq, curves, tv, truth, starts, aligned, result, seeds[:args.show])
+    plot(args.png, freq, curves, tv, truth, starts, aligned, result, seeds[: args.show])
 
     # ---- table
-    print(f"\nrobustness: {len(seeds)} random starts (seeds {seeds[0]}..{seeds[-1]}); {s.n} particles, box {s.box} at "
-          f"{s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å")
+    print(
+        f"\nrobustness: {len(seeds)} random starts (seeds {seeds[0]}..{seeds[-1]}); {s.n} particles, box {s.box} at "
+        f"{s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å"
+    )
     print("| seed | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | hand (margin) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         v = r["fsc_vs_truth_A"]
-        print(f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
-              f"{C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | {'flipped' if r['hand_flipped_vs_truth'] else 'same'} ({r['hand_margin']}) |")
+        print(
+            f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+            f"{C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | {'flipped' if r['hand_flipped_vs_truth'] else 'same'} ({r['hand_margin']}) |"
+        )
     p = result["pairwise"]
-    print(f"pairwise ({p['n_pairs']} pairs): mean FSC crosses 0.5 at {res_txt(p, '0.5')} "
-          f"and 0.143 at {res_txt(p, '0.143')}; per-pair FSC 0.5: mean "
-          f"{C.fmt_A(p['pair_resolution_0.5_A']['mean'])}, range {C.fmt_A(p['pair_resolution_0.5_A']['min'])}-"
-          f"{C.fmt_A(p['pair_resolution_0.5_A']['max'])} Å; hands consistent in {p['hand_consistent']}/{p['n_pairs']} "
-          f"(median hand margin: pairs {p['hand_margin_median']}, runs vs truth {result['vs_truth']['hand_margin_median']})")
+    print(
+        f"pairwise ({p['n_pairs']} pairs): mean FSC crosses 0.5 at {res_txt(p, '0.5')} "
+        f"and 0.143 at {res_txt(p, '0.143')}; per-pair FSC 0.5: mean "
+        f"{C.fmt_A(p['pair_resolution_0.5_A']['mean'])}, range {C.fmt_A(p['pair_resolution_0.5_A']['min'])}-"
+        f"{C.fmt_A(p['pair_resolution_0.5_A']['max'])} Å; hands consistent in {p['hand_consistent']}/{p['n_pairs']} "
+        f"(median hand margin: pairs {p['hand_margin_median']}, runs vs truth {result['vs_truth']['hand_margin_median']})"
+    )
     pv = result["pairwise_via_truth_alignment"]
-    print(f"cross-check (maps aligned via the truth): mean FSC 0.5 at {res_txt(pv, '0.5')}, 0.143 at "
-          f"{res_txt(pv, '0.143')}")
+    print(
+        f"cross-check (maps aligned via the truth): mean FSC 0.5 at {res_txt(pv, '0.5')}, 0.143 at "
+        f"{res_txt(pv, '0.143')}"
+    )
     for ck in checks:
-        print(f"align check seeds {ck['seeds']}: cc {ck['cc_reduced']} ({args.align_global}) vs {ck['cc_3000']} (3000); "
-              f"FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å")
+        print(
+            f"align check seeds {ck['seeds']}: cc {ck['cc_reduced']} ({args.align_global}) vs {ck['cc_3000']} (3000); "
+            f"FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å"
+        )
     sec = result["seconds"]
-    print(f"time: runs + truth alignment {sec['reconstructions_and_truth_alignment']:.0f} s ({sec['runs_reused']} runs "
-          f"reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, {sec['sum_of_run_cpu']:.0f} s CPU), pairs "
-          f"{sec['pairs']:.0f} s ({p['mean_align_s']} s per alignment), total {sec['total']:.0f} s; "
-          f"wrote {args.out} and {args.png}")
+    print(
+        f"time: runs + truth alignment {sec['reconstructions_and_truth_alignment']:.0f} s ({sec['runs_reused']} runs "
+        f"reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, {sec['sum_of_run_cpu']:.0f} s CPU), pairs "
+        f"{sec['pairs']:.0f} s ({p['mean_align_s']} s per alignment), total {sec['total']:.0f} s; "
+        f"wrote {args.out} and {args.png}"
+    )
     return 0
 
 
@@ -259,7 +360,17 @@ def res_txt(summary: dict, thr: str) -> str:
     return f"{r} Å" if summary["mean_curve_crosses"][thr] else f"not crossed by Nyquist ({r} Å)"
 
 
-def plot(path: Path, freq, curves, truth_curves, truth, starts: dict, aligned: dict, result: dict, show: list) -> None:
+def plot(
+    path: Path,
+    freq,
+    curves,
+    truth_curves,
+    truth,
+    starts: dict,
+    aligned: dict,
+    result: dict,
+    show: list,
+) -> None:
     from matplotlib.ticker import FuncFormatter
 
     ncol = len(show) + 1
@@ -268,26 +379,54 @@ def plot(path: Path, freq, curves, truth_curves, truth, starts: dict, aligned: d
     runs = {r["seed"]: r for r in result["runs"]}
     for j, sd in enumerate(show):
         if sd in starts:
-            C.show_slice(fig.add_subplot(gs[0, j]), C.central_slice(starts[sd]), f"seed {sd}: random start")
+            C.show_slice(
+                fig.add_subplot(gs[0, j]), C.central_slice(starts[sd]), f"seed {sd}: random start"
+            )
         r = runs[sd]["fsc_vs_truth_A"]["0.5"]
-        C.show_slice(fig.add_subplot(gs[1, j]), C.central_slice(aligned[sd]),
-                     f"seed {sd}: result (aligned)\nFSC0.5 vs truth {C.fmt_A(r)} Å")
+        C.show_slice(
+            fig.add_subplot(gs[1, j]),
+            C.central_slice(aligned[sd]),
+            f"seed {sd}: result (aligned)\nFSC0.5 vs truth {C.fmt_A(r)} Å",
+        )
     C.show_slice(fig.add_subplot(gs[1, ncol - 1]), C.central_slice(truth), "truth")
     C.show_slice(fig.add_subplot(gs[0, ncol - 1]), C.central_slice(truth, 1), "truth (y = 0 plane)")
 
     ax = fig.add_subplot(gs[2, :])
     for k, c in enumerate(truth_curves):
-        ax.plot(freq, c, color="C1", lw=0.8, alpha=0.35, label="each run vs truth (aligned)" if k == 0 else None)
+        ax.plot(
+            freq,
+            c,
+            color="C1",
+            lw=0.8,
+            alpha=0.35,
+            label="each run vs truth (aligned)" if k == 0 else None,
+        )
     p = result["pairwise"]
     mean, std = np.asarray(p["mean"]), np.asarray(p["std"])
-    ax.fill_between(freq, p["min"], p["max"], color="C0", alpha=0.15, lw=0, label="pairwise min-max")
-    ax.fill_between(freq, mean - std, mean + std, color="C0", alpha=0.3, lw=0, label="pairwise mean ± 1 std")
+    ax.fill_between(
+        freq, p["min"], p["max"], color="C0", alpha=0.15, lw=0, label="pairwise min-max"
+    )
+    ax.fill_between(
+        freq, mean - std, mean + std, color="C0", alpha=0.3, lw=0, label="pairwise mean ± 1 std"
+    )
     m = p["mean_curve_resolution_A"]
-    ax.plot(freq, mean, color="C0", lw=2.0,
-            label=f"mean pairwise FSC ({p['n_pairs']} pairs): {res_txt(p, '0.5')} / {res_txt(p, '0.143')}")
+    ax.plot(
+        freq,
+        mean,
+        color="C0",
+        lw=2.0,
+        label=f"mean pairwise FSC ({p['n_pairs']} pairs): {res_txt(p, '0.5')} / {res_txt(p, '0.143')}",
+    )
     for thr, col in ((0.5, "0.4"), (0.143, "0.6")):
         ax.axhline(thr, color=col, ls="--", lw=1)
-        ax.annotate(f"{thr:g}", xy=(0, thr), xytext=(2, 2), textcoords="offset points", color=col, fontsize=8)
+        ax.annotate(
+            f"{thr:g}",
+            xy=(0, thr),
+            xytext=(2, 2),
+            textcoords="offset points",
+            color=col,
+            fontsize=8,
+        )
     if m["0.5"]:
         ax.axvline(1.0 / m["0.5"], color="C0", ls=":", lw=1)
     ax.set_xlim(0, float(freq[-1]))
@@ -296,12 +435,18 @@ def plot(path: Path, freq, curves, truth_curves, truth, starts: dict, aligned: d
     ax.set_xlabel("resolution (Å)  [axis linear in spatial frequency, 1/Å]")
     ax.set_ylabel("Fourier shell correlation")
     vt = result["vs_truth"]["mean_curve_resolution_A"]
-    ax.set_title(f"FSC between the final maps of {len(result['runs'])} random starts (pairwise aligned); "
-                 f"vs truth (mean curve): {C.fmt_A(vt['0.5'])} / {C.fmt_A(vt['0.143'])} Å", fontsize=10)
+    ax.set_title(
+        f"FSC between the final maps of {len(result['runs'])} random starts (pairwise aligned); "
+        f"vs truth (mean curve): {C.fmt_A(vt['0.5'])} / {C.fmt_A(vt['0.143'])} Å",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="lower left")
     d = result["dataset"]
-    fig.suptitle(f"Robustness to random starts (paper Fig. 12): GroEL-GroES, {d['n']} particles, box {d['box']} at "
-                 f"{d['apix']:g} Å/px, SNR {d['snr']:g}; central z-slices, 0 (blue) .. map max (red)", fontsize=10)
+    fig.suptitle(
+        f"Robustness to random starts (paper Fig. 12): GroEL-GroES, {d['n']} particles, box {d['box']} at "
+        f"{d['apix']:g} Å/px, SNR {d['snr']:g}; central z-slices, 0 (blue) .. map max (red)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, format="png")
 

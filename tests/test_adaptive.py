@@ -33,8 +33,9 @@ def _drive(sched: AdaptiveResolution, curve, every: int = 10, iters: int = 2000)
 
 
 def test_adaptive_raises_when_the_heldout_error_levels_off():
-    s = AdaptiveResolution(start=1 / 40, max_=1 / 20, factor=1.15, min_iters=20, max_iters=400,
-                           patience=2, plateau=0.2)
+    s = AdaptiveResolution(
+        start=1 / 40, max_=1 / 20, factor=1.15, min_iters=20, max_iters=400, patience=2, plateau=0.2
+    )
     # improvement that halves every 30 iterations: gains fall under 20% of the first gain
     # after ~70 iterations, and two such evaluations in a row are needed
     raises = _drive(s, lambda t: 100.0 * 0.5 ** (t / 30.0))
@@ -65,9 +66,9 @@ def test_adaptive_caps_at_nyquist_and_round_trips_its_state():
 def test_paper_schedule_behind_the_same_interface():
     sch = Schedule(omega_start=0.02, omega_step=0.005, omega_every=150, omega_max=0.04, apix=5.0)
     p = PaperResolution(sch)
-    for tau in (1, 149, 150, 151, 600, 10 ** 6):
+    for tau in (1, 149, 150, 151, 600, 10**6):
         assert p.omega_star(tau) == sch.omega_star(tau) and p.epsilon(tau) == sch.epsilon(tau)
-    assert not p.at_final(1) and p.at_final(10 ** 6)
+    assert not p.at_final(1) and p.at_final(10**6)
     assert p.observe(10, 1.0) is False
 
 
@@ -76,5 +77,5 @@ def test_paper_schedule_knows_its_final_iteration_and_adaptive_does_not():
     p = PaperResolution(sch)
     final = p.final_iteration()
     assert p.at_final(final) and not p.at_final(final - 1)
-    assert final == next(t for t in range(1, 10 ** 4) if sch.omega_star(t) >= 0.04 - 1e-12)
+    assert final == next(t for t in range(1, 10**4) if sch.omega_star(t) >= 0.04 - 1e-12)
     assert AdaptiveResolution().final_iteration() is None

@@ -37,8 +37,7 @@ def test_each_name_is_its_function_even_after_its_submodule_is_imported(name):
 
 def test_import_does_not_load_torch():
     code = "import sys, cryorecon; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 

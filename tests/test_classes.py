@@ -9,8 +9,12 @@ from cryorecon.model.classes import ClassPosteriors, default_anneal
 
 
 def _brute_log_marginal(loglik, pi):
-    return np.array([np.log(sum(pi[k] * np.exp(loglik[i, k]) for k in range(len(pi))))
-                     for i in range(len(loglik))])
+    return np.array(
+        [
+            np.log(sum(pi[k] * np.exp(loglik[i, k]) for k in range(len(pi))))
+            for i in range(len(loglik))
+        ]
+    )
 
 
 def test_log_marginal_and_posteriors_are_bayes():
@@ -29,7 +33,9 @@ def test_log_marginal_and_posteriors_are_bayes():
     assert np.allclose(cp.post[idx], r) and cp.seen.all()
     assert np.array_equal(cp.assignment()[idx], r.argmax(1) + 1)
     # large log-likelihoods (thousands of nats) stay finite
-    assert np.isfinite(cp.log_marginal(L * 100)).all() and np.isfinite(cp.observe(idx, L * 100)).all()
+    assert (
+        np.isfinite(cp.log_marginal(L * 100)).all() and np.isfinite(cp.observe(idx, L * 100)).all()
+    )
 
 
 def test_weights_anneal_from_tempered_to_posterior():

@@ -59,13 +59,21 @@ def test_ball_transform_matches_numerical_integral():
     a = 7.0
     r = np.linspace(0, a, 20001)
     for s in (0.0, 0.02, 0.05, 0.0642, 0.1, 0.2):
-        integrand = r ** 2 * np.sinc(2 * s * r)  # np.sinc(x) = sin(pi x) / (pi x)
-        expected = 3 / a ** 3 * np.trapezoid(integrand, r)
+        integrand = r**2 * np.sinc(2 * s * r)  # np.sinc(x) = sin(pi x) / (pi x)
+        expected = 3 / a**3 * np.trapezoid(integrand, r)
         got = float(ball_transform(torch.tensor(s, dtype=torch.float64), a))
         assert got == pytest.approx(expected, abs=1e-6), s
     # the first zero, where the band ends: 4.4934 / (2 pi a)
-    assert abs(float(ball_transform(torch.tensor(4.493409457909064 / (2 * math.pi * a),
-                                                 dtype=torch.float64), a))) < 1e-9
+    assert (
+        abs(
+            float(
+                ball_transform(
+                    torch.tensor(4.493409457909064 / (2 * math.pi * a), dtype=torch.float64), a
+                )
+            )
+        )
+        < 1e-9
+    )
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -127,8 +135,9 @@ def test_backproject_command(sets, truth, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert rc == 0 and "contrast" in err and "dark" in err and "negating" in err
     assert _corr(read_map(tmp_path / "auto.mrc")[0], truth) > 0.5
-    rc = cli.main(["backproject", str(dark), "-o", str(tmp_path / "kept.mrc"),
-                   "--no-invert-contrast"])
+    rc = cli.main(
+        ["backproject", str(dark), "-o", str(tmp_path / "kept.mrc"), "--no-invert-contrast"]
+    )
     assert rc == 0 and "--no-invert-contrast keeps" in capsys.readouterr().err
     assert _corr(read_map(tmp_path / "kept.mrc")[0], truth) < -0.5
 
@@ -137,15 +146,29 @@ def test_reconstruct_records_contrast_in_run_json(sets, tmp_path, monkeypatch, c
     monkeypatch.setattr(cli, "COMMANDS", ["reconstruct"])
     _, dark = sets[2]
     run = tmp_path / "run"
-    small = ["--max-iters", "1", "--minibatch", "50", "--heldout", "20", "--grid-scale", "3",
-             "--report-every", "0"]
+    small = [
+        "--max-iters",
+        "1",
+        "--minibatch",
+        "50",
+        "--heldout",
+        "20",
+        "--grid-scale",
+        "3",
+        "--report-every",
+        "0",
+    ]
     assert cli.main(["reconstruct", str(dark), "-o", str(run), *small]) == 0
     assert "contrast: protein is dark" in capsys.readouterr().err
     info = json.loads((run / "run.json").read_text())
     assert info["contrast_inverted"] is True and info["contrast_statistic"] < -4
     assert info["contrast_check"]["n_particles"] == N
     # a forced choice is recorded as such, and --resume keeps the first part's sign
-    assert cli.main(["reconstruct", str(dark), "-o", str(run), *small, "--force",
-                     "--no-invert-contrast"]) == 0
+    assert (
+        cli.main(
+            ["reconstruct", str(dark), "-o", str(run), *small, "--force", "--no-invert-contrast"]
+        )
+        == 0
+    )
     info = json.loads((run / "run.json").read_text())
     assert info["contrast_inverted"] is False and info["contrast_check"]["mode"] == "forced"

@@ -27,8 +27,10 @@ def _band_limited(n: int, kmax: int, count: int, seed: int) -> tuple[np.ndarray,
     """``count`` random images (n, n) made of cosines of integer frequencies |k| <= kmax
     (cycles per box), and the function ``f(u, v)`` (u, v in box units about the centre)."""
     rng = np.random.default_rng(seed)
-    terms = [(rng.integers(-kmax, kmax + 1, size=2), rng.normal(), rng.uniform(0, 2 * np.pi))
-             for _ in range(12)]
+    terms = [
+        (rng.integers(-kmax, kmax + 1, size=2), rng.normal(), rng.uniform(0, 2 * np.pi))
+        for _ in range(12)
+    ]
 
     def f(u, v):
         return sum(a * np.cos(2 * np.pi * (k[0] * u + k[1] * v) + p) for k, a, p in terms)
@@ -59,13 +61,15 @@ def test_parseval_on_the_kept_band():
     spec = fft2c(x)
     k = torch.arange(n) - n // 2
     inside = (k.abs()[:, None] < D // 2) & (k.abs()[None, :] < D // 2)
-    band = torch.fft.ifftshift(torch.fft.ifft2(torch.fft.fftshift(spec * inside, dim=(-2, -1)),
-                                               norm="ortho"), dim=(-2, -1)).real
+    band = torch.fft.ifftshift(
+        torch.fft.ifft2(torch.fft.fftshift(spec * inside, dim=(-2, -1)), norm="ortho"), dim=(-2, -1)
+    ).real
     y = fourier_crop(band, D)
     # unitary transforms times D/n: energy of the kept coefficients times (D/n)^2
     kept = (spec.abs() ** 2 * inside).sum(dim=(-2, -1))
-    np.testing.assert_allclose((y ** 2).sum(dim=(-2, -1)).numpy(),
-                               (kept * (D / n) ** 2).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(
+        (y**2).sum(dim=(-2, -1)).numpy(), (kept * (D / n) ** 2).numpy(), rtol=1e-10
+    )
     # white noise stays white with sigma times D/n
     noise = torch.from_numpy(np.random.default_rng(2).standard_normal((400, 32, 32)))
     assert float(fourier_crop(noise, 16).std()) == pytest.approx(0.5, rel=0.02)
@@ -82,9 +86,22 @@ def test_crop_equals_relions_rescale(tmp_path):
         m.set_data(x)
         m.set_image_stack()
         m.voxel_size = 5.0
-    subprocess.run(["relion_image_handler", "--i", str(tmp_path / "in.mrcs"), "--o",
-                    str(tmp_path / "out.mrcs"), "--angpix", "5", "--rescale_angpix", "10"],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            "relion_image_handler",
+            "--i",
+            str(tmp_path / "in.mrcs"),
+            "--o",
+            str(tmp_path / "out.mrcs"),
+            "--angpix",
+            "5",
+            "--rescale_angpix",
+            "10",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     ref = mrcfile.read(tmp_path / "out.mrcs")
     ours = fourier_crop(torch.from_numpy(x), 16).numpy()
     assert ref.shape == ours.shape
@@ -165,12 +182,14 @@ def test_backproject_command_downsample(sim, tmp_path, capsys):
     capsys.readouterr()
     for bad, text in (("15", "must be even"), ("6", "must be >= 8")):  # at the parser
         with pytest.raises(SystemExit) as exc:
-            cli.main(["-q", "backproject", str(sim), "-o", str(tmp_path / "x.mrc"),
-                      "--downsample", bad])
+            cli.main(
+                ["-q", "backproject", str(sim), "-o", str(tmp_path / "x.mrc"), "--downsample", bad]
+            )
         err = capsys.readouterr().err
         assert exc.value.code == 2 and f"--downsample: {text}" in err, err
-    rc = cli.main(["-q", "backproject", str(sim), "-o", str(tmp_path / "x.mrc"),
-                   "--downsample", "64"])
+    rc = cli.main(
+        ["-q", "backproject", str(sim), "-o", str(tmp_path / "x.mrc"), "--downsample", "64"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "cannot downsample 32 px images to 64" in err[0], err
     assert not (tmp_path / "x.mrc").exists()
@@ -215,8 +234,9 @@ def test_hint_when_reading_a_large_box_without_downsample(tmp_path, caplog, log_
     from cryorecon.io.particles import write_particles
 
     imgs = np.random.default_rng(0).normal(size=(2, 136, 136)).astype(np.float32)
-    ctf = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=0.0, voltage=300.0, cs=2.7,
-               amp_contrast=0.1)
+    ctf = dict(
+        defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=0.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+    )
     star = write_particles(tmp_path / "p.star", imgs, 1.5, ctf, angles=np.zeros((2, 3)))
     args = argparse.Namespace(particles=star, datadir=None, downsample=None, resolution=None)
     with caplog.at_level(logging.INFO, logger="cryorecon"):
@@ -244,8 +264,10 @@ def test_export_of_a_downsampled_set_keeps_the_files_scale(sim, tmp_path):
 
     blocks = starfile.read(sim)
     parts = blocks["particles"].merge(blocks["optics"], on="rlnOpticsGroup")
-    parts = parts.drop(columns=["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize",
-                                "rlnImageDimensionality"], errors="ignore")
+    parts = parts.drop(
+        columns=["rlnOpticsGroup", "rlnOpticsGroupName", "rlnImageSize", "rlnImageDimensionality"],
+        errors="ignore",
+    )
     parts["rlnOriginX"] = parts.pop("rlnOriginXAngst") / parts["rlnImagePixelSize"]
     parts["rlnOriginY"] = parts.pop("rlnOriginYAngst") / parts["rlnImagePixelSize"]
     old = tmp_path / "relion30.star"
@@ -273,4 +295,5 @@ def test_resume_fingerprint_names_a_changed_downsample(sim):
     assert diff == ["images read at box 32, the checkpoint's run read them at 16 (--downsample)"]
     old = {k: v for k, v in saved.items() if k != "box"}  # a checkpoint from before the box
     assert fingerprint_differences(old, particle_fingerprint(full)) == [
-        "other images or CTF parameters"]
+        "other images or CTF parameters"
+    ]

@@ -35,10 +35,23 @@ from cryorecon.io.particles import read_particles, write_particles
 from cryorecon.simulate import density_from_model, draw_parameters, simulate_particles
 
 D, APIX, N, SNR = 32, 9.0, 300, 0.05
-POSE_COLUMNS = {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",
-                "rlnOriginX", "rlnOriginY", "rlnMaxValueProbDistribution", "rlnRandomSubset"}
-CS_POSE_FIELDS = {"alignments3D/pose", "alignments3D/shift", "alignments3D/psize_A",
-                  "alignments3D/split"}
+POSE_COLUMNS = {
+    "rlnAngleRot",
+    "rlnAngleTilt",
+    "rlnAnglePsi",
+    "rlnOriginXAngst",
+    "rlnOriginYAngst",
+    "rlnOriginX",
+    "rlnOriginY",
+    "rlnMaxValueProbDistribution",
+    "rlnRandomSubset",
+}
+CS_POSE_FIELDS = {
+    "alignments3D/pose",
+    "alignments3D/shift",
+    "alignments3D/psize_A",
+    "alignments3D/split",
+}
 
 
 def _matrices(angles_deg) -> np.ndarray:
@@ -72,8 +85,12 @@ def _random_poses(n: int, seed: int, apix=1.0) -> dict:
     t = torch.randn(n, 2, generator=g, dtype=torch.float64) * 2
     angles, origins = pose_to_relion(R, t, apix)
     rng = np.random.default_rng(seed)
-    return {"eulers_deg": angles, "shifts_A": origins, "max_prob": rng.uniform(0.01, 1, n),
-            "subset": rng.integers(1, 3, n)}
+    return {
+        "eulers_deg": angles,
+        "shifts_A": origins,
+        "max_prob": rng.uniform(0.01, 1, n),
+        "subset": rng.integers(1, 3, n),
+    }
 
 
 # --------------------------------------------------------------------------- re-projection
@@ -93,8 +110,12 @@ def test_exported_poses_back_project_to_the_truth(simulated):
     assert ps.angles is None  # the export is the only source of poses
 
     def exported_map(eulers, shifts, name):
-        poses = {"eulers_deg": eulers, "shifts_A": shifts, "max_prob": np.ones(N),
-                 "subset": 1 + np.arange(N) % 2}
+        poses = {
+            "eulers_deg": eulers,
+            "shifts_A": shifts,
+            "max_prob": np.ones(N),
+            "subset": 1 + np.arange(N) % 2,
+        }
         (out,) = export_poses(ps, poses, root / name)
         back = read_particles(out)  # the stack is found from the project folder above
         return back, wiener_backproject(back)
@@ -105,12 +126,22 @@ def test_exported_poses_back_project_to_the_truth(simulated):
     good = _band_corr(vol, truth)
     assert good > 0.7, good
     # the same as the oracle from the simulator's own metadata (write_particles' RELION columns)
-    oracle = write_particles(root / "oracle" / "p.star", ps.images(np.arange(N)), APIX, ps.ctf,
-                             angles=angles, shifts=origins)
-    torch.testing.assert_close(vol, wiener_backproject(read_particles(oracle)),
-                               atol=1e-4 * float(vol.abs().max()), rtol=0)
-    transposed = pose_to_relion(torch.as_tensor(_matrices(angles)).transpose(1, 2),
-                                torch.zeros(N, 2, dtype=torch.float64), APIX)[0]
+    oracle = write_particles(
+        root / "oracle" / "p.star",
+        ps.images(np.arange(N)),
+        APIX,
+        ps.ctf,
+        angles=angles,
+        shifts=origins,
+    )
+    torch.testing.assert_close(
+        vol, wiener_backproject(read_particles(oracle)), atol=1e-4 * float(vol.abs().max()), rtol=0
+    )
+    transposed = pose_to_relion(
+        torch.as_tensor(_matrices(angles)).transpose(1, 2),
+        torch.zeros(N, 2, dtype=torch.float64),
+        APIX,
+    )[0]
     flipped = _band_corr(exported_map(angles, -origins, "flipped")[1], truth)
     wrong_rot = _band_corr(exported_map(transposed, origins, "transposed")[1], truth)
     assert flipped < 0.4 and wrong_rot < 0.4, (good, flipped, wrong_rot)
@@ -154,29 +185,52 @@ def test_golden_relion_projections_pin_the_convention(shared_data, tmp_path, nam
         assert rel_err(project(V, R, -t)).min() > 0.25
 
 
-@pytest.mark.skipif(shutil.which("relion_reconstruct") is None,
-                    reason="relion_reconstruct not installed")
+@pytest.mark.skipif(
+    shutil.which("relion_reconstruct") is None, reason="relion_reconstruct not installed"
+)
 def test_relion_reconstruct_reads_the_export(simulated):
     """RELION itself reconstructs the exported particles (run from the project folder, where
     the image names are relative to) into a map like the truth and like cryorecon's own
     back-projection of the same export."""
     root, star, truth, angles, origins = simulated
     ps = read_particles(star)
-    poses = {"eulers_deg": angles, "shifts_A": origins, "max_prob": np.ones(N),
-             "subset": 1 + np.arange(N) % 2}
+    poses = {
+        "eulers_deg": angles,
+        "shifts_A": origins,
+        "max_prob": np.ones(N),
+        "subset": 1 + np.arange(N) % 2,
+    }
     (out,) = export_poses(ps, poses, root / "relion_run")
-    subprocess.run(["relion_reconstruct", "--i", str(out.relative_to(root)),
-                    "--o", "relion_run/map.mrc", "--ctf"],
-                   cwd=root, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            "relion_reconstruct",
+            "--i",
+            str(out.relative_to(root)),
+            "--o",
+            "relion_run/map.mrc",
+            "--ctf",
+        ],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     relion_map = mrcfile.read(root / "relion_run" / "map.mrc").astype(np.float32)
     ours = wiener_backproject(read_particles(out))
     assert _band_corr(relion_map, ours) > 0.7 and _band_corr(relion_map, truth) > 0.6
 
 
 # --------------------------------------------------------------------------- every column kept
-@pytest.mark.parametrize("fname", ["relion31.star", "relion31.6opticsgroups.star",
-                                   "relion5.star", "sample_particles_relion30.star",
-                                   "sample_particles_relion31.star"])
+@pytest.mark.parametrize(
+    "fname",
+    [
+        "relion31.star",
+        "relion31.6opticsgroups.star",
+        "relion5.star",
+        "sample_particles_relion30.star",
+        "sample_particles_relion31.star",
+    ],
+)
 def test_every_input_column_kept(formats_dir, tmp_path, fname):
     src = formats_dir / fname
     ps = read_particles(src, check_images=False)
@@ -188,7 +242,7 @@ def test_every_input_column_kept(formats_dir, tmp_path, fname):
     before = starfile.read(src, always_dict=True)
     after = starfile.read(out, always_dict=True)
     kept = np.delete(np.arange(n), 1)
-    b_part = (before["particles"] if "particles" in before else next(iter(before.values())))
+    b_part = before["particles"] if "particles" in before else next(iter(before.values()))
     b_part = b_part.iloc[kept].reset_index(drop=True)
     a_part = after["particles"]
     assert len(a_part) == n - 1 and list(a_part["rlnImageName"]) == list(b_part["rlnImageName"])
@@ -197,8 +251,9 @@ def test_every_input_column_kept(formats_dir, tmp_path, fname):
         if col in POSE_COLUMNS or col == "rlnClassNumber":
             continue
         if pd.api.types.is_numeric_dtype(b_part[col]):
-            np.testing.assert_allclose(a_part[col].to_numpy(float), b_part[col].to_numpy(float),
-                                       rtol=1e-11, err_msg=col)
+            np.testing.assert_allclose(
+                a_part[col].to_numpy(float), b_part[col].to_numpy(float), rtol=1e-11, err_msg=col
+            )
         else:
             assert list(a_part[col].astype(str)) == list(b_part[col].astype(str)), col
     assert "optics" in after
@@ -207,8 +262,9 @@ def test_every_input_column_kept(formats_dir, tmp_path, fname):
             assert list(after["optics"][col]) == list(before["optics"][col]), col
     # the run's poses, and the input's pixel sizes and CTFs, through the package's own reader
     back = read_particles(out, check_images=False)
-    np.testing.assert_allclose(_matrices(back.angles), _matrices(poses["eulers_deg"][kept]),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        _matrices(back.angles), _matrices(poses["eulers_deg"][kept]), atol=1e-9
+    )
     np.testing.assert_allclose(back.shifts, poses["shifts_A"][kept], atol=1e-9)
     np.testing.assert_allclose(back.apix, ps.apix[kept], rtol=1e-10)
     for k, v in ps.ctf.items():

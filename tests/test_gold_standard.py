@@ -47,8 +47,10 @@ def blobs(D: int, seed: int = 0, n: int = 8) -> torch.Tensor:
 
 def noisy_halves(vol: torch.Tensor, sigma: float, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
-    return (vol + sigma * torch.randn(vol.shape, generator=g),
-            vol + sigma * torch.randn(vol.shape, generator=g))
+    return (
+        vol + sigma * torch.randn(vol.shape, generator=g),
+        vol + sigma * torch.randn(vol.shape, generator=g),
+    )
 
 
 def fsc_noise_bound(D: int) -> torch.Tensor:
@@ -62,14 +64,16 @@ def fsc_noise_bound(D: int) -> torch.Tensor:
 # mask
 # --------------------------------------------------------------------------------------------
 
+
 def test_mask_is_one_inside_zero_far_away_and_follows_the_distance_to_the_seed():
     D, apix, R = 16, 2.0, 3.0
     vol = ball(D, R)  # binary ball: the seed at threshold 0.5 without low-pass is the ball
     extend_A, soft_A = 1 * apix, 3 * apix
-    mask, facts = soft_mask_from_map(vol, apix, threshold=0.5, extend_A=extend_A,
-                                     soft_edge_A=soft_A, lowpass_A=None)
+    mask, facts = soft_mask_from_map(
+        vol, apix, threshold=0.5, extend_A=extend_A, soft_edge_A=soft_A, lowpass_A=None
+    )
     seed = vol.bool()
-    assert int(seed.sum()) == round(facts.seed_fraction * D ** 3)
+    assert int(seed.sum()) == round(facts.seed_fraction * D**3)
     # brute-force distance (Å) of every voxel to the nearest seed voxel
     k = torch.arange(D, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(k, k, k, indexing="ij"), -1).reshape(-1, 3)
@@ -95,9 +99,9 @@ def test_mask_threshold_from_mass_and_from_the_maximum():
     vol = blobs(D, seed=2)
     mass_kDa = 300.0
     mask, facts = soft_mask_from_map(vol, apix, molecular_mass_kDa=mass_kDa)
-    n = round(mass_kDa * 1000 / 0.81 / apix ** 3)
+    n = round(mass_kDa * 1000 / 0.81 / apix**3)
     assert facts.threshold_from == "molecular_mass"
-    assert abs(round(facts.seed_fraction * D ** 3) - n) <= 2  # ties at the threshold
+    assert abs(round(facts.seed_fraction * D**3) - n) <= 2  # ties at the threshold
     mask2, facts2 = soft_mask_from_map(vol, apix)
     assert facts2.threshold_from == "fraction_of_max" and facts2.lowpass_A == 15.0
     from cryorecon.gold_standard import lowpass
@@ -152,6 +156,7 @@ def test_mask_bad_input():
 # phase randomisation
 # --------------------------------------------------------------------------------------------
 
+
 def test_phase_randomisation_keeps_amplitudes_and_low_shells_and_is_seeded(device):
     D, shell = 16, 4
     noise = torch.randn(D, D, D, generator=torch.Generator().manual_seed(0))
@@ -162,20 +167,20 @@ def test_phase_randomisation_keeps_amplitudes_and_low_shells_and_is_seeded(devic
     F1 = np.fft.fftn(r.cpu().double().numpy())
     f = np.fft.fftfreq(D, 1.0 / D)
     kz, ky, kx = np.meshgrid(f, f, f, indexing="ij")
-    r2 = kx ** 2 + ky ** 2 + kz ** 2
-    inside = r2 < shell ** 2
+    r2 = kx**2 + ky**2 + kz**2
+    inside = r2 < shell**2
     assert np.allclose(F1[inside], F0[inside], atol=1e-4 * np.abs(F0).max())
     # away from the self-conjugate planes (kx = 0, Nyquist) the amplitudes are kept exactly
     free = (~inside) & (kx != 0) & (np.abs(kx) != D // 2)
     assert np.allclose(np.abs(F1[free]), np.abs(F0[free]), atol=1e-4 * np.abs(F0).max())
     # ... and the phases replaced from the shell itself on (|k| >= shell, as RELION)
-    for where in (free & (r2 == shell ** 2), free):
+    for where in (free & (r2 == shell**2), free):
         moved = np.abs(F1[where] - F0[where]) > 1e-3 * np.abs(F0[where])
         assert moved.mean() > 0.9
     # phases are new: the FSC with the original is noise-like beyond the shell
     _, c = fsc(vol.cpu(), r.cpu(), 1.0)
     assert bool((c[:shell] > 0.999).all())
-    assert bool((c[shell + 1:].abs() < fsc_noise_bound(D)[shell + 1:]).all())
+    assert bool((c[shell + 1 :].abs() < fsc_noise_bound(D)[shell + 1 :]).all())
     # deterministic given the seed, the same on every device
     again = randomize_phases_beyond(vol.cpu(), shell, torch.Generator().manual_seed(7))
     assert torch.allclose(again, r.cpu(), atol=1e-5)
@@ -186,6 +191,7 @@ def test_phase_randomisation_keeps_amplitudes_and_low_shells_and_is_seeded(devic
 # --------------------------------------------------------------------------------------------
 # gold-standard FSC
 # --------------------------------------------------------------------------------------------
+
 
 def test_identical_halves_give_fsc_one_and_nyquist_resolution():
     D, apix = 16, 2.0
@@ -226,13 +232,13 @@ def test_signal_plus_noise_corrected_curve_formula_and_json():
     s = res.randomize_shell
     assert s is not None and float(res.fsc_unmasked[s]) < 0.8 <= float(res.fsc_unmasked[1:s].min())
     expect = res.fsc_masked.clone()
-    m, r = res.fsc_masked[s + 2:], res.fsc_randomized[s + 2:]
-    expect[s + 2:] = (m - r) / (1 - r)
+    m, r = res.fsc_masked[s + 2 :], res.fsc_randomized[s + 2 :]
+    expect[s + 2 :] = (m - r) / (1 - r)
     assert torch.allclose(res.fsc_corrected, expect, atol=1e-12)
     assert torch.allclose(corrected_fsc(res.fsc_masked, res.fsc_randomized, s), expect)
     # the randomised FSC follows the masked one up to the randomisation shell, then falls
     assert torch.allclose(res.fsc_randomized[:s], res.fsc_masked[:s], atol=0.02)
-    assert float(res.fsc_randomized[s + 2:].abs().max()) < 0.3
+    assert float(res.fsc_randomized[s + 2 :].abs().max()) < 0.3
     assert res.resolution_A == res.resolutions["corrected"][0.143]
     assert 2 * apix <= res.resolution_A < D * apix
     doc = json.loads(json.dumps(res.to_json()))
@@ -263,6 +269,7 @@ def test_gold_standard_bad_input():
 # combined map
 # --------------------------------------------------------------------------------------------
 
+
 def test_fsc_weights():
     w = fsc_weights([1.0, 0.5, 0.143, -0.2, 0.3, 0.00001, 0.4])
     # zero from the first shell below 1e-4 on, even where the curve rises again
@@ -281,11 +288,13 @@ def test_combine_halves_weights_each_shell(device):
     out = combine_halves(h1, h2, curve.to(device))
     assert out.device == h1.device and out.dtype == torch.float32
     # brute force with numpy's FFT: uncentred grid, shells from fftfreq
-    F = 0.5 * (np.fft.fftn(np.fft.ifftshift(h1.cpu().double().numpy()))
-               + np.fft.fftn(np.fft.ifftshift(h2.cpu().double().numpy())))
+    F = 0.5 * (
+        np.fft.fftn(np.fft.ifftshift(h1.cpu().double().numpy()))
+        + np.fft.fftn(np.fft.ifftshift(h2.cpu().double().numpy()))
+    )
     f = np.fft.fftfreq(D, 1.0 / D)
     kz, ky, kx = np.meshgrid(f, f, f, indexing="ij")
-    n = np.rint(np.sqrt(kx ** 2 + ky ** 2 + kz ** 2)).astype(int)
+    n = np.rint(np.sqrt(kx**2 + ky**2 + kz**2)).astype(int)
     c = curve.double().numpy()
     w = np.sqrt(2 * c / (1 + c))
     wmap = np.where(n <= D // 2, w[np.minimum(n, D // 2)], 0.0)
@@ -311,8 +320,9 @@ RELION_COLUMNS = {
 }
 
 
-@pytest.mark.skipif(shutil.which("relion_postprocess") is None,
-                    reason="relion_postprocess not installed")
+@pytest.mark.skipif(
+    shutil.which("relion_postprocess") is None, reason="relion_postprocess not installed"
+)
 def test_curves_match_relion_postprocess(tmp_path):
     """Simulated GroEL-GroES at 9 Å/voxel (box 32), two halves with independent white noise,
     our automatic mask: RELION's FSC curves from the same files.
@@ -335,11 +345,22 @@ def test_curves_match_relion_postprocess(tmp_path):
     write_map(tmp_path / "run_half1.mrc", h1.numpy(), apix)
     write_map(tmp_path / "run_half2.mrc", h2.numpy(), apix)
     write_map(tmp_path / "mask.mrc", mask.numpy(), apix)
-    cmd = ["relion_postprocess", "--i", tmp_path / "run_half1.mrc",
-           "--i2", tmp_path / "run_half2.mrc", "--mask", tmp_path / "mask.mrc",
-           "--angpix", apix, "--o", tmp_path / "postprocess"]
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    cmd = [
+        "relion_postprocess",
+        "--i",
+        tmp_path / "run_half1.mrc",
+        "--i2",
+        tmp_path / "run_half2.mrc",
+        "--mask",
+        tmp_path / "mask.mrc",
+        "--angpix",
+        apix,
+        "--o",
+        tmp_path / "postprocess",
+    ]
+    proc = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert (tmp_path / "postprocess.star").is_file(), proc.stdout[-2000:] + proc.stderr[-2000:]
     star = starfile.read(tmp_path / "postprocess.star")
     table, general = star["fsc"], star["general"]
@@ -347,8 +368,12 @@ def test_curves_match_relion_postprocess(tmp_path):
     rel_shell = int(round(D * apix / float(general["rlnRandomiseFrom"])))
     assert rel_shell == res.randomize_shell
     s = res.randomize_shell
-    ours = {"unmasked": res.fsc_unmasked, "masked": res.fsc_masked,
-            "randomized": res.fsc_randomized, "corrected": res.fsc_corrected}
+    ours = {
+        "unmasked": res.fsc_unmasked,
+        "masked": res.fsc_masked,
+        "randomized": res.fsc_randomized,
+        "corrected": res.fsc_corrected,
+    }
     for name, col in RELION_COLUMNS.items():
         theirs = table[col].to_numpy()[1:]
         mine = ours[name].numpy()[1:]
@@ -358,7 +383,7 @@ def test_curves_match_relion_postprocess(tmp_path):
         # phases: below the randomisation shell s for the randomised FSC; below s + 2 for the
         # corrected one, which is the masked FSC there
         n = s if name == "randomized" else s + 2
-        assert np.abs(theirs[:n - 1] - mine[:n - 1]).max() < 0.02, name
+        assert np.abs(theirs[: n - 1] - mine[: n - 1]).max() < 0.02, name
     # RELION reports the last shell at or above 0.143; ours interpolates into the next shell
     rel_res = float(general["rlnFinalResolution"])
     i = int(round(D * apix / rel_res))
@@ -368,6 +393,7 @@ def test_curves_match_relion_postprocess(tmp_path):
 # --------------------------------------------------------------------------------------------
 # cryorecon postprocess
 # --------------------------------------------------------------------------------------------
+
 
 def test_postprocess_command(tmp_path, capsys, monkeypatch):
     from cryorecon import cli
@@ -399,8 +425,15 @@ def test_postprocess_command(tmp_path, capsys, monkeypatch):
     # two maps and a given mask; existing outputs are kept unless --force
     prefix = tmp_path / "out" / "pp"
     write_map(tmp_path / "mask.mrc", mask, apix)
-    args = ["postprocess", str(run / "volume_half1.mrc"), str(run / "volume_half2.mrc"),
-            "--mask", str(tmp_path / "mask.mrc"), "-o", str(prefix)]
+    args = [
+        "postprocess",
+        str(run / "volume_half1.mrc"),
+        str(run / "volume_half2.mrc"),
+        "--mask",
+        str(tmp_path / "mask.mrc"),
+        "-o",
+        str(prefix),
+    ]
     assert cli.main(args) == 0
     doc2 = json.loads(prefix.with_suffix(".json").read_text())
     assert doc2["gold_standard"]["mask"]["how"] == "given"
@@ -413,13 +446,24 @@ def test_postprocess_command(tmp_path, capsys, monkeypatch):
     # bad input: one line, exit 2
     write_map(tmp_path / "small.mrc", np.zeros((16, 16, 16), np.float32), apix)
     capsys.readouterr()
-    assert cli.main(["postprocess", str(run / "volume_half1.mrc"), str(tmp_path / "small.mrc"),
-                     "-o", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            [
+                "postprocess",
+                str(run / "volume_half1.mrc"),
+                str(tmp_path / "small.mrc"),
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "box sizes differ" in capsys.readouterr().err
     assert cli.main(["postprocess", str(tmp_path)]) == 2  # a folder without half maps
     assert "volume_half1.mrc" in capsys.readouterr().err
-    assert cli.main(["postprocess", str(run), "-o", str(tmp_path / "y"),
-                     "--threshold", "1e6"]) == 2  # empty mask
+    assert (
+        cli.main(["postprocess", str(run), "-o", str(tmp_path / "y"), "--threshold", "1e6"]) == 2
+    )  # empty mask
     assert "empty" in capsys.readouterr().err
 
 

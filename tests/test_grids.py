@@ -69,7 +69,9 @@ def test_gauss_hermite_moments(sigma):
     # E[cos(a x)] = exp(-a^2 sigma^2 / 2)
     pts, w = gauss_hermite_shifts(12, sigma)
     a = 0.5
-    assert (w * np.cos(a * pts[:, 0])).sum() == pytest.approx(math.exp(-(a * sigma) ** 2 / 2), abs=1e-8)
+    assert (w * np.cos(a * pts[:, 0])).sum() == pytest.approx(
+        math.exp(-((a * sigma) ** 2) / 2), abs=1e-8
+    )
 
 
 def test_gauss_hermite_ordering_and_degenerate():
@@ -136,10 +138,16 @@ def test_posegrid_sizes_and_weights(grid):
     assert grid.shifts.shape == (grid.M_t, 2)
     assert grid.log_w_d.shape == (grid.M_d,) and grid.log_w_psi.shape == (grid.M_psi,)
     assert grid.log_w_t.shape == (grid.M_t,)
-    torch.testing.assert_close(grid.log_w_d, torch.full_like(grid.log_w_d, math.log(4 * math.pi / grid.M_d)))
-    torch.testing.assert_close(grid.log_w_psi, torch.full_like(grid.log_w_psi, math.log(2 * math.pi / grid.M_psi)))
+    torch.testing.assert_close(
+        grid.log_w_d, torch.full_like(grid.log_w_d, math.log(4 * math.pi / grid.M_d))
+    )
+    torch.testing.assert_close(
+        grid.log_w_psi, torch.full_like(grid.log_w_psi, math.log(2 * math.pi / grid.M_psi))
+    )
     # sum_jk w_d w_psi p(R) = 1, and shift weights (prior folded in) sum to 1
-    total_R = (grid.log_w_d.exp().sum() * grid.log_w_psi.exp().sum() * math.exp(grid.log_p_R)).item()
+    total_R = (
+        grid.log_w_d.exp().sum() * grid.log_w_psi.exp().sum() * math.exp(grid.log_p_R)
+    ).item()
     assert total_R == pytest.approx(1.0, abs=1e-12)
     assert torch.logsumexp(grid.log_w_R(), 0).item() == pytest.approx(0.0, abs=1e-12)
     assert grid.log_w_t.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
@@ -152,10 +160,14 @@ def test_posegrid_rotations(grid):
     R64 = grid.rotations(dtype=torch.float64)
     eye = torch.eye(3, dtype=torch.float64).expand_as(R64)
     torch.testing.assert_close(R64 @ R64.transpose(-1, -2), eye, atol=1e-10, rtol=0)
-    torch.testing.assert_close(torch.linalg.det(R64), torch.ones(len(R64), dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        torch.linalg.det(R64), torch.ones(len(R64), dtype=torch.float64), atol=1e-10, rtol=0
+    )
     # direction-major ordering: row 2 of R[j*M_psi + k] is d_j
     Rv = R64.view(grid.M_d, grid.M_psi, 3, 3)
-    torch.testing.assert_close(Rv[:, :, 2, :], grid.directions[:, None, :].expand(-1, grid.M_psi, -1), atol=1e-10, rtol=0)
+    torch.testing.assert_close(
+        Rv[:, :, 2, :], grid.directions[:, None, :].expand(-1, grid.M_psi, -1), atol=1e-10, rtol=0
+    )
     # in-plane angle changes only n1, n2: psi step rotates n1 within the plane by 2 pi / M_psi
     j = grid.M_d // 3
     c = (Rv[j, 0, 0] * Rv[j, 1, 0]).sum().item()
@@ -176,7 +188,9 @@ def test_posegrid_spacings(grid):
 
 
 def test_posegrid_overrides_and_scale():
-    g = PoseGrid(D=32, apix=5.0, omega_star=0.04, shift_sigma_px=1.0, M_d=20, M_psi=6, n_t_per_axis=3)
+    g = PoseGrid(
+        D=32, apix=5.0, omega_star=0.04, shift_sigma_px=1.0, M_d=20, M_psi=6, n_t_per_axis=3
+    )
     assert (g.M_d, g.M_psi, g.M_t) == (20, 6, 9)
     assert g.rotations().shape == (120, 3, 3)
     g1 = PoseGrid(D=32, apix=5.0, omega_star=0.04, shift_sigma_px=1.0)
@@ -191,4 +205,6 @@ def test_posegrid_quadrature_integrates_over_so3():
     R = g.rotations(dtype=torch.float64)
     w = g.log_w_R().exp()[:, None, None]
     assert (w * R).sum(0).abs().max().item() < 1e-2
-    torch.testing.assert_close((w * R**2).sum(0), torch.full((3, 3), 1 / 3, dtype=torch.float64), atol=1e-2, rtol=0)
+    torch.testing.assert_close(
+        (w * R**2).sum(0), torch.full((3, 3), 1 / 3, dtype=torch.float64), atol=1e-2, rtol=0
+    )

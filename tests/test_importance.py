@@ -8,10 +8,21 @@ import torch
 from cryorecon.fourier.slicing import SliceOperator, project, spectrum_from_volume
 from cryorecon.fourier.transforms import HalfPlane, fft2c
 from cryorecon.geometry.grids import PoseGrid
-from cryorecon.model.importance import ISConfig, ImportanceSampler, draw, kernel_log_mixture, mixture
-from cryorecon.model.likelihood import (ImageBatch, marginal_loglik, sampled_loglik, sampled_loglik_groups,
-                                       sampled_loglik_shared,
-                                       volume_objective)
+from cryorecon.model.importance import (
+    ImportanceSampler,
+    ISConfig,
+    draw,
+    kernel_log_mixture,
+    mixture,
+)
+from cryorecon.model.likelihood import (
+    ImageBatch,
+    marginal_loglik,
+    sampled_loglik,
+    sampled_loglik_groups,
+    sampled_loglik_shared,
+    volume_objective,
+)
 from cryorecon.optim.schedules import Schedule
 
 
@@ -49,7 +60,9 @@ def test_kernel_carries_direction_across_grid_refinement():
     logphi = torch.full((1, coarse.M_d), -math.inf, dtype=torch.float64)
     logphi[0, 17] = 0.0
     k = math.log(4.0) / (1 - math.cos(fine.r_d))
-    q = torch.softmax(kernel_log_mixture(coarse.directions[None], logphi, fine.directions, "d", k, 1.0), -1)[0]
+    q = torch.softmax(
+        kernel_log_mixture(coarse.directions[None], logphi, fine.directions, "d", k, 1.0), -1
+    )[0]
     best = fine.directions[int(q.argmax())]
     assert float(best @ d0) > math.cos(fine.r_d)  # the mode lands next to the old sample
     assert float(q.max()) > 20.0 / fine.M_d
@@ -61,16 +74,27 @@ def _toy_problem(B=6):
     D, apix = 24, 8.0
     g = torch.arange(D, dtype=torch.float32) - D // 2
     z, y, x = torch.meshgrid(g, g, g, indexing="ij")
-    V = torch.exp(-((x - 3) ** 2 + y ** 2 + (z + 2) ** 2) / 8) + 0.7 * torch.exp(-((x + 4) ** 2 + (y - 3) ** 2 + z ** 2) / 5)
+    V = torch.exp(-((x - 3) ** 2 + y**2 + (z + 2) ** 2) / 8) + 0.7 * torch.exp(
+        -((x + 4) ** 2 + (y - 3) ** 2 + z**2) / 5
+    )
     grid = PoseGrid(D=D, apix=apix, omega_star=0.05, shift_sigma_px=1.5, scale=1.5)
     hp = HalfPlane(D, D * apix * 0.05)
     true_r = torch.randint(0, grid.n_rotations, (B,))
     R = grid.rotations()
     imgs = project(V, R[true_r]) + 0.3 * torch.randn(B, D, D)
-    batch = ImageBatch(hp.gather(fft2c(imgs)), torch.ones(B, hp.M), torch.full((B,), 0.09), hp.weight, hp.freqs())
+    batch = ImageBatch(
+        hp.gather(fft2c(imgs)), torch.ones(B, hp.M), torch.full((B,), 0.09), hp.weight, hp.freqs()
+    )
     op = SliceOperator(R, hp.freqs() * D, D)
-    exact = marginal_loglik(op.slice(spectrum_from_volume(V)), batch, grid.shifts.float(), grid.log_w_R(),
-                            grid.log_w_t, want_grad=False, want_posteriors=True)
+    exact = marginal_loglik(
+        op.slice(spectrum_from_volume(V)),
+        batch,
+        grid.shifts.float(),
+        grid.log_w_R(),
+        grid.log_w_t,
+        want_grad=False,
+        want_posteriors=True,
+    )
     return V, grid, hp, batch, op, exact
 
 
@@ -87,9 +111,19 @@ def test_sampled_likelihood_matches_exact_after_a_visit():
     sampler.update_exact(idx, 1000, exact.post_rot, exact.post_shift, grid)
     plan = sampler.plan(idx, grid)
     assert plan is not None and plan.fraction < 0.05
-    Su = SliceOperator(sampler.rotations(plan, grid), hp.freqs() * D, D).slice(spectrum_from_volume(V))
-    est = sampled_loglik(Su, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw, want_grad=False)
-    rel = ((est.loglik - exact.loglik).abs() / exact.loglik.abs())
+    Su = SliceOperator(sampler.rotations(plan, grid), hp.freqs() * D, D).slice(
+        spectrum_from_volume(V)
+    )
+    est = sampled_loglik(
+        Su,
+        batch,
+        plan.rot_idx,
+        plan.rot_logw,
+        plan.shifts.float(),
+        plan.shift_logw,
+        want_grad=False,
+    )
+    rel = (est.loglik - exact.loglik).abs() / exact.loglik.abs()
     # |log p| is ~150 nats for these 24^2 images, so 0.3% is about half a nat: p within ~40%
     # for any one draw (the estimator of p itself is unbiased, tested above). The paper's 0.1%
     # is for 128^2 images, whose log p is orders of magnitude larger.
@@ -133,7 +167,7 @@ def test_annealing_step_defaults_to_a_third_of_the_cutoff_step():
     assert ReconstructConfig().annealing_step == 50
     assert ReconstructConfig(omega_every=25).annealing_step == 8
     assert ReconstructConfig(omega_every=25, is_every=5).annealing_step == 5
-    assert ReconstructConfig(omega_every=25).schedule(apix=5.0).alpha(16) == 2 ** -0.5
+    assert ReconstructConfig(omega_every=25).schedule(apix=5.0).alpha(16) == 2**-0.5
 
 
 def test_split_plan_routes_diffuse_images_to_the_exact_path():
@@ -176,10 +210,14 @@ def test_shared_gemm_estimator_equals_per_image_products(monkeypatch):
     sampler.update_exact(idx, 1000, exact.post_rot, exact.post_shift, grid)
     plan = sampler.plan(idx, grid)
     assert plan is not None
-    assert not torch.isfinite(plan.rot_logw).all() or not torch.isfinite(plan.shift_logw).all()  # padding present
+    assert (
+        not torch.isfinite(plan.rot_logw).all() or not torch.isfinite(plan.shift_logw).all()
+    )  # padding present
     S = op.subset(plan.rot_ids).slice(spectrum_from_volume(V))
     a = sampled_loglik(S, batch, plan.rot_idx, plan.rot_logw, plan.shifts.float(), plan.shift_logw)
-    b = sampled_loglik_shared(S, batch, plan.rot_idx, plan.rot_logw, plan.idx_t, plan.shift_logw, grid.shifts.float())
+    b = sampled_loglik_shared(
+        S, batch, plan.rot_idx, plan.rot_logw, plan.idx_t, plan.shift_logw, grid.shifts.float()
+    )
     assert torch.allclose(a.loglik, b.loglik, rtol=1e-5)  # float32 sums of ~1e4-size terms
     assert torch.allclose(a.post_rot, b.post_rot, atol=1e-3)
     assert torch.allclose(a.post_shift, b.post_shift, atol=1e-3)

@@ -13,8 +13,9 @@ import starfile
 from cryorecon import cli
 from cryorecon.io.particles import write_particles
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
-
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 
 
 def _info(args, monkeypatch, capsys):
@@ -43,12 +44,22 @@ def test_info_relion31(formats_dir, monkeypatch, capsys):
     assert info["poses"] is True and info["shifts"] is True
     assert info["stacks"] == 1 and info["stacks_found"] == 1
     assert info["stack_bytes"] == (d / "relion31.mrcs").stat().st_size
-    assert info["optics_groups"] == [{"group": 1, "name": "opticsGroup1", "particles": 5,
-                                      "pixel_size_A": 2.806, "voltage_kV": 300.0, "cs_mm": 0.01,
-                                      "amp_contrast": 0.1}]
+    assert info["optics_groups"] == [
+        {
+            "group": 1,
+            "name": "opticsGroup1",
+            "particles": 5,
+            "pixel_size_A": 2.806,
+            "voltage_kV": 300.0,
+            "cs_mm": 0.01,
+            "amp_contrast": 0.1,
+        }
+    ]
     rc, out, _ = _info([d / "relion31.star"], monkeypatch, capsys)
     assert rc == 0
-    assert "particles      5" in out and "box            256 px" in out and "poses          yes" in out
+    assert (
+        "particles      5" in out and "box            256 px" in out and "poses          yes" in out
+    )
 
 
 def test_info_two_optics_groups_and_legacy(formats_dir, monkeypatch, capsys):
@@ -71,7 +82,9 @@ def test_info_without_stacks(formats_dir, monkeypatch, capsys):
     rc, _, err = _info([d / "relion5.star"], monkeypatch, capsys)
     assert rc == 2 and "toy_images_a.mrcs" in err  # stacks not shipped: an error by default
     r5 = _json([d / "relion5.star", "--no-stacks"], monkeypatch, capsys)
-    assert r5["particles"] == 17 and r5["box"] == 448 and r5["stacks"] == 2 and r5["stacks_found"] == 0
+    assert (
+        r5["particles"] == 17 and r5["box"] == 448 and r5["stacks"] == 2 and r5["stacks_found"] == 0
+    )
     six = _json([d / "relion31.6opticsgroups.star", "--no-stacks"], monkeypatch, capsys)
     assert len(six["optics_groups"]) == 6 and six["pixel_size_A"] == [1.24, 1.25]
     p12 = _json([d / "cryosparc_P12_J24_001_particles.cs", "--no-stacks"], monkeypatch, capsys)
@@ -85,16 +98,20 @@ def test_info_without_stacks(formats_dir, monkeypatch, capsys):
 def test_info_100k_particles(tmp_path, monkeypatch, capsys):
     n = 100_000
     rng = np.random.default_rng(0)
-    write_particles(tmp_path / "small.star", rng.normal(size=(10, 16, 16)).astype(np.float32), 1.2, CTF)
+    write_particles(
+        tmp_path / "small.star", rng.normal(size=(10, 16, 16)).astype(np.float32), 1.2, CTF
+    )
     blocks = starfile.read(tmp_path / "small.star", always_dict=True)
     num = np.char.zfill((np.arange(n) % 10 + 1).astype(str), 6)
-    parts = pd.DataFrame({
-        "rlnImageName": np.char.add(num, "@small.mrcs"),
-        "rlnDefocusU": rng.uniform(1e4, 3e4, n),
-        "rlnDefocusV": rng.uniform(1e4, 3e4, n),
-        "rlnDefocusAngle": rng.uniform(0, 180, n),
-        "rlnOpticsGroup": np.ones(n, dtype=int),
-    })
+    parts = pd.DataFrame(
+        {
+            "rlnImageName": np.char.add(num, "@small.mrcs"),
+            "rlnDefocusU": rng.uniform(1e4, 3e4, n),
+            "rlnDefocusV": rng.uniform(1e4, 3e4, n),
+            "rlnDefocusAngle": rng.uniform(0, 180, n),
+            "rlnOpticsGroup": np.ones(n, dtype=int),
+        }
+    )
     starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "big.star")
     t0 = time.perf_counter()
     info = _json([tmp_path / "big.star"], monkeypatch, capsys)

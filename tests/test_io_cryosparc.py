@@ -19,7 +19,6 @@ from cryorecon.geometry.rotations import euler_to_matrix
 from cryorecon.io.particles import read_particles, write_particles
 
 
-
 def _relion_matrices(angles_deg: np.ndarray) -> np.ndarray:
     a = torch.from_numpy(np.deg2rad(angles_deg))
     return euler_to_matrix(a[:, 0], a[:, 1], a[:, 2]).numpy()
@@ -51,7 +50,15 @@ def test_cs_and_star_agree_empiar(formats_dir):
     st = read_particles(d / "empiar_10076_7.star")
     assert len(cs) == len(st) == 7 and cs.D == st.D == 320
     np.testing.assert_allclose(cs.apix, st.apix, rtol=1e-6)  # psize_A is float32
-    for k in ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amp_contrast", "phase_shift"):
+    for k in (
+        "defocus_u",
+        "defocus_v",
+        "defocus_angle",
+        "voltage",
+        "cs",
+        "amp_contrast",
+        "phase_shift",
+    ):
         np.testing.assert_allclose(cs.ctf[k], st.ctf[k], rtol=1e-6, atol=1e-5, err_msg=k)
     # Neither file has poses: the STAR has no rlnAngle*/rlnOrigin* columns, the .cs no alignments3D.
     assert st.angles is None and st.shifts is None
@@ -68,7 +75,9 @@ def test_cs_poses_follow_pyem_and_cryodrgn(formats_dir):
     ps = read_particles(f, check_images=False)  # stacks not shipped
     assert len(ps) == len(raw) and ps.D == int(raw["blob/shape"][0, 0])
     np.testing.assert_allclose(ps.apix, raw["blob/psize_A"])
-    np.testing.assert_allclose(ps.ctf["defocus_angle"], np.rad2deg(raw["ctf/df_angle_rad"].astype(np.float64)))
+    np.testing.assert_allclose(
+        ps.ctf["defocus_angle"], np.rad2deg(raw["ctf/df_angle_rad"].astype(np.float64))
+    )
     np.testing.assert_allclose(ps.ctf["voltage"], raw["ctf/accel_kv"])
     A = _relion_matrices(ps.angles)
     pose = raw["alignments3D/pose"].astype(np.float64)
@@ -76,16 +85,32 @@ def test_cs_poses_follow_pyem_and_cryodrgn(formats_dir):
         np.testing.assert_allclose(A[i], _pyem_expmap(pose[i]), atol=1e-9)
         np.testing.assert_allclose(A[i], _cryodrgn_expmap(pose[i]).T, atol=1e-9)
     # shifts: pyem's rlnOriginX/Y = alignments3D/shift (pixels), no sign change; here in Å
-    np.testing.assert_allclose(ps.shifts, raw["alignments3D/shift"] * raw["blob/psize_A"][:, None].astype(np.float64))
+    np.testing.assert_allclose(
+        ps.shifts, raw["alignments3D/shift"] * raw["blob/psize_A"][:, None].astype(np.float64)
+    )
     assert ps.stacks[0].name == raw["blob/path"][0].decode().split("/")[-1]
 
 
 def _minimal_cs(n, path_bytes, D=8, pose=None, shift=None, ctf=True):
-    fields = [("uid", "<u8"), ("blob/path", f"S{max(len(p) for p in path_bytes)}"), ("blob/idx", "<u4"),
-              ("blob/shape", "<u4", (2,)), ("blob/psize_A", "<f4")]
+    fields = [
+        ("uid", "<u8"),
+        ("blob/path", f"S{max(len(p) for p in path_bytes)}"),
+        ("blob/idx", "<u4"),
+        ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"),
+    ]
     if ctf:
-        fields += [(k, "<f4") for k in ("ctf/accel_kv", "ctf/cs_mm", "ctf/amp_contrast", "ctf/df1_A",
-                                          "ctf/df2_A", "ctf/df_angle_rad")]
+        fields += [
+            (k, "<f4")
+            for k in (
+                "ctf/accel_kv",
+                "ctf/cs_mm",
+                "ctf/amp_contrast",
+                "ctf/df1_A",
+                "ctf/df2_A",
+                "ctf/df_angle_rad",
+            )
+        ]
     if pose is not None:
         fields += [("alignments3D/pose", "<f4", (3,)), ("alignments3D/shift", "<f4", (2,))]
     a = np.zeros(n, dtype=fields)
@@ -107,12 +132,19 @@ def test_known_poses_and_project_relative_paths(tmp_path):
     (tmp_path / "J1" / "extract").mkdir(parents=True)
     (tmp_path / "J2").mkdir()
     imgs = np.random.default_rng(0).normal(size=(3, 8, 8)).astype(np.float32)
-    write_particles(tmp_path / "J1" / "extract" / "x.star", imgs, 2.0,
-                    dict(defocus_u=1, defocus_v=1, defocus_angle=0, voltage=300, cs=2.7, amp_contrast=0.1),
-                    stack_name="x.mrcs")
+    write_particles(
+        tmp_path / "J1" / "extract" / "x.star",
+        imgs,
+        2.0,
+        dict(defocus_u=1, defocus_v=1, defocus_angle=0, voltage=300, cs=2.7, amp_contrast=0.1),
+        stack_name="x.mrcs",
+    )
     pose = np.array([[0, 0, np.pi / 2], [0, np.pi / 4, 0], [0, 0, 0]])
     shift = np.array([[1.5, -2.0], [0, 0], [0, 0]])
-    _save_cs(tmp_path / "J2" / "p.cs", _minimal_cs(3, [b">J1/extract/x.mrcs"] * 3, pose=pose, shift=shift))
+    _save_cs(
+        tmp_path / "J2" / "p.cs",
+        _minimal_cs(3, [b">J1/extract/x.mrcs"] * 3, pose=pose, shift=shift),
+    )
     ps = read_particles(tmp_path / "J2" / "p.cs")
     np.testing.assert_array_equal(ps.images([0, 1, 2]), imgs)
     np.testing.assert_allclose(ps.ctf["defocus_angle"], 30.0, atol=1e-5)
@@ -126,8 +158,12 @@ def test_known_poses_and_project_relative_paths(tmp_path):
 
 def test_cs_basename_fallback_and_missing_ctf(tmp_path):
     imgs = np.zeros((2, 8, 8), np.float32)
-    write_particles(tmp_path / "y.star", imgs, 2.0,
-                    dict(defocus_u=1, defocus_v=1, defocus_angle=0, voltage=300, cs=2.7, amp_contrast=0.1))
+    write_particles(
+        tmp_path / "y.star",
+        imgs,
+        2.0,
+        dict(defocus_u=1, defocus_v=1, defocus_angle=0, voltage=300, cs=2.7, amp_contrast=0.1),
+    )
     _save_cs(tmp_path / "q.cs", _minimal_cs(2, [b"/nowhere/J9/extract/y.mrcs"] * 2, ctf=False))
     with pytest.raises(InputError, match=r"q\.cs.*ctf/accel_kv"):
         read_particles(tmp_path / "q.cs")

@@ -12,7 +12,9 @@ from cryorecon import cli
 from cryorecon.errors import InputError
 from cryorecon.io.particles import read_particles, write_particles
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 N, D = 4, 8
 
 
@@ -62,8 +64,14 @@ def _cli_fails(path, monkeypatch, capsys, *patterns):
 
 
 def test_missing_stack(good, monkeypatch, capsys):
-    bad = _edit(good, good.parent / "bad.star", lambda b: b["particles"].__setitem__(
-        "rlnImageName", b["particles"]["rlnImageName"].where(b["particles"].index != 2, "000003@missing.mrcs")))
+    bad = _edit(
+        good,
+        good.parent / "bad.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnImageName",
+            b["particles"]["rlnImageName"].where(b["particles"].index != 2, "000003@missing.mrcs"),
+        ),
+    )
     _raises(bad, "particle 2", "3@missing.mrcs", "not found")
     # header checks off: the error comes when the images are read
     ps = read_particles(bad, check_images=False)
@@ -74,8 +82,14 @@ def test_missing_stack(good, monkeypatch, capsys):
 
 
 def test_index_beyond_stack(good, monkeypatch, capsys):
-    bad = _edit(good, good.parent / "beyond.star", lambda b: b["particles"].__setitem__(
-        "rlnImageName", b["particles"]["rlnImageName"].where(b["particles"].index != 3, f"{N + 5}@good.mrcs")))
+    bad = _edit(
+        good,
+        good.parent / "beyond.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnImageName",
+            b["particles"]["rlnImageName"].where(b["particles"].index != 3, f"{N + 5}@good.mrcs"),
+        ),
+    )
     _raises(bad, "particle 3", f"{N + 5}@good.mrcs", "beyond", f"{N} images")
     ps = read_particles(bad, check_images=False)
     with pytest.raises(InputError, match="particle 3"):
@@ -84,11 +98,23 @@ def test_index_beyond_stack(good, monkeypatch, capsys):
 
 
 def test_zero_or_garbage_image_number(good):
-    bad = _edit(good, good.parent / "zero.star", lambda b: b["particles"].__setitem__(
-        "rlnImageName", b["particles"]["rlnImageName"].where(b["particles"].index != 1, "0@good.mrcs")))
+    bad = _edit(
+        good,
+        good.parent / "zero.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnImageName",
+            b["particles"]["rlnImageName"].where(b["particles"].index != 1, "0@good.mrcs"),
+        ),
+    )
     _raises(bad, "particle 1", "0@good.mrcs")
-    bad = _edit(good, good.parent / "garbage.star", lambda b: b["particles"].__setitem__(
-        "rlnImageName", b["particles"]["rlnImageName"].where(b["particles"].index != 1, "x@good.mrcs")))
+    bad = _edit(
+        good,
+        good.parent / "garbage.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnImageName",
+            b["particles"]["rlnImageName"].where(b["particles"].index != 1, "x@good.mrcs"),
+        ),
+    )
     _raises(bad, "particle 1", "x@good.mrcs")
 
 
@@ -96,6 +122,7 @@ def test_missing_ctf_columns(good, monkeypatch, capsys):
     def drop(b):
         b["particles"] = b["particles"].drop(columns=["rlnDefocusU"])
         b["optics"] = b["optics"].drop(columns=["rlnSphericalAberration"])
+
     bad = _edit(good, good.parent / "noctf.star", drop)
     _raises(bad, "rlnDefocusU", "rlnSphericalAberration")
     ps = read_particles(bad, require_ctf=False)
@@ -106,31 +133,46 @@ def test_missing_ctf_columns(good, monkeypatch, capsys):
 
 
 def test_non_numeric_ctf_value(good):
-    bad = _edit(good, good.parent / "nonnum.star", lambda b: b["particles"].__setitem__(
-        "rlnDefocusV", b["particles"]["rlnDefocusV"].astype(object).where(b["particles"].index != 2, "abc")))
+    bad = _edit(
+        good,
+        good.parent / "nonnum.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnDefocusV",
+            b["particles"]["rlnDefocusV"].astype(object).where(b["particles"].index != 2, "abc"),
+        ),
+    )
     _raises(bad, "particle 2", "rlnDefocusV")
 
 
 def test_unknown_optics_group(good):
-    bad = _edit(good, good.parent / "og.star", lambda b: b["particles"].__setitem__(
-        "rlnOpticsGroup", np.where(b["particles"].index == 1, 7, 1)))
+    bad = _edit(
+        good,
+        good.parent / "og.star",
+        lambda b: b["particles"].__setitem__(
+            "rlnOpticsGroup", np.where(b["particles"].index == 1, 7, 1)
+        ),
+    )
     _raises(bad, "particle 1", "rlnOpticsGroup 7")
 
 
 def test_mixed_box_sizes(good, monkeypatch, capsys):
-    other = write_particles(good.parent / "other.star", np.zeros((2, D + 2, D + 2), np.float32), 2.0, CTF)
+    other = write_particles(
+        good.parent / "other.star", np.zeros((2, D + 2, D + 2), np.float32), 2.0, CTF
+    )
 
     def mix(b):
         o = starfile.read(other, always_dict=True)["particles"]
         b["particles"] = b["particles"].iloc[:2].copy()
         b["particles"].loc[2] = o.iloc[1]
         b["optics"]["rlnImageSize"] = D
+
     bad = _edit(good, good.parent / "mixed.star", mix)
     _raises(bad, "particle 2", "2@other.mrcs", "mixed box sizes", "other.mrcs")
 
     def mix_no_size(b):  # without rlnImageSize the stacks themselves disagree
         mix(b)
         b["optics"] = b["optics"].drop(columns=["rlnImageSize"])
+
     bad2 = _edit(good, good.parent / "mixed2.star", mix_no_size)
     _raises(bad2, "particle 2", "mixed box sizes", "good.mrcs")
     _cli_fails(bad2, monkeypatch, capsys, "mixed box sizes")
@@ -144,6 +186,7 @@ def test_non_square(tmp_path, monkeypatch, capsys):
     def rect(b):
         b["particles"]["rlnImageName"] = ["000001@rect.mrcs", "000002@rect.mrcs"]
         b["optics"] = b["optics"].drop(columns=["rlnImageSize"])
+
     bad = _edit(good, tmp_path / "rect.star", rect)
     _raises(bad, "particle 0", "non-square", f"{D}x{D + 2}")
     _cli_fails(bad, monkeypatch, capsys, "non-square")
@@ -167,7 +210,9 @@ def test_nan_inf_pixels(tmp_path, value):
 
 def test_empty_star(tmp_path, monkeypatch, capsys):
     good = write_particles(tmp_path / "g.star", np.zeros((2, D, D), np.float32), 2.0, CTF)
-    empty = _edit(good, tmp_path / "empty.star", lambda b: b.__setitem__("particles", b["particles"].iloc[:0]))
+    empty = _edit(
+        good, tmp_path / "empty.star", lambda b: b.__setitem__("particles", b["particles"].iloc[:0])
+    )
     _raises(empty, "no particles")
     blank = tmp_path / "blank.star"
     blank.write_text("# nothing here\n")

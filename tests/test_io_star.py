@@ -18,8 +18,9 @@ import starfile
 from cryorecon.errors import OutputExistsError
 from cryorecon.io.particles import read_particles, write_particles
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1)
-
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 
 
 def _raw_stack(path):
@@ -108,22 +109,32 @@ def test_sample_relion30_vs_31(formats_dir):
     groups = raw31["optics"].set_index("rlnOpticsGroup")
     assert sorted(np.unique(p31.optics_group)) == [1, 2]
     for g in (1, 2):
-        np.testing.assert_allclose(p31.ctf["voltage"][p31.optics_group == g], groups.loc[g, "rlnVoltage"])
+        np.testing.assert_allclose(
+            p31.ctf["voltage"][p31.optics_group == g], groups.loc[g, "rlnVoltage"]
+        )
     assert groups.loc[1, "rlnVoltage"] != groups.loc[2, "rlnVoltage"]
     # 3.0 has the voltage per particle; our optics groups split the same particles
     np.testing.assert_allclose(p30.ctf["voltage"], p31.ctf["voltage"])
     assert len(np.unique(p30.optics_group)) == 2
-    np.testing.assert_array_equal(p30.optics_group == p30.optics_group[0], p31.optics_group == p31.optics_group[0])
+    np.testing.assert_array_equal(
+        p30.optics_group == p30.optics_group[0], p31.optics_group == p31.optics_group[0]
+    )
     # CTF agrees
     for k in ("defocus_u", "defocus_v", "defocus_angle", "cs", "amp_contrast", "phase_shift"):
         np.testing.assert_allclose(p30.ctf[k], p31.ctf[k], err_msg=k)
     # Pixel size: 3.1 states rlnImagePixelSize; 3.0 gives DetectorPixelSize (µm) * 1e4 / Magnification.
     # NOTE these two sample files do NOT agree: 5 µm / 37369.2 = 1.338 Å vs 1.4 Å.
     np.testing.assert_allclose(p31.apix, 1.4)
-    np.testing.assert_allclose(p30.apix, raw30["rlnDetectorPixelSize"] * 1e4 / raw30["rlnMagnification"])
+    np.testing.assert_allclose(
+        p30.apix, raw30["rlnDetectorPixelSize"] * 1e4 / raw30["rlnMagnification"]
+    )
     # Shifts in Å: 3.1 copies rlnOriginX/YAngst, 3.0 converts rlnOriginX/Y (pixels) * apix.
-    np.testing.assert_allclose(p31.shifts, raw31["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy())
-    np.testing.assert_allclose(p30.shifts, raw30[["rlnOriginX", "rlnOriginY"]].to_numpy() * p30.apix[:, None])
+    np.testing.assert_allclose(
+        p31.shifts, raw31["particles"][["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy()
+    )
+    np.testing.assert_allclose(
+        p30.shifts, raw30[["rlnOriginX", "rlnOriginY"]].to_numpy() * p30.apix[:, None]
+    )
     # Angles agree except particle 14: in the 3.1 file row 000015 repeats row 000014's values.
     keep = np.arange(17) != 14
     np.testing.assert_allclose(p30.angles[keep], p31.angles[keep])
@@ -164,7 +175,9 @@ def _synthetic(n=12, D=16, seed=0):
     ctf["voltage"] = np.where(np.arange(n) < n // 2, 300.0, 200.0)
     ctf["phase_shift"] = rng.uniform(0, 90, n)
     apix = np.full(n, 1.5)
-    angles = np.stack([rng.uniform(-180, 180, n), rng.uniform(0, 180, n), rng.uniform(-180, 180, n)], 1)
+    angles = np.stack(
+        [rng.uniform(-180, 180, n), rng.uniform(0, 180, n), rng.uniform(-180, 180, n)], 1
+    )
     shifts = rng.uniform(-5, 5, (n, 2))
     return imgs, apix, ctf, angles, shifts
 
@@ -175,12 +188,31 @@ def test_write_read_round_trip(tmp_path):
     assert out == tmp_path / "p.star"
     raw = starfile.read(out, always_dict=True)
     assert set(raw) == {"optics", "particles"}
-    for c in ("rlnOpticsGroup", "rlnOpticsGroupName", "rlnImagePixelSize", "rlnImageSize",
-              "rlnImageDimensionality", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast"):
+    for c in (
+        "rlnOpticsGroup",
+        "rlnOpticsGroupName",
+        "rlnImagePixelSize",
+        "rlnImageSize",
+        "rlnImageDimensionality",
+        "rlnVoltage",
+        "rlnSphericalAberration",
+        "rlnAmplitudeContrast",
+    ):
         assert c in raw["optics"].columns, c
-    for c in ("rlnImageName", "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnPhaseShift",
-              "rlnCtfBfactor", "rlnOpticsGroup", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi",
-              "rlnOriginXAngst", "rlnOriginYAngst"):
+    for c in (
+        "rlnImageName",
+        "rlnDefocusU",
+        "rlnDefocusV",
+        "rlnDefocusAngle",
+        "rlnPhaseShift",
+        "rlnCtfBfactor",
+        "rlnOpticsGroup",
+        "rlnAngleRot",
+        "rlnAngleTilt",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+    ):
         assert c in raw["particles"].columns, c
     assert len(raw["optics"]) == 2  # two voltages -> two optics groups
     assert raw["particles"]["rlnImageName"][0] == "000001@p.mrcs"
@@ -209,7 +241,7 @@ def test_write_read_round_trip(tmp_path):
 
 def test_write_streamed_batches_and_failure_leaves_nothing(tmp_path):
     imgs, apix, ctf, angles, shifts = _synthetic(n=10)
-    batches = (imgs[a:a + 3] for a in range(0, 10, 3))
+    batches = (imgs[a : a + 3] for a in range(0, 10, 3))
     write_particles(tmp_path / "s.star", batches, apix, ctf, stack_name="s_stack.mrcs")
     ps = read_particles(tmp_path / "s.star")
     np.testing.assert_array_equal(ps.images(np.arange(10)), imgs)
@@ -276,4 +308,6 @@ def test_particle_columns_override_optics(tmp_path):
     ps = read_particles(tmp_path / "o2.star", check_images=False)  # 1.7 Å: not the header
     np.testing.assert_allclose(ps.ctf["voltage"], [300.0, 200.0, 300.0, 120.0])
     np.testing.assert_allclose(ps.apix, 1.7)
-    np.testing.assert_allclose(ps.ctf["cs"], blocks["optics"]["rlnSphericalAberration"][0])  # from optics
+    np.testing.assert_allclose(
+        ps.ctf["cs"], blocks["optics"]["rlnSphericalAberration"][0]
+    )  # from optics

@@ -16,7 +16,7 @@ def _ball(D: int, centre, radius: float) -> np.ndarray:
     g = np.arange(D, dtype=np.float32)
     z, y, x = np.meshgrid(g, g, g, indexing="ij")
     r2 = (x - centre[2]) ** 2 + (y - centre[1]) ** 2 + (z - centre[0]) ** 2
-    return np.exp(-r2 / (2.0 * radius ** 2)).astype(np.float32)
+    return np.exp(-r2 / (2.0 * radius**2)).astype(np.float32)
 
 
 def test_level_from_mass_encloses_the_molecules_volume():
@@ -25,18 +25,18 @@ def test_level_from_mass_encloses_the_molecules_volume():
     vol = (_ball(32, (16, 16, 16), 5.0) + noise).astype(np.float32)
     apix, mass_da = 4.0, 300e3  # 300 kDa: 363,000 Å^3, 5672 voxels of 64 Å^3
     level = plots.surface_level(vol, mass_da=mass_da, apix=apix)
-    n = mass_da * 1.21 / apix ** 3
+    n = mass_da * 1.21 / apix**3
     assert plots.enclosed_voxels(mass_da, apix) == pytest.approx(n)
     above = int((vol > level).sum())
     assert abs(above - n) <= 1.5  # the level is a quantile: the count is off by at most a voxel
-    assert above * apix ** 3 == pytest.approx(mass_da * 1.21, rel=1e-3)
+    assert above * apix**3 == pytest.approx(mass_da * 1.21, rel=1e-3)
     # independent: the n-th largest voxel value is the level (brute force over sorted values)
     desc = np.sort(vol.ravel())[::-1]
     assert desc[int(round(n)) - 2] >= level >= desc[int(round(n)) + 1]
     # without a mass the old rule holds: a fraction of the particle's sphere
     d = 20.0
     lv = plots.surface_level(vol, d, fraction=0.2)
-    assert abs(int((vol > lv).sum()) - 0.2 * np.pi * d ** 3 / 6) <= 1.5
+    assert abs(int((vol > lv).sum()) - 0.2 * np.pi * d**3 / 6) <= 1.5
 
 
 def test_hide_dust_removes_specks_and_keeps_the_body():
@@ -132,8 +132,8 @@ def test_principal_axes_turn_the_long_axis_to_z():
     z, y, x = np.meshgrid(g, g, g, indexing="ij")
     a = np.array([1.0, 2.0, 2.0]) / 3.0  # the long axis, (x, y, z)
     along = x * a[0] + y * a[1] + z * a[2]
-    r2 = x ** 2 + y ** 2 + z ** 2
-    vol = np.exp(-(r2 - along ** 2) / (2 * 2.5 ** 2) - along ** 2 / (2 * 7.0 ** 2))
+    r2 = x**2 + y**2 + z**2
+    vol = np.exp(-(r2 - along**2) / (2 * 2.5**2) - along**2 / (2 * 7.0**2))
     vol = vol.astype(np.float32)
     tris = plots.surface(vol, 0.5)
     R = plots.principal_axes(tris)

@@ -64,7 +64,7 @@ def test_chunking_does_not_change_result(device):
 
     V, batch, R, t, lw_r, lw_t, hp = _problem(seed=2, device=device)
     S = _slices(V, R, hp)
-    a = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=10 ** 9)
+    a = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=10**9)
     b = marginal_loglik(S, batch, t, lw_r, lw_t, max_chunk_elems=1)
     assert torch.allclose(a.loglik, b.loglik)
     assert torch.allclose(a.grad_slices, b.grad_slices, rtol=1e-5, atol=1e-6)
@@ -79,12 +79,15 @@ def test_sampled_estimator_with_all_poses_equals_full_quadrature(device):
     full = marginal_loglik(S, batch, t, lw_r, lw_t)
     B, J, L = batch.B, R.shape[0], t.shape[0]
     # Each image gets the rotations in a different order, padded with one unused slot.
-    perm = torch.stack([torch.randperm(J, generator=torch.Generator().manual_seed(i))
-                        for i in range(B)]).to(device)
+    perm = torch.stack(
+        [torch.randperm(J, generator=torch.Generator().manual_seed(i)) for i in range(B)]
+    ).to(device)
     rot_idx = torch.cat([perm, torch.zeros(B, 1, dtype=torch.long, device=device)], 1)
     pad = torch.full((B, 1), -math.inf, dtype=torch.float64, device=device)
     rot_logw = torch.cat([lw_r[perm], pad], 1)
-    sampled = sampled_loglik(S, batch, rot_idx, rot_logw, t.expand(B, L, 2), lw_t.expand(B, L), max_chunk_bytes=1)
+    sampled = sampled_loglik(
+        S, batch, rot_idx, rot_logw, t.expand(B, L, 2), lw_t.expand(B, L), max_chunk_bytes=1
+    )
     assert torch.allclose(sampled.loglik, full.loglik, rtol=1e-6)
     assert torch.allclose(sampled.grad_slices, full.grad_slices, rtol=1e-4, atol=1e-5)
 
@@ -115,9 +118,12 @@ def test_image_weights_scale_value_and_gradient(device):
     op = SliceOperator(R, hp.freqs().to(device) * hp.D, hp.D)
     B, L = batch.B, t.shape[0]
     rot_idx = torch.arange(R.shape[0], device=device).expand(B, -1)
-    for evaluate in (lambda S: marginal_loglik(S, wb, t, lw_r, lw_t),
-                     lambda S: sampled_loglik(S, wb, rot_idx, lw_r.expand(B, -1), t.expand(B, L, 2),
-                                              lw_t.expand(B, L))):
+    for evaluate in (
+        lambda S: marginal_loglik(S, wb, t, lw_r, lw_t),
+        lambda S: sampled_loglik(
+            S, wb, rot_idx, lw_r.expand(B, -1), t.expand(B, L, 2), lw_t.expand(B, L)
+        ),
+    ):
         val, grad, _ = volume_objective(V, [(op, evaluate)], 2, True)
         assert math.isclose(val, float(ref.detach()), rel_tol=1e-5)
         assert float((grad - g_ref).norm() / g_ref.norm()) < 1e-4

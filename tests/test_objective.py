@@ -59,19 +59,23 @@ def test_search_keeping_every_cell_is_exact(problem):
     V, batch, lvl = problem
     V = 0.05 * V
     exact = ExactQuadrature(2).evaluate(V, batch, np.arange(N), lvl, tau=1, want_grad=True)
-    everything = SearchConfig(epsilon=1e-12, max_rotations=10 ** 6, max_shifts=10 ** 6)
+    everything = SearchConfig(epsilon=1e-12, max_rotations=10**6, max_shifts=10**6)
     search = CoarseToFine(D, APIX, SHIFT_SIGMA_PX, 2.0, 2, everything)
     ev = search.evaluate(V, batch, np.arange(N), lvl, tau=1, want_grad=True)
     assert math.isclose(ev.value, exact.value, rel_tol=1e-5)
-    cos = float((ev.grad.double() * exact.grad.double()).sum() / (ev.grad.double().norm() * exact.grad.double().norm()))
+    cos = float(
+        (ev.grad.double() * exact.grad.double()).sum()
+        / (ev.grad.double().norm() * exact.grad.double().norm())
+    )
     assert cos > 0.9999
 
 
 def test_default_search_is_a_lower_bound_and_cheaper(problem):
     V, batch, lvl = problem
     exact = ExactQuadrature(2).evaluate(V, batch, np.arange(N), lvl, tau=1, want_grad=False)
-    ev = CoarseToFine(D, APIX, SHIFT_SIGMA_PX, 2.0, 2).evaluate(V, batch, np.arange(N), lvl, tau=1,
-                                                                 want_grad=False)
+    ev = CoarseToFine(D, APIX, SHIFT_SIGMA_PX, 2.0, 2).evaluate(
+        V, batch, np.arange(N), lvl, tau=1, want_grad=False
+    )
     # r = 6.9 px here: level 0 (5.5 px) alone is a third of the final grid's poses
     assert ev.fraction < 0.75
     # log p_search <= log p per image (up to float32 rounding of the sums)

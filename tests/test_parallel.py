@@ -23,9 +23,31 @@ import pytest
 
 from cryorecon.io.mrc import read_map
 
-FLAGS = ["--pose-search", "exact", "--grid-scale", "3", "--start-resolution", "50", "--resolution", "40",
-         "--minibatch", "40", "--heldout", "20", "--heldout-every", "4", "--patience", "100",
-         "--checkpoint-every", "3", "--report-every", "0", "--seed", "0", "--no-halves"]
+FLAGS = [
+    "--pose-search",
+    "exact",
+    "--grid-scale",
+    "3",
+    "--start-resolution",
+    "50",
+    "--resolution",
+    "40",
+    "--minibatch",
+    "40",
+    "--heldout",
+    "20",
+    "--heldout-every",
+    "4",
+    "--patience",
+    "100",
+    "--checkpoint-every",
+    "3",
+    "--report-every",
+    "0",
+    "--seed",
+    "0",
+    "--no-halves",
+]
 
 
 def _port() -> int:
@@ -35,16 +57,34 @@ def _port() -> int:
 
 
 def _cmd(n_ranks: int, star: Path, out: Path, *extra: str) -> list[str]:
-    head = [sys.executable, "-m", "cryorecon"] if n_ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n_ranks),
-        "--master-addr", "127.0.0.1", "--master-port", str(_port()), "-m", "cryorecon"]
+    head = (
+        [sys.executable, "-m", "cryorecon"]
+        if n_ranks == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(n_ranks),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_port()),
+            "-m",
+            "cryorecon",
+        ]
+    )
     return [*head, "-q", "reconstruct", str(star), "-o", str(out), *FLAGS, *extra]
 
 
 def _run(n_ranks, star, out, *extra, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1", CRYORECON_DIST_TIMEOUT="60")
-    p = subprocess.run(_cmd(n_ranks, star, out, *extra), capture_output=True, text=True, timeout=timeout, env=env)
-    assert p.returncode == 0, "\n".join(ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln)[-3000:]
+    p = subprocess.run(
+        _cmd(n_ranks, star, out, *extra), capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert p.returncode == 0, "\n".join(
+        ln for ln in p.stderr.splitlines() if "Error" in ln or "error" in ln
+    )[-3000:]
     return p
 
 
@@ -98,14 +138,21 @@ def test_a_dying_rank_stops_the_run_and_leaves_a_valid_checkpoint(data, tmp_path
 
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", CRYORECON_DIST_TIMEOUT="30")
-    proc = subprocess.Popen(_cmd(2, data, out, "--max-iters", "100000"), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(2, data, out, "--max-iters", "100000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and not (out / "checkpoint.pt").exists():
             time.sleep(0.2)
         assert (out / "checkpoint.pt").exists(), "no checkpoint before the deadline"
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        workers = subprocess.run(
+            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+        ).stdout.split()
         assert len(workers) == 2, workers
         os.kill(int(workers[-1]), signal.SIGKILL)  # one rank dies
         t0 = time.monotonic()

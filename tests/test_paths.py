@@ -18,8 +18,9 @@ from cryorecon.errors import InputError
 from cryorecon.io.particles import read_particles, write_particles
 from cryorecon.io.paths import stack_candidates
 
-CTF = dict(defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7,
-           amp_contrast=0.1)
+CTF = dict(
+    defocus_u=1.5e4, defocus_v=1.4e4, defocus_angle=30.0, voltage=300.0, cs=2.7, amp_contrast=0.1
+)
 N, D = 5, 8
 STACK = "Extract/job012/Movies/mic1.mrcs"
 
@@ -68,8 +69,11 @@ def test_found_through_the_parent_folders_from_anywhere(project, monkeypatch):
     assert ps.stacks[0].resolve() == (root / STACK).resolve()
     # the STAR's own folder and Select/ were looked at first
     tried = [os.path.abspath(p) for p in ps.meta["stack_tried"][0]]
-    assert tried == [os.path.abspath(star.parent / STACK), os.path.abspath(root / "Select" / STACK),
-                     os.path.abspath(root / STACK)]
+    assert tried == [
+        os.path.abspath(star.parent / STACK),
+        os.path.abspath(root / "Select" / STACK),
+        os.path.abspath(root / STACK),
+    ]
 
 
 def test_datadir_when_the_star_is_outside_the_project(project, tmp_path, monkeypatch, capsys):
@@ -101,8 +105,9 @@ def test_datadir_is_tried_first(project, tmp_path):
     (other / STACK).parent.mkdir(parents=True)
     imgs = write_particles(tmp_path / "o.star", _images(seed=1), 2.0, CTF).with_suffix(".mrcs")
     shutil.move(str(imgs), other / STACK)
-    np.testing.assert_array_equal(read_particles(star, datadir=other).images([0]),
-                                  _images(seed=1)[[0]])
+    np.testing.assert_array_equal(
+        read_particles(star, datadir=other).images([0]), _images(seed=1)[[0]]
+    )
     np.testing.assert_array_equal(read_particles(star).images([0]), _images(seed=0)[[0]])
 
 
@@ -124,10 +129,18 @@ def test_cryosparc_project_relative_blob_path(tmp_path, monkeypatch):
     stack = write_particles(tmp_path / "m.star", _images(), 2.0, CTF).with_suffix(".mrcs")
     (proj / "J3" / "imported").mkdir(parents=True)
     shutil.move(str(stack), proj / "J3" / "imported" / "x.mrcs")
-    dt = [("blob/path", "S40"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
-          ("blob/psize_A", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"),
-          ("ctf/df_angle_rad", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
-          ("ctf/amp_contrast", "<f4")]
+    dt = [
+        ("blob/path", "S40"),
+        ("blob/idx", "<u4"),
+        ("blob/shape", "<u4", (2,)),
+        ("blob/psize_A", "<f4"),
+        ("ctf/df1_A", "<f4"),
+        ("ctf/df2_A", "<f4"),
+        ("ctf/df_angle_rad", "<f4"),
+        ("ctf/accel_kv", "<f4"),
+        ("ctf/cs_mm", "<f4"),
+        ("ctf/amp_contrast", "<f4"),
+    ]
     cs = np.zeros(N, dtype=dt)
     cs["blob/path"] = b">J3/imported/x.mrcs"
     cs["blob/idx"] = np.arange(N)

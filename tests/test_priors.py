@@ -60,7 +60,7 @@ def _dense_W(D):
     z, y, x = torch.meshgrid(idx, idx, idx, indexing="ij")
     c = torch.stack([z.flatten(), y.flatten(), x.flatten()], 1)
     diff = (c[:, None, :] - c[None, :, :]).abs()
-    return ((diff.max(-1).values == 1)).double()  # Chebyshev distance 1: 26-neighbourhood
+    return (diff.max(-1).values == 1).double()  # Chebyshev distance 1: 26-neighbourhood
 
 
 def test_car_energy_matches_dense_formula():
@@ -93,11 +93,15 @@ def test_car_conditionals_are_paper_conditionals():
     v = V.flatten()
     i = (2 * D + 2) * D + 2  # centre voxel
     cond_mean = -(Q[i] @ v - Q[i, i] * v[i]) / Q[i, i]
-    assert cond_mean.item() == pytest.approx(V[1:4, 1:4, 1:4].sum().item() / 26 - V[2, 2, 2].item() / 26, rel=1e-12)
+    assert cond_mean.item() == pytest.approx(
+        V[1:4, 1:4, 1:4].sum().item() / 26 - V[2, 2, 2].item() / 26, rel=1e-12
+    )
     assert (1 / Q[i, i]).item() == pytest.approx(s**2)
     # boundary voxel: still the sum of (existing) neighbours / 26 (zero padding)
     cond_mean0 = -(Q[0] @ v - Q[0, 0] * v[0]) / Q[0, 0]
-    assert cond_mean0.item() == pytest.approx((V[:2, :2, :2].sum() - V[0, 0, 0]).item() / 26, rel=1e-12)
+    assert cond_mean0.item() == pytest.approx(
+        (V[:2, :2, :2].sum() - V[0, 0, 0]).item() / 26, rel=1e-12
+    )
 
 
 def test_car_smooth_volume_low_energy():
@@ -117,7 +121,11 @@ def test_make_prior():
     assert isinstance(make_prior("uniform"), UniformPrior)
     car = make_prior("car", sigma_car=0.1)
     assert isinstance(car, CARPrior) and car.sigma_car == 0.1
-    assert {make_prior(n).name for n in ("exponential", "uniform", "car")} == {"exponential", "uniform", "car"}
+    assert {make_prior(n).name for n in ("exponential", "uniform", "car")} == {
+        "exponential",
+        "uniform",
+        "car",
+    }
     with pytest.raises(ValueError):
         make_prior("gaussian")
     with pytest.raises(ValueError):

@@ -20,7 +20,12 @@ from cryorecon.geometry.rotations import random_rotations
 from cryorecon.io.mrc import read_map
 from cryorecon.io.particles import read_particles
 from cryorecon.projection_matching import (
-    assign_poses, backproject_poses, omega_for_iteration, pose_change, projection_matching, run_geometry,
+    assign_poses,
+    backproject_poses,
+    omega_for_iteration,
+    pose_change,
+    projection_matching,
+    run_geometry,
 )
 from cryorecon.reconstruct import ReconstructConfig, Run, make_level
 from cryorecon.validate import fsc
@@ -29,8 +34,17 @@ D, APIX, N, SNR = 16, 10.0, 300, 10.0
 OMEGA = 0.0375  # 1/Å: band radius D * apix * omega = 6 Fourier pixels (Nyquist: 8)
 GRID_SCALE = 1.5  # angular step alpha_used = 14.2 degrees at OMEGA
 # A short run from a random start: epoch K = 6 minibatches, omega* steps every 5 of them.
-PM_CONFIG = dict(minibatch=50, heldout=20, seed=0, grid_scale=3.0, omega_start=0.02, omega_step=0.01,
-                 omega_every=5, omega_max=0.04, report_every=None)
+PM_CONFIG = dict(
+    minibatch=50,
+    heldout=20,
+    seed=0,
+    grid_scale=3.0,
+    omega_start=0.02,
+    omega_step=0.01,
+    omega_every=5,
+    omega_max=0.04,
+    report_every=None,
+)
 
 
 def blobs(D: int, seed: int, n: int = 7) -> torch.Tensor:
@@ -55,7 +69,9 @@ def dataset(tmp_path_factory):
 
     progress.configure(quiet=True)
     out = tmp_path_factory.mktemp("pm_sim")
-    run_simulation(out, volume=blobs(D, 3), n=N, D=D, apix=APIX, snr=SNR, seed=2, shift_range_px=1.0)
+    run_simulation(
+        out, volume=blobs(D, 3), n=N, D=D, apix=APIX, snr=SNR, seed=2, shift_range_px=1.0
+    )
     particles = read_particles(out / "particles.star")
     truth = torch.from_numpy(read_map(out / "truth.mrc")[0])
     return particles, truth
@@ -63,7 +79,7 @@ def dataset(tmp_path_factory):
 
 def _band_mean(curve: torch.Tensor, radius: float) -> float:
     """Mean FSC over shells 1 .. radius (Fourier pixels): the band the match used."""
-    return float(curve[1:int(radius) + 1].mean())
+    return float(curve[1 : int(radius) + 1].mean())
 
 
 def test_pose_change_is_the_geodesic_angle():
@@ -92,9 +108,11 @@ def test_true_reference_recovers_true_poses(dataset):
     asg = assign_poses(particles, truth, lvl, diameter_px=0.8 * D, batch_size=128)
     R, t = relion_to_pose(particles.angles, particles.shifts, particles.apix)
     angle, dist = pose_change(R, asg.rotations, t, asg.shifts_px)
-    msg = (f"step {math.degrees(step):.1f} deg; error median {math.degrees(float(angle.median())):.1f} deg, "
-           f"within 2 steps {float((angle < 2 * step).double().mean()):.3f}; "
-           f"shift median {float(dist.median()):.2f} px")
+    msg = (
+        f"step {math.degrees(step):.1f} deg; error median {math.degrees(float(angle.median())):.1f} deg, "
+        f"within 2 steps {float((angle < 2 * step).double().mean()):.3f}; "
+        f"shift median {float(dist.median()):.2f} px"
+    )
     assert float(angle.median()) < 0.75 * step, msg
     assert float((angle < 2 * step).double().mean()) >= 0.9, msg
     assert float(dist.median()) < lvl.grid.r_t, msg
@@ -147,17 +165,22 @@ def test_same_start_and_schedule_as_cryorecon(dataset, tmp_path):
     assert np.array_equal(ours, run.V.numpy())
     geo = run_geometry(particles, cfg)
     assert geo.K == run.K == 6
-    metrics = [json.loads(ln) for ln in (tmp_path / "pm" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(ln) for ln in (tmp_path / "pm" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["omega_star"] for m in metrics] == pytest.approx([0.02, 0.03, 0.04])
-    assert [m["omega_star"] for m in metrics] == [omega_for_iteration(run.schedule, k, run.K) for k in (1, 2, 3)]
+    assert [m["omega_star"] for m in metrics] == [
+        omega_for_iteration(run.schedule, k, run.K) for k in (1, 2, 3)
+    ]
     assert summary["iterations"] == 3 and summary["reason"] == "max_iterations"
     assert [m["iteration"] for m in metrics] == [1, 2, 3]
     assert metrics[0]["fraction_changed"] is None
     assert all(0.0 <= m["fraction_changed"] <= 1.0 for m in metrics[1:])
     cpu = [m["cpu_seconds"] for m in metrics]
     assert all(b > a > 0 for a, b in zip(cpu, cpu[1:]))
-    assert sorted(p.name for p in (tmp_path / "pm" / "snapshots").glob("*.mrc")) == \
-        [f"volume_{k:06d}.mrc" for k in (1, 2, 3)]
+    assert sorted(p.name for p in (tmp_path / "pm" / "snapshots").glob("*.mrc")) == [
+        f"volume_{k:06d}.mrc" for k in (1, 2, 3)
+    ]
     poses = np.load(tmp_path / "pm" / "poses.npz")
     assert poses["rotations"].shape == (N, 3, 3) and poses["angles_deg"].shape == (N, 3)
 
@@ -173,21 +196,33 @@ def test_deterministic_and_cpu_budget(dataset, tmp_path):
     runs = []
     for name in ("a", "b"):
         projection_matching(particles, tmp_path / name, cfg, max_iterations=2, batch_size=128)
-        runs.append((read_map(tmp_path / name / "volume.mrc")[0],
-                     [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]))
+        runs.append(
+            (
+                read_map(tmp_path / name / "volume.mrc")[0],
+                [
+                    json.loads(ln)
+                    for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                ],
+            )
+        )
     (va, ma), (vb, mb) = runs
     assert np.array_equal(va, vb)
     keys = ("omega_star", "mean_loglik", "mean_correlation", "fraction_changed")
     assert [[m[k] for k in keys] for m in ma] == [[m[k] for k in keys] for m in mb]
 
     other = ReconstructConfig(**{**PM_CONFIG, "seed": 1})
-    budget = projection_matching(particles, tmp_path / "c", other, max_cpu_seconds=1e-3, batch_size=128)
+    budget = projection_matching(
+        particles, tmp_path / "c", other, max_cpu_seconds=1e-3, batch_size=128
+    )
     assert budget["iterations"] == 1 and budget["reason"] == "cpu_budget"
-    assert not np.array_equal(read_map(tmp_path / "c" / "initial.mrc")[0],
-                              read_map(tmp_path / "a" / "initial.mrc")[0])
+    assert not np.array_equal(
+        read_map(tmp_path / "c" / "initial.mrc")[0], read_map(tmp_path / "a" / "initial.mrc")[0]
+    )
 
     with pytest.raises(OutputExistsError):
         projection_matching(particles, tmp_path / "a", cfg, max_iterations=1)
     projection_matching(particles, tmp_path / "a", cfg, max_iterations=1, force=True)
     assert len((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()) == 1
-    assert sorted(p.name for p in (tmp_path / "a" / "snapshots").glob("*.mrc")) == ["volume_000001.mrc"]
+    assert sorted(p.name for p in (tmp_path / "a" / "snapshots").glob("*.mrc")) == [
+        "volume_000001.mrc"
+    ]

@@ -32,12 +32,46 @@ from cryorecon.cli import build_parser, main
 from cryorecon.io.mrc import read_map
 
 D, APIX, N_PARTICLES, SNR, SIM_SEED = 24, 13.0, 1000, 0.1, 1
-SCHEDULE = ["--grid-scale", "3", "--start-resolution", "50", "--omega-step", "0.005", "--omega-every", "25",
-            "--resolution", "33.4", "--minibatch", "50", "--heldout", "50", "--heldout-every", "10",
-            "--patience", "2", "--max-iters", "200", "--checkpoint-every", "10", "--snapshot-every", "50",
-            "--seed", "0", "--schedule", "paper"]
-METRIC_FIELDS = ("iteration", "seconds", "omega_star", "epsilon", "L", "heldout_nll", "minibatch",
-                 "poses_evaluated")
+SCHEDULE = [
+    "--grid-scale",
+    "3",
+    "--start-resolution",
+    "50",
+    "--omega-step",
+    "0.005",
+    "--omega-every",
+    "25",
+    "--resolution",
+    "33.4",
+    "--minibatch",
+    "50",
+    "--heldout",
+    "50",
+    "--heldout-every",
+    "10",
+    "--patience",
+    "2",
+    "--max-iters",
+    "200",
+    "--checkpoint-every",
+    "10",
+    "--snapshot-every",
+    "50",
+    "--seed",
+    "0",
+    "--schedule",
+    "paper",
+]
+METRIC_FIELDS = (
+    "iteration",
+    "seconds",
+    "omega_star",
+    "epsilon",
+    "L",
+    "heldout_nll",
+    "minibatch",
+    "poses_evaluated",
+)
 
 # Pass/fail thresholds of the convergence test (see test_reconstruction_recovers_the_structure).
 MAX_RES_0143 = 55.0  # Å
@@ -45,7 +79,9 @@ MAX_RES_05 = 80.0  # Å
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return [
+        json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()
+    ]
 
 
 def _reconstruct_cli(star: Path, out: Path, *extra: str) -> int:
@@ -54,8 +90,11 @@ def _reconstruct_cli(star: Path, out: Path, *extra: str) -> int:
 
 def _snapshot(folder: Path) -> dict:
     """(mtime_ns, bytes) of every file under ``folder``."""
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +118,19 @@ def reference_run(dataset, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------ convergence
 
+
 def _fsc_vs_truth(truth: torch.Tensor, vol: torch.Tensor) -> dict:
     from cryorecon.validate import align, fsc, resolution_at
 
     res = align(truth, vol, apix=APIX, n_global=1000, n_candidates=2, progress=False)
     freq, curve = fsc(truth, res.aligned, APIX)
-    return {"r05": resolution_at(freq, curve, 0.5), "r0143": resolution_at(freq, curve, 0.143),
-            "curve": curve.numpy(), "freq": freq.numpy(), "cc": res.cc}
+    return {
+        "r05": resolution_at(freq, curve, 0.5),
+        "r0143": resolution_at(freq, curve, 0.143),
+        "curve": curve.numpy(),
+        "freq": freq.numpy(),
+        "cc": res.cc,
+    }
 
 
 def test_reconstruction_recovers_the_structure(dataset, reference_run):
@@ -105,9 +150,11 @@ def test_reconstruction_recovers_the_structure(dataset, reference_run):
     truth = torch.from_numpy(read_map(dataset / "truth.mrc")[0])
     final = _fsc_vs_truth(truth, torch.from_numpy(read_map(reference_run / "volume.mrc")[0]))
     start = _fsc_vs_truth(truth, torch.from_numpy(read_map(reference_run / "initial.mrc")[0]))
-    msg = (f"final: {final['r05']:.1f} / {final['r0143']:.1f} Å (cc {final['cc']:.3f}), "
-           f"start: {start['r05']:.1f} / {start['r0143']:.1f} Å; "
-           f"final curve {np.round(final['curve'], 2).tolist()}")
+    msg = (
+        f"final: {final['r05']:.1f} / {final['r0143']:.1f} Å (cc {final['cc']:.3f}), "
+        f"start: {start['r05']:.1f} / {start['r0143']:.1f} Å; "
+        f"final curve {np.round(final['curve'], 2).tolist()}"
+    )
     # the start fails the criterion ...
     assert start["r0143"] > MAX_RES_0143 and start["r05"] > MAX_RES_05, msg
     # ... the reconstruction meets it
@@ -120,7 +167,9 @@ def test_reconstruction_recovers_the_structure(dataset, reference_run):
 def test_metrics_and_run_json(reference_run):
     recs = _metrics(reference_run)
     info = json.loads((reference_run / "run.json").read_text())
-    assert info["stop_reason"] == "converged", "the test schedule must converge (held-out patience) within max_iters"
+    assert info["stop_reason"] == "converged", (
+        "the test schedule must converge (held-out patience) within max_iters"
+    )
     assert info["finished"] is True
     assert info["iterations"] == len(recs) > 0
     assert [r["iteration"] for r in recs] == list(range(1, len(recs) + 1))
@@ -153,12 +202,22 @@ def test_metrics_and_run_json(reference_run):
 
 # ------------------------------------------------------------------------------ kill and resume
 
+
 def test_kill_and_resume_continues_and_matches_uninterrupted_run(dataset, reference_run, tmp_path):
     """SIGKILL a CLI run after a checkpoint and some further iterations, resume it, and get
     the uninterrupted run's iterations and map."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cryorecon", "-q", "reconstruct", str(dataset / "particles.star"), "-o", str(out),
-           *SCHEDULE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cryorecon",
+        "-q",
+        "reconstruct",
+        str(dataset / "particles.star"),
+        "-o",
+        str(out),
+        *SCHEDULE,
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     metrics, ckpt = out / "metrics.jsonl", out / "checkpoint.pt"
@@ -177,7 +236,9 @@ def test_kill_and_resume_continues_and_matches_uninterrupted_run(dataset, refere
         if proc.poll() is None and not killed:
             proc.kill()
         _, err = proc.communicate(timeout=60)
-    assert killed, f"the run ended (rc {proc.returncode}) before it could be killed: {err.decode()[-2000:]}"
+    assert killed, (
+        f"the run ended (rc {proc.returncode}) before it could be killed: {err.decode()[-2000:]}"
+    )
     assert proc.returncode == -signal.SIGKILL
 
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -198,14 +259,19 @@ def test_kill_and_resume_continues_and_matches_uninterrupted_run(dataset, refere
     # held-out errors at every iteration, and a bitwise identical final map
     assert len(after) == len(ref)
     for a, r in zip(after, ref):
-        assert (a["omega_star"], a["L"], a["heldout_nll"], a["train_nll"]) == \
-               (r["omega_star"], r["L"], r["heldout_nll"], r["train_nll"]), f"iteration {a['iteration']}"
+        assert (a["omega_star"], a["L"], a["heldout_nll"], a["train_nll"]) == (
+            r["omega_star"],
+            r["L"],
+            r["heldout_nll"],
+            r["train_nll"],
+        ), f"iteration {a['iteration']}"
     v_resumed, _ = read_map(out / "volume.mrc")
     v_ref, _ = read_map(reference_run / "volume.mrc")
     np.testing.assert_array_equal(v_resumed, v_ref)
 
 
 # ------------------------------------------------------------------------------ refusals
+
 
 def test_refusals_and_force(dataset, reference_run, tmp_path):
     star = dataset / "particles.star"
@@ -246,12 +312,32 @@ def test_resume_of_missing_folder_is_an_error(dataset, tmp_path):
 
 # ------------------------------------------------------------------------------ demo
 
-@pytest.mark.parametrize("option, value", [
-    ("--is-every", "0"), ("--is-check", "-1"), ("--is-tolerance", "0"), ("--cache-gib", "-2"),
-    ("--is-tolerance", "abc"), ("--minibatch", "0"), ("--heldout", "0"), ("--heldout-every", "0"),
-    ("--omega-every", "0"), ("--checkpoint-every", "0"), ("--snapshot-every", "0"), ("--s0", "0"),
-    ("--resolution", "-8"), ("--start-resolution", "0"), ("--grid-scale", "0"), ("--max-time", "0"),
-    ("--prior-lambda", "-1"), ("--diameter", "0"), ("--omega-step", "-0.01"), ("--max-iters", "1.5")])
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--is-every", "0"),
+        ("--is-check", "-1"),
+        ("--is-tolerance", "0"),
+        ("--cache-gib", "-2"),
+        ("--is-tolerance", "abc"),
+        ("--minibatch", "0"),
+        ("--heldout", "0"),
+        ("--heldout-every", "0"),
+        ("--omega-every", "0"),
+        ("--checkpoint-every", "0"),
+        ("--snapshot-every", "0"),
+        ("--s0", "0"),
+        ("--resolution", "-8"),
+        ("--start-resolution", "0"),
+        ("--grid-scale", "0"),
+        ("--max-time", "0"),
+        ("--prior-lambda", "-1"),
+        ("--diameter", "0"),
+        ("--omega-step", "-0.01"),
+        ("--max-iters", "1.5"),
+    ],
+)
 def test_numeric_options_refuse_bad_values(option, value, capsys):
     """Out-of-range values stop at the parser with a one-line message naming the option
     (several would otherwise fail deep in the run, e.g. a modulo by zero)."""
@@ -261,10 +347,18 @@ def test_numeric_options_refuse_bad_values(option, value, capsys):
     assert option in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [
-    ["simulate", "-o", "d", "-n", "0"], ["simulate", "-o", "d", "--apix", "0"], ["simulate", "-o", "d", "--snr", "-1"],
-    ["simulate", "-o", "d", "--box", "4"], ["backproject", "p.star", "-o", "m.mrc", "--batch-size", "0"],
-    ["align", "a.mrc", "b.mrc", "--n-global", "0"], ["fsc", "a.mrc", "b.mrc", "--mask-radius", "0"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["simulate", "-o", "d", "-n", "0"],
+        ["simulate", "-o", "d", "--apix", "0"],
+        ["simulate", "-o", "d", "--snr", "-1"],
+        ["simulate", "-o", "d", "--box", "4"],
+        ["backproject", "p.star", "-o", "m.mrc", "--batch-size", "0"],
+        ["align", "a.mrc", "b.mrc", "--n-global", "0"],
+        ["fsc", "a.mrc", "b.mrc", "--mask-radius", "0"],
+    ],
+)
 def test_other_commands_refuse_bad_numbers(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
@@ -273,8 +367,22 @@ def test_other_commands_refuse_bad_numbers(argv, capsys):
 
 
 def test_numeric_options_accept_edge_values():
-    a = build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--patience", "0", "--omega-step", "0",
-                                   "--report-every", "0", "--minibatch", "1"])
+    a = build_parser().parse_args(
+        [
+            "reconstruct",
+            "p.star",
+            "-o",
+            "out",
+            "--patience",
+            "0",
+            "--omega-step",
+            "0",
+            "--report-every",
+            "0",
+            "--minibatch",
+            "1",
+        ]
+    )
     assert (a.patience, a.omega_step, a.report_every, a.minibatch) == (0, 0.0, 0.0, 1)
 
 
@@ -297,7 +405,9 @@ def test_demo_settings_are_consistent():
         assert s.box % 2 == 0 and s.omega_start <= s.omega_max <= 1 / (2 * s.apix)
         assert s.box * s.apix >= 310  # 1AON needs about +-150 Å about its centre
         assert s.n > 2 * s.heldout and s.minibatch < s.n - s.heldout
-    assert DEFAULT.n >= QUICK.n and DEFAULT.box >= QUICK.box and DEFAULT.omega_max >= QUICK.omega_max
+    assert (
+        DEFAULT.n >= QUICK.n and DEFAULT.box >= QUICK.box and DEFAULT.omega_max >= QUICK.omega_max
+    )
 
 
 def test_demo_refuses_existing_results(tmp_path):
@@ -316,8 +426,15 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     wall = time.perf_counter() - t0
     text = capsys.readouterr().out
     assert "FSC 0.5" in text and "oracle" in text and str(out) in text
-    for name in ("demo.json", "fsc.png", "reconstruction_aligned.mrc", "oracle.mrc", "data/truth.mrc",
-                 "run/volume.mrc", "run/metrics.jsonl"):
+    for name in (
+        "demo.json",
+        "fsc.png",
+        "reconstruction_aligned.mrc",
+        "oracle.mrc",
+        "data/truth.mrc",
+        "run/volume.mrc",
+        "run/metrics.jsonl",
+    ):
         assert (out / name).is_file(), name
     assert (out / "fsc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rec = json.loads((out / "demo.json").read_text())
@@ -338,6 +455,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ importance sampling
+
 
 def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path):
     """A minibatch with both diffuse images (exact path) and sampled ones is evaluated on one
@@ -373,9 +491,15 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
     assert plan is not None and {0, 1, 2} <= set(plan.exact_rows.tolist()) and len(plan.groups) >= 1
     assert ev.fraction == plan.fraction < 1
     batch = load_batch(run.p, idx, lvl.halfplane, run.diameter_px)
-    parts = [(lvl.slice_op.subset(plan.rot_ids), lambda S: sampled_loglik_groups(S, batch, plan.groups)),
-             (lvl.slice_op, lambda S: marginal_loglik(S, batch.rows(plan.exact_rows), lvl.shifts, lvl.log_w_rot,
-                                                      lvl.log_w_shift))]
+    parts = [
+        (lvl.slice_op.subset(plan.rot_ids), lambda S: sampled_loglik_groups(S, batch, plan.groups)),
+        (
+            lvl.slice_op,
+            lambda S: marginal_loglik(
+                S, batch.rows(plan.exact_rows), lvl.shifts, lvl.log_w_rot, lvl.log_w_shift
+            ),
+        ),
+    ]
     val2, grad2, _ = volume_objective(run.map_of(idx), parts, run.cfg.oversample, True)
     assert math.isclose(ev.value, val2, rel_tol=1e-6)
     assert torch.allclose(ev.grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
@@ -418,7 +542,9 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     assert rel_bad is not None and rel_bad > 1e-3 > rel_good
     assert run.sampler.anneal_from == 2500 and run.sampler.annealing_clock(run.tau) == 2500
     assert (hist.tau_prev[idx] == run.tau).all()
-    assert not torch.equal(hist.d[torch.as_tensor(idx)], stored @ quarter.T)  # the sampled visit's posteriors
+    assert not torch.equal(
+        hist.d[torch.as_tensor(idx)], stored @ quarter.T
+    )  # the sampled visit's posteriors
 
 
 def test_check_particles_rotate_and_keep_their_histories(dataset, reference_run, tmp_path):
@@ -471,8 +597,11 @@ def test_run_exports_its_poses_and_they_rebuild_its_map(dataset, reference_run, 
     star = reference_run / "particles.star"
     table = starfile.read(star)["particles"]
     assert len(table) == int(seen.sum())
-    np.testing.assert_allclose(table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
-                               poses["eulers_deg"][seen], atol=1e-4)
+    np.testing.assert_allclose(
+        table[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]].to_numpy(),
+        poses["eulers_deg"][seen],
+        atol=1e-4,
+    )
     state = torch.load(reference_run / "checkpoint.pt", weights_only=False)
     R, _ = relion_to_pose(poses["eulers_deg"][seen], poses["shifts_A"][seen], APIX)
     assert torch.allclose(R, torch.as_tensor(state["best_R"][seen]), atol=1e-4)
@@ -481,7 +610,9 @@ def test_run_exports_its_poses_and_they_rebuild_its_map(dataset, reference_run, 
     rebuilt = wiener_backproject(read_particles(star, datadir=dataset))
     rng = np.random.default_rng(0)
     shuffled = table.copy()
-    shuffled[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = rng.uniform(-180, 180, (len(table), 3))
+    shuffled[["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]] = rng.uniform(
+        -180, 180, (len(table), 3)
+    )
     shuffled[["rlnAngleTilt"]] = np.degrees(np.arccos(rng.uniform(-1, 1, (len(table), 1))))
     full = starfile.read(star)
     full["particles"] = shuffled
@@ -504,6 +635,7 @@ def test_run_exports_its_poses_and_they_rebuild_its_map(dataset, reference_run, 
 
 # ------------------------------------------------------------------------------ half-sets
 
+
 def test_run_refines_two_half_sets_after_the_join_resolution(reference_run):
     """Past 40 Å (the test schedule reaches 33.4 Å at iteration 50) the particles are dealt
     to two half-sets refined independently: both half maps are written, each training
@@ -518,7 +650,9 @@ def test_run_refines_two_half_sets_after_the_join_resolution(reference_run):
     info = json.loads((reference_run / "run.json").read_text())
     split = info["half_sets"]["split_at_iteration"]
     first_past = next(r["iteration"] for r in recs if r["omega_star"] > 1 / 40 + 1e-12)
-    assert split == first_past - 1 or split == first_past  # the split happens at that iteration's start
+    assert (
+        split == first_past - 1 or split == first_past
+    )  # the split happens at that iteration's start
     assert all(r["half"] == 0 for r in recs if r["iteration"] < first_past)
     assert {r["half"] for r in recs if r["iteration"] >= first_past} == {1, 2}
     assert sum(info["half_sets"]["n"]) == N_PARTICLES and abs(info["half_sets"]["n"][0] - 500) < 60
@@ -528,7 +662,9 @@ def test_run_refines_two_half_sets_after_the_join_resolution(reference_run):
     assert float(curve[1:4].mean()) > 0.8  # the same structure at low resolution
     r0143 = resolution_at(freq, curve, 0.143)
     assert info["gold_standard_resolution_A"] == pytest.approx(r0143, rel=0.25)
-    assert [r for r in recs if r["heldout_nll"] is not None][-1]["halfmap_fsc0143_A"] == pytest.approx(r0143)
+    assert [r for r in recs if r["heldout_nll"] is not None][-1][
+        "halfmap_fsc0143_A"
+    ] == pytest.approx(r0143)
     table = starfile.read(reference_run / "particles.star")["particles"]
     assert set(table["rlnRandomSubset"]) == {1, 2}
     state = torch.load(reference_run / "checkpoint.pt", weights_only=False)
@@ -557,7 +693,20 @@ def test_no_halves_keeps_one_map(dataset, tmp_path):
     out = tmp_path / "run"
     args = [a for a in SCHEDULE]
     args[args.index("--max-iters") + 1] = "60"
-    assert main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(out), *args, "--no-halves"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "reconstruct",
+                str(dataset / "particles.star"),
+                "-o",
+                str(out),
+                *args,
+                "--no-halves",
+            ]
+        )
+        == 0
+    )
     assert not (out / "volume_half1.mrc").exists()
     info = json.loads((out / "run.json").read_text())
     assert "half_sets" not in info and "gold_standard_resolution_A" not in info
@@ -565,6 +714,7 @@ def test_no_halves_keeps_one_map(dataset, tmp_path):
 
 
 # ------------------------------------------------------------------------------ symmetry
+
 
 def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(dataset, tmp_path):
     """--symmetry C7 (GroEL-GroES's group): the written map is symmetric under the group to
@@ -578,12 +728,27 @@ def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(
     out = {}
     for sym in ("C1", "C7"):
         out[sym] = tmp_path / sym
-        assert main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(out[sym]), *args,
-                     "--symmetry", sym]) == 0
+        assert (
+            main(
+                [
+                    "-q",
+                    "reconstruct",
+                    str(dataset / "particles.star"),
+                    "-o",
+                    str(out[sym]),
+                    *args,
+                    "--symmetry",
+                    sym,
+                ]
+            )
+            == 0
+        )
     V = torch.as_tensor(read_map(out["C7"] / "volume.mrc")[0])
     G = parse_symmetry("C7")
     assert symmetry_score(V, G) > 0.995
-    assert symmetry_score(torch.as_tensor(read_map(out["C1"] / "volume.mrc")[0]), G) < symmetry_score(V, G)
+    assert symmetry_score(
+        torch.as_tensor(read_map(out["C1"] / "volume.mrc")[0]), G
+    ) < symmetry_score(V, G)
     full = _metrics(out["C1"])[0]["poses_full"]
     sym = _metrics(out["C7"])[0]["poses_full"]
     # 1/7 up to the directions on the unit's boundary, kept whole (many on this coarse grid)
@@ -593,13 +758,26 @@ def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(
 
 @pytest.mark.parametrize("name", ["D0", "X5", "C7v"])
 def test_reconstruct_refuses_bad_symmetry(dataset, tmp_path, name, capsys):
-    assert main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(tmp_path / "r"),
-                 "--symmetry", name]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "reconstruct",
+                str(dataset / "particles.star"),
+                "-o",
+                str(tmp_path / "r"),
+                "--symmetry",
+                name,
+            ]
+        )
+        == 2
+    )
     assert "symmetry" in capsys.readouterr().err.lower()
     assert not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------ classes
+
 
 def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
     """--classes 2: two maps from independent starts, per-iteration class fractions summing
@@ -613,7 +791,9 @@ def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["-q", "reconstruct", star, "-o", str(one), *args, "--classes", "2"]) == 0
     recs = _metrics(one)
-    assert all(abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2 for r in recs)
+    assert all(
+        abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2 for r in recs
+    )
     a, b = (read_map(one / f"volume_class00{k}.mrc")[0] for k in (1, 2))
     assert not np.array_equal(a, b)
     assert not (one / "volume_half1.mrc").exists()
@@ -623,20 +803,35 @@ def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
     assert info["classes"] == 2 and len(info["class_fractions"]) == 2
     # the map is the most populated class
     big = int(np.argmax(info["class_fractions"])) + 1
-    assert np.array_equal(read_map(one / "volume.mrc")[0], read_map(one / f"volume_class00{big}.mrc")[0])
+    assert np.array_equal(
+        read_map(one / "volume.mrc")[0], read_map(one / f"volume_class00{big}.mrc")[0]
+    )
 
     args[args.index("--max-iters") + 1] = "17"
     assert main(["-q", "reconstruct", star, "-o", str(two), *args, "--classes", "2"]) == 0
     assert _reconstruct_cli(dataset / "particles.star", two, "--resume", "--max-iters", "30") == 0
     assert [r["heldout_nll"] for r in _metrics(two)] == [r["heldout_nll"] for r in recs]
     for k in (1, 2):
-        assert np.array_equal(read_map(two / f"volume_class00{k}.mrc")[0],
-                              read_map(one / f"volume_class00{k}.mrc")[0])
+        assert np.array_equal(
+            read_map(two / f"volume_class00{k}.mrc")[0], read_map(one / f"volume_class00{k}.mrc")[0]
+        )
 
 
 def test_too_many_classes_is_refused(dataset, tmp_path, capsys):
-    assert main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(tmp_path / "r"),
-                 "--classes", "200"]) == 2
+    assert (
+        main(
+            [
+                "-q",
+                "reconstruct",
+                str(dataset / "particles.star"),
+                "-o",
+                str(tmp_path / "r"),
+                "--classes",
+                "200",
+            ]
+        )
+        == 2
+    )
     assert "--classes 200" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--classes", "0"])

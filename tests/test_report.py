@@ -17,12 +17,19 @@ import pytest
 
 from cryorecon.cli import main
 from cryorecon.io.mrc import write_map
-from cryorecon.report import write_report
 from cryorecon.report import data as rdata
-from cryorecon.report import plots
+from cryorecon.report import plots, write_report
 
-SECTION_TITLES = ["Summary", "Convergence", "Current map", "Progress over time", "FSC against a reference",
-                  "View directions", "Run parameters, versions, timings and machine", "Files"]
+SECTION_TITLES = [
+    "Summary",
+    "Convergence",
+    "Current map",
+    "Progress over time",
+    "FSC against a reference",
+    "View directions",
+    "Run parameters, versions, timings and machine",
+    "Files",
+]
 
 
 def blob_volume(D: int, seed: int = 0, n: int = 24) -> np.ndarray:
@@ -39,8 +46,15 @@ def blob_volume(D: int, seed: int = 0, n: int = 24) -> np.ndarray:
     return np.maximum(V, 0)
 
 
-def make_fake_run(root: Path, D: int = 64, iterations: int = 3000, finished: bool = True, apix: float = 5.6,
-                  n_particles: int = 5000, snapshot_every: int = 500) -> Path:
+def make_fake_run(
+    root: Path,
+    D: int = 64,
+    iterations: int = 3000,
+    finished: bool = True,
+    apix: float = 5.6,
+    n_particles: int = 5000,
+    snapshot_every: int = 500,
+) -> Path:
     """A run folder with everything ``cryorecon reconstruct`` writes, made without running one."""
     out = root / "run"
     out.mkdir(parents=True)
@@ -54,13 +68,21 @@ def make_fake_run(root: Path, D: int = 64, iterations: int = 3000, finished: boo
             base = 1000 + 40 * coeffs / 100
             frac = max(1e-4, math.exp(-it / 400))
             rec = {
-                "iteration": it, "seconds": round(seconds, 3), "omega_star": omega, "resolution_A": 1 / omega,
-                "epsilon": max(1 / 16, 2.0 ** (1 - it // 150)), "L": 1e3 * 2 ** (-it / 150) * (1 + (it // 20) % 3),
+                "iteration": it,
+                "seconds": round(seconds, 3),
+                "omega_star": omega,
+                "resolution_A": 1 / omega,
+                "epsilon": max(1 / 16, 2.0 ** (1 - it // 150)),
+                "L": 1e3 * 2 ** (-it / 150) * (1 + (it // 20) % 3),
                 "line_search_doublings": int(it % 20 == 0 and it % 60 == 0),
                 "train_nll": base + 300 * math.exp(-it / 300) + 20 * rng.standard_normal(),
                 "heldout_nll": (base + 300 * math.exp(-it / 300) + 5) if it % 10 == 0 else None,
-                "minibatch": 200, "poses_evaluated": int(200 * 5000 * frac), "poses_full": 200 * 5000,
-                "coefficients": coeffs, "epoch": round(it / 24, 3), "kl_directions": 2 * (1 - frac),
+                "minibatch": 200,
+                "poses_evaluated": int(200 * 5000 * frac),
+                "poses_full": 200 * 5000,
+                "coefficients": coeffs,
+                "epoch": round(it / 24, 3),
+                "kl_directions": 2 * (1 - frac),
                 "is_check_rel_error": 10.0 ** (-2 - it / 500) if it % 10 == 0 else None,
             }
             fh.write(json.dumps(rec) + "\n")
@@ -78,13 +100,35 @@ def make_fake_run(root: Path, D: int = 64, iterations: int = 3000, finished: boo
     v[rng.random(n_particles) < 0.25] = np.nan
     np.savez(out / "poses.npz", directions=v)
     info = {
-        "finished": finished, "stop_reason": "converged" if finished else None, "iterations": iterations,
-        "seconds": seconds, "config": {"minibatch": 200, "prior": "exponential", "seed": 0, "max_iters": 5000,
-                                       "checkpoint_every": 25, "snapshot_every": snapshot_every, "device": "cpu"},
-        "particles": "/data/particles.star", "n_particles": n_particles, "n_heldout": 200, "n_minibatches": 24,
-        "box": D, "apix": apix, "diameter_A": 0.8 * D * apix, "shift_sigma_A": 0.05 * D * apix,
+        "finished": finished,
+        "stop_reason": "converged" if finished else None,
+        "iterations": iterations,
+        "seconds": seconds,
+        "config": {
+            "minibatch": 200,
+            "prior": "exponential",
+            "seed": 0,
+            "max_iters": 5000,
+            "checkpoint_every": 25,
+            "snapshot_every": snapshot_every,
+            "device": "cpu",
+        },
+        "particles": "/data/particles.star",
+        "n_particles": n_particles,
+        "n_heldout": 200,
+        "n_minibatches": 24,
+        "box": D,
+        "apix": apix,
+        "diameter_A": 0.8 * D * apix,
+        "shift_sigma_A": 0.05 * D * apix,
         "versions": {"cryorecon": "0.1.0", "torch": "2.13.0", "python": "3.11"},
-        "machine": {"platform": "Linux-test", "processor": "x86_64", "cpus": 2, "torch_threads": 2, "cuda": None},
+        "machine": {
+            "platform": "Linux-test",
+            "processor": "x86_64",
+            "cpus": 2,
+            "torch_threads": 2,
+            "cuda": None,
+        },
     }
     (out / "run.json").write_text(json.dumps(info))
     return out
@@ -103,7 +147,9 @@ def report(fake_run) -> tuple[Path, float]:
 
 
 def _check_self_contained(text: str) -> None:
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I), "external reference"
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", text, re.I), (
+        "external reference"
+    )
     assert "http://" not in text and "https://" not in text
     assert "<script" not in text.lower()
     for src in re.findall(r"""src\s*=\s*["']([^"']*)["']""", text):
@@ -121,7 +167,7 @@ def test_report_is_self_contained_with_all_sections(fake_run, report):
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 5
     assert 'class="error"' not in text and 'class="missing"' not in text
     assert "finished (converged)" in text
-    assert "http-equiv=\"refresh\"" not in text  # a finished run does not reload
+    assert 'http-equiv="refresh"' not in text  # a finished run does not reload
     visited = int(np.isfinite(np.load(fake_run / "poses.npz")["directions"]).all(axis=1).sum())
     assert 0 < visited < 5000
     assert f"{visited} of 5000 particles" in text
@@ -140,11 +186,26 @@ def test_report_survives_an_empty_and_a_young_run(tmp_path):
     # early in a run: run.json and a few metric lines (the last one half written), no maps yet
     young = tmp_path / "young"
     young.mkdir()
-    (young / "run.json").write_text(json.dumps({"finished": False, "iterations": 0, "config": {}, "box": 32,
-                                                "apix": 2.0}))
-    lines = [json.dumps({"iteration": i, "seconds": i * 0.1, "omega_star": 0.02, "resolution_A": 50.0,
-                         "epsilon": 2.0, "L": 10.0, "train_nll": 5.0 - 0.1 * i, "heldout_nll": None,
-                         "poses_evaluated": 10, "poses_full": 10}) for i in range(1, 4)]
+    (young / "run.json").write_text(
+        json.dumps({"finished": False, "iterations": 0, "config": {}, "box": 32, "apix": 2.0})
+    )
+    lines = [
+        json.dumps(
+            {
+                "iteration": i,
+                "seconds": i * 0.1,
+                "omega_star": 0.02,
+                "resolution_A": 50.0,
+                "epsilon": 2.0,
+                "L": 10.0,
+                "train_nll": 5.0 - 0.1 * i,
+                "heldout_nll": None,
+                "poses_evaluated": 10,
+                "poses_full": 10,
+            }
+        )
+        for i in range(1, 4)
+    ]
     (young / "metrics.jsonl").write_text("\n".join(lines) + '\n{"iteration": 4, "sec')
     from cryorecon.runstate import RunLock
 
@@ -152,7 +213,7 @@ def test_report_survives_an_empty_and_a_young_run(tmp_path):
     text = write_report(young).read_text()
     lock.release()
     assert 'class="error"' not in text
-    assert "http-equiv=\"refresh\"" in text
+    assert 'http-equiv="refresh"' in text
     assert len(re.findall(r'src="data:image/png;base64,', text)) == 1  # convergence only
     m = rdata.read_metrics(young)
     assert len(m) == 3 and m.get("heldout_nll") is None
@@ -176,7 +237,9 @@ def test_report_fsc_with_alignment_finds_the_hand(tmp_path, monkeypatch):
     import cryorecon.validate as validate
 
     real_align = validate.align
-    monkeypatch.setattr(validate, "align", lambda ref, mov, **kw: real_align(ref, mov, **kw, n_global=300))
+    monkeypatch.setattr(
+        validate, "align", lambda ref, mov, **kw: real_align(ref, mov, **kw, n_global=300)
+    )
     run = make_fake_run(tmp_path, D=24, iterations=100, snapshot_every=50, n_particles=200)
     vol, apix = rdata.read_map_quiet(run / "volume.mrc")
     ref = tmp_path / "mirror.mrc"
@@ -188,13 +251,17 @@ def test_report_fsc_with_alignment_finds_the_hand(tmp_path, monkeypatch):
 
 
 def test_report_command(tmp_path, capsys):
-    run = make_fake_run(tmp_path, D=32, iterations=100, snapshot_every=50, n_particles=200, finished=False)
+    run = make_fake_run(
+        tmp_path, D=32, iterations=100, snapshot_every=50, n_particles=200, finished=False
+    )
     assert main(["report", str(run)]) == 0
     out = capsys.readouterr().out
     assert f"{run / 'report.html'}" in out and "KiB" in out
     ref = tmp_path / "small.mrc"
     write_map(ref, np.zeros((16, 16, 16), np.float32), 5.6)
-    assert main(["report", str(run), "--reference", str(ref)]) == 2  # box differs: clear input error
+    assert (
+        main(["report", str(run), "--reference", str(ref)]) == 2
+    )  # box differs: clear input error
     assert "box sizes differ" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert main(["report", str(run), "--align"]) == 2  # --align needs --reference
@@ -219,7 +286,7 @@ def test_surface_level_encloses_the_requested_volume():
     d = 0.8 * 48
     level = plots.surface_level(vol, d, fraction=0.2)
     enclosed = (vol > level).sum()
-    assert abs(enclosed - 0.2 * math.pi * d ** 3 / 6) / enclosed < 0.05
+    assert abs(enclosed - 0.2 * math.pi * d**3 / 6) / enclosed < 0.05
     assert plots.surface_level(np.ones((8, 8, 8), np.float32)) is None
     tris = plots.surface(vol, level)
     assert tris is not None and tris.shape[1:] == (3, 3)
@@ -229,6 +296,7 @@ def test_surface_level_encloses_the_requested_volume():
 # ------------------------------------------------------------------------------------------------
 # headless Chromium: the page renders, and its figures are visible
 # ------------------------------------------------------------------------------------------------
+
 
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
@@ -244,13 +312,28 @@ def find_chromium() -> str | None:
 def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("chromium not installed (Debian: apt-get install chromium; CI runs .ci/install-chromium.sh)")
+        pytest.skip(
+            "chromium not installed (Debian: apt-get install chromium; CI runs .ci/install-chromium.sh)"
+        )
     path, _ = report
     shot = tmp_path / "shot.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}",
-           f"--screenshot={shot}", "--window-size=1400,4000", path.resolve().as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1400,4000",
+        path.resolve().as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert shot.is_file(), f"no screenshot; chromium said:\n{proc.stdout}\n{proc.stderr}"
     import matplotlib.image as mpimg
@@ -263,7 +346,9 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # the figures bring many distinct, saturated colours (colour maps, coloured curves, shaded surfaces)
     sat = rgb.max(axis=-1).astype(int) - rgb.min(axis=-1).astype(int)
     colourful = rgb[sat > 60]
-    assert len(colourful) > 0.03 * rgb.shape[0] * rgb.shape[1], "hardly any coloured pixels: plots missing?"
+    assert len(colourful) > 0.03 * rgb.shape[0] * rgb.shape[1], (
+        "hardly any coloured pixels: plots missing?"
+    )
     distinct = len(np.unique(colourful // 16, axis=0))
     assert distinct > 150, f"only {distinct} distinct colours"
     # every figure region: the images fill rows across the page, not just the top banner
@@ -285,6 +370,7 @@ def test_refresh_report_never_raises(tmp_path, monkeypatch):
 # half-map (gold-standard) FSC panel
 # ------------------------------------------------------------------------------------------------
 
+
 def _add_gold_standard(run: Path) -> dict:
     """Half maps of the fake run's volume with independent noise, their gold-standard FSC in
     run.json as the driver stores it."""
@@ -297,9 +383,12 @@ def _add_gold_standard(run: Path) -> dict:
     halves = [vol + 0.05 * rng.standard_normal(vol.shape).astype(np.float32) for _ in range(2)]
     for i, h in enumerate(halves, 1):
         write_map(run / f"volume_half{i}.mrc", h, apix)
-    res = gold_standard_fsc(torch.from_numpy(halves[0]), torch.from_numpy(halves[1]), apix,
-                            mask_options={"lowpass_A": 4 * apix, "extend_A": apix,
-                                          "soft_edge_A": 3 * apix})
+    res = gold_standard_fsc(
+        torch.from_numpy(halves[0]),
+        torch.from_numpy(halves[1]),
+        apix,
+        mask_options={"lowpass_A": 4 * apix, "extend_A": apix, "soft_edge_A": 3 * apix},
+    )
     info = json.loads((run / "run.json").read_text())
     info["gold_standard"] = res.to_json()
     info["gold_standard_resolution_A"] = res.resolution_A
@@ -342,7 +431,15 @@ def test_report_half_map_panel(tmp_path):
 def test_halfmap_fsc_plot_is_a_png():
     freq = np.linspace(0, 0.25, 17)
     c = np.clip(1.2 - 6 * freq, -0.05, 1)
-    png = plots.plot_halfmap_fsc(freq, {"unmasked": c * 0.9, "masked": c, "corrected": c * 0.98,
-                                        "randomized": np.where(freq < 0.05, c, 0.01)},
-                                 resolution_A=6.5, randomize_at_A=20.0)
+    png = plots.plot_halfmap_fsc(
+        freq,
+        {
+            "unmasked": c * 0.9,
+            "masked": c,
+            "corrected": c * 0.98,
+            "randomized": np.where(freq < 0.05, c, 0.01),
+        },
+        resolution_A=6.5,
+        randomize_at_A=20.0,
+    )
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

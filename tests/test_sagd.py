@@ -71,8 +71,15 @@ class Problem:
         return float(np.linalg.eigvalsh(self.A64[k].T @ self.A64[k]).max())
 
 
-def iterate(opt: SAGD, prob: Problem, x: torch.Tensor, tau: int, k: int, eps: float = 1.0,
-            line_search_every: int = 20) -> torch.Tensor:
+def iterate(
+    opt: SAGD,
+    prob: Problem,
+    x: torch.Tensor,
+    tau: int,
+    k: int,
+    eps: float = 1.0,
+    line_search_every: int = 20,
+) -> torch.Tensor:
     """One iteration as Run.step takes it: :meth:`SAGD.update` (the opt's own cadence)."""
     assert opt.line_search_every == line_search_every and opt.tau == tau - 1
     f = prob.f(k)
@@ -174,7 +181,7 @@ def test_line_search_doubles_small_L_and_decays_large_L():
     n = opt.line_search(f, x, f(x), g)
     # 2^n * rq/10 >= rq first at n = ceil(log2 10) = 4 (allow one step of slack at the boundary)
     assert n in (4, 5)
-    assert opt.L == pytest.approx(rq / 10 * 2 ** n)
+    assert opt.L == pytest.approx(rq / 10 * 2**n)
     assert not opt.lipschitz_condition_fails(f, x, f(x), g, opt.L)
     assert opt.lipschitz_condition_fails(f, x, f(x), g, opt.L / 2)  # the first L that passes
     # L large enough: no doubling, L decreases by 2^(-1/150)

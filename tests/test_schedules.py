@@ -15,8 +15,18 @@ from cryorecon.optim.schedules import (
 
 @pytest.mark.parametrize(
     "tau, expected",
-    [(0, 0.02), (149, 0.02), (150, 0.025), (299, 0.025), (300, 0.03), (1500, 0.07),
-     (2550, 0.105), (2700, 0.11), (2850, 0.11), (10**6, 0.11)],
+    [
+        (0, 0.02),
+        (149, 0.02),
+        (150, 0.025),
+        (299, 0.025),
+        (300, 0.03),
+        (1500, 0.07),
+        (2550, 0.105),
+        (2700, 0.11),
+        (2850, 0.11),
+        (10**6, 0.11),
+    ],
 )
 def test_omega_star_values(tau, expected):
     # min(0.11, 0.02 + 0.005 floor(tau/150))
@@ -35,8 +45,17 @@ def test_omega_star_caps_and_monotone():
 
 @pytest.mark.parametrize(
     "tau, expected",
-    [(0, 2.0), (149, 2.0), (150, 1.0), (300, 0.5), (450, 0.25), (600, 0.125),
-     (750, 1 / 16), (900, 1 / 16), (10**5, 1 / 16)],
+    [
+        (0, 2.0),
+        (149, 2.0),
+        (150, 1.0),
+        (300, 0.5),
+        (450, 0.25),
+        (600, 0.125),
+        (750, 1 / 16),
+        (900, 1 / 16),
+        (10**5, 1 / 16),
+    ],
 )
 def test_epsilon_values(tau, expected):
     # max(1/16, 2^(1 - floor(tau/150)))
@@ -51,8 +70,18 @@ def test_epsilon_monotone():
 
 @pytest.mark.parametrize(
     "tau, expected",
-    [(0, 1.0), (49, 1.0), (50, 2**-0.25), (100, 2**-0.5), (200, 0.5), (400, 0.25),
-     (800, 2**-4), (850, 2**-4.25), (900, 0.05), (10**5, 0.05)],
+    [
+        (0, 1.0),
+        (49, 1.0),
+        (50, 2**-0.25),
+        (100, 2**-0.5),
+        (200, 0.5),
+        (400, 0.25),
+        (800, 2**-4),
+        (850, 2**-4.25),
+        (900, 0.05),
+        (10**5, 0.05),
+    ],
 )
 def test_importance_alpha_values(tau, expected):
     # max(0.05, 2^(-0.25 floor(tau/50))); 2^-4 = 0.0625 > 0.05, 2^-4.25 = 0.0526, 2^-4.5 = 0.044
@@ -67,8 +96,17 @@ def test_importance_alpha_monotone_and_floor():
 
 @pytest.mark.parametrize(
     "tau, expected",
-    [(50, 1024.0), (100, 32.0), (150, 2 ** (10 / 3)), (250, 4.0), (500, 2.0),
-     (1000, 2**0.5), (1550, 2 ** (10 / 31)), (1600, 1.25), (10**5, 1.25)],
+    [
+        (50, 1024.0),
+        (100, 32.0),
+        (150, 2 ** (10 / 3)),
+        (250, 4.0),
+        (500, 2.0),
+        (1000, 2**0.5),
+        (1550, 2 ** (10 / 31)),
+        (1600, 1.25),
+        (10**5, 1.25),
+    ],
 )
 def test_importance_temperature_values(tau, expected):
     # max(1.25, 2^(10/floor(tau/50))); 2^(10/31) = 1.2506 > 1.25, 2^(10/32) = 1.2418 < 1.25
@@ -104,6 +142,8 @@ def test_schedule_dataclass():
     assert sn.omega_star(10**6) == pytest.approx(1 / 11.2)
 
     custom = Schedule(omega_start=0.03, omega_step=0.01, omega_every=10, omega_max=0.06)
-    assert [custom.omega_star(t) for t in (0, 10, 25, 30, 100)] == pytest.approx([0.03, 0.04, 0.05, 0.06, 0.06])
+    assert [custom.omega_star(t) for t in (0, 10, 25, 30, 100)] == pytest.approx(
+        [0.03, 0.04, 0.05, 0.06, 0.06]
+    )
     with pytest.raises(ValueError):
         Schedule(apix=-1.0)

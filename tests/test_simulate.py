@@ -36,8 +36,11 @@ def _com(v):
     g = torch.arange(v.shape[-1], dtype=torch.float64)
     w = v.double()
     tot = w.sum()
-    return [float((w.sum(dim=(1, 2)) * g).sum() / tot), float((w.sum(dim=(0, 2)) * g).sum() / tot),
-            float((w.sum(dim=(0, 1)) * g).sum() / tot)]
+    return [
+        float((w.sum(dim=(1, 2)) * g).sum() / tot),
+        float((w.sum(dim=(0, 2)) * g).sum() / tot),
+        float((w.sum(dim=(0, 1)) * g).sum() / tot),
+    ]
 
 
 def _disc(img, D):
@@ -57,8 +60,10 @@ def test_density_positive_and_centred(groel):
     assert all(abs(c - D // 2) < 1.0 for c in com), com
     # GroEL-GroES is ~180 Å long along the model's z axis and ~140 Å wide: the map's first
     # axis (z) must carry the long extent
-    prof = [(v.sum(dim=other) > 0.05 * v.sum(dim=other).max()).sum().item() for other in
-            [(1, 2), (0, 2), (0, 1)]]
+    prof = [
+        (v.sum(dim=other) > 0.05 * v.sum(dim=other).max()).sum().item()
+        for other in [(1, 2), (0, 2), (0, 1)]
+    ]
     assert prof[0] > prof[1] and prof[0] > prof[2], prof
 
 
@@ -80,7 +85,7 @@ def test_model_that_does_not_fit_is_refused():
 def test_load_volume_resamples(tmp_path):
     g = torch.arange(48, dtype=torch.float32) - 24
     z, y, x = torch.meshgrid(g, g, g, indexing="ij")
-    blob = torch.exp(-((x - 4) ** 2 + y ** 2 + z ** 2) / (2 * 4.0 ** 2))  # sigma 4 px at 2 Å
+    blob = torch.exp(-((x - 4) ** 2 + y**2 + z**2) / (2 * 4.0**2))  # sigma 4 px at 2 Å
     path = tmp_path / "blob.mrc"
     with mrcfile.new(path) as m:
         m.set_data(blob.numpy())
@@ -120,7 +125,7 @@ def test_measured_snr(groel):
     noisy = np.concatenate([b.images for b in sim.batches(256)])
     snr = clean.var(axis=(1, 2)).mean() / (noisy - clean).var()
     assert snr == pytest.approx(0.05, rel=0.1)
-    assert sim.noise_sigma ** 2 == pytest.approx(sim.signal_var / 0.05)
+    assert sim.noise_sigma**2 == pytest.approx(sim.signal_var / 0.05)
 
 
 def test_deterministic_and_batch_independent(groel):
@@ -138,8 +143,9 @@ def test_deterministic_and_batch_independent(groel):
 
 def test_run_simulation_files_and_roundtrip(groel, tmp_path):
     out = tmp_path / "sim"
-    summary = run_simulation(out, volume=groel, n=40, D=D, apix=APIX, snr=1.0, seed=7,
-                             batch_size=16)
+    summary = run_simulation(
+        out, volume=groel, n=40, D=D, apix=APIX, snr=1.0, seed=7, batch_size=16
+    )
     with mrcfile.open(out / "truth.mrc") as m:
         assert m.data.shape == (D, D, D)
         assert float(m.voxel_size.x) == pytest.approx(APIX)
@@ -156,8 +162,12 @@ def test_run_simulation_files_and_roundtrip(groel, tmp_path):
     imgs = ps.images(np.arange(40))
     R, t = relion_to_pose(ps.angles, ps.shifts, ps.apix)
     freqs = freq_grid_2d(D).reshape(-1, 2) / APIX
-    clean = _disc(ifft2c(fft2c(project(groel, R, t)) *
-                         ctf_from_dict(ps.ctf, None, freqs).reshape(-1, D, D)).real, D).numpy()
+    clean = _disc(
+        ifft2c(
+            fft2c(project(groel, R, t)) * ctf_from_dict(ps.ctf, None, freqs).reshape(-1, D, D)
+        ).real,
+        D,
+    ).numpy()
     resid = imgs - clean
     assert resid.var() == pytest.approx(meta["noise_sigma"] ** 2, rel=0.1)
     assert abs(np.corrcoef(resid.ravel(), clean.ravel())[0, 1]) < 0.05
@@ -177,10 +187,25 @@ def test_cli(tmp_path, monkeypatch):
     g = torch.arange(16, dtype=torch.float32) - 8
     z, y, x = torch.meshgrid(g, g, g, indexing="ij")
     with mrcfile.new(vol) as m:
-        m.set_data(torch.exp(-(x ** 2 + 2 * y ** 2 + 3 * z ** 2) / 8).numpy())
+        m.set_data(torch.exp(-(x**2 + 2 * y**2 + 3 * z**2) / 8).numpy())
         m.voxel_size = 4.0
-    argv = ["simulate", "--volume", str(vol), "-n", "10", "--box", "16", "--apix", "4",
-            "--snr", "0.1", "--seed", "1", "-o", str(tmp_path / "o")]
+    argv = [
+        "simulate",
+        "--volume",
+        str(vol),
+        "-n",
+        "10",
+        "--box",
+        "16",
+        "--apix",
+        "4",
+        "--snr",
+        "0.1",
+        "--seed",
+        "1",
+        "-o",
+        str(tmp_path / "o"),
+    ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
     assert (tmp_path / "o" / "particles.mrcs").is_file()

@@ -1,6 +1,5 @@
 """Fourier slicing: adjointness, RELION golden projections, shift and scale conventions."""
 
-
 import mrcfile
 import numpy as np
 import pytest
@@ -23,10 +22,10 @@ def _blob(D, centre=(0.0, 0.0, 0.0), width=3.0):
     g = torch.arange(D, dtype=torch.float32) - D // 2
     z, y, x = torch.meshgrid(g, g, g, indexing="ij")
     cx, cy, cz = centre
-    return torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * width ** 2))
+    return torch.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * width**2))
 
 
-@pytest.mark.parametrize("cache_bytes", [2 ** 31, 0], ids=["cached", "uncached"])
+@pytest.mark.parametrize("cache_bytes", [2**31, 0], ids=["cached", "uncached"])
 @pytest.mark.parametrize("oversample", [1, 2])
 def test_slice_and_backprojection_are_adjoint(oversample, cache_bytes, device):
     """<slice(V), u> == <V, adjoint(u)> for the whole chain volume -> slices, both set-up paths
@@ -72,7 +71,7 @@ def test_slicing_matches_direct_trilinear_interpolation():
                         k = lo + torch.tensor([dx, dy, dz], dtype=lo.dtype)
                         if ((k < -(P // 2)) | (k >= P // 2)).any():
                             continue
-                        wx, wy, wz = (1 - (xyz - k).abs())
+                        wx, wy, wz = 1 - (xyz - k).abs()
                         kx, ky, kz = (int(v) % P for v in k)
                         ref[j, m] += wx * wy * wz * spec[kz, ky, kx]
     assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
@@ -111,7 +110,7 @@ def _standardise(a):
 
 def _rel_err(a, b):
     a, b = _standardise(a), _standardise(b)
-    return ((a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1))
+    return (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
 
 
 def _golden(shared_data, name):

@@ -70,13 +70,16 @@ def test_d7_symmetrize_is_nearly_idempotent_for_a_smooth_map():
     assert symmetry_score(v, "D7") < 0.85
 
 
-@pytest.mark.parametrize("name,seeds", [
-    ("D7", [(6.0, 2.0, 3.0), (2.0, -3.0, -5.0)]),
-    ("C5", [(5.0, 1.0, 4.0)]),
-    ("T", [(6.0, 2.0, 3.0)]),
-    ("I", [(2.0, 3.0, 8.0)]),
-    ("D2", [(5.0, 2.0, 3.0), (-1.0, 6.0, -2.0)]),
-])
+@pytest.mark.parametrize(
+    "name,seeds",
+    [
+        ("D7", [(6.0, 2.0, 3.0), (2.0, -3.0, -5.0)]),
+        ("C5", [(5.0, 1.0, 4.0)]),
+        ("T", [(6.0, 2.0, 3.0)]),
+        ("I", [(2.0, 3.0, 8.0)]),
+        ("D2", [(5.0, 2.0, 3.0), (-1.0, 6.0, -2.0)]),
+    ],
+)
 def test_map_from_symmetric_atoms_is_left_unchanged(name, seeds):
     v = orbit_map(name, seeds, sigma=1.8)
     s = symmetrize(v, name)
@@ -107,6 +110,7 @@ def test_symmetrize_float64_and_bad_input():
 # --------------------------------------------------------------------------------------------
 # Poses: the side of the group, and the asymmetric unit
 # --------------------------------------------------------------------------------------------
+
 
 def _freqs(D, r):
     k = torch.arange(-r, r + 1, dtype=torch.float32)
@@ -142,9 +146,13 @@ def test_cn_acts_on_rot_not_psi():
     found = []
     for g in G:
         B = A @ g
-        found.append(min(
-            float((euler_to_matrix(rot + s * k * 2 * math.pi / 5, tilt, psi) - B).abs().max())
-            for k in range(5) for s in (1, -1)))
+        found.append(
+            min(
+                float((euler_to_matrix(rot + s * k * 2 * math.pi / 5, tilt, psi) - B).abs().max())
+                for k in range(5)
+                for s in (1, -1)
+            )
+        )
     assert max(found) < 1e-12
 
 

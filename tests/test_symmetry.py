@@ -12,10 +12,41 @@ import pytest
 from cryorecon.errors import InputError
 from cryorecon.geometry.symmetry import parse_symmetry
 
-ORDERS = {"C1": 1, "C2": 2, "C5": 5, "C7": 7, "D2": 4, "D3": 6, "D7": 14, "T": 12, "O": 24,
-          "I": 60, "I1": 60, "I2": 60, "I3": 60, "I4": 60, "Ci": 2, "Cs": 2}
-RELION_NAMES = ["C1", "C2", "C5", "C7", "D2", "D3", "D7", "T", "O", "I1", "I2", "I3", "I4",
-                "Ci", "Cs"]
+ORDERS = {
+    "C1": 1,
+    "C2": 2,
+    "C5": 5,
+    "C7": 7,
+    "D2": 4,
+    "D3": 6,
+    "D7": 14,
+    "T": 12,
+    "O": 24,
+    "I": 60,
+    "I1": 60,
+    "I2": 60,
+    "I3": 60,
+    "I4": 60,
+    "Ci": 2,
+    "Cs": 2,
+}
+RELION_NAMES = [
+    "C1",
+    "C2",
+    "C5",
+    "C7",
+    "D2",
+    "D3",
+    "D7",
+    "T",
+    "O",
+    "I1",
+    "I2",
+    "I3",
+    "I4",
+    "Ci",
+    "Cs",
+]
 
 
 def relion_operators(name: str) -> np.ndarray:
@@ -23,8 +54,12 @@ def relion_operators(name: str) -> np.ndarray:
 
     RELION also prints an L matrix for improper groups; it acts on the image side of its
     Euler-angle bookkeeping (``L A R``), not on the map, so it is not part of the set."""
-    out = subprocess.run(["relion_refine", "--sym", name, "--print_symmetry_ops"],
-                         capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["relion_refine", "--sym", name, "--print_symmetry_ops"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     lines = out.splitlines()
     mats = []
     for i, line in enumerate(lines):

@@ -6,10 +6,18 @@ import pytest
 import torch
 
 from cryorecon.fourier.transforms import (
-    HalfPlane, fft2c, fft3c, freq_grid_2d, ifft2c, ifft3c,
+    HalfPlane,
+    fft2c,
+    fft3c,
+    freq_grid_2d,
+    ifft2c,
+    ifft3c,
 )
 from cryorecon.geometry.rotations import (
-    direction_inplane_to_matrix, euler_to_matrix, matrix_to_euler, random_rotations,
+    direction_inplane_to_matrix,
+    euler_to_matrix,
+    matrix_to_euler,
+    random_rotations,
 )
 
 
@@ -17,7 +25,7 @@ def test_fft_is_unitary_and_centred():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 16, generator=g)
     F = fft2c(x)
-    assert torch.allclose((F.abs() ** 2).sum((-1, -2)), (x ** 2).sum((-1, -2)), rtol=1e-5)
+    assert torch.allclose((F.abs() ** 2).sum((-1, -2)), (x**2).sum((-1, -2)), rtol=1e-5)
     assert torch.allclose(F[:, 8, 8].real, x.sum((-1, -2)) / 16, rtol=1e-5)  # DC at D//2
     assert torch.allclose(ifft2c(F).real, x, atol=1e-5)
     v = torch.randn(8, 8, 8, generator=g)
@@ -42,7 +50,9 @@ def test_half_plane_covers_disc_once():
     x = torch.randn(3, D, D, generator=torch.Generator().manual_seed(2))
     F = fft2c(x)
     disc = torch.linalg.norm(freq_grid_2d(D, dtype=torch.float64) * D, dim=-1) < radius
-    assert torch.allclose((h.weight * h.gather(F).abs() ** 2).sum(-1), (F.abs() ** 2 * disc).sum((-1, -2)), rtol=1e-5)
+    assert torch.allclose(
+        (h.weight * h.gather(F).abs() ** 2).sum(-1), (F.abs() ** 2 * disc).sum((-1, -2)), rtol=1e-5
+    )
     assert torch.allclose(h.scatter(h.gather(F)), F * disc, atol=1e-6)
     assert int(disc.sum()) == 2 * h.M - 1
 
@@ -59,7 +69,9 @@ def test_euler_matrix_relion_convention():
 
 def test_euler_round_trip_and_orthonormal():
     R = random_rotations(500, generator=torch.Generator().manual_seed(3))
-    assert torch.allclose(R @ R.transpose(-1, -2), torch.eye(3, dtype=R.dtype).expand(500, 3, 3), atol=1e-10)
+    assert torch.allclose(
+        R @ R.transpose(-1, -2), torch.eye(3, dtype=R.dtype).expand(500, 3, 3), atol=1e-10
+    )
     assert torch.allclose(torch.det(R), torch.ones(500, dtype=R.dtype))
     R2 = euler_to_matrix(*matrix_to_euler(R))
     assert torch.allclose(R, R2, atol=1e-9)

@@ -54,7 +54,7 @@ def fsc_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     A, B = np.fft.fftn(a), np.fft.fftn(b)
     k = np.fft.fftfreq(D) * D
     kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
-    shell = np.rint(np.sqrt(kx ** 2 + ky ** 2 + kz ** 2)).astype(int)
+    shell = np.rint(np.sqrt(kx**2 + ky**2 + kz**2)).astype(int)
     out = []
     for n in range(D // 2 + 1):
         s = shell == n
@@ -64,6 +64,7 @@ def fsc_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------- FSC
+
 
 def test_fsc_self_is_one_and_frequencies():
     v = blob_phantom(32) + 0.1 * torch.randn(32, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -131,6 +132,7 @@ def test_resolution_at_hand_made_curve():
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def test_rotate_volume_pinned_to_rot90_about_z():
     # +90 deg about z, x -> y: R = [[0,-1,0],[1,0,0],[0,0,1]] acting on (x, y, z).
     # out(x, y, z) = vol(y, -x, z), i.e. out[k, j, i] = vol[k, D - i, j] (centre D//2), which is
@@ -180,6 +182,7 @@ def test_rotate_volume_shift_and_inverse_and_flip():
 
 
 # ------------------------------------------------------------------------------- alignment
+
 
 @pytest.fixture(scope="module")
 def aligned_problem():
@@ -233,6 +236,7 @@ def test_align_rejects_mismatched_boxes():
 
 # -------------------------------------------------------------------------------------- CLI
 
+
 @pytest.fixture
 def only_our_commands(monkeypatch):
     # Other commands are developed in parallel; the smoke tests exercise fsc/align only.
@@ -259,14 +263,52 @@ def test_cli_fsc_writes_json_and_png_and_refuses_overwrite(tmp_path, only_our_co
     assert math.isclose(r05, resolution_at(rec["freq_1_per_A"], rec["fsc"], 0.5))
     # refuses to overwrite: exit code 3; --force works
     assert cli.main(["-q", "fsc", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc")]) == 3
-    assert cli.main(["-q", "fsc", str(tmp_path / "a.mrc"), str(tmp_path / "b.mrc"), "--force",
-                     "--mask-radius", "40", "-o", str(tmp_path / "sub" / "m")]) == 0
+    assert (
+        cli.main(
+            [
+                "-q",
+                "fsc",
+                str(tmp_path / "a.mrc"),
+                str(tmp_path / "b.mrc"),
+                "--force",
+                "--mask-radius",
+                "40",
+                "-o",
+                str(tmp_path / "sub" / "m"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "sub" / "m.json").is_file() and (tmp_path / "sub" / "m.png").is_file()
     # mismatched boxes / voxel sizes: InputError, exit code 2
     write_map(tmp_path / "c.mrc", np.zeros((16, 16, 16), np.float32), 3.0)
     write_map(tmp_path / "d.mrc", b, 2.0)
-    assert cli.main(["-q", "fsc", str(tmp_path / "a.mrc"), str(tmp_path / "c.mrc"), "-o", str(tmp_path / "x")]) == 2
-    assert cli.main(["-q", "fsc", str(tmp_path / "a.mrc"), str(tmp_path / "d.mrc"), "-o", str(tmp_path / "x")]) == 2
+    assert (
+        cli.main(
+            [
+                "-q",
+                "fsc",
+                str(tmp_path / "a.mrc"),
+                str(tmp_path / "c.mrc"),
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        cli.main(
+            [
+                "-q",
+                "fsc",
+                str(tmp_path / "a.mrc"),
+                str(tmp_path / "d.mrc"),
+                "-o",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "voxel sizes differ" in capsys.readouterr().err
 
 
@@ -276,8 +318,18 @@ def test_cli_align_smoke(tmp_path, only_our_commands, capsys):
     mov = rotate_volume(v, R, torch.tensor([1.0, 0.0, -1.0]))
     write_map(tmp_path / "ref.mrc", v.numpy(), 2.0)
     write_map(tmp_path / "map.mrc", mov.numpy(), 2.0)
-    args = ["-q", "align", str(tmp_path / "ref.mrc"), str(tmp_path / "map.mrc"), "-o",
-            str(tmp_path / "map_aligned.mrc"), "--seed", "3", "--n-global", "1500"]
+    args = [
+        "-q",
+        "align",
+        str(tmp_path / "ref.mrc"),
+        str(tmp_path / "map.mrc"),
+        "-o",
+        str(tmp_path / "map_aligned.mrc"),
+        "--seed",
+        "3",
+        "--n-global",
+        "1500",
+    ]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "cc:" in out and "hand flipped: no" in out and "RELION Euler" in out
@@ -288,7 +340,9 @@ def test_cli_align_smoke(tmp_path, only_our_commands, capsys):
     Rf = torch.tensor(rec["rotation_matrix"], dtype=torch.float64)
     assert math.degrees(rotation_angle(Rf, R.T)) < 3.0
     e = rec["euler_relion_deg"]
-    R_e = euler_to_matrix(*(torch.tensor(math.radians(e[k]), dtype=torch.float64) for k in ("rot", "tilt", "psi")))
+    R_e = euler_to_matrix(
+        *(torch.tensor(math.radians(e[k]), dtype=torch.float64) for k in ("rot", "tilt", "psi"))
+    )
     assert torch.allclose(R_e, Rf, atol=1e-6)
     assert rec["shift_A"] == pytest.approx([s * 2.0 for s in rec["shift_px"]])
     a = v.numpy().ravel() - v.numpy().mean()

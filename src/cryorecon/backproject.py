@@ -35,8 +35,14 @@ from .preprocess import default_diameter_A, float_and_sigma
 from .progress import bar
 
 
-def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, oversample: int = 2,
-                       diameter_A: float | None = None, idx=None) -> torch.Tensor:
+def wiener_backproject(
+    particles,
+    device: str = "cpu",
+    batch_size: int = 500,
+    oversample: int = 2,
+    diameter_A: float | None = None,
+    idx=None,
+) -> torch.Tensor:
     """Reconstruct (D, D, D) float32 from ``particles`` (a ParticleSet with poses).
 
     ``idx``: the particles to use (default all); ``diameter_A``: particle diameter (Å) whose
@@ -56,7 +62,9 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
     if particles.angles is None:
         from .errors import InputError
 
-        raise InputError(f"{particles.source}: no poses (rlnAngleRot/Tilt/Psi) to back-project with")
+        raise InputError(
+            f"{particles.source}: no poses (rlnAngleRot/Tilt/Psi) to back-project with"
+        )
     D = particles.D
     P = oversample * D
     idx = np.arange(len(particles)) if idx is None else np.asarray(idx)
@@ -73,7 +81,7 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
     pow_num = torch.zeros(n_shells, dtype=torch.float64, device=device)
     pow_den = torch.zeros(n_shells, dtype=torch.float64, device=device)
     for b in bar(range(0, len(idx), batch_size), desc="back-projecting", unit="batch"):
-        sel = idx[b:b + batch_size]
+        sel = idx[b : b + batch_size]
         imgs = torch.as_tensor(particles.images(sel), device=device)
         imgs, sigma = float_and_sigma(imgs, diameter_px)
         y = fft2c(imgs).reshape(len(sel), -1)[:, keep]
@@ -89,11 +97,12 @@ def wiener_backproject(particles, device: str = "cpu", batch_size: int = 500, ov
         op.backproject(c * c * inv_var, out=den)
         excess = (y.abs() ** 2 - sigma[:, None] ** 2).double()
         pow_num.index_add_(0, shell.expand_as(excess).reshape(-1), (excess * inv_var).reshape(-1))
-        pow_den.index_add_(0, shell.expand_as(excess).reshape(-1), (c.double() ** 2 * inv_var).reshape(-1))
+        pow_den.index_add_(
+            0, shell.expand_as(excess).reshape(-1), (c.double() ** 2 * inv_var).reshape(-1)
+        )
     power = (pow_num / pow_den.clamp_min(1e-30)).clamp_min(1e-12).float()
     r3 = spectrum_frequency_radius(P, oversample, device=device)
     inside = r3 < D / 2
     reg = 1.0 / power[r3.long().clamp(max=n_shells - 1)]
-    spec = torch.where(inside, num / (den + reg),
-                       torch.zeros((), dtype=num.dtype, device=device))
+    spec = torch.where(inside, num / (den + reg), torch.zeros((), dtype=num.dtype, device=device))
     return volume_from_spectrum(spec, D)

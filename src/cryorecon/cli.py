@@ -56,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only errors; no progress bars")
-    group.add_argument("-v", "--verbose", action="store_true", default=default, help="debug messages")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="only errors; no progress bars"
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug messages"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,9 @@ class ReconstructConfig:
 
     def __post_init__(self) -> None:
         if self.pose_search not in POSE_SEARCHES:
-            raise ValueError(f"pose_search must be one of {POSE_SEARCHES}, got {self.pose_search!r}")
+            raise ValueError(
+                f"pose_search must be one of {POSE_SEARCHES}, got {self.pose_search!r}"
+            )
         if self.resolution_schedule not in RESOLUTION_SCHEDULES:
             raise ValueError(f"resolution_schedule must be one of {RESOLUTION_SCHEDULES}")
 
@@ -95,5 +97,11 @@ class ReconstructConfig:
 
     def schedule(self, apix: float) -> Schedule:
         """The paper's schedules (omega*, epsilon, importance annealing) for ``apix``."""
-        return Schedule(omega_start=self.first_omega, omega_step=self.omega_step, omega_every=self.omega_every,
-                        omega_max=self.omega_max, apix=apix, is_every=self.annealing_step)
+        return Schedule(
+            omega_start=self.first_omega,
+            omega_step=self.omega_step,
+            omega_every=self.omega_every,
+            omega_max=self.omega_max,
+            apix=apix,
+            is_every=self.annealing_step,
+        )

@@ -67,7 +67,7 @@ def ball_transform(s: torch.Tensor, radius: float) -> torch.Tensor:
     x = 2 * math.pi * s * radius
     small = x < 1e-3
     xs = torch.where(small, torch.ones_like(x), x)
-    b = 3 * (torch.sin(xs) - xs * torch.cos(xs)) / xs ** 3
+    b = 3 * (torch.sin(xs) - xs * torch.cos(xs)) / xs**3
     return torch.where(small, 1 - x * x / 10, b)
 
 
@@ -77,8 +77,9 @@ def sample_indices(n_total: int, n: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_total - 1, m).round().astype(np.int64))
 
 
-def image_correlations(particles, idx, diameter_px: float,
-                       device="cpu") -> tuple[torch.Tensor, float]:
+def image_correlations(
+    particles, idx, diameter_px: float, device="cpu"
+) -> tuple[torch.Tensor, float]:
     """Per-image correlations ``r_i`` (see the module notes) of particles ``idx`` with the
     CTF-modulated ball, computed on the images as stored (:attr:`contrast_sign` undone).
     Returns ``(r (len(idx),) float64, band limit in Å)``."""
@@ -104,8 +105,13 @@ def image_correlations(particles, idx, diameter_px: float,
     return r, apix / s_max
 
 
-def detect_contrast(particles, diameter_px: float, n: int = DEFAULT_PARTICLES,
-                    threshold: float = DEFAULT_THRESHOLD, device="cpu") -> ContrastCheck:
+def detect_contrast(
+    particles,
+    diameter_px: float,
+    n: int = DEFAULT_PARTICLES,
+    threshold: float = DEFAULT_THRESHOLD,
+    device="cpu",
+) -> ContrastCheck:
     """Is the contrast of ``particles`` (a ParticleSet with CTF) inverted? See the module notes.
 
     ``diameter_px``: particle diameter in pixels (the ball, and the disc outside which the
@@ -119,13 +125,24 @@ def detect_contrast(particles, diameter_px: float, n: int = DEFAULT_PARTICLES,
     mean = float(r.mean())
     sd = float(r.std()) if m > 1 else 0.0
     t = mean * math.sqrt(m) / sd if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return ContrastCheck(inverted=bool(t <= -threshold), conclusive=bool(abs(t) >= threshold),
-                         statistic=float(t), mean_correlation=mean, threshold=float(threshold),
-                         n_particles=int(m), band_A=float(band_A))
+    return ContrastCheck(
+        inverted=bool(t <= -threshold),
+        conclusive=bool(abs(t) >= threshold),
+        statistic=float(t),
+        mean_correlation=mean,
+        threshold=float(threshold),
+        n_particles=int(m),
+        band_A=float(band_A),
+    )
 
 
-def apply_contrast(particles, diameter_px: float, force: bool | None = None,
-                   n: int = DEFAULT_PARTICLES, device="cpu") -> dict:
+def apply_contrast(
+    particles,
+    diameter_px: float,
+    force: bool | None = None,
+    n: int = DEFAULT_PARTICLES,
+    device="cpu",
+) -> dict:
     """Check the contrast of ``particles`` and set their :attr:`contrast_sign`.
 
     ``force``: None (automatic: negate when :func:`detect_contrast` says inverted), True
@@ -143,21 +160,30 @@ def apply_contrast(particles, diameter_px: float, force: bool | None = None,
     said = f"t = {check.statistic:.1f} over {check.n_particles} particles"
     if force is None:
         if check.inverted:
-            log.warning(f"contrast: protein is dark in these images ({said}); negating them "
-                        "(--no-invert-contrast keeps them as they are)")
+            log.warning(
+                f"contrast: protein is dark in these images ({said}); negating them "
+                "(--no-invert-contrast keeps them as they are)"
+            )
         elif check.conclusive:
             log.info(f"contrast: protein is bright, as expected ({said})")
         else:
-            log.warning(f"contrast: check inconclusive ({said}, |t| < {check.threshold:g}); images "
-                        "used as they are (--invert-contrast negates them)")
+            log.warning(
+                f"contrast: check inconclusive ({said}, |t| < {check.threshold:g}); images "
+                "used as they are (--invert-contrast negates them)"
+            )
     elif invert:
         bright = check.conclusive and not check.inverted
         doubt = " although they look protein-bright" if bright else ""
         log.warning(f"contrast: negating the images (--invert-contrast){doubt} ({said})")
     elif check.inverted:
-        log.warning(f"contrast: the images look protein-dark ({said}) but --no-invert-contrast "
-                    "keeps them as they are")
-    info = {"contrast_inverted": invert, "contrast_statistic": check.statistic,
-            "contrast_check": {**check.as_dict(), "mode": "auto" if force is None else "forced"}}
+        log.warning(
+            f"contrast: the images look protein-dark ({said}) but --no-invert-contrast "
+            "keeps them as they are"
+        )
+    info = {
+        "contrast_inverted": invert,
+        "contrast_statistic": check.statistic,
+        "contrast_check": {**check.as_dict(), "mode": "auto" if force is None else "forced"},
+    }
     particles.meta["contrast"] = info
     return info

@@ -63,6 +63,7 @@ PROTEIN_DA_PER_A3 = 0.81
 # input checks
 # --------------------------------------------------------------------------------------------
 
+
 def _as_map(x, name: str, device=None) -> torch.Tensor:
     t = torch.as_tensor(x)
     if device is not None:
@@ -89,6 +90,7 @@ def _check_apix(apix) -> float:
 # --------------------------------------------------------------------------------------------
 # mask
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class MaskFacts:
@@ -141,13 +143,16 @@ class MaskFacts:
         else:
             src = "given threshold"
         lp = f", low-passed to {self.lowpass_A:g} Å" if self.lowpass_A else ""
-        return (f"automatic: {src} ({self.threshold:.4g}){lp}, extended {self.extend_A:.3g} Å, "
-                f"cosine edge {self.soft_edge_A:.3g} Å; "
-                f"{100 * self.volume_fraction:.1f}% of the box")
+        return (
+            f"automatic: {src} ({self.threshold:.4g}){lp}, extended {self.extend_A:.3g} Å, "
+            f"cosine edge {self.soft_edge_A:.3g} Å; "
+            f"{100 * self.volume_fraction:.1f}% of the box"
+        )
 
 
-def lowpass(volume: torch.Tensor, apix: float, resolution_A: float, edge_shells: float = 2.0
-            ) -> torch.Tensor:
+def lowpass(
+    volume: torch.Tensor, apix: float, resolution_A: float, edge_shells: float = 2.0
+) -> torch.Tensor:
     """Low-pass a map ``[z, y, x]`` to ``resolution_A`` Å with a raised-cosine edge.
 
     Coefficients at ``|k| <= D apix / resolution_A - edge_shells / 2`` (Fourier pixels) are
@@ -166,14 +171,19 @@ def lowpass(volume: torch.Tensor, apix: float, resolution_A: float, edge_shells:
     return ifft3c(fft3c(volume.double()) * w).real.to(volume.dtype)
 
 
-def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
-                       extend_A: float | None = None, soft_edge_A: float | None = None, *,
-                       lowpass_A: float | None = MASK_LOWPASS_A,
-                       molecular_mass_kDa: float | None = None,
-                       fraction_of_max: float = MASK_FRACTION_OF_MAX,
-                       min_island_fraction: float = MASK_MIN_ISLAND_FRACTION,
-                       noise_sigma: float | None = None
-                       ) -> tuple[torch.Tensor, MaskFacts]:
+def soft_mask_from_map(
+    volume,
+    apix: float,
+    threshold: float | None = None,
+    extend_A: float | None = None,
+    soft_edge_A: float | None = None,
+    *,
+    lowpass_A: float | None = MASK_LOWPASS_A,
+    molecular_mass_kDa: float | None = None,
+    fraction_of_max: float = MASK_FRACTION_OF_MAX,
+    min_island_fraction: float = MASK_MIN_ISLAND_FRACTION,
+    noise_sigma: float | None = None,
+) -> tuple[torch.Tensor, MaskFacts]:
     """A soft solvent mask made from a map, as ``relion_mask_create`` makes one.
 
     1. The map is low-passed to ``lowpass_A`` Å (default 15 Å; ``None`` = no filter), so the
@@ -205,8 +215,9 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
     extend_A = MASK_EXTEND_PX * apix if extend_A is None else float(extend_A)
     soft_edge_A = MASK_SOFT_EDGE_PX * apix if soft_edge_A is None else float(soft_edge_A)
     if extend_A < 0 or soft_edge_A < 0 or not math.isfinite(extend_A + soft_edge_A):
-        raise InputError(f"mask extension and soft edge must be >= 0 Å, got {extend_A}, "
-                         f"{soft_edge_A}")
+        raise InputError(
+            f"mask extension and soft edge must be >= 0 Å, got {extend_A}, {soft_edge_A}"
+        )
     if lowpass_A is not None and (not math.isfinite(lowpass_A) or lowpass_A <= 0):
         raise InputError(f"mask low-pass must be a positive resolution in Å, got {lowpass_A}")
     lp = lowpass(vol, apix, lowpass_A) if lowpass_A else vol
@@ -215,25 +226,32 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
     elif molecular_mass_kDa is not None:
         if not molecular_mass_kDa > 0:
             raise InputError(f"molecular mass must be positive (kDa), got {molecular_mass_kDa}")
-        n = int(round(molecular_mass_kDa * 1000.0 / PROTEIN_DA_PER_A3 / apix ** 3))
-        if not 1 <= n < D ** 3:
-            raise InputError(f"a molecule of {molecular_mass_kDa:g} kDa fills {n} voxels of "
-                             f"{apix:g} Å, but the box has {D ** 3}")
+        n = int(round(molecular_mass_kDa * 1000.0 / PROTEIN_DA_PER_A3 / apix**3))
+        if not 1 <= n < D**3:
+            raise InputError(
+                f"a molecule of {molecular_mass_kDa:g} kDa fills {n} voxels of "
+                f"{apix:g} Å, but the box has {D**3}"
+            )
         thr, how = float(torch.topk(lp.reshape(-1), n).values[-1]), "molecular_mass"
     else:
         if not 0 < fraction_of_max < 1:
-            raise InputError(f"mask fraction of the maximum must be in (0, 1), "
-                             f"got {fraction_of_max}")
+            raise InputError(
+                f"mask fraction of the maximum must be in (0, 1), got {fraction_of_max}"
+            )
         if not float(lp.max()) > 0:
-            raise InputError("the map has no positive density to make a mask from (is the "
-                             "contrast inverted?); give a threshold or a mask")
+            raise InputError(
+                "the map has no positive density to make a mask from (is the "
+                "contrast inverted?); give a threshold or a mask"
+            )
         thr, how = float(fraction_of_max * lp.max()), "fraction_of_max"
         if noise_sigma is not None and MASK_NOISE_SIGMAS * float(noise_sigma) > thr:
             thr, how = MASK_NOISE_SIGMAS * float(noise_sigma), "noise"
     seed = (lp >= thr).cpu().numpy()
     if not seed.any():
-        raise InputError(f"mask threshold {thr:.4g} is above the map's maximum "
-                         f"{float(lp.max()):.4g}: the mask would be empty")
+        raise InputError(
+            f"mask threshold {thr:.4g} is above the map's maximum "
+            f"{float(lp.max()):.4g}: the mask would be empty"
+        )
     n_seed = int(seed.sum())
     seed = _drop_islands(seed, min_island_fraction)
     dist_px = distance_transform_edt(~seed)  # 0 inside the seed
@@ -245,13 +263,20 @@ def soft_mask_from_map(volume, apix: float, threshold: float | None = None,
         mask = (d <= extend_A).double()
     mask = mask.to(torch.float32)
     facts = MaskFacts(
-        how="auto", volume_fraction=float(mask.double().mean()), threshold=thr,
-        threshold_from=how, lowpass_A=float(lowpass_A) if lowpass_A else None,
-        extend_A=extend_A, soft_edge_A=soft_edge_A, seed_fraction=float(seed.mean()),
-        touches_edge=_touches_edge(mask), dropped_fraction=1.0 - float(seed.sum()) / n_seed,
+        how="auto",
+        volume_fraction=float(mask.double().mean()),
+        threshold=thr,
+        threshold_from=how,
+        lowpass_A=float(lowpass_A) if lowpass_A else None,
+        extend_A=extend_A,
+        soft_edge_A=soft_edge_A,
+        seed_fraction=float(seed.mean()),
+        touches_edge=_touches_edge(mask),
+        dropped_fraction=1.0 - float(seed.sum()) / n_seed,
         molecular_mass_kDa=None if molecular_mass_kDa is None else float(molecular_mass_kDa),
         fraction_of_max=float(fraction_of_max) if how in ("fraction_of_max", "noise") else None,
-        noise_sigma=None if noise_sigma is None else float(noise_sigma))
+        noise_sigma=None if noise_sigma is None else float(noise_sigma),
+    )
     return mask, facts
 
 
@@ -277,13 +302,15 @@ def _touches_edge(mask: torch.Tensor) -> bool:
 
 
 def _given_mask_facts(mask: torch.Tensor) -> MaskFacts:
-    return MaskFacts(how="given", volume_fraction=float(mask.double().mean()),
-                     touches_edge=_touches_edge(mask))
+    return MaskFacts(
+        how="given", volume_fraction=float(mask.double().mean()), touches_edge=_touches_edge(mask)
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # phase randomisation
 # --------------------------------------------------------------------------------------------
+
 
 def randomize_phases_beyond(volume, shell: int, generator: torch.Generator) -> torch.Tensor:
     """The map with the phase of every Fourier coefficient at ``|k| >= shell`` (Fourier pixels)
@@ -311,6 +338,7 @@ def randomize_phases_beyond(volume, shell: int, generator: torch.Generator) -> t
 # --------------------------------------------------------------------------------------------
 # gold-standard FSC
 # --------------------------------------------------------------------------------------------
+
 
 def _json_value(v):
     if isinstance(v, float):
@@ -392,25 +420,32 @@ class GoldStandardFSC:
         mask = self.mask.to_json()
         mask["description"] = self.mask.describe()
         return {
-            "apix": self.apix, "box": self.box,
+            "apix": self.apix,
+            "box": self.box,
             "freq_1_per_A": [float(x) for x in self.freq],
             "fsc_unmasked": _curve_json(self.fsc_unmasked),
             "fsc_masked": _curve_json(self.fsc_masked),
             "fsc_randomized": _curve_json(self.fsc_randomized),
             "fsc_corrected": _curve_json(self.fsc_corrected),
-            "randomize_shell": self.randomize_shell, "randomize_at_fsc": self.randomize_at_fsc,
+            "randomize_shell": self.randomize_shell,
+            "randomize_at_fsc": self.randomize_at_fsc,
             "randomize_at_A": _json_value(self.randomize_at_A),
             "threshold": GOLD_STANDARD_THRESHOLD,
             "resolution_A": _json_value(self.resolution_A),
             "resolution_unmasked_A": _json_value(self.resolution_unmasked_A),
-            "resolutions_A": {name: {f"{t:g}": _json_value(r) for t, r in res.items()}
-                              for name, res in self.resolutions.items()},
-            "mask": mask, "seed": self.seed, "warnings": list(self.warnings),
+            "resolutions_A": {
+                name: {f"{t:g}": _json_value(r) for t, r in res.items()}
+                for name, res in self.resolutions.items()
+            },
+            "mask": mask,
+            "seed": self.seed,
+            "warnings": list(self.warnings),
         }
 
 
-def corrected_fsc(fsc_masked, fsc_randomized, randomize_shell: int,
-                  offset: int = CORRECTION_OFFSET_SHELLS) -> torch.Tensor:
+def corrected_fsc(
+    fsc_masked, fsc_randomized, randomize_shell: int, offset: int = CORRECTION_OFFSET_SHELLS
+) -> torch.Tensor:
     """``FSC_true`` of Chen et al. 2013: ``(FSC_m - FSC_r) / (1 - FSC_r)`` at shells
     ``>= randomize_shell + offset``, ``FSC_m`` below (RELION's ``calculateFSCtrue``)."""
     m = torch.as_tensor(fsc_masked, dtype=torch.float64)
@@ -420,9 +455,17 @@ def corrected_fsc(fsc_masked, fsc_randomized, randomize_shell: int,
     return torch.where(n >= randomize_shell + offset, true, m)
 
 
-def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
-                      randomize_at_fsc: float = RANDOMIZE_AT_FSC, mask_options: dict | None = None,
-                      device=None) -> GoldStandardFSC:
+def gold_standard_fsc(
+    half1,
+    half2,
+    apix: float,
+    mask=None,
+    *,
+    seed: int = 0,
+    randomize_at_fsc: float = RANDOMIZE_AT_FSC,
+    mask_options: dict | None = None,
+    device=None,
+) -> GoldStandardFSC:
     """Gold-standard FSC of two half maps, with the mask correction of Chen et al. 2013.
 
     Args:
@@ -462,8 +505,9 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
     else:
         m = torch.as_tensor(mask).to(dev, torch.float32)
         if m.shape != h1.shape:
-            raise InputError(f"mask box {tuple(m.shape)} differs from the half maps' "
-                             f"{tuple(h1.shape)}")
+            raise InputError(
+                f"mask box {tuple(m.shape)} differs from the half maps' {tuple(h1.shape)}"
+            )
         finite = bool(torch.isfinite(m).all())
         if not finite or float(m.min()) < -1e-6 or float(m.max()) > 1 + 1e-6:
             raise InputError("mask values must lie in [0, 1] (1 = protein, 0 = solvent)")
@@ -476,8 +520,10 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
     warnings = []
     if below.numel() == 0:
         shell, randomized, corrected = None, None, masked.clone()
-        warnings.append(f"the unmasked FSC never drops below {randomize_at_fsc:g}: "
-                        "no phase randomisation, the corrected FSC is the masked one")
+        warnings.append(
+            f"the unmasked FSC never drops below {randomize_at_fsc:g}: "
+            "no phase randomisation, the corrected FSC is the masked one"
+        )
     else:
         shell = int(below[0]) + 1
         gen = torch.Generator().manual_seed(int(seed))
@@ -489,30 +535,49 @@ def gold_standard_fsc(half1, half2, apix: float, mask=None, *, seed: int = 0,
     curves = {"unmasked": unmasked, "masked": masked, "corrected": corrected}
     if randomized is not None:
         curves["randomized"] = randomized
-    resolutions = {name: {t: resolution_at(freq, c, t) for t in (0.5, GOLD_STANDARD_THRESHOLD)}
-                   for name, c in curves.items()}
+    resolutions = {
+        name: {t: resolution_at(freq, c, t) for t in (0.5, GOLD_STANDARD_THRESHOLD)}
+        for name, c in curves.items()
+    }
     res = resolutions["corrected"][GOLD_STANDARD_THRESHOLD]
     res_unmasked = resolutions["unmasked"][GOLD_STANDARD_THRESHOLD]
     if res_unmasked < res:
-        warnings.append(f"the unmasked FSC reaches {res_unmasked:.2f} Å, beyond the corrected "
-                        f"masked {res:.2f} Å: the mask may cut off density")
+        warnings.append(
+            f"the unmasked FSC reaches {res_unmasked:.2f} Å, beyond the corrected "
+            f"masked {res:.2f} Å: the mask may cut off density"
+        )
     if randomized is not None and math.isfinite(res):
         i = min(int(round(1.0 / res * D * apix)), len(randomized) - 1)
         if float(randomized[i]) > 0.1:
-            warnings.append(f"the phase-randomised FSC is {float(randomized[i]):.2f} (> 0.1) at "
-                            f"the resolution: use a softer mask")
+            warnings.append(
+                f"the phase-randomised FSC is {float(randomized[i]):.2f} (> 0.1) at "
+                f"the resolution: use a softer mask"
+            )
     if facts.touches_edge:
         warnings.append("the mask reaches the edge of the box")
     return GoldStandardFSC(
-        apix=apix, box=D, freq=freq, fsc_unmasked=unmasked, fsc_masked=masked,
-        fsc_randomized=randomized, fsc_corrected=corrected, randomize_shell=shell,
-        randomize_at_fsc=float(randomize_at_fsc), resolution_A=res, resolutions=resolutions,
-        mask=facts, seed=int(seed), warnings=warnings, mask_map=m)
+        apix=apix,
+        box=D,
+        freq=freq,
+        fsc_unmasked=unmasked,
+        fsc_masked=masked,
+        fsc_randomized=randomized,
+        fsc_corrected=corrected,
+        randomize_shell=shell,
+        randomize_at_fsc=float(randomize_at_fsc),
+        resolution_A=res,
+        resolutions=resolutions,
+        mask=facts,
+        seed=int(seed),
+        warnings=warnings,
+        mask_map=m,
+    )
 
 
 # --------------------------------------------------------------------------------------------
 # combined map
 # --------------------------------------------------------------------------------------------
+
 
 def fsc_weights(fsc_curve) -> torch.Tensor:
     """Per-shell weights ``C_ref = sqrt(2 FSC / (1 + FSC))`` (Rosenthal & Henderson 2003,
@@ -527,7 +592,7 @@ def fsc_weights(fsc_curve) -> torch.Tensor:
     w = torch.where(f > 0, w, torch.zeros_like(w))
     gone = torch.nonzero(f < 1e-4)
     if gone.numel():
-        w[int(gone[0]):] = 0.0
+        w[int(gone[0]) :] = 0.0
     return w
 
 
@@ -547,8 +612,7 @@ def combine_halves(half1, half2, fsc_curve) -> torch.Tensor:
     D = h1.shape[0]
     w = fsc_weights(fsc_curve)
     if w.shape[0] != D // 2 + 1:
-        raise InputError(f"the FSC curve has {w.shape[0]} shells, a box of {D} needs "
-                         f"{D // 2 + 1}")
+        raise InputError(f"the FSC curve has {w.shape[0]} shells, a box of {D} needs {D // 2 + 1}")
     idx = shell_index(D, device=h1.device)
     wfull = torch.cat([w, torch.zeros(1, dtype=w.dtype)]).to(h1.device)
     wmap = wfull[idx.clamp_max(D // 2 + 1)]
@@ -559,6 +623,7 @@ def combine_halves(half1, half2, fsc_curve) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # what a run stores
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class HalfMapOutputs:
@@ -576,8 +641,9 @@ class HalfMapOutputs:
     run_json: dict
 
 
-def half_map_outputs(half1, half2, apix: float, *, seed: int = 0, mask=None,
-                     mask_options: dict | None = None) -> HalfMapOutputs:
+def half_map_outputs(
+    half1, half2, apix: float, *, seed: int = 0, mask=None, mask_options: dict | None = None
+) -> HalfMapOutputs:
     """Gold-standard FSC and combined map of a run's two half maps, in one call (no I/O).
 
     :func:`gold_standard_fsc` (automatic mask unless ``mask`` is given; ``mask_options`` go to
@@ -586,6 +652,8 @@ def half_map_outputs(half1, half2, apix: float, *, seed: int = 0, mask=None,
     res = gold_standard_fsc(half1, half2, apix, mask, seed=seed, mask_options=mask_options)
     combined = combine_halves(half1, half2, res.fsc_corrected)
     doc = res.to_json()
-    return HalfMapOutputs(combined=combined, result=res,
-                          run_json={"gold_standard": doc,
-                                    "gold_standard_resolution_A": doc["resolution_A"]})
+    return HalfMapOutputs(
+        combined=combined,
+        result=res,
+        run_json={"gold_standard": doc, "gold_standard_resolution_A": doc["resolution_A"]},
+    )

@@ -48,7 +48,7 @@ class Ranks:
 
     def mine(self, idx: np.ndarray) -> np.ndarray:
         """The rows of ``idx`` (a minibatch's particle indices) this rank evaluates."""
-        return np.asarray(idx)[self.rank::self.world]
+        return np.asarray(idx)[self.rank :: self.world]
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """In-place sum over the ranks (identity for one process)."""
@@ -67,7 +67,9 @@ class Ranks:
         """A float summed over the ranks, in float64."""
         if not self.active:
             return x
-        return float(self.sum_(torch.tensor([x], dtype=torch.float64, device=_collective_device())).item())
+        return float(
+            self.sum_(torch.tensor([x], dtype=torch.float64, device=_collective_device())).item()
+        )
 
     def barrier(self) -> None:
         if self.active:
@@ -102,7 +104,11 @@ _RANKS = Ranks()
 def _collective_device():
     import torch.distributed as dist
 
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def setup(device: str) -> tuple[Ranks, str]:

@@ -56,17 +56,19 @@ def fourier_crop(images: torch.Tensor, D: int) -> torch.Tensor:
     if D == n:
         return images
     if not (0 < D < n) or D % 2 or n % 2:
-        raise ValueError(f"fourier_crop: target box {D} must be even and below the box {n} "
-                         "(also even)")
+        raise ValueError(
+            f"fourier_crop: target box {D} must be even and below the box {n} (also even)"
+        )
     h = D // 2
     spec = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)), norm="ortho")
-    spec = torch.cat([spec[..., : h + 1, : h + 1], spec[..., n - h + 1:, : h + 1]], dim=-2)
+    spec = torch.cat([spec[..., : h + 1, : h + 1], spec[..., n - h + 1 :, : h + 1]], dim=-2)
     out = torch.fft.irfft2(spec, s=(D, D), norm="ortho") * (D / n)
     return torch.fft.fftshift(out, dim=(-2, -1)).to(images.dtype)
 
 
-def suggest_box(D: int, apix: float, resolution_A: float, multiple: int = 8,
-                smallest: int = 32) -> int:
+def suggest_box(
+    D: int, apix: float, resolution_A: float, multiple: int = 8, smallest: int = 32
+) -> int:
     """The smallest box (a multiple of ``multiple``, at least ``smallest``) whose Nyquist
     frequency, ``box / (2 D apix)`` 1/Å, reaches ``1 / resolution_A``: the box to Fourier-crop
     ``D``-pixel images of ``apix`` Å to for a reconstruction to ``resolution_A`` Å. ``D`` itself
@@ -92,16 +94,19 @@ def float_and_sigma(images: torch.Tensor, diameter_px: float) -> tuple[torch.Ten
     bg = background_mask(D, diameter_px, device=images.device)
     n_bg = int(bg.sum())
     if n_bg < 32:
-        raise ValueError(f"particle diameter {diameter_px:.1f} px leaves only {n_bg} background "
-                         f"pixels in a {D} px box")
+        raise ValueError(
+            f"particle diameter {diameter_px:.1f} px leaves only {n_bg} background "
+            f"pixels in a {D} px box"
+        )
     pix = images[:, bg]
     mean = pix.mean(-1)
     sigma = pix.std(-1).clamp_min(1e-12)
     return images - mean[:, None, None], sigma
 
 
-def image_batch(images: torch.Tensor, ctf: Mapping, apix, halfplane: HalfPlane,
-                diameter_px: float) -> ImageBatch:
+def image_batch(
+    images: torch.Tensor, ctf: Mapping, apix, halfplane: HalfPlane, diameter_px: float
+) -> ImageBatch:
     """The :class:`~cryorecon.model.likelihood.ImageBatch` of ``images`` on ``halfplane``.
 
     Args:
@@ -118,13 +123,18 @@ def image_batch(images: torch.Tensor, ctf: Mapping, apix, halfplane: HalfPlane,
     freqs = halfplane.freqs().to(device)  # cycles/pixel
     apix = torch.as_tensor(apix, dtype=torch.float64, device=device).reshape(-1)
     freqs_A = (freqs * D).to(torch.float64)[None] / (D * apix[:, None, None])
-    return ImageBatch(y=y, ctf=ctf_from_dict(ctf, None, freqs_A),
-                      sigma2=(sigma.double() ** 2).float(), weight=halfplane.weight.to(device),
-                      freqs=freqs)
+    return ImageBatch(
+        y=y,
+        ctf=ctf_from_dict(ctf, None, freqs_A),
+        sigma2=(sigma.double() ** 2).float(),
+        weight=halfplane.weight.to(device),
+        freqs=freqs,
+    )
 
 
-def load_batch(particles, idx, halfplane: HalfPlane, diameter_px: float,
-               device="cpu") -> ImageBatch:
+def load_batch(
+    particles, idx, halfplane: HalfPlane, diameter_px: float, device="cpu"
+) -> ImageBatch:
     """:func:`image_batch` of particles ``idx`` of a ParticleSet, read from its stacks."""
     idx = np.asarray(idx)
     images = torch.as_tensor(particles.images(idx), device=device)

@@ -25,5 +25,13 @@ def configure(quiet: bool = False, verbose: bool = False) -> None:
 
 def bar(iterable=None, total=None, desc: str = "", unit: str = "it", **kw):
     """A tqdm progress bar on stderr, silent under ``--quiet``."""
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=_QUIET, file=sys.stderr,
-                dynamic_ncols=True, **kw)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        disable=_QUIET,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        **kw,
+    )

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .backproject import wiener_backproject
+from .config import ReconstructConfig
 from .errors import InputError, OutputExistsError
 from .fourier.slicing import spectrum_from_volume
 from .fourier.transforms import phase_shift
@@ -40,7 +41,6 @@ from .io.mrc import write_map
 from .model.likelihood import marginal_loglik
 from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
-from .config import ReconstructConfig
 from .start import Level, make_level, random_spheres, scale_to_data, split_particles
 
 # What a run writes in its folder (besides snapshots/); ``force`` removes these first.
@@ -71,20 +71,39 @@ def run_geometry(particles, config: ReconstructConfig) -> Geometry:
     shift_sigma_A = config.shift_sigma_A if config.shift_sigma_A is not None else 0.05 * D * apix
     _, batches = split_particles(len(particles), config.heldout, config.minibatch, config.seed)
     pilot = batches[0][: min(200, len(batches[0]))]
-    return Geometry(D, apix, diameter_px, shift_sigma_A / apix, config.schedule(apix), len(batches), pilot)
+    return Geometry(
+        D, apix, diameter_px, shift_sigma_A / apix, config.schedule(apix), len(batches), pilot
+    )
 
 
-def initial_volume(particles, config: ReconstructConfig, geo: Geometry | None = None) -> torch.Tensor:
+def initial_volume(
+    particles, config: ReconstructConfig, geo: Geometry | None = None
+) -> torch.Tensor:
     """The random start of ``cryorecon reconstruct`` for ``config.seed`` (``Run._start``):
     random spheres inside the particle's ball, scaled so their CTF-modulated slices carry the
     images' signal power on the pilot batch at omega*(0). (D, D, D) float32 on ``config.device``."""
     geo = geo or run_geometry(particles, config)
     gen = torch.Generator().manual_seed(config.seed)
     V = random_spheres(geo.D, 0.5 * geo.diameter_px, config.n_spheres, gen)
-    lvl = make_level(geo.schedule.omega_star(0), geo.D, geo.apix, geo.shift_sigma_px, config.grid_scale,
-                     torch.device(config.device), config.oversample)
-    V, _ = scale_to_data(V, particles, geo.pilot, lvl, geo.diameter_px, config.oversample, gen,
-                         torch.device(config.device))
+    lvl = make_level(
+        geo.schedule.omega_star(0),
+        geo.D,
+        geo.apix,
+        geo.shift_sigma_px,
+        config.grid_scale,
+        torch.device(config.device),
+        config.oversample,
+    )
+    V, _ = scale_to_data(
+        V,
+        particles,
+        geo.pilot,
+        lvl,
+        geo.diameter_px,
+        config.oversample,
+        gen,
+        torch.device(config.device),
+    )
     return V.to(config.device)
 
 
@@ -95,6 +114,7 @@ def omega_for_iteration(schedule, iteration: int, K: int) -> float:
 
 
 # ---------------------------------------------------------------------------------- matching
+
 
 @dataclass
 class Assignment:
@@ -129,8 +149,16 @@ def _scores_at(slices, batch, rot, shift_px) -> tuple[torch.Tensor, torch.Tensor
     return loglik, cross / torch.sqrt((yy * mm).clamp_min(1e-300))
 
 
-def assign_poses(particles, volume: torch.Tensor, level: Level, diameter_px: float, idx=None,
-                 batch_size: int = 500, oversample: int = 2, progress: bool = False) -> Assignment:
+def assign_poses(
+    particles,
+    volume: torch.Tensor,
+    level: Level,
+    diameter_px: float,
+    idx=None,
+    batch_size: int = 500,
+    oversample: int = 2,
+    progress: bool = False,
+) -> Assignment:
     """Global pose search of every particle ``idx`` (default: all) against ``volume``.
 
     Slices ``volume`` once at all of ``level``'s rotations, then for each batch of images
@@ -143,21 +171,36 @@ def assign_poses(particles, volume: torch.Tensor, level: Level, diameter_px: flo
     slices = level.slice_op.slice(spectrum_from_volume(volume, oversample))
     out = {k: [] for k in ("rot", "shift", "loglik", "best", "corr")}
     starts = range(0, len(idx), batch_size)
-    for b in (bar(starts, desc="matching", unit="batch", leave=False) if progress else starts):
-        batch = load_batch(particles, idx[b:b + batch_size], level.halfplane, diameter_px, dev)
-        res = marginal_loglik(slices, batch, level.shifts, level.log_w_rot, level.log_w_shift, want_grad=False)
+    for b in bar(starts, desc="matching", unit="batch", leave=False) if progress else starts:
+        batch = load_batch(particles, idx[b : b + batch_size], level.halfplane, diameter_px, dev)
+        res = marginal_loglik(
+            slices, batch, level.shifts, level.log_w_rot, level.log_w_shift, want_grad=False
+        )
         best, corr = _scores_at(slices, batch, res.best_rot, level.shifts[res.best_shift])
         for k, v in zip(out, (res.best_rot, res.best_shift, res.loglik, best, corr)):
             out[k].append(v)
     cat = {k: torch.cat(v) for k, v in out.items()}
-    return Assignment(rotations=level.rotations[cat["rot"]].float(), shifts_px=level.shifts[cat["shift"]].float(),
-                      rot_index=cat["rot"], shift_index=cat["shift"], loglik=cat["loglik"],
-                      best_loglik=cat["best"], correlation=cat["corr"])
+    return Assignment(
+        rotations=level.rotations[cat["rot"]].float(),
+        shifts_px=level.shifts[cat["shift"]].float(),
+        rot_index=cat["rot"],
+        shift_index=cat["shift"],
+        loglik=cat["loglik"],
+        best_loglik=cat["best"],
+        correlation=cat["corr"],
+    )
 
 
-def backproject_poses(particles, rotations: torch.Tensor, shifts_px: torch.Tensor, device="cpu",
-                      oversample: int = 2, diameter_A: float | None = None, idx=None,
-                      batch_size: int = 500) -> torch.Tensor:
+def backproject_poses(
+    particles,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    device="cpu",
+    oversample: int = 2,
+    diameter_A: float | None = None,
+    idx=None,
+    batch_size: int = 500,
+) -> torch.Tensor:
     """Wiener back-projection (:func:`~cryorecon.backproject.wiener_backproject`) of particles
     ``idx`` at the given poses (rotations (N, 3, 3), translations ``t`` (N, 2) pixels for those
     particles) instead of the poses in their metadata. (D, D, D) float32 on ``device``."""
@@ -167,8 +210,14 @@ def backproject_poses(particles, rotations: torch.Tensor, shifts_px: torch.Tenso
     view.angles = np.zeros((len(particles), 3))
     view.shifts = np.zeros((len(particles), 2))
     view.angles[idx], view.shifts[idx] = angles, origins
-    return wiener_backproject(view, device=device, batch_size=batch_size, oversample=oversample,
-                              diameter_A=diameter_A, idx=idx)
+    return wiener_backproject(
+        view,
+        device=device,
+        batch_size=batch_size,
+        oversample=oversample,
+        diameter_A=diameter_A,
+        idx=idx,
+    )
 
 
 def pose_change(R_old: torch.Tensor, R_new: torch.Tensor, t_old: torch.Tensor, t_new: torch.Tensor):
@@ -179,19 +228,22 @@ def pose_change(R_old: torch.Tensor, R_new: torch.Tensor, t_old: torch.Tensor, t
     sin^2(angle / 2)``), which unlike ``arccos((tr - 1) / 2)`` stays exact for small angles.
     """
     diff = (R_old.double() - R_new.double()).flatten(1).norm(dim=-1)
-    angle = 2 * torch.arcsin((diff / 8 ** 0.5).clamp(max=1.0))
+    angle = 2 * torch.arcsin((diff / 8**0.5).clamp(max=1.0))
     return angle, (t_old.double() - t_new.double()).norm(dim=-1)
 
 
 # ---------------------------------------------------------------------------------- driver
+
 
 def _prepare_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} exists and is not a directory")
     existing = [name for name in PM_FILES if (out / name).exists()]
     if existing and not force:
-        raise OutputExistsError(f"{out} holds a projection-matching run ({', '.join(existing)}); "
-                                "refusing to overwrite (use force)")
+        raise OutputExistsError(
+            f"{out} holds a projection-matching run ({', '.join(existing)}); "
+            "refusing to overwrite (use force)"
+        )
     for name in PM_FILES:
         (out / name).unlink(missing_ok=True)
     for snap in (out / "snapshots").glob("volume_*.mrc"):
@@ -199,9 +251,16 @@ def _prepare_out_dir(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def projection_matching(particles, out_dir, config: ReconstructConfig, max_iterations: int | None = None,
-                        max_cpu_seconds: float | None = None, batch_size: int = 500, snapshot_every: int = 1,
-                        force: bool = False) -> dict:
+def projection_matching(
+    particles,
+    out_dir,
+    config: ReconstructConfig,
+    max_iterations: int | None = None,
+    max_cpu_seconds: float | None = None,
+    batch_size: int = 500,
+    snapshot_every: int = 1,
+    force: bool = False,
+) -> dict:
     """Iterative projection matching (Sec. 4.5) from cryorecon's random start; see the module notes.
 
     Args:
@@ -241,7 +300,9 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
     write_map(out / "volume.mrc", V.cpu().numpy(), geo.apix, overwrite=True)
     metrics_path = out / "metrics.jsonl"
     metrics_path.write_text("")
-    log.info(f"projection matching: {len(particles)} particles, epoch = {geo.K} minibatches of cryorecon")
+    log.info(
+        f"projection matching: {len(particles)} particles, epoch = {geo.K} minibatches of cryorecon"
+    )
 
     level: Level | None = None
     prev: Assignment | None = None
@@ -253,7 +314,15 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
             reason = "max_iterations"
             break
         if level is None or level.omega != omega:
-            level = make_level(omega, geo.D, geo.apix, geo.shift_sigma_px, config.grid_scale, dev, config.oversample)
+            level = make_level(
+                omega,
+                geo.D,
+                geo.apix,
+                geo.shift_sigma_px,
+                config.grid_scale,
+                dev,
+                config.oversample,
+            )
         if max_cpu_seconds is not None and last_cost is not None:
             predicted = last_cost * level.n_poses / last_poses
             if time.process_time() - cpu0 + predicted > max_cpu_seconds:
@@ -261,35 +330,73 @@ def projection_matching(particles, out_dir, config: ReconstructConfig, max_itera
                 break
         it += 1
         c0 = time.process_time()
-        asg = assign_poses(particles, V, level, geo.diameter_px, batch_size=batch_size, oversample=config.oversample,
-                           progress=True)
-        V = backproject_poses(particles, asg.rotations, asg.shifts_px, device=dev, oversample=config.oversample,
-                              diameter_A=geo.diameter_px * geo.apix, batch_size=batch_size)
+        asg = assign_poses(
+            particles,
+            V,
+            level,
+            geo.diameter_px,
+            batch_size=batch_size,
+            oversample=config.oversample,
+            progress=True,
+        )
+        V = backproject_poses(
+            particles,
+            asg.rotations,
+            asg.shifts_px,
+            device=dev,
+            oversample=config.oversample,
+            diameter_A=geo.diameter_px * geo.apix,
+            batch_size=batch_size,
+        )
         last_cost, last_poses = time.process_time() - c0, level.n_poses
-        rec = _metrics(it, omega, level, asg, prev, time.perf_counter() - wall0, time.process_time() - cpu0)
+        rec = _metrics(
+            it, omega, level, asg, prev, time.perf_counter() - wall0, time.process_time() - cpu0
+        )
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         write_map(out / "volume.mrc", V.cpu().numpy(), geo.apix, overwrite=True)
         if it % snapshot_every == 0:
-            write_map(out / "snapshots" / f"volume_{it:06d}.mrc", V.cpu().numpy(), geo.apix, overwrite=True)
+            write_map(
+                out / "snapshots" / f"volume_{it:06d}.mrc",
+                V.cpu().numpy(),
+                geo.apix,
+                overwrite=True,
+            )
         prev = asg
         pb.update(1)
         changed = rec["fraction_changed"]
-        pb.set_postfix(res=f"{1 / omega:.1f}A", cc=f"{rec['mean_correlation']:.3f}",
-                       changed="-" if changed is None else f"{changed:.2f}")
+        pb.set_postfix(
+            res=f"{1 / omega:.1f}A",
+            cc=f"{rec['mean_correlation']:.3f}",
+            changed="-" if changed is None else f"{changed:.2f}",
+        )
     pb.close()
-    summary = {"iterations": it, "seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0,
-               "reason": reason, "omega_star": None if level is None else level.omega,
-               "volume": str(out / "volume.mrc")}
+    summary = {
+        "iterations": it,
+        "seconds": time.perf_counter() - wall0,
+        "cpu_seconds": time.process_time() - cpu0,
+        "reason": reason,
+        "omega_star": None if level is None else level.omega,
+        "volume": str(out / "volume.mrc"),
+    }
     if prev is not None:
         _save_poses(out / "poses.npz", particles, prev)
     _write_info(out, particles, config, geo, summary, max_iterations, max_cpu_seconds, batch_size)
-    log.info(f"projection matching stopped after {it} iterations ({reason}); map: {out / 'volume.mrc'}")
+    log.info(
+        f"projection matching stopped after {it} iterations ({reason}); map: {out / 'volume.mrc'}"
+    )
     return summary
 
 
-def _metrics(it: int, omega: float, level: Level, asg: Assignment, prev: Assignment | None,
-             seconds: float, cpu_seconds: float) -> dict:
+def _metrics(
+    it: int,
+    omega: float,
+    level: Level,
+    asg: Assignment,
+    prev: Assignment | None,
+    seconds: float,
+    cpu_seconds: float,
+) -> dict:
     """One line of ``metrics.jsonl``.
 
     ``iteration``, ``seconds`` (wall), ``cpu_seconds`` (``time.process_time()``, all threads),
@@ -308,29 +415,60 @@ def _metrics(it: int, omega: float, level: Level, asg: Assignment, prev: Assignm
         moved = (angle > 0.5 * level.grid.sizes["alpha_used"]) | (dist > 0.5 * level.grid.r_t)
         changed = float(moved.double().mean())
         median_deg = float(torch.rad2deg(angle.median()))
-    return {"iteration": it, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
-            "omega_star": omega, "resolution_A": 1.0 / omega, "n_poses": level.n_poses,
-            "mean_loglik": float(asg.loglik.mean()), "mean_best_loglik": float(asg.best_loglik.mean()),
-            "mean_correlation": float(asg.correlation.mean()), "fraction_changed": changed,
-            "median_angle_change_deg": median_deg}
+    return {
+        "iteration": it,
+        "seconds": round(seconds, 3),
+        "cpu_seconds": round(cpu_seconds, 3),
+        "omega_star": omega,
+        "resolution_A": 1.0 / omega,
+        "n_poses": level.n_poses,
+        "mean_loglik": float(asg.loglik.mean()),
+        "mean_best_loglik": float(asg.best_loglik.mean()),
+        "mean_correlation": float(asg.correlation.mean()),
+        "fraction_changed": changed,
+        "median_angle_change_deg": median_deg,
+    }
 
 
 def _save_poses(path: Path, particles, asg: Assignment) -> None:
     angles, origins = pose_to_relion(asg.rotations.cpu(), asg.shifts_px.cpu(), particles.apix)
     tmp = path.with_name(".poses.tmp.npz")
-    np.savez(tmp, rotations=asg.rotations.cpu().numpy(), shifts_px=asg.shifts_px.cpu().numpy(),
-             angles_deg=angles, origins_A=origins)
+    np.savez(
+        tmp,
+        rotations=asg.rotations.cpu().numpy(),
+        shifts_px=asg.shifts_px.cpu().numpy(),
+        angles_deg=angles,
+        origins_A=origins,
+    )
     os.replace(tmp, path)
 
 
-def _write_info(out: Path, particles, config, geo: Geometry, summary: dict, max_iterations, max_cpu_seconds,
-                batch_size) -> None:
-    info = {"method": "projection matching (hard assignment + Wiener back-projection), paper Sec. 4.5",
-            **summary, "max_iterations": max_iterations, "max_cpu_seconds": max_cpu_seconds,
-            "batch_size": batch_size, "epoch_minibatches": geo.K, "config": asdict(config),
-            "particles": str(particles.source), "n_particles": len(particles), "box": geo.D, "apix": geo.apix,
-            "diameter_A": geo.diameter_px * geo.apix, "shift_sigma_A": geo.shift_sigma_px * geo.apix,
-            "torch_threads": torch.get_num_threads()}
+def _write_info(
+    out: Path,
+    particles,
+    config,
+    geo: Geometry,
+    summary: dict,
+    max_iterations,
+    max_cpu_seconds,
+    batch_size,
+) -> None:
+    info = {
+        "method": "projection matching (hard assignment + Wiener back-projection), paper Sec. 4.5",
+        **summary,
+        "max_iterations": max_iterations,
+        "max_cpu_seconds": max_cpu_seconds,
+        "batch_size": batch_size,
+        "epoch_minibatches": geo.K,
+        "config": asdict(config),
+        "particles": str(particles.source),
+        "n_particles": len(particles),
+        "box": geo.D,
+        "apix": geo.apix,
+        "diameter_A": geo.diameter_px * geo.apix,
+        "shift_sigma_A": geo.shift_sigma_px * geo.apix,
+        "torch_threads": torch.get_num_threads(),
+    }
     tmp = out / ".run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, out / "run.json")

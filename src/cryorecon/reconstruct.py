@@ -48,15 +48,33 @@ from .optim.adaptive import AdaptiveResolution, HeldoutPatience, PaperResolution
 from .optim.sagd import SAGD
 from .preprocess import default_diameter_A, load_batch
 from .progress import bar, log
+from .start import (
+    Level,
+    default_exponential_lambda,
+    half_sets,
+    make_level,
+    random_spheres,
+    scale_to_data,
+    split_particles,
+)
 from .validate import fsc, resolution_at
-from .start import (Level, default_exponential_lambda, half_sets, make_level, random_spheres, scale_to_data,
-                    split_particles)
 
 __all__ = ["ReconstructConfig", "Run", "reconstruct", "MAX_SAMPLED_FRACTION", "Level", "make_level"]
 
 # What a run writes in its folder (besides snapshots/); --force removes these first.
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "run.json", "volume.mrc", "initial.mrc", "poses.npz", "report.html",
-             "particles.star", "particles.cs", "volume_half1.mrc", "volume_half2.mrc")
+RUN_FILES = (
+    "checkpoint.pt",
+    "metrics.jsonl",
+    "run.json",
+    "volume.mrc",
+    "initial.mrc",
+    "poses.npz",
+    "report.html",
+    "particles.star",
+    "particles.cs",
+    "volume_half1.mrc",
+    "volume_half2.mrc",
+)
 
 # The accuracy check of the coarse-to-fine search scores at most as many particles as the
 # exact sum can afford within this many (pose x coefficient) products (at least
@@ -69,7 +87,14 @@ SEARCH_CHECK_EVERY = 50
 class Run:
     """A reconstruction run bound to an output folder (fresh, resumed, or refused)."""
 
-    def __init__(self, particles, out_dir, config: ReconstructConfig, resume: bool = False, force: bool = False):
+    def __init__(
+        self,
+        particles,
+        out_dir,
+        config: ReconstructConfig,
+        resume: bool = False,
+        force: bool = False,
+    ):
         self.p = particles
         self.out = Path(out_dir)
         self.ckpt_path = self.out / "checkpoint.pt"
@@ -89,15 +114,19 @@ class Run:
         self.apix = single_pixel_size(particles)
         self.fingerprint = runstate.particle_fingerprint(particles)
         self.diameter_px = (c.diameter_A or default_diameter_A(self.D, self.apix)) / self.apix
-        shift_sigma_A = c.shift_sigma_A if c.shift_sigma_A is not None else 0.05 * self.D * self.apix
+        shift_sigma_A = (
+            c.shift_sigma_A if c.shift_sigma_A is not None else 0.05 * self.D * self.apix
+        )
         self.shift_sigma_px = shift_sigma_A / self.apix
         self.schedule = c.schedule(self.apix)
         self.resolution = self._resolution_schedule()
         self.group = parse_symmetry(c.symmetry)
         self.group.require_proper("reconstruct")
         if self.group.order > 1 and c.pose_search == "search":
-            raise InputError("--symmetry with --pose-search search is not supported yet; "
-                             "use --pose-search importance or exact")
+            raise InputError(
+                "--symmetry with --pose-search search is not supported yet; "
+                "use --pose-search importance or exact"
+            )
         problem = None
         if self.ranks.is_main:
             try:
@@ -119,8 +148,11 @@ class Run:
         self.elapsed = 0.0
         self.order: list[int] = []
         self.heldout_state = HeldoutPatience()
-        self.sampler = ImportanceSampler(len(particles), ISConfig(s0=c.s0), self.schedule, c.seed) \
-            if c.pose_search == "importance" else None
+        self.sampler = (
+            ImportanceSampler(len(particles), ISConfig(s0=c.s0), self.schedule, c.seed)
+            if c.pose_search == "importance"
+            else None
+        )
         self.exact = ExactQuadrature(c.oversample)
         self.objective = self._marginaliser()
         n = len(particles)
@@ -143,16 +175,27 @@ class Run:
         self.classes: ClassPosteriors | None = None
         if c.classes > 1:
             if c.classes * 10 > len(particles) - len(self.heldout):
-                raise InputError(f"--classes {c.classes}: need at least 10 training particles per class "
-                                 f"({len(particles) - len(self.heldout)} training particles)")
-            self.classes = ClassPosteriors(n, c.classes, c.class_similarity, *default_anneal(self.K))
-            samplers = [self.sampler] + [
-                ImportanceSampler(n, ISConfig(s0=c.s0), self.schedule, c.seed + 1000 * k)
-                for k in range(1, c.classes)] if self.sampler is not None else None
+                raise InputError(
+                    f"--classes {c.classes}: need at least 10 training particles per class "
+                    f"({len(particles) - len(self.heldout)} training particles)"
+                )
+            self.classes = ClassPosteriors(
+                n, c.classes, c.class_similarity, *default_anneal(self.K)
+            )
+            samplers = (
+                [self.sampler]
+                + [
+                    ImportanceSampler(n, ISConfig(s0=c.s0), self.schedule, c.seed + 1000 * k)
+                    for k in range(1, c.classes)
+                ]
+                if self.sampler is not None
+                else None
+            )
             self.class_samplers = samplers
             self.class_objectives = [self.objective] + [
                 ImportanceSampled(samplers[k], c.oversample) if samplers else self.objective
-                for k in range(1, c.classes)]
+                for k in range(1, c.classes)
+            ]
         if state is not None:
             self._load(state)
         else:
@@ -163,10 +206,16 @@ class Run:
         c = self.cfg
         if c.resolution_schedule == "paper":
             return PaperResolution(self.schedule)
-        return AdaptiveResolution(start=c.first_omega, max_=c.omega_max, factor=c.omega_factor,
-                                  min_iters=c.omega_min_iters, max_iters=c.omega_max_iters,
-                                  patience=c.omega_patience, plateau=c.omega_plateau,
-                                  nyquist=1.0 / (2.0 * self.apix))
+        return AdaptiveResolution(
+            start=c.first_omega,
+            max_=c.omega_max,
+            factor=c.omega_factor,
+            min_iters=c.omega_min_iters,
+            max_iters=c.omega_max_iters,
+            patience=c.omega_patience,
+            plateau=c.omega_plateau,
+            nyquist=1.0 / (2.0 * self.apix),
+        )
 
     def _marginaliser(self):
         c = self.cfg
@@ -174,10 +223,19 @@ class Run:
             return self.exact
         if c.pose_search == "importance":
             return ImportanceSampled(self.sampler, c.oversample)
-        return CoarseToFine(self.D, self.apix, self.shift_sigma_px, c.grid_scale, c.oversample,
-                            SearchConfig(epsilon=c.search_epsilon, coarse_radius=c.search_coarse_radius,
-                                         max_rotations=c.search_max_rotations),
-                            cache_bytes=int(c.cache_gib * 2 ** 30))
+        return CoarseToFine(
+            self.D,
+            self.apix,
+            self.shift_sigma_px,
+            c.grid_scale,
+            c.oversample,
+            SearchConfig(
+                epsilon=c.search_epsilon,
+                coarse_radius=c.search_coarse_radius,
+                max_rotations=c.search_max_rotations,
+            ),
+            cache_bytes=int(c.cache_gib * 2**30),
+        )
 
     def _check_out_dir(self, resume: bool, force: bool) -> None:
         info = self.out / "run.json"
@@ -195,11 +253,17 @@ class Run:
         finished = info.exists() and json.loads(info.read_text()).get("finished", False)
         if resume:
             if finished:
-                raise OutputExistsError(f"{self.out}: this run converged; nothing to resume (use --force to start over)")
+                raise OutputExistsError(
+                    f"{self.out}: this run converged; nothing to resume (use --force to start over)"
+                )
             return
         if self.ckpt_path.exists() or finished or (self.out / "volume.mrc").exists():
-            what = "a finished run" if finished else "an unfinished run (use --resume to continue it)"
-            raise OutputExistsError(f"{self.out} holds {what}; refusing to overwrite (use --force to start over)")
+            what = (
+                "a finished run" if finished else "an unfinished run (use --resume to continue it)"
+            )
+            raise OutputExistsError(
+                f"{self.out} holds {what}; refusing to overwrite (use --force to start over)"
+            )
         self.out.mkdir(parents=True, exist_ok=True)
 
     def level(self, omega: float) -> Level:
@@ -207,9 +271,19 @@ class Run:
         time)."""
         key = (omega, self.cfg.grid_scale)
         if key not in self.levels:
-            self.levels = {key: make_level(omega, self.D, self.apix, self.shift_sigma_px, self.cfg.grid_scale,
-                                           self.device, self.cfg.oversample, int(self.cfg.cache_gib * 2 ** 30),
-                                           self.cfg.symmetry)}
+            self.levels = {
+                key: make_level(
+                    omega,
+                    self.D,
+                    self.apix,
+                    self.shift_sigma_px,
+                    self.cfg.grid_scale,
+                    self.device,
+                    self.cfg.oversample,
+                    int(self.cfg.cache_gib * 2**30),
+                    self.cfg.symmetry,
+                )
+            }
         return self.levels[key]
 
     def _make_prior(self, n_train: int, h: float):
@@ -228,7 +302,9 @@ class Run:
         V = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
         pilot = self.batches[0][: min(200, len(self.batches[0]))]
         lvl = self.level(self.resolution.omega_star(0))
-        V, h = scale_to_data(V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
+        V, h = scale_to_data(
+            V, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device
+        )
         self.V = self._symmetric(V.to(self.device))
         self.prior = self._make_prior(n_train=sum(len(b) for b in self.batches), h=h)
         self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
@@ -236,17 +312,28 @@ class Run:
             self.class_maps, self.class_sagd = [self.V], [self.sagd]
             for _ in range(1, c.classes):  # independent random starts, scaled alike
                 Vk = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
-                Vk, _ = scale_to_data(Vk, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device)
+                Vk, _ = scale_to_data(
+                    Vk, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device
+                )
                 self.class_maps.append(self._symmetric(Vk.to(self.device)))
-                self.class_sagd.append(SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every))
+                self.class_sagd.append(
+                    SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
+                )
         if self.ranks.is_main:
             self.metrics_path.write_text("")
             write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
         self._write_info(finished=False)
 
     # ---- objective ------------------------------------------------------------------
-    def batch_objective(self, idx, lvl: Level, want_grad: bool = True, record: bool | np.ndarray = True,
-                        objective=None, V: torch.Tensor | None = None) -> Evaluation:
+    def batch_objective(
+        self,
+        idx,
+        lvl: Level,
+        want_grad: bool = True,
+        record: bool | np.ndarray = True,
+        objective=None,
+        V: torch.Tensor | None = None,
+    ) -> Evaluation:
         """One minibatch's :class:`~cryorecon.model.objective.Evaluation` by the run's
         marginaliser (or ``objective``) at map ``V`` (default: the map of the particles'
         half-set, :meth:`map_of`); ``record`` as in the protocol."""
@@ -269,15 +356,24 @@ class Run:
         ranks (:mod:`cryorecon.parallel`); per-image fields stay this rank's."""
         r = self.ranks
         mine = r.mine(idx)
-        rec = record if isinstance(record, bool) else np.asarray(record)[r.rank::r.world].copy()
+        rec = record if isinstance(record, bool) else np.asarray(record)[r.rank :: r.world].copy()
         if len(mine):
             batch = load_batch(self.p, mine, lvl.halfplane, self.diameter_px, self.device)
             ev = obj.evaluate(V, batch, mine, lvl, self.tau, want_grad=want_grad, record=rec)
             refit = ev.refit
         else:
             e = torch.empty(0, device=self.device)
-            ev = Evaluation(0.0, torch.zeros_like(V) if want_grad else None, e.double(), e.reshape(0, 3, 3),
-                            e.reshape(0, 2), e, 0.0, 0.0, lambda V: 0.0)
+            ev = Evaluation(
+                0.0,
+                torch.zeros_like(V) if want_grad else None,
+                e.double(),
+                e.reshape(0, 3, 3),
+                e.reshape(0, 2),
+                e,
+                0.0,
+                0.0,
+                lambda V: 0.0,
+            )
             refit = ev.refit
         n = float(len(mine))
         total = r.sum(n)
@@ -305,10 +401,18 @@ class Run:
         cat = lambda name: torch.cat([getattr(e, name).cpu() for e in parts])[inv]  # noqa: E731
         n = [len(r) for r in order]
         mean = lambda name: sum(getattr(e, name) * k for e, k in zip(parts, n)) / sum(n)  # noqa: E731
-        return Evaluation(sum(e.value for e in parts), None, cat("loglik"), cat("best_R"), cat("best_t"),
-                          cat("max_prob"), mean("fraction"), mean("computed"),
-                          _no_refit,
-                          None if parts[0].kl_directions is None else mean("kl_directions"))
+        return Evaluation(
+            sum(e.value for e in parts),
+            None,
+            cat("loglik"),
+            cat("best_R"),
+            cat("best_t"),
+            cat("max_prob"),
+            mean("fraction"),
+            mean("computed"),
+            _no_refit,
+            None if parts[0].kl_directions is None else mean("kl_directions"),
+        )
 
     def _symmetric(self, V: torch.Tensor) -> torch.Tensor:
         """``V`` averaged over the point group (identity for C1). The start and every
@@ -340,18 +444,28 @@ class Run:
         (:func:`cryorecon.start.half_sets`; with the input's own half-sets the minibatches are
         new and Algorithm 1 restarts on them, with L carried over)."""
         c = self.cfg
-        if not c.halves or self.halves is not None or omega <= 1.0 / c.join_resolution_A * (1 + 1e-9):
+        if (
+            not c.halves
+            or self.halves is not None
+            or omega <= 1.0 / c.join_resolution_A * (1 + 1e-9)
+        ):
             return False
         if self.classes is not None:  # several classes: one map per class, no half-sets
             return False
         self.subset, self.batches, self.batch_half, parent = half_sets(
-            self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset)
+            self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset
+        )
         self.K = len(self.batches)
         self.halves = [self.V.clone(), self.V.clone()]
         self.half_sagd = []
         for h in (1, 2):
-            sg = SAGD(self.batch_half.count(h), self.V.shape, self.device, L=self.sagd.L,
-                      line_search_every=c.line_search_every)
+            sg = SAGD(
+                self.batch_half.count(h),
+                self.V.shape,
+                self.device,
+                L=self.sagd.L,
+                line_search_every=c.line_search_every,
+            )
             sg.tau = self.sagd.tau
             first = self.batch_half.index(h)
             for k in range(first, first + sg.K):
@@ -362,10 +476,14 @@ class Run:
         self.order = []
         self._gather_particles()  # the minibatches were dealt anew: so were the ranks' rows
         self.split_at = self.tau
-        where = "the input's rlnRandomSubset" if self.p.random_subset is not None else "a random split"
-        log.info(f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
-                 f"half-sets ({where}: {int((self.subset == 1).sum())} + {int((self.subset == 2).sum())} "
-                 "particles) refined independently from here")
+        where = (
+            "the input's rlnRandomSubset" if self.p.random_subset is not None else "a random split"
+        )
+        log.info(
+            f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
+            f"half-sets ({where}: {int((self.subset == 1).sum())} + {int((self.subset == 2).sum())} "
+            "particles) refined independently from here"
+        )
         return True
 
     def _gold_standard(self) -> None:
@@ -377,16 +495,26 @@ class Run:
             return
         from .gold_standard import half_map_outputs
 
-        out = half_map_outputs(self._symmetric(self.halves[0]).cpu(), self._symmetric(self.halves[1]).cpu(),
-                               self.apix, seed=self.cfg.seed)
+        out = half_map_outputs(
+            self._symmetric(self.halves[0]).cpu(),
+            self._symmetric(self.halves[1]).cpu(),
+            self.apix,
+            seed=self.cfg.seed,
+        )
         self.gold_standard = out.run_json["gold_standard"]
         # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
         # only add a little ringing below zero.
-        write_map(self.out / "volume.mrc", self._symmetric(out.combined).clamp_min(0).cpu().numpy(), self.apix,
-                  overwrite=True)
+        write_map(
+            self.out / "volume.mrc",
+            self._symmetric(out.combined).clamp_min(0).cpu().numpy(),
+            self.apix,
+            overwrite=True,
+        )
         res = self.gold_standard.get("resolution_A")
         if res is not None:
-            log.info(f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} Å")
+            log.info(
+                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} Å"
+            )
 
     def _local_batch(self, k: int) -> tuple[int, int]:
         """(half, index among that half's minibatches) of minibatch ``k`` (half 0: joint)."""
@@ -436,9 +564,9 @@ class Run:
             return self.heldout[:0]
         G = self.check_groups()
         if pool:
-            return self.heldout[:n * G]
+            return self.heldout[: n * G]
         g = (self.tau // c.heldout_every) % G
-        return self.heldout[g * n:(g + 1) * n]
+        return self.heldout[g * n : (g + 1) * n]
 
     def search_check(self, lvl: Level) -> float | None:
         """Relative error ``|sum log p_search - sum log p| / |sum log p|`` of the run's
@@ -462,10 +590,12 @@ class Run:
         if c.pose_search == "search":
             if self.tau % SEARCH_CHECK_EVERY:
                 return None
-            idx = idx[:int(CHECK_BUDGET // (lvl.n_poses * lvl.halfplane.M))]
+            idx = idx[: int(CHECK_BUDGET // (lvl.n_poses * lvl.halfplane.M))]
             if len(idx) < MIN_CHECK_PARTICLES:
                 return None
-        first = self.sampler is not None and bool((self.sampler.hist.tau_prev[self.ranks.mine(idx)] < 0).all())
+        first = self.sampler is not None and bool(
+            (self.sampler.hist.tau_prev[self.ranks.mine(idx)] < 0).all()
+        )
         first = self.ranks.sum(float(first)) == self.ranks.world  # one decision on every rank
         ev = self.batch_objective(idx, lvl, want_grad=False)
         if first or ev.fraction >= 1.0:
@@ -475,8 +605,10 @@ class Run:
         if self.sampler is not None and rel > c.is_tolerance:
             clock = self.sampler.annealing_clock(self.tau)
             self.sampler.anneal_from += clock - clock // 2
-            log.info(f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> {c.is_tolerance:g}); "
-                     f"annealing clock {clock} -> {self.sampler.annealing_clock(self.tau)}")
+            log.info(
+                f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> {c.is_tolerance:g}); "
+                f"annealing clock {clock} -> {self.sampler.annealing_clock(self.tau)}"
+            )
         return rel
 
     # Kept under its old name for scripts that call it.
@@ -494,12 +626,22 @@ class Run:
         pool = self.check_particles(pool=True) if self.sampler is not None else self.heldout[:0]
         total = 0.0
         for s in range(0, len(self.heldout), self.cfg.minibatch):
-            idx = self.heldout[s:s + self.cfg.minibatch]
+            idx = self.heldout[s : s + self.cfg.minibatch]
             if self.classes is None:
-                total += self.batch_objective(idx, lvl, want_grad=False, record=~np.isin(idx, pool)).value
+                total += self.batch_objective(
+                    idx, lvl, want_grad=False, record=~np.isin(idx, pool)
+                ).value
                 continue
-            L = np.stack([self.batch_objective(idx, lvl, False, ~np.isin(idx, pool), obj, V).loglik.double().cpu().numpy()
-                          for obj, V in zip(self.class_objectives, self.class_maps)], 1)
+            L = np.stack(
+                [
+                    self.batch_objective(idx, lvl, False, ~np.isin(idx, pool), obj, V)
+                    .loglik.double()
+                    .cpu()
+                    .numpy()
+                    for obj, V in zip(self.class_objectives, self.class_maps)
+                ],
+                1,
+            )
             total -= float(self.classes.log_marginal(L).sum())
         return total / len(self.heldout)
 
@@ -540,8 +682,15 @@ class Run:
         prior, K = self.prior, sagd.K
         f_V = ev.value + float(prior.neg_log_prior(V)) / K
         eps = self.resolution.epsilon(tau)
-        V, doublings = sagd.update(V, k_local, lambda V: ev.refit(V) + float(prior.neg_log_prior(V)) / K,
-                                   f_V, ev.grad, prior.grad(V), eps)
+        V, doublings = sagd.update(
+            V,
+            k_local,
+            lambda V: ev.refit(V) + float(prior.neg_log_prior(V)) / K,
+            f_V,
+            ev.grad,
+            prior.grad(V),
+            eps,
+        )
         if h == 0:
             self.V = V
         else:
@@ -554,8 +703,10 @@ class Run:
             heldout = self.heldout_error(lvl)
             self.heldout_state.observe(omega, heldout)
             if self.resolution.observe(tau, heldout):
-                log.info(f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
-                         f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å")
+                log.info(
+                    f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
+                    f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
+                )
         rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, check)
         rec["L"], rec["half"] = sagd.L, h
         rec.update(search_stats)
@@ -580,15 +731,23 @@ class Run:
         share = self.classes.priors()
         for j, obj in enumerate(self.class_objectives):
             V = self.class_maps[j]
-            ev = obj.evaluate(V, dataclasses.replace(batch, image_weight=U[:, j]), np.asarray(idx), lvl, tau)
+            ev = obj.evaluate(
+                V, dataclasses.replace(batch, image_weight=U[:, j]), np.asarray(idx), lvl, tau
+            )
             ev.grad = self._symmetric(ev.grad)
             # The prior weighs on each class in proportion to the data it explains, so its
             # strength relative to the likelihood stays what it is for one map on all the data.
             Kj = K / share[j]
             f_V = ev.value + float(prior.neg_log_prior(V)) / Kj
             self.class_maps[j], d = self.class_sagd[j].update(
-                V, k, lambda V, ev=ev, Kj=Kj: ev.refit(V) + float(prior.neg_log_prior(V)) / Kj, f_V, ev.grad,
-                prior.grad(V) * share[j], eps)
+                V,
+                k,
+                lambda V, ev=ev, Kj=Kj: ev.refit(V) + float(prior.neg_log_prior(V)) / Kj,
+                f_V,
+                ev.grad,
+                prior.grad(V) * share[j],
+                eps,
+            )
             doublings += d
             evs.append(ev)
         self.V, self.sagd = self.class_maps[0], self.class_sagd[0]
@@ -600,11 +759,16 @@ class Run:
             heldout = self.heldout_error(lvl)
             self.heldout_state.observe(omega, heldout)
             if self.resolution.observe(tau, heldout):
-                log.info(f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
-                         f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å")
-        ev = dataclasses.replace(evs[0], value=-float(self.classes.log_marginal(L).sum()),
-                                 fraction=float(np.mean([e.fraction for e in evs])),
-                                 computed=float(np.mean([e.computed for e in evs])))
+                log.info(
+                    f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
+                    f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
+                )
+        ev = dataclasses.replace(
+            evs[0],
+            value=-float(self.classes.log_marginal(L).sum()),
+            fraction=float(np.mean([e.fraction for e in evs])),
+            computed=float(np.mean([e.computed for e in evs])),
+        )
         rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, None)
         rec["half"] = 0
         rec["class_fractions"] = [round(float(x), 5) for x in self.classes.priors()]
@@ -615,20 +779,36 @@ class Run:
         """FSC 0.5 / 0.143 resolution (Å) between the two half maps, unmasked (cheap; the
         masked, corrected curve is computed at the end, :meth:`_gold_standard`)."""
         freq, curve = fsc(self.halves[0], self.halves[1], self.apix)
-        return {"halfmap_fsc05_A": resolution_at(freq, curve, 0.5),
-                "halfmap_fsc0143_A": resolution_at(freq, curve, 0.143)}
+        return {
+            "halfmap_fsc05_A": resolution_at(freq, curve, 0.5),
+            "halfmap_fsc0143_A": resolution_at(freq, curve, 0.143),
+        }
 
-    def _metrics(self, tau, omega, eps, doublings, ev: Evaluation, lvl: Level, idx, heldout, check) -> dict:
+    def _metrics(
+        self, tau, omega, eps, doublings, ev: Evaluation, lvl: Level, idx, heldout, check
+    ) -> dict:
         n = int(len(idx))
         return {
-            "iteration": tau, "seconds": round(self.elapsed, 3), "omega_star": omega,
-            "resolution_A": 1.0 / omega, "epsilon": eps, "L": self.sagd.L, "line_search_doublings": doublings,
-            "train_nll": ev.value / n, "heldout_nll": heldout, "minibatch": n,
-            "poses_evaluated": round(ev.fraction * n * lvl.n_poses), "poses_full": n * lvl.n_poses,
-            "fraction_evaluated": ev.fraction, "fraction_computed": ev.computed,
-            "kl_directions": ev.kl_directions, "search_check_rel_error": check, "is_check_rel_error": check,
+            "iteration": tau,
+            "seconds": round(self.elapsed, 3),
+            "omega_star": omega,
+            "resolution_A": 1.0 / omega,
+            "epsilon": eps,
+            "L": self.sagd.L,
+            "line_search_doublings": doublings,
+            "train_nll": ev.value / n,
+            "heldout_nll": heldout,
+            "minibatch": n,
+            "poses_evaluated": round(ev.fraction * n * lvl.n_poses),
+            "poses_full": n * lvl.n_poses,
+            "fraction_evaluated": ev.fraction,
+            "fraction_computed": ev.computed,
+            "kl_directions": ev.kl_directions,
+            "search_check_rel_error": check,
+            "is_check_rel_error": check,
             "annealing_clock": None if self.sampler is None else self.sampler.annealing_clock(tau),
-            "coefficients": lvl.halfplane.M, "epoch": round(tau / self.K, 3),
+            "coefficients": lvl.halfplane.M,
+            "epoch": round(tau / self.K, 3),
         }
 
     def run(self) -> dict:
@@ -655,16 +835,25 @@ class Run:
             pb.total = runstate.bar_total(tau, self.elapsed, c.max_iters, c.max_time)
             last = self.heldout_state.last
             eta = self.time_to_final_cutoff()
-            pb.set_postfix(res=f"{rec['resolution_A']:.1f}A", heldout="-" if last is None else f"{last:.4g}",
-                           **({} if eta is None else {"final_cutoff_in": format_eta(eta)}))
+            pb.set_postfix(
+                res=f"{rec['resolution_A']:.1f}A",
+                heldout="-" if last is None else f"{last:.4g}",
+                **({} if eta is None else {"final_cutoff_in": format_eta(eta)}),
+            )
             if tau % c.snapshot_every == 0 and self.ranks.is_main:
-                write_map(self.out / "snapshots" / f"volume_{tau:06d}.mrc", self.combined().cpu().numpy(),
-                          self.apix, overwrite=True)
+                write_map(
+                    self.out / "snapshots" / f"volume_{tau:06d}.mrc",
+                    self.combined().cpu().numpy(),
+                    self.apix,
+                    overwrite=True,
+                )
             if tau % c.checkpoint_every == 0:
                 self._save()
                 self._write_info(finished=False)
             self._refresh_report()
-            reason = self.ranks.broadcast_object(self.should_stop() or stop.reason)  # rank 0's clock decides
+            reason = self.ranks.broadcast_object(
+                self.should_stop() or stop.reason
+            )  # rank 0's clock decides
         stop.restore()
         pb.close()
         self._save()
@@ -677,7 +866,12 @@ class Run:
         self._refresh_report(force=True)
         self.ranks.barrier()
         log.info(f"stopped after {self.tau} iterations ({reason}); map: {self.out / 'volume.mrc'}")
-        return {"iterations": self.tau, "seconds": self.elapsed, "reason": reason, "volume": str(self.out / "volume.mrc")}
+        return {
+            "iterations": self.tau,
+            "seconds": self.elapsed,
+            "reason": reason,
+            "volume": str(self.out / "volume.mrc"),
+        }
 
     def time_to_final_cutoff(self) -> float | None:
         """Seconds until the final cut-off at the pace so far (0 once there; None when the
@@ -724,11 +918,19 @@ class Run:
         shifts = np.full((n, 2), np.nan)
         if seen.any():
             apix = np.asarray(self.p.apix, dtype=np.float64)[seen]
-            eulers[seen], shifts[seen] = pose_to_relion(torch.as_tensor(self.best_R[seen]),
-                                                        torch.as_tensor(self.best_t[seen]), apix)
-        return {"eulers_deg": eulers, "shifts_A": shifts, "max_prob": self.max_prob.astype(np.float64),
-                "directions": self.best_R[:, 2, :], "subset": self.subset.copy(),
-                "class_number": np.ones(n, dtype=np.int64) if self.classes is None else self.classes.assignment()}
+            eulers[seen], shifts[seen] = pose_to_relion(
+                torch.as_tensor(self.best_R[seen]), torch.as_tensor(self.best_t[seen]), apix
+            )
+        return {
+            "eulers_deg": eulers,
+            "shifts_A": shifts,
+            "max_prob": self.max_prob.astype(np.float64),
+            "directions": self.best_R[:, 2, :],
+            "subset": self.subset.copy(),
+            "class_number": np.ones(n, dtype=np.int64)
+            if self.classes is None
+            else self.classes.assignment(),
+        }
 
     def _gather_particles(self) -> None:
         """Every particle's newest state (best pose, importance history) from the rank that
@@ -737,12 +939,20 @@ class Run:
         if not r.active:
             return
         mine = np.flatnonzero(parallel.newest_rows(r, self.updated_at) == r.rank)
-        rows = {"idx": mine, "best_R": self.best_R[mine], "best_t": self.best_t[mine],
-                "max_prob": self.max_prob[mine],
-                "hist": None if self.sampler is None else self.sampler.hist.rows(mine)}
+        rows = {
+            "idx": mine,
+            "best_R": self.best_R[mine],
+            "best_t": self.best_t[mine],
+            "max_prob": self.max_prob[mine],
+            "hist": None if self.sampler is None else self.sampler.hist.rows(mine),
+        }
         for got in r.gather_objects(rows):
             i = got["idx"]
-            self.best_R[i], self.best_t[i], self.max_prob[i] = got["best_R"], got["best_t"], got["max_prob"]
+            self.best_R[i], self.best_t[i], self.max_prob[i] = (
+                got["best_R"],
+                got["best_t"],
+                got["max_prob"],
+            )
             if self.sampler is not None and len(i):
                 self.sampler.hist.set_rows(i, got["hist"])
         self.updated_at[:] = self.tau
@@ -752,24 +962,42 @@ class Run:
         if not self.ranks.is_main:
             return
         state = {
-            "V": self.V.cpu(), "sagd": self.sagd.state_dict(), "tau": self.tau, "elapsed": self.elapsed,
-            "gen": self.gen.get_state(), "order": list(self.order),
-            "heldout_state": self.heldout_state.state_dict(), "resolution": self.resolution.state_dict(),
-            "config": asdict(self.cfg), "prior_state": _prior_state(self.prior),
-            "best_R": self.best_R, "best_t": self.best_t, "max_prob": self.max_prob,
+            "V": self.V.cpu(),
+            "sagd": self.sagd.state_dict(),
+            "tau": self.tau,
+            "elapsed": self.elapsed,
+            "gen": self.gen.get_state(),
+            "order": list(self.order),
+            "heldout_state": self.heldout_state.state_dict(),
+            "resolution": self.resolution.state_dict(),
+            "config": asdict(self.cfg),
+            "prior_state": _prior_state(self.prior),
+            "best_R": self.best_R,
+            "best_t": self.best_t,
+            "max_prob": self.max_prob,
             "importance": None if self.sampler is None else self.sampler.hist.state_dict(),
             "importance_gen": None if self.sampler is None else self.sampler.gen.get_state(),
             "importance_anneal_from": None if self.sampler is None else self.sampler.anneal_from,
             "fingerprint": self.fingerprint,
-            "subset": self.subset if self.halves is not None else None, "split_at": self.split_at,
+            "subset": self.subset if self.halves is not None else None,
+            "split_at": self.split_at,
             "halves": None if self.halves is None else [v.cpu() for v in self.halves],
-            "half_sagd": None if self.halves is None else [sg.state_dict() for sg in self.half_sagd],
-            "classes": None if self.classes is None else {
+            "half_sagd": None
+            if self.halves is None
+            else [sg.state_dict() for sg in self.half_sagd],
+            "classes": None
+            if self.classes is None
+            else {
                 "posteriors": self.classes.state_dict(),
                 "maps": [v.cpu() for v in self.class_maps[1:]],
                 "sagd": [sg.state_dict() for sg in self.class_sagd[1:]],
-                "importance": None if not self.class_samplers else [
-                    (sm.hist.state_dict(), sm.gen.get_state(), sm.anneal_from) for sm in self.class_samplers[1:]]},
+                "importance": None
+                if not self.class_samplers
+                else [
+                    (sm.hist.state_dict(), sm.gen.get_state(), sm.anneal_from)
+                    for sm in self.class_samplers[1:]
+                ],
+            },
         }
         tmp = self.ckpt_path.with_name(".checkpoint.pt.tmp")
         torch.save(state, tmp)
@@ -777,12 +1005,20 @@ class Run:
         write_map(self.out / "volume.mrc", self.combined().cpu().numpy(), self.apix, overwrite=True)
         if self.classes is not None:
             for j, V in enumerate(self.class_maps, 1):
-                write_map(self.out / f"volume_class{j:03d}.mrc", self._symmetric(V).cpu().numpy(), self.apix,
-                          overwrite=True)
+                write_map(
+                    self.out / f"volume_class{j:03d}.mrc",
+                    self._symmetric(V).cpu().numpy(),
+                    self.apix,
+                    overwrite=True,
+                )
         if self.halves is not None:
             for h, V in enumerate(self.halves, 1):
-                write_map(self.out / f"volume_half{h}.mrc", self._symmetric(V).cpu().numpy(), self.apix,
-                          overwrite=True)
+                write_map(
+                    self.out / f"volume_half{h}.mrc",
+                    self._symmetric(V).cpu().numpy(),
+                    self.apix,
+                    overwrite=True,
+                )
         tmp = self.out / ".poses.tmp.npz"
         np.savez(tmp, **self.poses())
         os.replace(tmp, self.out / "poses.npz")
@@ -801,14 +1037,19 @@ class Run:
         if s.get("halves") is not None:
             self.subset = np.asarray(s["subset"], dtype=np.int64)
             self.split_at = s.get("split_at")
-            _, self.batches, self.batch_half, _ = half_sets(self.batches, self.heldout, len(self.p), self.cfg.seed,
-                                                            self.p.random_subset)
+            _, self.batches, self.batch_half, _ = half_sets(
+                self.batches, self.heldout, len(self.p), self.cfg.seed, self.p.random_subset
+            )
             self.K = len(self.batches)
             self.halves = [v.to(self.device) for v in s["halves"]]
             self.half_sagd = []
             for h, st in zip((1, 2), s["half_sagd"]):
-                sg = SAGD(self.batch_half.count(h), self.V.shape, self.device,
-                          line_search_every=self.cfg.line_search_every)
+                sg = SAGD(
+                    self.batch_half.count(h),
+                    self.V.shape,
+                    self.device,
+                    line_search_every=self.cfg.line_search_every,
+                )
                 sg.load_state_dict(st)
                 self.half_sagd.append(sg)
         if self.sampler is not None and s.get("importance") is not None:
@@ -821,10 +1062,14 @@ class Run:
             self.class_maps = [self.V] + [v.to(self.device) for v in cl["maps"]]
             self.class_sagd = [self.sagd]
             for st in cl["sagd"]:
-                sg = SAGD(self.K, self.V.shape, self.device, line_search_every=self.cfg.line_search_every)
+                sg = SAGD(
+                    self.K, self.V.shape, self.device, line_search_every=self.cfg.line_search_every
+                )
                 sg.load_state_dict(st)
                 self.class_sagd.append(sg)
-            for sm, (hist, gen, anneal) in zip((self.class_samplers or [None])[1:], cl["importance"] or []):
+            for sm, (hist, gen, anneal) in zip(
+                (self.class_samplers or [None])[1:], cl["importance"] or []
+            ):
                 sm.hist.load_state_dict(hist)
                 sm.gen.set_state(gen)
                 sm.anneal_from = anneal or 0
@@ -837,24 +1082,47 @@ class Run:
         if not self.ranks.is_main:
             return
         info = {
-            "finished": finished, "stop_reason": reason, "iterations": self.tau, "seconds": self.elapsed,
-            "config": asdict(self.cfg), "particles": str(self.p.source), "n_particles": len(self.p),
-            "n_heldout": int(len(self.heldout)), "n_minibatches": self.K, "box": self.D, "apix": self.apix,
-            "symmetry": self.group.name, "classes": self.cfg.classes,
-            "class_fractions": None if self.classes is None else [float(x) for x in self.classes.priors()],
-            "diameter_A": self.diameter_px * self.apix, "shift_sigma_A": self.shift_sigma_px * self.apix,
+            "finished": finished,
+            "stop_reason": reason,
+            "iterations": self.tau,
+            "seconds": self.elapsed,
+            "config": asdict(self.cfg),
+            "particles": str(self.p.source),
+            "n_particles": len(self.p),
+            "n_heldout": int(len(self.heldout)),
+            "n_minibatches": self.K,
+            "box": self.D,
+            "apix": self.apix,
+            "symmetry": self.group.name,
+            "classes": self.cfg.classes,
+            "class_fractions": None
+            if self.classes is None
+            else [float(x) for x in self.classes.priors()],
+            "diameter_A": self.diameter_px * self.apix,
+            "shift_sigma_A": self.shift_sigma_px * self.apix,
             "resolution_steps": getattr(self.resolution, "history", []),
-            "versions": {"cryorecon": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
+            "versions": {
+                "cryorecon": __version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+            },
             "ranks": self.ranks.world,
-            "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            },
         }
         info.update(self.p.meta.get("contrast", {}))  # set by cryorecon.contrast.apply_contrast
         if self.halves is not None:
-            info["half_sets"] = {"split_at_iteration": self.split_at, "join_resolution_A": self.cfg.join_resolution_A,
-                                 "source": "rlnRandomSubset" if self.p.random_subset is not None else "random",
-                                 "n": [int((self.subset == h).sum()) for h in (1, 2)]}
+            info["half_sets"] = {
+                "split_at_iteration": self.split_at,
+                "join_resolution_A": self.cfg.join_resolution_A,
+                "source": "rlnRandomSubset" if self.p.random_subset is not None else "random",
+                "n": [int((self.subset == h).sum()) for h in (1, 2)],
+            }
         if self.gold_standard is not None:
             info["gold_standard"] = self.gold_standard
             info["gold_standard_resolution_A"] = self.gold_standard.get("resolution_A")
@@ -866,8 +1134,20 @@ class Run:
 def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:
     """Per image, the pose fields of the evaluation of class ``best[i]``."""
     rows = torch.as_tensor(best)
-    pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[rows, torch.arange(len(rows))]  # noqa: E731
-    return Evaluation(0.0, None, pick("loglik"), pick("best_R"), pick("best_t"), pick("max_prob"), 0.0, 0.0, _no_refit)
+    pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[
+        rows, torch.arange(len(rows))
+    ]  # noqa: E731
+    return Evaluation(
+        0.0,
+        None,
+        pick("loglik"),
+        pick("best_R"),
+        pick("best_t"),
+        pick("max_prob"),
+        0.0,
+        0.0,
+        _no_refit,
+    )
 
 
 def format_eta(seconds: float) -> str:
@@ -897,7 +1177,10 @@ def _resumed_config(saved: dict, requested: ReconstructConfig) -> ReconstructCon
 
 
 def _prior_state(prior) -> dict:
-    return {"name": prior.name, "attrs": {k: v for k, v in vars(prior).items() if isinstance(v, (int, float))}}
+    return {
+        "name": prior.name,
+        "attrs": {k: v for k, v in vars(prior).items() if isinstance(v, (int, float))},
+    }
 
 
 def _prior_from_state(state: dict):

@@ -245,8 +245,10 @@ def fingerprint_differences(saved: dict, now: dict) -> list[str]:
             + (f" (and {len(changed) - 1} more)" if len(changed) > 1 else "")
         )
     if saved.get("box", now["box"]) != now["box"]:  # checkpoints before the box: digest
-        out.append(f"images read at box {now['box']}, the checkpoint's run read them at "
-                   f"{saved['box']} (--downsample)")
+        out.append(
+            f"images read at box {now['box']}, the checkpoint's run read them at "
+            f"{saved['box']} (--downsample)"
+        )
     if not out and saved["digest"] != now["digest"]:
         out.append("other images or CTF parameters")
     return out

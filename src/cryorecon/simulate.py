@@ -76,6 +76,7 @@ MAX_FINE = 512  # largest fine grid edge
 
 # --------------------------------------------------------------------------- volumes
 
+
 def builtin_model_path() -> Path:
     """Path of the shipped GroEL-GroES structure (PDB 1AON)."""
     ref = importlib.resources.files("cryorecon") / "data" / "1aon.pdb.gz"
@@ -149,7 +150,9 @@ def _raised_cosine(r: torch.Tensor, lo: float = 0.9) -> torch.Tensor:
     return torch.where(r <= lo, torch.ones_like(r), torch.where(r >= 1.0, torch.zeros_like(r), t))
 
 
-def _nyquist_taper_rfft(D: int, lo: float = 0.9, apix: float = 1.0, bfactor: float = 0.0) -> torch.Tensor:
+def _nyquist_taper_rfft(
+    D: int, lo: float = 0.9, apix: float = 1.0, bfactor: float = 0.0
+) -> torch.Tensor:
     """Filter on the (D, D, D//2+1) layout of ``torch.fft.rfftn`` (uncentred): raised-cosine
     taper (1 below ``lo`` Nyquist, 0 beyond the Nyquist sphere) times ``exp(-B s^2 / 4)``."""
     k = torch.fft.fftfreq(D, dtype=torch.float64) * 2  # units of Nyquist
@@ -169,7 +172,7 @@ def fourier_resize(volume: torch.Tensor, D_out: int) -> torch.Tensor:
     out = torch.zeros((D_out,) * 3, dtype=F.dtype)
     m = min(D_in, D_out)
     si, so = D_in // 2 - m // 2, D_out // 2 - m // 2
-    out[so:so + m, so:so + m, so:so + m] = F[si:si + m, si:si + m, si:si + m]
+    out[so : so + m, so : so + m, so : so + m] = F[si : si + m, si : si + m, si : si + m]
     return (ifft3c(out).real * (D_out / D_in) ** 1.5).to(torch.float32)
 
 
@@ -179,12 +182,13 @@ def _centre_crop_pad(volume: torch.Tensor, D: int) -> torch.Tensor:
     out = torch.zeros((D,) * 3, dtype=volume.dtype)
     m = min(n, D)
     si, so = n // 2 - m // 2, D // 2 - m // 2
-    out[so:so + m, so:so + m, so:so + m] = volume[si:si + m, si:si + m, si:si + m]
+    out[so : so + m, so : so + m, so : so + m] = volume[si : si + m, si : si + m, si : si + m]
     return out
 
 
-def density_from_model(path=None, D: int = 64, apix: float = 5.6, *, bfactor: float | None = None,
-                       centre_A=None) -> torch.Tensor:
+def density_from_model(
+    path=None, D: int = 64, apix: float = 5.6, *, bfactor: float | None = None, centre_A=None
+) -> torch.Tensor:
     """Electron-scattering density of an atomic model on a D^3 grid at ``apix`` Å/voxel.
 
     Args:
@@ -206,8 +210,11 @@ def density_from_model(path=None, D: int = 64, apix: float = 5.6, *, bfactor: fl
         raise InputError(f"box size must be a positive even number, got {D}")
     st, path = _read_structure(path)
     model = st[0]
-    centre = np.array(model.calculate_center_of_mass().tolist()) if centre_A is None \
+    centre = (
+        np.array(model.calculate_center_of_mass().tolist())
+        if centre_A is None
         else np.asarray(centre_A, dtype=np.float64)
+    )
     xyz = _atom_positions(model) - centre
     half = (D // 2) * apix
     margin = 2 * apix
@@ -217,11 +224,17 @@ def density_from_model(path=None, D: int = 64, apix: float = 5.6, *, bfactor: fl
         raise InputError(
             f"{path.name}: the model spans {xyz.min():.0f} to {xyz.max():.0f} Å about its centre "
             f"but a box of {D} x {apix} Å reaches only ±{half:.0f} Å; use --box {box_needed} or a "
-            f"larger --apix (>= {2 * (need + apix) / D:.2f})")
+            f"larger --apix (>= {2 * (need + apix) / D:.2f})"
+        )
     rmax = float(np.linalg.norm(xyz, axis=1).max())
     if rmax > half:
-        log.warning("%s: atoms reach %.0f Å from the centre, beyond the box's inscribed sphere "
-                    "(%.0f Å); rotated views will be cut at the box edge", path.name, rmax, half)
+        log.warning(
+            "%s: atoms reach %.0f Å from the centre, beyond the box's inscribed sphere "
+            "(%.0f Å); rotated views will be cut at the box edge",
+            path.name,
+            rmax,
+            half,
+        )
 
     k = max(1, min(math.ceil(apix / FINE_SPACING_A), MAX_FINE // D))
     N = k * D
@@ -232,7 +245,7 @@ def density_from_model(path=None, D: int = 64, apix: float = 5.6, *, bfactor: fl
     dc.grid.unit_cell = gemmi.UnitCell(L, L, L, 90, 90, 90)
     dc.grid.spacegroup = gemmi.SpaceGroup("P 1")
     dc.grid.set_size(N, N, N)
-    dc.blur = 12.0 / s_alias ** 2  # anti-aliasing on the fine grid (exp(-3) at s_alias)
+    dc.blur = 12.0 / s_alias**2  # anti-aliasing on the fine grid (exp(-3) at s_alias)
     shift = (N // 2) * h - centre
     for ch in model:
         for res in ch:
@@ -247,7 +260,7 @@ def density_from_model(path=None, D: int = 64, apix: float = 5.6, *, bfactor: fl
     del dc, fine
     keep = torch.cat([torch.arange(0, D // 2), torch.arange(N - D // 2, N)])
     F = F[keep][:, keep][:, :, : D // 2 + 1]
-    B = MAP_BLUR * apix ** 2 if bfactor is None else float(bfactor)
+    B = MAP_BLUR * apix**2 if bfactor is None else float(bfactor)
     B = max(0.0, B - dc_blur)  # the anti-aliasing blur already counts towards it
     F = F * _nyquist_taper_rfft(D, apix=apix, bfactor=B).to(F.real.dtype)
     vol = torch.fft.fftshift(torch.fft.irfftn(F, s=(D, D, D), norm="backward")) * (D / N) ** 3
@@ -272,8 +285,13 @@ def load_volume(path, D: int, apix: float) -> torch.Tensor:
         D_mid = max(2, int(round(D_in * apix_in / apix)))
         real_apix = D_in * apix_in / D_mid
         if abs(real_apix - apix) > 1e-3 * apix:
-            log.warning("%s: resampled from %.4f to %.4f Å/voxel (requested %.4f)", path, apix_in,
-                        real_apix, apix)
+            log.warning(
+                "%s: resampled from %.4f to %.4f Å/voxel (requested %.4f)",
+                path,
+                apix_in,
+                real_apix,
+                apix,
+            )
         vol = fourier_resize(vol, D_mid)
     if vol.shape[-1] != D:
         vol = _centre_crop_pad(vol, D)
@@ -281,6 +299,7 @@ def load_volume(path, D: int, apix: float) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- particles
+
 
 def _block_generator(seed: int, block: int, stream: int) -> torch.Generator:
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(block), int(stream)])
@@ -308,10 +327,19 @@ class ParticleParams:
         return pose_to_relion(self.rotations[idx], self.shifts_px[idx], self.apix)
 
 
-def draw_parameters(n: int, apix: float, seed: int, defocus_range_um=(1.0, 3.0),
-                    astigmatism_A: float = 200.0, voltage: float = 300.0, cs: float = 2.7,
-                    amp_contrast: float = 0.1, shift_range_px: float = 3.0, bfactor: float = 0.0,
-                    angles=None) -> ParticleParams:
+def draw_parameters(
+    n: int,
+    apix: float,
+    seed: int,
+    defocus_range_um=(1.0, 3.0),
+    astigmatism_A: float = 200.0,
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amp_contrast: float = 0.1,
+    shift_range_px: float = 3.0,
+    bfactor: float = 0.0,
+    angles=None,
+) -> ParticleParams:
     """Draw poses, translations and CTFs for ``n`` particles (see the module's determinism note).
 
     ``defocus_u`` is uniform in ``defocus_range_um`` (µm, converted to Å), ``defocus_v =
@@ -372,8 +400,15 @@ class ParticleSimulator:
     ``snr=None`` or ``inf`` gives clean (CTF-modulated, noise-free) images.
     """
 
-    def __init__(self, volume: torch.Tensor, params: ParticleParams, snr: float | None, seed: int,
-                 device="cpu", oversample: int = 2):
+    def __init__(
+        self,
+        volume: torch.Tensor,
+        params: ParticleParams,
+        snr: float | None,
+        seed: int,
+        device="cpu",
+        oversample: int = 2,
+    ):
         self.device = torch.device(device)
         vol = torch.as_tensor(volume, dtype=torch.float32)
         if vol.ndim != 3 or len(set(vol.shape)) != 1:
@@ -394,7 +429,7 @@ class ParticleSimulator:
         self._flat = torch.nonzero(inside).squeeze(-1)
         self.freqs_px = torch.stack([KX.reshape(-1), KY.reshape(-1)], -1)[self._flat].float()
         self.freqs_A = self.freqs_px / (D * params.apix)
-        self.chunk = max(1, 2 ** 19 // self._flat.numel())  # ~0.5 GB of slicing temporaries
+        self.chunk = max(1, 2**19 // self._flat.numel())  # ~0.5 GB of slicing temporaries
         if snr is not None and not snr > 0:
             raise InputError(f"SNR must be positive, got {snr}")
         self.snr = None if snr is None or math.isinf(snr) else float(snr)
@@ -413,8 +448,9 @@ class ParticleSimulator:
             coeffs = op.slice(self.spectrum)
             ctf = ctf_from_dict(self.params.ctf, slice(s, e), self.freqs_A)
             coeffs = coeffs * (ctf * phase_shift(self.freqs_px / self.D, t))
-            half = torch.zeros(e - s, self.D * (self.D // 2 + 1), dtype=coeffs.dtype,
-                               device=self.device)
+            half = torch.zeros(
+                e - s, self.D * (self.D // 2 + 1), dtype=coeffs.dtype, device=self.device
+            )
             half[:, self._flat] = coeffs
             half = half.reshape(e - s, self.D, self.D // 2 + 1)
             img = torch.fft.irfft2(half, s=(self.D, self.D), norm="ortho")
@@ -439,7 +475,7 @@ class ParticleSimulator:
                 g = _block_generator(self.seed, b, 1)
                 self._noise_cache = (b, torch.randn(BLOCK, self.D, self.D, generator=g))
             j = min(stop, (b + 1) * BLOCK)
-            parts.append(self._noise_cache[1][i - b * BLOCK:j - b * BLOCK])
+            parts.append(self._noise_cache[1][i - b * BLOCK : j - b * BLOCK])
             i = j
         return torch.cat(parts, 0)
 
@@ -455,15 +491,38 @@ class ParticleSimulator:
             yield ParticleBatch(s, img.numpy().astype(np.float32, copy=False), angles, origins, ctf)
 
 
-def simulate_particles(volume: torch.Tensor, n: int, apix: float, snr: float | None, seed: int,
-                       defocus_range_um=(1.0, 3.0), voltage: float = 300.0, cs: float = 2.7,
-                       amp_contrast: float = 0.1, shift_range_px: float = 3.0,
-                       bfactor: float = 0.0, angles=None, batch_size: int = 256, device="cpu",
-                       astigmatism_A: float = 200.0) -> Iterator[ParticleBatch]:
+def simulate_particles(
+    volume: torch.Tensor,
+    n: int,
+    apix: float,
+    snr: float | None,
+    seed: int,
+    defocus_range_um=(1.0, 3.0),
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amp_contrast: float = 0.1,
+    shift_range_px: float = 3.0,
+    bfactor: float = 0.0,
+    angles=None,
+    batch_size: int = 256,
+    device="cpu",
+    astigmatism_A: float = 200.0,
+) -> Iterator[ParticleBatch]:
     """Generator of :class:`ParticleBatch` for ``n`` particles of ``volume`` (Eq. 1): the
     parameters of :func:`draw_parameters`, imaged by :class:`ParticleSimulator`."""
-    params = draw_parameters(n, apix, seed, defocus_range_um, astigmatism_A, voltage, cs,
-                             amp_contrast, shift_range_px, bfactor, angles)
+    params = draw_parameters(
+        n,
+        apix,
+        seed,
+        defocus_range_um,
+        astigmatism_A,
+        voltage,
+        cs,
+        amp_contrast,
+        shift_range_px,
+        bfactor,
+        angles,
+    )
     yield from ParticleSimulator(volume, params, snr, seed, device).batches(batch_size)
 
 
@@ -472,12 +531,26 @@ def simulate_particles(volume: torch.Tensor, n: int, apix: float, snr: float | N
 OUTPUTS = ("particles.star", "particles.mrcs", "truth.mrc", "simulation.json")
 
 
-def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
-                   apix: float = 5.6, snr: float | None = 0.05, seed: int = 0,
-                   defocus_range_um=(1.0, 3.0), voltage: float = 300.0, cs: float = 2.7,
-                   amp_contrast: float = 0.1, shift_range_px: float = 3.0, bfactor: float = 0.0,
-                   astigmatism_A: float = 200.0, batch_size: int = 256, device="cpu",
-                   force: bool = False) -> dict:
+def run_simulation(
+    out_dir,
+    volume=None,
+    model=None,
+    n: int = 1000,
+    D: int = 64,
+    apix: float = 5.6,
+    snr: float | None = 0.05,
+    seed: int = 0,
+    defocus_range_um=(1.0, 3.0),
+    voltage: float = 300.0,
+    cs: float = 2.7,
+    amp_contrast: float = 0.1,
+    shift_range_px: float = 3.0,
+    bfactor: float = 0.0,
+    astigmatism_A: float = 200.0,
+    batch_size: int = 256,
+    device="cpu",
+    force: bool = False,
+) -> dict:
     """Write ``DIR/particles.star`` + ``particles.mrcs`` (streamed), ``DIR/truth.mrc`` and
     ``DIR/simulation.json`` (parameters, noise sigma, PDB overlay origin).
 
@@ -523,8 +596,18 @@ def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
 
     out.mkdir(parents=True, exist_ok=True)
     write_map(out / "truth.mrc", vol.numpy(), apix, overwrite=force)
-    params = draw_parameters(n, apix, seed, defocus_range_um, astigmatism_A, voltage, cs,
-                             amp_contrast, shift_range_px, bfactor)
+    params = draw_parameters(
+        n,
+        apix,
+        seed,
+        defocus_range_um,
+        astigmatism_A,
+        voltage,
+        cs,
+        amp_contrast,
+        shift_range_px,
+        bfactor,
+    )
     sim = ParticleSimulator(vol, params, snr, seed, device)
     angles, origins = params.relion()
     progress = bar(total=n, desc="simulate", unit="particle")
@@ -535,19 +618,39 @@ def run_simulation(out_dir, volume=None, model=None, n: int = 1000, D: int = 64,
             yield b.images
 
     try:
-        write_particles(out / "particles.star", images(), apix, params.ctf, angles=angles,
-                        shifts=origins, overwrite=force, batch_size=batch_size)
+        write_particles(
+            out / "particles.star",
+            images(),
+            apix,
+            params.ctf,
+            angles=angles,
+            shifts=origins,
+            overwrite=force,
+            batch_size=batch_size,
+        )
     finally:
         progress.close()
     summary.update(
-        n=n, box=D, apix=apix, snr=sim.snr, seed=seed, defocus_range_um=list(defocus_range_um),
-        astigmatism_A=astigmatism_A, voltage_kv=voltage, cs_mm=cs, amp_contrast=amp_contrast,
-        max_shift_px=shift_range_px, bfactor=bfactor, signal_variance=sim.signal_var,
+        n=n,
+        box=D,
+        apix=apix,
+        snr=sim.snr,
+        seed=seed,
+        defocus_range_um=list(defocus_range_um),
+        astigmatism_A=astigmatism_A,
+        voltage_kv=voltage,
+        cs_mm=cs,
+        amp_contrast=amp_contrast,
+        max_shift_px=shift_range_px,
+        bfactor=bfactor,
+        signal_variance=sim.signal_var,
         noise_sigma=sim.noise_sigma,
-        conventions=("CTF = RELION (positive at low frequency for underfocus); "
-                     "SNR = mean per-image variance of clean CTF-modulated images over the box / "
-                     "noise variance (pilot: first min(n, 512) particles); "
-                     "rlnOriginXAngst = -t*apix (particle centre at D//2 - origin)"),
+        conventions=(
+            "CTF = RELION (positive at low frequency for underfocus); "
+            "SNR = mean per-image variance of clean CTF-modulated images over the box / "
+            "noise variance (pilot: first min(n, 512) particles); "
+            "rlnOriginXAngst = -t*apix (particle centre at D//2 - origin)"
+        ),
     )
     tmp = out / ".simulation.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))

@@ -31,13 +31,27 @@ class Level:
     first use: the coarse-to-fine search never needs the whole grid at once.
     """
 
-    def __init__(self, omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
-                 oversample: int = 2, cache_bytes: int = 2 ** 31, symmetry: str = "C1"):
+    def __init__(
+        self,
+        omega: float,
+        D: int,
+        apix: float,
+        shift_sigma_px: float,
+        grid_scale: float,
+        device,
+        oversample: int = 2,
+        cache_bytes: int = 2**31,
+        symmetry: str = "C1",
+    ):
         self.omega, self.D, self.device = omega, D, torch.device(device)
         self.oversample, self.cache_bytes = oversample, cache_bytes
-        grid = PoseGrid(D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale)
+        grid = PoseGrid(
+            D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale
+        )
         # With a point group only its asymmetric unit of poses (the rest are the same images).
-        self.grid = grid if symmetry == "C1" else asymmetric_unit_grid(grid, parse_symmetry(symmetry))
+        self.grid = (
+            grid if symmetry == "C1" else asymmetric_unit_grid(grid, parse_symmetry(symmetry))
+        )
         self.halfplane = HalfPlane(D, cutoff_radius(D, apix, omega), device=device)
         self.shifts = self.grid.shifts.to(device, torch.float32)
         self.log_w_shift = self.grid.log_w_t.to(device)
@@ -53,22 +67,40 @@ class Level:
 
     @cached_property
     def slice_op(self) -> SliceOperator:
-        return SliceOperator(self.rotations, self.halfplane.freqs().to(self.device) * self.D, self.D,
-                             self.oversample, cache_bytes=self.cache_bytes)
+        return SliceOperator(
+            self.rotations,
+            self.halfplane.freqs().to(self.device) * self.D,
+            self.D,
+            self.oversample,
+            cache_bytes=self.cache_bytes,
+        )
 
     @property
     def n_poses(self) -> int:
         return int(self.grid.n_rotations * self.grid.M_t)
 
 
-def make_level(omega: float, D: int, apix: float, shift_sigma_px: float, grid_scale: float, device,
-               oversample: int = 2, cache_bytes: int = 2 ** 31, symmetry: str = "C1") -> Level:
+def make_level(
+    omega: float,
+    D: int,
+    apix: float,
+    shift_sigma_px: float,
+    grid_scale: float,
+    device,
+    oversample: int = 2,
+    cache_bytes: int = 2**31,
+    symmetry: str = "C1",
+) -> Level:
     """The :class:`Level` of cut-off ``omega`` (1/Å) for box ``D`` at ``apix`` Å/pixel; with a
     point group (RELION's name) the pose grid covers its asymmetric unit only."""
-    return Level(omega, D, apix, shift_sigma_px, grid_scale, device, oversample, cache_bytes, symmetry)
+    return Level(
+        omega, D, apix, shift_sigma_px, grid_scale, device, oversample, cache_bytes, symmetry
+    )
 
 
-def split_particles(n: int, heldout: int, minibatch: int, seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def split_particles(
+    n: int, heldout: int, minibatch: int, seed: int
+) -> tuple[np.ndarray, list[np.ndarray]]:
     """Held-out indices and fixed training minibatches, from a seeded permutation."""
     if n < 2:
         raise InputError(f"need at least 2 particles, got {n}")
@@ -80,8 +112,13 @@ def split_particles(n: int, heldout: int, minibatch: int, seed: int) -> tuple[np
     return held, [np.sort(b) for b in np.array_split(train, K)]
 
 
-def half_sets(batches: list[np.ndarray], heldout: np.ndarray, n: int, seed: int,
-              given: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray], list[int], list[int]]:
+def half_sets(
+    batches: list[np.ndarray],
+    heldout: np.ndarray,
+    n: int,
+    seed: int,
+    given: np.ndarray | None = None,
+) -> tuple[np.ndarray, list[np.ndarray], list[int], list[int]]:
     """Gold-standard half-sets (RELION's ``rlnRandomSubset``, 1 or 2 per particle) and the
     training minibatches regrouped per half.
 
@@ -104,7 +141,7 @@ def half_sets(batches: list[np.ndarray], heldout: np.ndarray, n: int, seed: int,
         for k, h in zip(parent, half):
             subset[batches[k]] = h
         held = rng.permutation(np.asarray(heldout))
-        subset[held[: len(held) // 2]], subset[held[len(held) // 2:]] = 1, 2
+        subset[held[: len(held) // 2]], subset[held[len(held) // 2 :]] = 1, 2
         return subset, [batches[k] for k in parent], half, parent
     if given is not None:
         subset = np.asarray(given, dtype=np.int64).copy()
@@ -125,7 +162,9 @@ def half_sets(batches: list[np.ndarray], heldout: np.ndarray, n: int, seed: int,
     return subset, out, half, [-1] * len(out)
 
 
-def random_spheres(D: int, radius_px: float, n_spheres: int, generator: torch.Generator) -> torch.Tensor:
+def random_spheres(
+    D: int, radius_px: float, n_spheres: int, generator: torch.Generator
+) -> torch.Tensor:
     """Random initial density (Sec. 4): a union of ``n_spheres`` solid spheres of random
     radius and position inside a ball of ``radius_px`` about the centre, softened by one voxel."""
     g = torch.arange(D, dtype=torch.float32) - D // 2
@@ -140,8 +179,16 @@ def random_spheres(D: int, radius_px: float, n_spheres: int, generator: torch.Ge
     return V
 
 
-def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: float, oversample: int,
-                  generator: torch.Generator, device) -> tuple[torch.Tensor, float]:
+def scale_to_data(
+    V: torch.Tensor,
+    particles,
+    idx,
+    level: Level,
+    diameter_px: float,
+    oversample: int,
+    generator: torch.Generator,
+    device,
+) -> tuple[torch.Tensor, float]:
     """Scale the start so its CTF-modulated slices carry the images' signal power, and
     measure the data's curvature per voxel.
 
@@ -159,8 +206,8 @@ def scale_to_data(V: torch.Tensor, particles, idx, level: Level, diameter_px: fl
     S = op.slice(spectrum_from_volume(V.to(device), oversample))
     w = batch.weight
     signal = float((w * (batch.y.abs() ** 2 - batch.sigma2[:, None])).sum())
-    model = float((w * batch.ctf ** 2 * S.abs() ** 2).sum())
-    h = float(((w * batch.ctf ** 2).sum(-1) / batch.sigma2).mean()) / D ** 2
+    model = float((w * batch.ctf**2 * S.abs() ** 2).sum())
+    h = float(((w * batch.ctf**2).sum(-1) / batch.sigma2).mean()) / D**2
     if signal <= 0 or model <= 0:
         log.warning("could not measure the images' signal power; keeping the start's scale")
         return V, h

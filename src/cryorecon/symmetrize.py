@@ -62,7 +62,7 @@ def symmetrize(volume, group, chunk: int = 12) -> torch.Tensor:
     acc_dtype = torch.float64 if vol.dtype == torch.float64 else torch.float32
     acc = torch.zeros_like(vol, dtype=acc_dtype)
     for i in range(0, G.order, chunk):
-        acc += rotate_volume(vol, ops[i:i + chunk]).to(acc.dtype).sum(0)
+        acc += rotate_volume(vol, ops[i : i + chunk]).to(acc.dtype).sum(0)
     return (acc / G.order).to(vol.dtype)
 
 
@@ -77,8 +77,11 @@ def symmetry_score(volume, group, mask=None) -> float:
     G = _group(group)
     v = torch.as_tensor(volume).to(torch.float64)
     s = symmetrize(v, G)
-    w = torch.ones_like(v) if mask is None else torch.as_tensor(mask, dtype=torch.float64,
-                                                                 device=v.device)
+    w = (
+        torch.ones_like(v)
+        if mask is None
+        else torch.as_tensor(mask, dtype=torch.float64, device=v.device)
+    )
     sw = w.sum()
     a = v - (w * v).sum() / sw
     b = s - (w * s).sum() / sw

@@ -82,8 +82,12 @@ def _centre_of_mass(vol: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     w = ((vol - _background(vol, mask)) * mask).clamp_min(0).double()
     k = torch.arange(D, dtype=torch.float64, device=vol.device) - D // 2
     s = w.sum().clamp_min(1e-30)
-    return torch.stack([(w.sum((0, 1)) * k).sum(), (w.sum((0, 2)) * k).sum(),
-                        (w.sum((1, 2)) * k).sum()]) / s
+    return (
+        torch.stack(
+            [(w.sum((0, 1)) * k).sum(), (w.sum((0, 2)) * k).sum(), (w.sum((1, 2)) * k).sum()]
+        )
+        / s
+    )
 
 
 def _probe_elements(G: SymmetryGroup, k: int = 3) -> torch.Tensor:
@@ -107,13 +111,22 @@ class _SymScore:
         self.G, self.mask = G, mask
 
     def __call__(self, Q: np.ndarray, t: np.ndarray) -> float:
-        W = rotate_volume(self.vol, torch.as_tensor(Q, device=self.vol.device),
-                          torch.as_tensor(t, device=self.vol.device))
+        W = rotate_volume(
+            self.vol,
+            torch.as_tensor(Q, device=self.vol.device),
+            torch.as_tensor(t, device=self.vol.device),
+        )
         return symmetry_score(W, self.G, self.mask)
 
 
-def _refine(score: _SymScore, Q0: np.ndarray, t0: np.ndarray, rot_step: float,
-            shift_step: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _refine(
+    score: _SymScore,
+    Q0: np.ndarray,
+    t0: np.ndarray,
+    rot_step: float,
+    shift_step: float,
+    max_iter: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
     from scipy.optimize import minimize
 
     def params(x):
@@ -123,17 +136,35 @@ def _refine(score: _SymScore, Q0: np.ndarray, t0: np.ndarray, rot_step: float,
         return -score(*params(x))
 
     x0 = np.zeros(6)
-    res = minimize(f, x0, method="Nelder-Mead",
-                   options={"initial_simplex": np.vstack([x0, np.eye(6)]), "xatol": 1e-2,
-                            "fatol": 1e-7, "maxfev": max_iter})
+    res = minimize(
+        f,
+        x0,
+        method="Nelder-Mead",
+        options={
+            "initial_simplex": np.vstack([x0, np.eye(6)]),
+            "xatol": 1e-2,
+            "fatol": 1e-7,
+            "maxfev": max_iter,
+        },
+    )
     Q, t = params(res.x)
     return Q, t, float(-res.fun)
 
 
-def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
-                   n_global: int = 2000, search_box: int = 24, refine_box: int | None = None,
-                   n_candidates: int = 3, center: bool = True, batch: int = 100,
-                   progress: bool = True) -> SymmetryAlignResult:
+def symmetry_align(
+    volume,
+    group,
+    apix: float = 1.0,
+    device=None,
+    seed: int = 0,
+    n_global: int = 2000,
+    search_box: int = 24,
+    refine_box: int | None = None,
+    n_candidates: int = 3,
+    center: bool = True,
+    batch: int = 100,
+    progress: bool = True,
+) -> SymmetryAlignResult:
     """Rotation and shift that put ``volume``'s ``group`` symmetry in RELION's orientation.
 
     Args:
@@ -170,8 +201,9 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
     mask_d = spherical_mask(d, d / 2 - 2, edge=2.0, device=dev)
     small = _downsample(vol, d)
     c_d = c * (d / D)
-    small0 = rotate_volume(small - _background(small, mask_d), torch.eye(3, dtype=torch.float64),
-                           -c_d.to(dev))
+    small0 = rotate_volume(
+        small - _background(small, mask_d), torch.eye(3, dtype=torch.float64), -c_d.to(dev)
+    )
     ref = small0 * mask_d
     ref = ref - (ref.sum() / mask_d.sum()) * mask_d
     gen = torch.Generator().manual_seed(int(seed))
@@ -188,12 +220,12 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
     pbar = bar(total=nb, desc="symmetry-align: global search", unit="batch") if progress else None
     with torch.no_grad():
         for b0 in range(0, H.shape[0], batch):
-            moved = rotate_volume(small0, H[b0:b0 + batch]).reshape(-1, d ** 3)
+            moved = rotate_volume(small0, H[b0 : b0 + batch]).reshape(-1, d**3)
             mean = (moved * w).sum(1, keepdim=True) / sw
             mc = (moved - mean) * w
             den = ((mc * (moved - mean)).sum(1).sqrt() * rnorm).clamp_min(1e-30)
             cc = (mc @ ref.reshape(-1)) / den
-            scores[b0:b0 + batch] = cc.double().cpu()
+            scores[b0 : b0 + batch] = cc.double().cpu()
             if pbar is not None:
                 pbar.update(1)
     if pbar is not None:
@@ -227,14 +259,22 @@ def symmetry_align(volume, group, apix: float = 1.0, device=None, seed: int = 0,
     tt = torch.as_tensor(t, dtype=torch.float64)
     moved = rotate_volume(vol, Qt.to(dev), tt.to(dev))
     score = symmetry_score(moved - _background(moved, mask_full), G, mask_full)
-    return SymmetryAlignResult(group=G.name, rotation=Qt, shift_px=tt, score=score,
-                               score_input=score_input, aligned=symmetrize(moved, G).cpu(),
-                               moved=moved.cpu(), apix=float(apix),
-                               seconds=time.perf_counter() - t_start)
+    return SymmetryAlignResult(
+        group=G.name,
+        rotation=Qt,
+        shift_px=tt,
+        score=score,
+        score_input=score_input,
+        aligned=symmetrize(moved, G).cpu(),
+        moved=moved.cpu(),
+        apix=float(apix),
+        seconds=time.perf_counter() - t_start,
+    )
 
 
-def _refine_rotation(score: _SymScore, Q0: np.ndarray, rot_step: float,
-                     max_iter: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _refine_rotation(
+    score: _SymScore, Q0: np.ndarray, rot_step: float, max_iter: int
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Nelder-Mead over the rotation only (shift fixed at 0)."""
     from scipy.optimize import minimize
 
@@ -243,7 +283,15 @@ def _refine_rotation(score: _SymScore, Q0: np.ndarray, rot_step: float,
     def f(x):
         return -score(rotvec_to_matrix(x * rot_step) @ Q0, z)
 
-    res = minimize(f, z, method="Nelder-Mead",
-                   options={"initial_simplex": np.vstack([z, np.eye(3)]), "xatol": 1e-2,
-                            "fatol": 1e-7, "maxfev": max_iter})
+    res = minimize(
+        f,
+        z,
+        method="Nelder-Mead",
+        options={
+            "initial_simplex": np.vstack([z, np.eye(3)]),
+            "xatol": 1e-2,
+            "fatol": 1e-7,
+            "maxfev": max_iter,
+        },
+    )
     return rotvec_to_matrix(res.x * rot_step) @ Q0, z.copy(), float(-res.fun)

@@ -46,6 +46,7 @@ HAND_FLIP = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64))  # (
 # FSC
 # --------------------------------------------------------------------------------------------
 
+
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.ndim != 3 or len(set(a.shape)) != 1:
         raise InputError(f"expected a cubic 3D map, got shape {tuple(a.shape)}")
@@ -90,7 +91,9 @@ def fsc(a, b, apix: float) -> tuple[torch.Tensor, torch.Tensor]:
     idx = idx[keep]
 
     def shell_sum(x):
-        return torch.zeros(n_shells, dtype=torch.float64, device=a.device).index_add_(0, idx, x.reshape(-1)[keep])
+        return torch.zeros(n_shells, dtype=torch.float64, device=a.device).index_add_(
+            0, idx, x.reshape(-1)[keep]
+        )
 
     num = shell_sum((A * B.conj()).real)
     pa = shell_sum(A.abs() ** 2)
@@ -124,7 +127,9 @@ def resolution_at(freq, curve, threshold: float) -> float:
     f = _as_float64_array(freq)
     c = _as_float64_array(curve)
     if f.shape != c.shape or f.ndim != 1 or f.size < 2:
-        raise ValueError(f"resolution_at: freq and curve must be 1D of equal length >= 2, got {f.shape}, {c.shape}")
+        raise ValueError(
+            f"resolution_at: freq and curve must be 1D of equal length >= 2, got {f.shape}, {c.shape}"
+        )
     below = np.nonzero(c < threshold)[0]
     if below.size == 0:
         return float(1.0 / f[-1])
@@ -137,7 +142,9 @@ def resolution_at(freq, curve, threshold: float) -> float:
     return float(1.0 / fc) if fc > 0 else math.inf
 
 
-def spherical_mask(D: int, radius: float, edge: float = 3.0, device=None, dtype=torch.float32) -> torch.Tensor:
+def spherical_mask(
+    D: int, radius: float, edge: float = 3.0, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """Soft sphere about the centre D//2: 1 within ``radius`` voxels, cosine fall-off to 0
     over ``edge`` voxels beyond it. Shape ``(D, D, D)``."""
     k = torch.arange(D, device=device, dtype=torch.float64) - D // 2
@@ -211,10 +218,16 @@ def rotate_volume(vol, R, shift=None) -> torch.Tensor:
     if shift is None:
         t = torch.zeros(M.shape[0], 3, dtype=torch.float64, device=vol.device)
     else:
-        t = torch.as_tensor(shift, dtype=torch.float64, device=vol.device).reshape(-1, 3).expand(M.shape[0], 3)
+        t = (
+            torch.as_tensor(shift, dtype=torch.float64, device=vol.device)
+            .reshape(-1, 3)
+            .expand(M.shape[0], 3)
+        )
     work = vol.float() if vol.dtype not in (torch.float32, torch.float64) else vol
     grid = _sample_grid(D, M, t, dtype=work.dtype)
-    out = F.grid_sample(work[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = F.grid_sample(
+        work[None, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
     out = out.reshape(M.shape[0], D, D, D).to(vol.dtype)
     return out if batched else out[0]
 
@@ -259,7 +272,9 @@ def super_fibonacci_rotations(n: int, dtype=torch.float64) -> torch.Tensor:
     Rr = torch.sqrt(1.0 - s / n)
     alpha = 2 * math.pi * s / phi
     beta = 2 * math.pi * s / psi
-    q = torch.stack([r * torch.sin(alpha), r * torch.cos(alpha), Rr * torch.sin(beta), Rr * torch.cos(beta)], -1)
+    q = torch.stack(
+        [r * torch.sin(alpha), r * torch.cos(alpha), Rr * torch.sin(beta), Rr * torch.cos(beta)], -1
+    )
     from .geometry.rotations import quaternion_to_matrix
 
     return quaternion_to_matrix(q).to(dtype)
@@ -268,6 +283,7 @@ def super_fibonacci_rotations(n: int, dtype=torch.float64) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Alignment
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class AlignResult:
@@ -314,11 +330,13 @@ def _downsample(vol: torch.Tensor, d: int) -> torch.Tensor:
     Fv = fft3c(vol.double())
     if d < D:
         lo = D // 2 - d // 2
-        Fv = Fv[lo:lo + d, lo:lo + d, lo:lo + d]
+        Fv = Fv[lo : lo + d, lo : lo + d, lo : lo + d]
     k = torch.arange(d, device=vol.device, dtype=torch.float64) - d // 2
     kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
     r = torch.sqrt(kx * kx + ky * ky + kz * kz) / (d / 2)
-    taper = torch.where(r < 0.5, torch.ones_like(r), 0.5 * (1 + torch.cos(math.pi * ((r - 0.5) / 0.5).clamp(0, 1))))
+    taper = torch.where(
+        r < 0.5, torch.ones_like(r), 0.5 * (1 + torch.cos(math.pi * ((r - 0.5) / 0.5).clamp(0, 1)))
+    )
     return ifft3c(Fv * taper).real.float()
 
 
@@ -359,8 +377,15 @@ class _Score:
         return float((self.rc * x).sum() / torch.sqrt(var.clamp_min(1e-30)))
 
 
-def _refine(score: _Score, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot_step: float,
-            shift_step: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, float]:
+def _refine(
+    score: _Score,
+    R0: np.ndarray,
+    t0: np.ndarray,
+    hand: np.ndarray,
+    rot_step: float,
+    shift_step: float,
+    max_iter: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Nelder-Mead over (rotation vector, shift) around (R0, t0); returns (R, t, ncc).
 
     The parameters are scaled so that one unit is ``rot_step`` radians or ``shift_step``
@@ -378,8 +403,12 @@ def _refine(score: _Score, R0: np.ndarray, t0: np.ndarray, hand: np.ndarray, rot
 
     x0 = np.zeros(6)
     simplex = np.vstack([x0, np.eye(6)])
-    res = minimize(f, x0, method="Nelder-Mead",
-                   options={"initial_simplex": simplex, "xatol": 1e-2, "fatol": 1e-7, "maxfev": max_iter})
+    res = minimize(
+        f,
+        x0,
+        method="Nelder-Mead",
+        options={"initial_simplex": simplex, "xatol": 1e-2, "fatol": 1e-7, "maxfev": max_iter},
+    )
     R, t = params(res.x)
     return R, t, float(-res.fun)
 
@@ -401,7 +430,9 @@ class _single_thread:
         return False
 
 
-def _select_distinct(scores: torch.Tensor, rots: torch.Tensor, k: int, min_angle: float) -> list[int]:
+def _select_distinct(
+    scores: torch.Tensor, rots: torch.Tensor, k: int, min_angle: float
+) -> list[int]:
     order = torch.argsort(scores, descending=True).tolist()
     chosen: list[int] = []
     for i in order:
@@ -412,10 +443,21 @@ def _select_distinct(scores: torch.Tensor, rots: torch.Tensor, k: int, min_angle
     return chosen
 
 
-def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int = 3000,
-          search_box: int = 24, refine_box: int | None = None, n_candidates: int = 3,
-          max_shift: float = 0.25, batch: int = 150, try_flip: bool = True,
-          progress: bool = True) -> AlignResult:
+def align(
+    ref,
+    mov,
+    apix: float = 1.0,
+    device=None,
+    seed: int = 0,
+    n_global: int = 3000,
+    search_box: int = 24,
+    refine_box: int | None = None,
+    n_candidates: int = 3,
+    max_shift: float = 0.25,
+    batch: int = 150,
+    try_flip: bool = True,
+    progress: bool = True,
+) -> AlignResult:
     """Align ``mov`` onto ``ref`` over rotation, translation and handedness.
 
     Maximises the normalised cross-correlation of ``ref`` and the transformed ``mov``
@@ -497,7 +539,7 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
     pbar = bar(total=nb, desc="align: global search", unit="batch") if progress else None
     with torch.no_grad():
         for b0 in range(0, n_global, batch):
-            moved = rotate_volume(mov_d, rots[b0:b0 + batch])  # (B, d, d, d)
+            moved = rotate_volume(mov_d, rots[b0 : b0 + batch])  # (B, d, d, d)
             norms = moved.reshape(moved.shape[0], -1).norm(dim=1).clamp_min(1e-30)
             Fm = torch.fft.rfftn(moved, dim=(-3, -2, -1)).conj()
             for h, Fr in enumerate(Frefs):
@@ -506,10 +548,12 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
                 cc = cc.reshape(cc.shape[0], -1)
                 cc = torch.where(allowed, cc, torch.full_like(cc, -math.inf))
                 best, arg = cc.max(dim=1)
-                scores[h, b0:b0 + batch] = (best / norms).double().cpu()
+                scores[h, b0 : b0 + batch] = (best / norms).double().cpu()
                 iz, iy, ix = arg // (d * d), (arg // d) % d, arg % d
                 t = torch.stack([kc[ix], kc[iy], kc[iz]], -1).double()
-                shifts[h, b0:b0 + batch] = (t @ hands[h].to(dev)).cpu()  # F t for the flipped hand
+                shifts[h, b0 : b0 + batch] = (
+                    t @ hands[h].to(dev)
+                ).cpu()  # F t for the flipped hand
             if pbar is not None:
                 pbar.update(1)
     if pbar is not None:
@@ -526,9 +570,22 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
             cands = _select_distinct(scores[h], rh, n_candidates, math.radians(20))
             best = None
             for i in cands:
-                R, t, c = _refine(score_d, rh[i].numpy(), shifts[h, i].numpy(), hand.numpy(),
-                                  rot_step=math.radians(6), shift_step=0.5, max_iter=400)
-                log.debug("align: hand %d candidate %d global %.4f refined %.4f", h, i, float(scores[h, i]), c)
+                R, t, c = _refine(
+                    score_d,
+                    rh[i].numpy(),
+                    shifts[h, i].numpy(),
+                    hand.numpy(),
+                    rot_step=math.radians(6),
+                    shift_step=0.5,
+                    max_iter=400,
+                )
+                log.debug(
+                    "align: hand %d candidate %d global %.4f refined %.4f",
+                    h,
+                    i,
+                    float(scores[h, i]),
+                    c,
+                )
                 if best is None or c > best[2]:
                     best = (R, t, c)
             per_hand.append(best)
@@ -543,10 +600,13 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
         r = min(D, refine_box or 64)
         r -= r % 2
         mask_r = spherical_mask(r, r / 2 - 3, edge=3.0, device=dev)
-        score_r = _Score(_downsample(ref, r) if r < D else ref, _downsample(mov, r) if r < D else mov, mask_r)
+        score_r = _Score(
+            _downsample(ref, r) if r < D else ref, _downsample(mov, r) if r < D else mov, mask_r
+        )
         t_r = t_d * (r / d)  # small voxels -> refine voxels
-        R, t_r, c_full = _refine(score_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d,
-                                 max_iter=600)
+        R, t_r, c_full = _refine(
+            score_r, R, t_r, hand, rot_step=math.radians(2), shift_step=0.5 * r / d, max_iter=600
+        )
         t_full = t_r * (D / r)
 
     M = torch.as_tensor(R @ hand, device=dev)
@@ -563,7 +623,14 @@ def align(ref, mov, apix: float = 1.0, device=None, seed: int = 0, n_global: int
         apix=float(apix),
         cc_other_hand=float(cc_other),
         seconds=time.perf_counter() - t_start,
-        details={"seconds_global": t_global - t_start, "seconds_local_small": t_local - t_global,
-                 "seconds_local_full": time.perf_counter() - t_local, "search_box": d, "refine_box": r, "ncc_search": float(c_small), "ncc_refine": float(c_full),
-                 "global_best": [float(scores[h].max()) for h in range(len(hands))]},
+        details={
+            "seconds_global": t_global - t_start,
+            "seconds_local_small": t_local - t_global,
+            "seconds_local_full": time.perf_counter() - t_local,
+            "search_box": d,
+            "refine_box": r,
+            "ncc_search": float(c_small),
+            "ncc_refine": float(c_full),
+            "global_best": [float(scores[h].max()) for h in range(len(hands))],
+        },
     )

@@ -8,14 +8,18 @@ import argparse
 
 def bounded(kind, low: float, strict: bool):
     """argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` unless ``strict``)."""
+
     def parse(text: str):
         try:
             x = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         if x < low or (strict and x == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be {'>' if strict else '>='} {low:g}, got {text}"
+            )
         return x
+
     return parse
 
 

@@ -17,23 +17,43 @@ HINT_BOX = 128
 
 
 def add_datadir_argument(p) -> None:
-    p.add_argument("--datadir", metavar="DIR", default=None,
-                   help="folder the image names in the particle file are relative to (default: "
-                        "the file's folder, each folder above it, then the current folder)")
+    p.add_argument(
+        "--datadir",
+        metavar="DIR",
+        default=None,
+        help="folder the image names in the particle file are relative to (default: "
+        "the file's folder, each folder above it, then the current folder)",
+    )
 
 
 def add_image_arguments(p) -> None:
     """``--invert-contrast`` / ``--no-invert-contrast`` and ``--downsample``."""
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--invert-contrast", dest="invert_contrast", action="store_const", const=True,
-                   default=None, help="negate every image (protein dark in the files)")
-    g.add_argument("--no-invert-contrast", dest="invert_contrast", action="store_const",
-                   const=False, help="use the images as they are, whatever the contrast check says")
+    g.add_argument(
+        "--invert-contrast",
+        dest="invert_contrast",
+        action="store_const",
+        const=True,
+        default=None,
+        help="negate every image (protein dark in the files)",
+    )
+    g.add_argument(
+        "--no-invert-contrast",
+        dest="invert_contrast",
+        action="store_const",
+        const=False,
+        help="use the images as they are, whatever the contrast check says",
+    )
     p.set_defaults(invert_contrast=None)
-    p.add_argument("--downsample", type=even_box, default=None, metavar="D",
-                   help="Fourier-crop the images to a D-pixel box as they are read (D even, at "
-                        "most the box; the pixel size grows by box/D, CTF and shifts follow): "
-                        "less memory and time, Nyquist 2 x the new pixel size")
+    p.add_argument(
+        "--downsample",
+        type=even_box,
+        default=None,
+        metavar="D",
+        help="Fourier-crop the images to a D-pixel box as they are read (D even, at "
+        "most the box; the pixel size grows by box/D, CTF and shifts follow): "
+        "less memory and time, Nyquist 2 x the new pixel size",
+    )
 
 
 #: The commands that call this get --downsample as well (reconstruct's parser calls it).
@@ -44,8 +64,9 @@ def read_particles_from_args(args, **kw):
     """:func:`~cryorecon.io.particles.read_particles` of ``args.particles`` with ``--datadir``
     and, for commands that have it, ``--downsample`` (or the hint to use it)."""
     downsample = getattr(args, "downsample", None)
-    ps = read_particles(args.particles, datadir=getattr(args, "datadir", None),
-                        downsample=downsample, **kw)
+    ps = read_particles(
+        args.particles, datadir=getattr(args, "datadir", None), downsample=downsample, **kw
+    )
     if hasattr(args, "downsample") and downsample is None:
         downsample_hint(ps, getattr(args, "resolution", None))
     return ps
@@ -65,12 +86,14 @@ def downsample_hint(ps, resolution_A: float | None = None) -> str | None:
         resolution_A = 1.0 / ReconstructConfig().omega_max
     apix = float(np.median(ps.apix))
     box = suggest_box(ps.D, apix, resolution_A)
-    if box > ps.D / 2 ** 0.5:  # less than half the pixels saved: not worth a word
+    if box > ps.D / 2**0.5:  # less than half the pixels saved: not worth a word
         return None
     new_apix = ps.D * apix / box
-    text = (f"hint: box {ps.D} at {apix:.3g} Å/pixel; ab initio to {resolution_A:.1f} Å needs "
-            f"only box {box} ({new_apix:.3g} Å/pixel, Nyquist {2 * new_apix:.1f} Å): add "
-            f"--downsample {box} for about {(ps.D / box) ** 2:.0f}x less memory and time per "
-            "image")
+    text = (
+        f"hint: box {ps.D} at {apix:.3g} Å/pixel; ab initio to {resolution_A:.1f} Å needs "
+        f"only box {box} ({new_apix:.3g} Å/pixel, Nyquist {2 * new_apix:.1f} Å): add "
+        f"--downsample {box} for about {(ps.D / box) ** 2:.0f}x less memory and time per "
+        "image"
+    )
     log.info(text)
     return text

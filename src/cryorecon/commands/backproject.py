@@ -18,17 +18,28 @@ from ._output import check_device, check_output_file
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "backproject", help="CTF-corrected Wiener reconstruction from known poses (the oracle)",
+        "backproject",
+        help="CTF-corrected Wiener reconstruction from known poses (the oracle)",
         description="Reconstruct a map from particles whose poses are in the file (rlnAngleRot/Tilt/Psi, "
         "rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) back-projection. With simulated data and "
-        "the true poses it is the best map the data allow.")
+        "the true poses it is the best map the data allow.",
+    )
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
-    p.add_argument("-o", "--out", "--output", dest="out", required=True, metavar="MAP",
-                   help="output MRC map")
-    p.add_argument("--diameter", type=positive(), default=None,
-                   help="particle diameter in Å (default: 80%% of the box)")
-    p.add_argument("--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)")
-    p.add_argument("--oversample", type=at_least(1), default=2, help="Fourier padding factor (default 2)")
+    p.add_argument(
+        "-o", "--out", "--output", dest="out", required=True, metavar="MAP", help="output MRC map"
+    )
+    p.add_argument(
+        "--diameter",
+        type=positive(),
+        default=None,
+        help="particle diameter in Å (default: 80%% of the box)",
+    )
+    p.add_argument(
+        "--batch-size", type=at_least(1), default=500, help="particles per batch (default 500)"
+    )
+    p.add_argument(
+        "--oversample", type=at_least(1), default=2, help="Fourier padding factor (default 2)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output map")
     add_datadir_argument(p)
@@ -44,9 +55,16 @@ def run(args) -> int:
     diameter_A = args.diameter or default_diameter_A(particles.D, apix)
     apply_contrast(particles, diameter_A / apix, force=args.invert_contrast)
     t0 = time.perf_counter()
-    vol = wiener_backproject(particles, device=args.device, batch_size=args.batch_size,
-                             oversample=args.oversample, diameter_A=args.diameter)
+    vol = wiener_backproject(
+        particles,
+        device=args.device,
+        batch_size=args.batch_size,
+        oversample=args.oversample,
+        diameter_A=args.diameter,
+    )
     write_map(args.out, vol.cpu().numpy(), apix, overwrite=args.force)
-    log.info(f"wrote {args.out} ({particles.D}^3, {apix:g} Å/voxel) from {len(particles)} particles "
-             f"in {time.perf_counter() - t0:.1f} s")
+    log.info(
+        f"wrote {args.out} ({particles.D}^3, {apix:g} Å/voxel) from {len(particles)} particles "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0

@@ -72,28 +72,76 @@ class DemoSettings:
     align_n_global: int
 
 
-DEFAULT = DemoSettings(n=2000, box=32, apix=10.0, snr=0.1, grid_scale=3.0, omega_start=0.02, omega_step=0.005,
-                       omega_every=40, omega_max=1 / 28, minibatch=100, heldout=100, heldout_every=10, patience=3,
-                       max_iters=500, max_time=360.0, align_n_global=3000)
-QUICK = DemoSettings(n=1000, box=24, apix=13.0, snr=0.1, grid_scale=3.0, omega_start=0.02, omega_step=0.005,
-                     omega_every=25, omega_max=0.03, minibatch=50, heldout=50, heldout_every=10, patience=3,
-                     max_iters=100, max_time=120.0, align_n_global=1000)
+DEFAULT = DemoSettings(
+    n=2000,
+    box=32,
+    apix=10.0,
+    snr=0.1,
+    grid_scale=3.0,
+    omega_start=0.02,
+    omega_step=0.005,
+    omega_every=40,
+    omega_max=1 / 28,
+    minibatch=100,
+    heldout=100,
+    heldout_every=10,
+    patience=3,
+    max_iters=500,
+    max_time=360.0,
+    align_n_global=3000,
+)
+QUICK = DemoSettings(
+    n=1000,
+    box=24,
+    apix=13.0,
+    snr=0.1,
+    grid_scale=3.0,
+    omega_start=0.02,
+    omega_step=0.005,
+    omega_every=25,
+    omega_max=0.03,
+    minibatch=50,
+    heldout=50,
+    heldout_every=10,
+    patience=3,
+    max_iters=100,
+    max_time=120.0,
+    align_n_global=1000,
+)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help=HELP,
-        description=HELP + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
+        "demo",
+        help=HELP,
+        description=HELP
+        + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
         "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes about "
         "5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest (--quick: "
-        "about a minute, a smoke test).")
-    p.add_argument("-o", "--out", default="cryorecon_demo", metavar="DIR",
-                   help="output folder (default: cryorecon_demo)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the simulation and the reconstruction (default 0)")
+        "about a minute, a smoke test).",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        default="cryorecon_demo",
+        metavar="DIR",
+        help="output folder (default: cryorecon_demo)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the simulation and the reconstruction (default 0)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--force", action="store_true", help="overwrite the results of an earlier demo in DIR")
-    p.add_argument("--quick", action="store_true",
-                   help="a much smaller dataset and schedule (about a minute; a smoke test)")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite the results of an earlier demo in DIR"
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a much smaller dataset and schedule (about a minute; a smoke test)",
+    )
     p.set_defaults(func=run)
 
 
@@ -109,8 +157,10 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise InputError(f"{out} exists and is not a directory")
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not force:
-        raise OutputExistsError(f"{out} already holds demo results ({', '.join(existing)}); "
-                                "refusing to overwrite (use --force)")
+        raise OutputExistsError(
+            f"{out} already holds demo results ({', '.join(existing)}); "
+            "refusing to overwrite (use --force)"
+        )
 
 
 def run(args) -> int:
@@ -136,24 +186,49 @@ def run(args) -> int:
     data_dir, run_dir = out / "data", out / "run"
     mode = "quick" if args.quick else "default"
 
-    log.info(f"[1/5] simulating {s.n} particles of GroEL-GroES (1AON), box {s.box} at {s.apix:g} Å/pixel, "
-             f"SNR {s.snr:g} -> {data_dir}")
+    log.info(
+        f"[1/5] simulating {s.n} particles of GroEL-GroES (1AON), box {s.box} at {s.apix:g} Å/pixel, "
+        f"SNR {s.snr:g} -> {data_dir}"
+    )
     t = time.perf_counter()
-    sim = run_simulation(data_dir, n=s.n, D=s.box, apix=s.apix, snr=s.snr, seed=args.seed,
-                         device=args.device, force=args.force)
+    sim = run_simulation(
+        data_dir,
+        n=s.n,
+        D=s.box,
+        apix=s.apix,
+        snr=s.snr,
+        seed=args.seed,
+        device=args.device,
+        force=args.force,
+    )
     timings["simulate"] = time.perf_counter() - t
 
     particles = read_particles(data_dir / "particles.star")
     truth_np, apix = read_map(data_dir / "truth.mrc")
     truth = torch.from_numpy(truth_np)
 
-    log.info(f"[2/5] reconstructing ab initio from a random start (omega* {1 / s.omega_start:.0f} -> "
-             f"{1 / s.omega_max:.0f} Å, pose grid x{s.grid_scale:g} coarser) -> {run_dir}")
-    cfg = ReconstructConfig(minibatch=s.minibatch, seed=args.seed, max_iters=s.max_iters, max_time=s.max_time,
-                            omega_start=s.omega_start, omega_step=s.omega_step, omega_every=s.omega_every,
-                            omega_max=s.omega_max, device=args.device, grid_scale=s.grid_scale,
-                            heldout=s.heldout, heldout_every=s.heldout_every, patience=s.patience,
-                            checkpoint_every=25, snapshot_every=50, resolution_schedule="paper")
+    log.info(
+        f"[2/5] reconstructing ab initio from a random start (omega* {1 / s.omega_start:.0f} -> "
+        f"{1 / s.omega_max:.0f} Å, pose grid x{s.grid_scale:g} coarser) -> {run_dir}"
+    )
+    cfg = ReconstructConfig(
+        minibatch=s.minibatch,
+        seed=args.seed,
+        max_iters=s.max_iters,
+        max_time=s.max_time,
+        omega_start=s.omega_start,
+        omega_step=s.omega_step,
+        omega_every=s.omega_every,
+        omega_max=s.omega_max,
+        device=args.device,
+        grid_scale=s.grid_scale,
+        heldout=s.heldout,
+        heldout_every=s.heldout_every,
+        patience=s.patience,
+        checkpoint_every=25,
+        snapshot_every=50,
+        resolution_schedule="paper",
+    )
     t = time.perf_counter()
     summary = reconstruct(particles, run_dir, cfg, force=args.force)
     timings["reconstruct"] = time.perf_counter() - t
@@ -161,8 +236,14 @@ def run(args) -> int:
     log.info("[3/5] aligning the reconstruction to the truth (rotation, shift, hand)")
     t = time.perf_counter()
     rec_np, _ = read_map(run_dir / "volume.mrc")
-    al = align(truth, torch.from_numpy(rec_np), apix=apix, device=args.device, seed=args.seed,
-               n_global=s.align_n_global)
+    al = align(
+        truth,
+        torch.from_numpy(rec_np),
+        apix=apix,
+        device=args.device,
+        seed=args.seed,
+        n_global=s.align_n_global,
+    )
     aligned_path = out / "reconstruction_aligned.mrc"
     write_map(aligned_path, al.aligned.numpy(), apix, overwrite=True)
     timings["align"] = time.perf_counter() - t
@@ -180,9 +261,15 @@ def run(args) -> int:
     res_rec = {thr: resolution_at(freq, curve_rec, thr) for thr in FSC_THRESHOLDS}
     res_oracle = {thr: resolution_at(freq, curve_oracle, thr) for thr in FSC_THRESHOLDS}
     png = out / "fsc.png"
-    plot_fsc_curves(png, freq.numpy(), {"ab initio (aligned)": (curve_rec.numpy(), res_rec),
-                                         "oracle (true poses)": (curve_oracle.numpy(), res_oracle)},
-                    title=f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: FSC vs truth")
+    plot_fsc_curves(
+        png,
+        freq.numpy(),
+        {
+            "ab initio (aligned)": (curve_rec.numpy(), res_rec),
+            "oracle (true poses)": (curve_oracle.numpy(), res_oracle),
+        },
+        title=f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: FSC vs truth",
+    )
     t = time.perf_counter()
     # The report's isosurface encloses the complex's volume (1.21 Å^3/Da), and its FSC section
     # compares the run's map with the truth (aligned again: the report aligns its own map).
@@ -195,21 +282,40 @@ def run(args) -> int:
         "seed": args.seed,
         "device": args.device,
         "settings": asdict(s),
-        "dataset": {"structure": "GroEL-GroES (PDB 1AON, built in)", "n": s.n, "box": s.box, "apix": s.apix,
-                    "snr": s.snr, "nyquist_A": 2 * s.apix},
+        "dataset": {
+            "structure": "GroEL-GroES (PDB 1AON, built in)",
+            "n": s.n,
+            "box": s.box,
+            "apix": s.apix,
+            "snr": s.snr,
+            "nyquist_A": 2 * s.apix,
+        },
         "reconstruction": {
-            "iterations": summary["iterations"], "stop_reason": summary["reason"],
+            "iterations": summary["iterations"],
+            "stop_reason": summary["reason"],
             "seconds": summary["seconds"],
             "fsc_resolution_A": {f"{thr:g}": _finite(res_rec[thr]) for thr in FSC_THRESHOLDS},
-            "align_cc": al.cc, "hand_flipped": al.flipped,
+            "align_cc": al.cc,
+            "hand_flipped": al.flipped,
         },
-        "oracle": {"fsc_resolution_A": {f"{thr:g}": _finite(res_oracle[thr]) for thr in FSC_THRESHOLDS}},
-        "fsc": {"freq_1_per_A": [float(x) for x in freq], "ab_initio": [float(x) for x in curve_rec],
-                "oracle": [float(x) for x in curve_oracle]},
+        "oracle": {
+            "fsc_resolution_A": {f"{thr:g}": _finite(res_oracle[thr]) for thr in FSC_THRESHOLDS}
+        },
+        "fsc": {
+            "freq_1_per_A": [float(x) for x in freq],
+            "ab_initio": [float(x) for x in curve_rec],
+            "oracle": [float(x) for x in curve_oracle],
+        },
         "seconds": {**{k: round(v, 2) for k, v in timings.items()}, "total": round(wall, 2)},
-        "files": {"particles": str(data_dir / "particles.star"), "truth": str(data_dir / "truth.mrc"),
-                  "run": str(run_dir), "reconstruction": str(run_dir / "volume.mrc"),
-                  "reconstruction_aligned": str(aligned_path), "oracle": str(oracle_path), "fsc_plot": str(png)},
+        "files": {
+            "particles": str(data_dir / "particles.star"),
+            "truth": str(data_dir / "truth.mrc"),
+            "run": str(run_dir),
+            "reconstruction": str(run_dir / "volume.mrc"),
+            "reconstruction_aligned": str(aligned_path),
+            "oracle": str(oracle_path),
+            "fsc_plot": str(png),
+        },
     }
     tmp = out / f".demo.json.tmp{os.getpid()}"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -218,16 +324,26 @@ def run(args) -> int:
     def fmt(x):
         return f"{x:6.1f} Å" if math.isfinite(x) else "     n/a"
 
-    print(f"cryorecon demo ({mode}): GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/pixel, SNR {s.snr:g}"
-          f" (Nyquist {2 * s.apix:g} Å)")
-    print(f"  reconstruction: {summary['iterations']} iterations in {summary['seconds']:.0f} s "
-          f"(stopped: {summary['reason']})")
+    print(
+        f"cryorecon demo ({mode}): GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/pixel, SNR {s.snr:g}"
+        f" (Nyquist {2 * s.apix:g} Å)"
+    )
+    print(
+        f"  reconstruction: {summary['iterations']} iterations in {summary['seconds']:.0f} s "
+        f"(stopped: {summary['reason']})"
+    )
     print("  resolution vs truth        FSC 0.5    FSC 0.143")
     print(f"  ab initio (aligned)       {fmt(res_rec[0.5])}   {fmt(res_rec[0.143])}")
     print(f"  oracle (true poses)       {fmt(res_oracle[0.5])}   {fmt(res_oracle[0.143])}")
-    print(f"  wall time: {wall:.0f} s  (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
-    print(f"  files: {aligned_path}, {oracle_path}, {png}, {out / 'demo.json'}; run folder {run_dir}"
-          f" (report: {run_dir / 'report.html'})")
+    print(
+        f"  wall time: {wall:.0f} s  ("
+        + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        + ")"
+    )
+    print(
+        f"  files: {aligned_path}, {oracle_path}, {png}, {out / 'demo.json'}; run folder {run_dir}"
+        f" (report: {run_dir / 'report.html'})"
+    )
     print(f"  look: chimerax {data_dir / 'truth.mrc'} {aligned_path}")
     return 0
 

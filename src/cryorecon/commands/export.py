@@ -23,11 +23,13 @@ POSE_KEYS = ("eulers_deg", "shifts_A", "max_prob", "subset", "class_number")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a run's poses as RELION particles.star (and cryoSPARC .cs)",
+        "export",
+        help="write a run's poses as RELION particles.star (and cryoSPARC .cs)",
         description="Write the poses a reconstruction run found as RUN/particles.star (RELION "
         "3.1+, every input column kept, for relion_reconstruct or relion_refine) and, when the "
         "input was a cryoSPARC .cs, RUN/particles.cs. Particles the run never visited are left "
-        "out.")
+        "out.",
+    )
     p.add_argument("run", metavar="RUN", help="run folder (holds run.json and poses.npz)")
     p.add_argument("-o", "--out", metavar="DIR", default=None, help="output folder (default RUN)")
     p.add_argument("--force", action="store_true", help="overwrite existing exported files")
@@ -54,8 +56,10 @@ def load_run_poses(run_dir: Path) -> tuple[Path, dict]:
     except Exception as exc:
         raise InputError(f"{poses_path}: unreadable ({' '.join(str(exc).split())})") from exc
     if "eulers_deg" not in poses or "shifts_A" not in poses:
-        raise InputError(f"{poses_path}: holds no per-particle poses (eulers_deg, shifts_A); "
-                         "written by a cryorecon without pose export")
+        raise InputError(
+            f"{poses_path}: holds no per-particle poses (eulers_deg, shifts_A); "
+            "written by a cryorecon without pose export"
+        )
     return source, poses
 
 
@@ -63,8 +67,10 @@ def run(args) -> int:
     run_dir = Path(args.run)
     source, poses = load_run_poses(run_dir)
     if not source.is_file():
-        raise InputError(f"{run_dir / 'run.json'}: the particle file {source} is not found from "
-                         "here (run export from the folder the run was started in)")
+        raise InputError(
+            f"{run_dir / 'run.json'}: the particle file {source} is not found from "
+            "here (run export from the folder the run was started in)"
+        )
     particles = read_particles(source, require_ctf=False, check_images=False, datadir=args.datadir)
     for path in export_poses(particles, poses, args.out or run_dir, overwrite=args.force):
         print(path)

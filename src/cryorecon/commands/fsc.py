@@ -26,11 +26,23 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("fsc", help=HELP, description=HELP)
     p.add_argument("map_a", metavar="A.mrc", help="first map")
     p.add_argument("map_b", metavar="B.mrc", help="second map (same box and voxel size)")
-    p.add_argument("-o", "--output", "--out", dest="output", metavar="PREFIX", default=None,
-                   help="write PREFIX.json and PREFIX.png (default: 'fsc' next to B.mrc)")
-    p.add_argument("--mask-radius", type=positive(), default=None, metavar="Å",
-                   help="apply a soft spherical mask of this radius (Å, about the box centre, "
-                        "cosine edge of 3 voxels) to both maps first")
+    p.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        dest="output",
+        metavar="PREFIX",
+        default=None,
+        help="write PREFIX.json and PREFIX.png (default: 'fsc' next to B.mrc)",
+    )
+    p.add_argument(
+        "--mask-radius",
+        type=positive(),
+        default=None,
+        metavar="Å",
+        help="apply a soft spherical mask of this radius (Å, about the box centre, "
+        "cosine edge of 3 voxels) to both maps first",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(func=run)
 
@@ -38,11 +50,15 @@ def register(subparsers) -> None:
 def check_same_grid(path_a, shape_a, apix_a, path_b, shape_b, apix_b) -> None:
     """Raise :class:`InputError` unless two maps have the same cubic box and voxel size."""
     if shape_a != shape_b:
-        raise InputError(f"box sizes differ: {path_a} is {tuple(shape_a)}, {path_b} is {tuple(shape_b)}")
+        raise InputError(
+            f"box sizes differ: {path_a} is {tuple(shape_a)}, {path_b} is {tuple(shape_b)}"
+        )
     if len(set(shape_a)) != 1:
         raise InputError(f"{path_a}: expected a cubic map, found shape {tuple(shape_a)}")
     if not math.isclose(apix_a, apix_b, rel_tol=1e-3):
-        raise InputError(f"voxel sizes differ: {path_a} has {apix_a:.4f} Å, {path_b} has {apix_b:.4f} Å")
+        raise InputError(
+            f"voxel sizes differ: {path_a} has {apix_a:.4f} Å, {path_b} has {apix_b:.4f} Å"
+        )
 
 
 def _json_float(x: float):

@@ -26,8 +26,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("particles", help="RELION .star (3.0, 3.1, 4, 5) or cryoSPARC .cs file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--no-stacks", action="store_true",
-                   help="do not open the image stacks (metadata only; for files whose stacks are elsewhere)")
+    p.add_argument(
+        "--no-stacks",
+        action="store_true",
+        help="do not open the image stacks (metadata only; for files whose stacks are elsewhere)",
+    )
     add_datadir_argument(p)
     p.set_defaults(func=run)
 
@@ -49,11 +52,18 @@ def summarize(ps: ParticleSet, stacks_checked: bool = True) -> dict:
     names = ps.meta.get("optics_names", {}) or {}
     optics = []
     for g, c, i in zip(groups, counts, first):
-        entry = {"group": int(g), "name": names.get(int(g), ""), "particles": int(c),
-                 "pixel_size_A": float(ps.apix[i])}
+        entry = {
+            "group": int(g),
+            "name": names.get(int(g), ""),
+            "particles": int(c),
+            "pixel_size_A": float(ps.apix[i]),
+        }
         if ps.ctf:
-            entry.update(voltage_kV=float(ps.ctf["voltage"][i]), cs_mm=float(ps.ctf["cs"][i]),
-                         amp_contrast=float(ps.ctf["amp_contrast"][i]))
+            entry.update(
+                voltage_kV=float(ps.ctf["voltage"][i]),
+                cs_mm=float(ps.ctf["cs"][i]),
+                amp_contrast=float(ps.ctf["amp_contrast"][i]),
+            )
         optics.append(entry)
     ctf = None
     if ps.ctf:
@@ -101,10 +111,14 @@ def _fmt(values) -> str:
 
 
 def format_text(info: dict, max_groups: int = 20) -> str:
-    lines = [f"{info['source']} ({info['format']})",
-             f"particles      {info['particles']}",
-             f"box            {info['box']} px" if info["box"] else "box            unknown (stacks not read)",
-             f"pixel size     {_fmt(info['pixel_size_A'])} Å"]
+    lines = [
+        f"{info['source']} ({info['format']})",
+        f"particles      {info['particles']}",
+        f"box            {info['box']} px"
+        if info["box"]
+        else "box            unknown (stacks not read)",
+        f"pixel size     {_fmt(info['pixel_size_A'])} Å",
+    ]
     groups = info["optics_groups"]
     lines.append(f"optics groups  {len(groups)}")
     for g in groups[:max_groups]:
@@ -118,13 +132,17 @@ def format_text(info: dict, max_groups: int = 20) -> str:
     if c is None:
         lines.append("CTF            absent or incomplete")
     else:
-        lines += [f"defocus        {c['defocus_um'][0]:g} - {c['defocus_um'][1]:g} µm "
-                  f"(angle {c['defocus_angle_deg'][0]:g} - {c['defocus_angle_deg'][1]:g}°)",
-                  f"voltage        {_fmt(c['voltage_kV'])} kV",
-                  f"Cs             {_fmt(c['cs_mm'])} mm",
-                  f"amp. contrast  {_fmt(c['amp_contrast'])}"]
+        lines += [
+            f"defocus        {c['defocus_um'][0]:g} - {c['defocus_um'][1]:g} µm "
+            f"(angle {c['defocus_angle_deg'][0]:g} - {c['defocus_angle_deg'][1]:g}°)",
+            f"voltage        {_fmt(c['voltage_kV'])} kV",
+            f"Cs             {_fmt(c['cs_mm'])} mm",
+            f"amp. contrast  {_fmt(c['amp_contrast'])}",
+        ]
         if c["phase_shift_deg"] != [0.0, 0.0]:
-            lines.append(f"phase shift    {c['phase_shift_deg'][0]:g} - {c['phase_shift_deg'][1]:g}°")
+            lines.append(
+                f"phase shift    {c['phase_shift_deg'][0]:g} - {c['phase_shift_deg'][1]:g}°"
+            )
     poses = "yes" if info["poses"] else "no"
     if info["shifts"]:
         poses += f" (shifts {info['shift_range_A'][0]:g} to {info['shift_range_A'][1]:g} Å)"

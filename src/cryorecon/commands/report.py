@@ -18,23 +18,52 @@ HELP = "write the HTML run report (plots, slices, isosurfaces, FSC) of a run fol
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help=HELP, description=HELP + (
-        ". The report is rebuilt during a run as well; this command rebuilds it on demand, e.g. to add "
-        "an FSC against a reference."))
+    p = subparsers.add_parser(
+        "report",
+        help=HELP,
+        description=HELP
+        + (
+            ". The report is rebuilt during a run as well; this command rebuilds it on demand, e.g. to add "
+            "an FSC against a reference."
+        ),
+    )
     p.add_argument("run", metavar="RUN", help="run folder written by 'cryorecon reconstruct'")
-    p.add_argument("--reference", metavar="REF.mrc", default=None,
-                   help="reference map (same box and voxel size) for an FSC section")
-    p.add_argument("--align", action="store_true",
-                   help="align the map to the reference (rotation, shift, hand) before the FSC; takes tens of "
-                        "seconds (default: FSC as is, assuming the maps are aligned)")
-    p.add_argument("--level", type=float, default=None,
-                   help="isosurface level (default: automatic, encloses the volume of --mass, or "
-                        "else 20%% of the particle's sphere)")
-    p.add_argument("--mass", type=positive(), default=None, metavar="KDA",
-                   help="the molecule's mass in kDa: the automatic isosurface level encloses its "
-                        "volume (1.21 Å^3 per dalton)")
-    p.add_argument("-o", "--output", "--out", dest="output", metavar="HTML", default=None,
-                   help="output file (default RUN/report.html)")
+    p.add_argument(
+        "--reference",
+        metavar="REF.mrc",
+        default=None,
+        help="reference map (same box and voxel size) for an FSC section",
+    )
+    p.add_argument(
+        "--align",
+        action="store_true",
+        help="align the map to the reference (rotation, shift, hand) before the FSC; takes tens of "
+        "seconds (default: FSC as is, assuming the maps are aligned)",
+    )
+    p.add_argument(
+        "--level",
+        type=float,
+        default=None,
+        help="isosurface level (default: automatic, encloses the volume of --mass, or "
+        "else 20%% of the particle's sphere)",
+    )
+    p.add_argument(
+        "--mass",
+        type=positive(),
+        default=None,
+        metavar="KDA",
+        help="the molecule's mass in kDa: the automatic isosurface level encloses its "
+        "volume (1.21 Å^3 per dalton)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        "--out",
+        dest="output",
+        metavar="HTML",
+        default=None,
+        help="output file (default RUN/report.html)",
+    )
     p.set_defaults(func=run)
 
 
@@ -59,8 +88,18 @@ def run(args) -> int:
             vol, apix = read_map(vol_path)
             check_same_grid(args.reference, ref.shape, ref_apix, vol_path, vol.shape, apix)
     mass_da = None if args.mass is None else 1e3 * args.mass
-    out = write_report(run_dir, reference=args.reference, out=args.output, align=args.align,
-                       level=args.level, mass_da=mass_da)
+    out = write_report(
+        run_dir,
+        reference=args.reference,
+        out=args.output,
+        align=args.align,
+        level=args.level,
+        mass_da=mass_da,
+    )
     size = out.stat().st_size
-    print(f"wrote {out} ({size / 1024 / 1024:.1f} MiB)" if size >= 1024 * 1024 else f"wrote {out} ({size / 1024:.0f} KiB)")
+    print(
+        f"wrote {out} ({size / 1024 / 1024:.1f} MiB)"
+        if size >= 1024 * 1024
+        else f"wrote {out} ({size / 1024:.0f} KiB)"
+    )
     return 0

@@ -94,9 +94,20 @@ def ctf_2d(
     f = freqs.to(torch.float64)
     if f.ndim < 2 or f.shape[-1] != 2:
         raise ValueError(f"freqs must be (M, 2) or (..., N, M, 2), got {tuple(freqs.shape)}")
-    params = [_param(p, device) for p in (defocus_u, defocus_v, defocus_angle_deg, voltage_kv,
-                                                   cs_mm, amp_contrast, phase_shift_deg, bfactor,
-                                                   scale)]
+    params = [
+        _param(p, device)
+        for p in (
+            defocus_u,
+            defocus_v,
+            defocus_angle_deg,
+            voltage_kv,
+            cs_mm,
+            amp_contrast,
+            phase_shift_deg,
+            bfactor,
+            scale,
+        )
+    ]
     params = torch.broadcast_tensors(*params)
     du, dv, ang, kv, cs, q0, ps, bf, sc = (p.unsqueeze(-1) for p in params)  # (N, 1)
     if torch.any(q0 < 0) or torch.any(q0 >= 1):
@@ -104,7 +115,7 @@ def ctf_2d(
 
     lam = electron_wavelength(kv)
     k1 = math.pi * lam
-    k2 = 0.5 * math.pi * (cs * 1e7) * lam ** 3
+    k2 = 0.5 * math.pi * (cs * 1e7) * lam**3
     k3 = torch.atan(q0 / torch.sqrt(1.0 - q0 * q0))
     k5 = torch.deg2rad(ps)
 
@@ -143,6 +154,10 @@ def ctf_from_dict(ctf: Mapping, idx, freqs: torch.Tensor) -> torch.Tensor:
     missing = [k for k, a in zip(required, args) if a is None]
     if missing:
         raise KeyError(f"CTF dict lacks {missing}")
-    return ctf_2d(freqs, *args,
-                  phase_shift_deg=_get(ctf, "phase_shift", idx, 0.0),
-                  bfactor=_get(ctf, "bfactor", idx, 0.0), scale=_get(ctf, "scale", idx, 1.0))
+    return ctf_2d(
+        freqs,
+        *args,
+        phase_shift_deg=_get(ctf, "phase_shift", idx, 0.0),
+        bfactor=_get(ctf, "bfactor", idx, 0.0),
+        scale=_get(ctf, "scale", idx, 1.0),
+    )

@@ -56,7 +56,7 @@ def spectrum_from_volume(volume: torch.Tensor, oversample: int = 2) -> torch.Ten
     i = _embed_index(D, P, volume.device)
     padded = torch.zeros((P, P, P), dtype=volume.dtype, device=volume.device)
     padded[i[:, None, None], i[None, :, None], i[None, None, :]] = v
-    return torch.fft.fftn(padded, norm="ortho") * (P ** 1.5 / D)
+    return torch.fft.fftn(padded, norm="ortho") * (P**1.5 / D)
 
 
 def spectrum_adjoint_to_volume(spec: torch.Tensor, D: int) -> torch.Tensor:
@@ -66,7 +66,7 @@ def spectrum_adjoint_to_volume(spec: torch.Tensor, D: int) -> torch.Tensor:
     """
     P = spec.shape[-1]
     i = _embed_index(D, P, spec.device)
-    back = torch.fft.ifftn(spec, norm="ortho").real * (P ** 1.5 / D)
+    back = torch.fft.ifftn(spec, norm="ortho").real * (P**1.5 / D)
     v = back[i[:, None, None], i[None, :, None], i[None, None, :]]
     return v / premultiplier(D, P, device=spec.device, dtype=v.dtype)
 
@@ -75,7 +75,7 @@ def volume_from_spectrum(spec: torch.Tensor, D: int) -> torch.Tensor:
     """Inverse of :func:`spectrum_from_volume` on its range: (P,P,P) -> real (D,D,D)."""
     P = spec.shape[-1]
     i = _embed_index(D, P, spec.device)
-    back = torch.fft.ifftn(spec, norm="ortho").real * (D / P ** 1.5)
+    back = torch.fft.ifftn(spec, norm="ortho").real * (D / P**1.5)
     v = back[i[:, None, None], i[None, :, None], i[None, None, :]]
     return v * premultiplier(D, P, device=spec.device, dtype=v.dtype)
 
@@ -129,38 +129,48 @@ class SliceOperator:
     Work is chunked over rotations (``chunk`` at a time) to bound the temporaries.
     """
 
-    def __init__(self, rotations: torch.Tensor, freqs_px: torch.Tensor, D: int,
-                 oversample: int = 2, cache_bytes: int = 2 ** 31, _cache=None):
+    def __init__(
+        self,
+        rotations: torch.Tensor,
+        freqs_px: torch.Tensor,
+        D: int,
+        oversample: int = 2,
+        cache_bytes: int = 2**31,
+        _cache=None,
+    ):
         self.rotations = rotations
         self.freqs_px = freqs_px
         self.cache_bytes = cache_bytes
         self.D, self.oversample, self.P = D, oversample, oversample * D
         J, M = rotations.shape[0], freqs_px.shape[0]
-        self.chunk = max(1, 2 ** 22 // max(1, 8 * M))
+        self.chunk = max(1, 2**22 // max(1, 8 * M))
         self._cache = _cache  # (flat (J, M, 8) int32 or int64, w (J, M, 8) float32) or None
-        index_dtype = torch.int32 if self.P ** 3 < 2 ** 31 else torch.int64
+        index_dtype = torch.int32 if self.P**3 < 2**31 else torch.int64
         if self._cache is None and J * M * 8 * (index_dtype.itemsize + 4) <= cache_bytes:
             parts = [self._compute(r) for r in range(0, J, self.chunk)]
             if len(parts) == 1:
                 self._cache = (parts[0][0].to(index_dtype), parts[0][1])
             else:
-                self._cache = (torch.cat([f.to(index_dtype) for f, _ in parts], 0),
-                               torch.cat([w for _, w in parts], 0))
+                self._cache = (
+                    torch.cat([f.to(index_dtype) for f, _ in parts], 0),
+                    torch.cat([w for _, w in parts], 0),
+                )
 
     def subset(self, rows: torch.Tensor) -> SliceOperator:
         """The operator for ``rotations[rows]``, indexing the cached set-up."""
         rows = rows.to(self.rotations.device)
         cache = None if self._cache is None else (self._cache[0][rows], self._cache[1][rows])
-        return SliceOperator(self.rotations[rows], self.freqs_px, self.D, self.oversample,
-                             self.cache_bytes, cache)
+        return SliceOperator(
+            self.rotations[rows], self.freqs_px, self.D, self.oversample, self.cache_bytes, cache
+        )
 
     def _compute(self, r: int):
-        rot = self.rotations[r:r + self.chunk]
+        rot = self.rotations[r : r + self.chunk]
         return _trilinear_setup(rot, self.freqs_px, self.P, self.oversample)
 
     def _setup(self, r: int):
         if self._cache is not None:
-            return self._cache[0][r:r + self.chunk], self._cache[1][r:r + self.chunk]
+            return self._cache[0][r : r + self.chunk], self._cache[1][r : r + self.chunk]
         return self._compute(r)
 
     def slice(self, spec: torch.Tensor) -> torch.Tensor:
@@ -181,11 +191,11 @@ class SliceOperator:
         returns it.
         """
         if out is None:
-            out = torch.zeros(self.P ** 3, dtype=coeffs.dtype, device=coeffs.device)
+            out = torch.zeros(self.P**3, dtype=coeffs.dtype, device=coeffs.device)
         flat_out = out.view(-1)
         for r in range(0, self.rotations.shape[0], self.chunk):
             flat, w = self._setup(r)
-            c = coeffs[r:r + self.chunk]
+            c = coeffs[r : r + self.chunk]
             vals = (c[..., None] * w.to(c.real.dtype)).reshape(-1)
             flat_out.index_add_(0, flat.reshape(-1), vals)
         return flat_out.view(self.P, self.P, self.P)
@@ -198,9 +208,14 @@ def full_freqs_px(D: int, device=None) -> torch.Tensor:
     return torch.stack([kx.reshape(-1), ky.reshape(-1)], -1)
 
 
-def project(volume: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tensor | None = None,
-            oversample: int = 2, spectrum: torch.Tensor | None = None,
-            batch_size: int = 256) -> torch.Tensor:
+def project(
+    volume: torch.Tensor,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor | None = None,
+    oversample: int = 2,
+    spectrum: torch.Tensor | None = None,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Real-space projections (line integrals) of ``volume`` at ``rotations``, shifted.
 
     ``shifts_px`` (N, 2) as (x, y) pixels is the paper's translation ``t`` (Eq. 1): it moves
@@ -216,9 +231,9 @@ def project(volume: torch.Tensor, rotations: torch.Tensor, shifts_px: torch.Tens
     freqs = full_freqs_px(D, device=volume.device)
     out = []
     for s in range(0, rotations.shape[0], batch_size):
-        R = rotations[s:s + batch_size]
+        R = rotations[s : s + batch_size]
         coeffs = SliceOperator(R, freqs, D, oversample, cache_bytes=0).slice(spectrum)
         if shifts_px is not None:
-            coeffs = coeffs * phase_shift(freqs / D, shifts_px[s:s + batch_size].to(freqs))
+            coeffs = coeffs * phase_shift(freqs / D, shifts_px[s : s + batch_size].to(freqs))
         out.append(ifft2c(coeffs.reshape(-1, D, D)).real)
     return torch.cat(out, 0)

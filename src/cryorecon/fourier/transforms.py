@@ -80,7 +80,7 @@ class HalfPlane:
         k = torch.arange(D, device=device) - D // 2
         ky, kx = torch.meshgrid(k, k, indexing="ij")
         r2 = (kx * kx + ky * ky).double()
-        inside = r2 < self.radius ** 2
+        inside = r2 < self.radius**2
         inside &= (kx > -D // 2) & (ky > -D // 2)
         half = (ky > 0) | ((ky == 0) & (kx >= 0))
         mask = inside & half
@@ -107,7 +107,7 @@ class HalfPlane:
         D = self.D
         out = torch.zeros(*coeffs.shape[:-1], D * D, dtype=coeffs.dtype, device=coeffs.device)
         out[..., self.flat] = coeffs
-        mirror = ((-self.ky + D // 2) * D + (-self.kx + D // 2))
+        mirror = (-self.ky + D // 2) * D + (-self.kx + D // 2)
         out[..., mirror] = coeffs.conj()
         return out.reshape(*coeffs.shape[:-1], D, D)
 

@@ -18,7 +18,9 @@ import torch
 
 def euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
     """RELION ``Euler_angles2matrix``: ZYZ angles in radians (broadcastable) -> (..., 3, 3)."""
-    rot, tilt, psi = torch.broadcast_tensors(torch.as_tensor(rot), torch.as_tensor(tilt), torch.as_tensor(psi))
+    rot, tilt, psi = torch.broadcast_tensors(
+        torch.as_tensor(rot), torch.as_tensor(tilt), torch.as_tensor(psi)
+    )
     ca, sa = torch.cos(rot), torch.sin(rot)
     cb, sb = torch.cos(tilt), torch.sin(tilt)
     cg, sg = torch.cos(psi), torch.sin(psi)
@@ -56,7 +58,9 @@ def matrix_to_euler(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rot, tilt, psi
 
 
-def random_rotations(n: int, generator: torch.Generator | None = None, dtype=torch.float64) -> torch.Tensor:
+def random_rotations(
+    n: int, generator: torch.Generator | None = None, dtype=torch.float64
+) -> torch.Tensor:
     """``n`` rotations uniform on SO(3) (Haar measure), from uniform random unit quaternions."""
     q = torch.randn(n, 4, generator=generator, dtype=dtype)
     q = q / q.norm(dim=-1, keepdim=True)

@@ -33,8 +33,15 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["SymmetryGroup", "parse_symmetry", "axis_rotation", "VALID_FORMS", "direction_mask",
-           "asymmetric_unit_mask", "asymmetric_unit_grid"]
+__all__ = [
+    "SymmetryGroup",
+    "parse_symmetry",
+    "axis_rotation",
+    "VALID_FORMS",
+    "direction_mask",
+    "asymmetric_unit_mask",
+    "asymmetric_unit_grid",
+]
 
 VALID_FORMS = "C1, Cn, Ci, Cs, Dn (n >= 2), T, O, I, I1, I2, I3, I4"
 
@@ -64,8 +71,10 @@ class SymmetryGroup:
     def require_proper(self, what: str) -> None:
         """Raise :class:`InputError` if the group has improper operators."""
         if not self.proper:
-            raise InputError(f"{what} needs a rotation group; {self.name} has mirror operators "
-                             "(maps of proteins are chiral)")
+            raise InputError(
+                f"{what} needs a rotation group; {self.name} has mirror operators "
+                "(maps of proteins are chiral)"
+            )
 
     def torch(self, dtype=None, device=None):
         """The operators as a torch tensor ``(order, 3, 3)`` (float64 unless ``dtype``)."""
@@ -144,8 +153,10 @@ def parse_symmetry(name: str) -> SymmetryGroup:
     if m:
         n = int(m.group(2))
         if n < 1 or (m.group(1) == "D" and n < 2):
-            raise _bad(name, f" (the order of {m.group(1)}n must be at least "
-                             f"{1 if m.group(1) == 'C' else 2})")
+            raise _bad(
+                name,
+                f" (the order of {m.group(1)}n must be at least {1 if m.group(1) == 'C' else 2})",
+            )
         if m.group(1) == "C":
             ops = _close([_fold(z, n)], n) if n > 1 else np.eye(3)[None]
             return SymmetryGroup(f"C{n}", ops)
@@ -155,8 +166,9 @@ def parse_symmetry(name: str) -> SymmetryGroup:
     if key == "CS":
         return SymmetryGroup("Cs", np.stack([np.eye(3), np.diag([1.0, 1.0, -1.0])]))
     if key == "T":
-        return SymmetryGroup("T", _close([_fold(z, 3), _fold((0, math.sqrt(2 / 3),
-                                                               math.sqrt(1 / 3)), 2)], 12))
+        return SymmetryGroup(
+            "T", _close([_fold(z, 3), _fold((0, math.sqrt(2 / 3), math.sqrt(1 / 3)), 2)], 12)
+        )
     if key == "O":
         return SymmetryGroup("O", _close([_fold(z, 4), _fold((1, 1, 1), 3)], 24))
     m = re.fullmatch(r"I([1-4]?)", key)
@@ -164,8 +176,10 @@ def parse_symmetry(name: str) -> SymmetryGroup:
         setting = int(m.group(1) or 2)
         return SymmetryGroup("I" + (m.group(1) or ""), _icosahedral(setting))
     if _IMPROPER.match(key):
-        raise InputError(f"improper symmetry {name!r} (with mirrors) is not supported: maps of "
-                         f"proteins are chiral; valid forms: {VALID_FORMS}")
+        raise InputError(
+            f"improper symmetry {name!r} (with mirrors) is not supported: maps of "
+            f"proteins are chiral; valid forms: {VALID_FORMS}"
+        )
     raise _bad(name)
 
 
@@ -210,7 +224,7 @@ def direction_mask(directions, group) -> torch.Tensor:
     return s1[:, 0] >= s1.max(dim=1).values - _TIE
 
 
-def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> torch.Tensor:
+def asymmetric_unit_mask(rotations, group, chunk: int = 2**16) -> torch.Tensor:
     """Poses ``A`` (N, 3, 3) that form one representative per symmetry orbit: (N,) bool.
 
     **Which side.** RELION's pose ``A`` puts image point ``(x, y)`` at ``A^T (x, y, z)`` in the
@@ -244,9 +258,9 @@ def asymmetric_unit_mask(rotations, group, chunk: int = 2 ** 16) -> torch.Tensor
     out = torch.empty(R.shape[0], dtype=torch.bool, device=R.device)
     step = max(1, chunk // G.order)
     for i in range(0, R.shape[0], step):
-        s1, s2 = _keys(R[i:i + step], G)
+        s1, s2 = _keys(R[i : i + step], G)
         better = (s1 > s1[:, :1] + _TIE) | ((s1 >= s1[:, :1] - _TIE) & (s2 > s2[:, :1]))
-        out[i:i + step] = ~better.any(dim=1)
+        out[i : i + step] = ~better.any(dim=1)
     return out
 
 

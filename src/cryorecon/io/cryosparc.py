@@ -67,11 +67,16 @@ def cs_pose_to_relion(pose: np.ndarray) -> np.ndarray:
     """cryoSPARC axis-angle poses (N, 3) -> RELION matrices A (N, 3, 3) = R(pose)^T."""
     from scipy.spatial.transform import Rotation
 
-    return Rotation.from_rotvec(np.asarray(pose, dtype=np.float64).reshape(-1, 3)).as_matrix().transpose(0, 2, 1)
+    return (
+        Rotation.from_rotvec(np.asarray(pose, dtype=np.float64).reshape(-1, 3))
+        .as_matrix()
+        .transpose(0, 2, 1)
+    )
 
 
-def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
-                      datadir: str | os.PathLike | None = None) -> dict:
+def read_cs_particles(
+    path: str | os.PathLike, require_ctf: bool = True, datadir: str | os.PathLike | None = None
+) -> dict:
     """Parse a cryoSPARC ``.cs`` particle file; same dict layout as
     :func:`cryorecon.io.star.read_star_particles` (stacks found as :mod:`cryorecon.io.paths`
     says; a leading ``>`` is dropped)."""
@@ -87,7 +92,9 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
 
     raw_paths = pd.Series(cs["blob/path"])
     codes, uniques = pd.factorize(raw_paths, sort=False)
-    stack_names = [u.decode("utf-8", "replace") if isinstance(u, bytes) else str(u) for u in uniques]
+    stack_names = [
+        u.decode("utf-8", "replace") if isinstance(u, bytes) else str(u) for u in uniques
+    ]
     slice_index = cs["blob/idx"].astype(np.int64)
     image_names = None  # built on demand by ParticleSet for messages
 
@@ -119,7 +126,9 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
         ctf = {}
 
     angles = shifts = None
-    pose_key = next((k for k in ("alignments3D/pose", "alignments_class_0/pose") if k in fields), None)
+    pose_key = next(
+        (k for k in ("alignments3D/pose", "alignments_class_0/pose") if k in fields), None
+    )
     if pose_key is not None:
         import torch
 
@@ -146,14 +155,18 @@ def read_cs_particles(path: str | os.PathLike, require_ctf: bool = True,
             ns = shape[:, 0] != shape[:, 1]
             if ns.any():
                 i = int(np.flatnonzero(ns)[0])
-                raise InputError(f"{path}: particle {i}: non-square image, blob/shape {tuple(shape[i])}")
+                raise InputError(
+                    f"{path}: particle {i}: non-square image, blob/shape {tuple(shape[i])}"
+                )
         box = shape[:, -1]
 
     subset = None
     if "alignments3D/split" in fields:
         from .star import _half_sets
 
-        subset = _half_sets(path, cs["alignments3D/split"].astype(np.int64) + 1, "alignments3D/split")
+        subset = _half_sets(
+            path, cs["alignments3D/split"].astype(np.int64) + 1, "alignments3D/split"
+        )
 
     datadir = check_datadir(datadir)
     resolved = [find_stack(s, path.parent, datadir) for s in stack_names]

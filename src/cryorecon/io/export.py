@@ -58,8 +58,13 @@ FLOAT_FORMAT = "%.12g"  # every digit of RELION's %12.6f and of float32 survives
 
 def check_poses(poses: dict, n: int, where: str = "poses") -> dict:
     """The pose arrays of ``poses`` as float64/int64 NumPy, checked against ``n`` particles."""
-    shapes = {"eulers_deg": (n, 3), "shifts_A": (n, 2), "max_prob": (n,), "subset": (n,),
-              "class_number": (n,)}
+    shapes = {
+        "eulers_deg": (n, 3),
+        "shifts_A": (n, 2),
+        "max_prob": (n,),
+        "subset": (n,),
+        "class_number": (n,),
+    }
     out = {}
     for key, shape in shapes.items():
         if key not in poses or poses[key] is None:
@@ -68,8 +73,9 @@ def check_poses(poses: dict, n: int, where: str = "poses") -> dict:
             continue
         a = np.asarray(poses[key])
         if a.shape != shape:
-            raise InputError(f"{where}: {key} has shape {a.shape}, expected {shape} for "
-                             f"{n} particles")
+            raise InputError(
+                f"{where}: {key} has shape {a.shape}, expected {shape} for {n} particles"
+            )
         out[key] = a.astype(np.int64 if key in ("subset", "class_number") else np.float64)
     return out
 
@@ -92,8 +98,10 @@ def export_poses(particles, poses: dict, out_dir, overwrite: bool = False) -> li
     if not keep.any():
         raise InputError(f"no particle of {source} has a pose from this run yet; nothing to export")
     if not keep.all():
-        log.warning(f"export: {int((~keep).sum())} of {n} particles have no pose from this run "
-                    "(never visited); they are left out")
+        log.warning(
+            f"export: {int((~keep).sum())} of {n} particles have no pose from this run "
+            "(never visited); they are left out"
+        )
     if is_cs:
         from .cryosparc import load_cs
 
@@ -122,8 +130,10 @@ def _star_from_file(particles) -> dict[str, pd.DataFrame]:
     blocks = read_star_blocks(source)
     name, df = _particle_block(source, blocks)
     if len(df) != len(particles):
-        raise InputError(f"{source}: {len(df)} particle rows, but the particle set has "
-                         f"{len(particles)}; export needs the set as read from the file")
+        raise InputError(
+            f"{source}: {len(df)} particle rows, but the particle set has "
+            f"{len(particles)}; export needs the set as read from the file"
+        )
     df = df.reset_index(drop=True).copy()
     optics = blocks.get("optics")
     if optics is None or len(optics) == 0:
@@ -148,8 +158,10 @@ def _optics_table(particles) -> pd.DataFrame:
     """RELION 3.1 ``data_optics`` rows for the particles' optics groups."""
     groups, first = _group_firsts(particles)
     if particles.D <= 0:
-        raise InputError(f"{particles.source}: box size unknown (no stack found; give --datadir) "
-                         "but RELION's data_optics needs rlnImageSize")
+        raise InputError(
+            f"{particles.source}: box size unknown (no stack found; give --datadir) "
+            "but RELION's data_optics needs rlnImageSize"
+        )
     names = particles.meta.get("optics_names", {}) or {}
     cols = {
         "rlnOpticsGroup": groups.astype(np.int64),
@@ -159,8 +171,11 @@ def _optics_table(particles) -> pd.DataFrame:
         "rlnImageDimensionality": np.full(len(groups), 2, dtype=np.int64),
     }
     ctf = particles.ctf
-    for label, key in (("rlnVoltage", "voltage"), ("rlnSphericalAberration", "cs"),
-                       ("rlnAmplitudeContrast", "amp_contrast")):
+    for label, key in (
+        ("rlnVoltage", "voltage"),
+        ("rlnSphericalAberration", "cs"),
+        ("rlnAmplitudeContrast", "amp_contrast"),
+    ):
         if key in ctf:
             cols[label] = np.asarray(ctf[key])[first]
     return pd.DataFrame(cols)
@@ -188,11 +203,14 @@ def _star_from_particles(particles) -> dict[str, pd.DataFrame]:
     for s, (stack, name) in enumerate(zip(particles.stacks, particles.stack_names)):
         found = Path(stack).is_file()
         paths.append(os.path.abspath(stack) if found else name.lstrip(">"))
-    names = [f"{int(i) + 1:06d}@{paths[int(s)]}"
-             for i, s in zip(particles.slice_index, particles.stack_index)]
+    names = [
+        f"{int(i) + 1:06d}@{paths[int(s)]}"
+        for i, s in zip(particles.slice_index, particles.stack_index)
+    ]
     ctf = {k: np.asarray(v, dtype=np.float64) for k, v in particles.ctf.items()}
-    optics, df = relion31_tables(names, np.asarray(particles.apix, dtype=np.float64), ctf,
-                                 D=particles.D)
+    optics, df = relion31_tables(
+        names, np.asarray(particles.apix, dtype=np.float64), ctf, D=particles.D
+    )
     return {"optics": optics, "particles": df}
 
 
@@ -243,8 +261,11 @@ def cs_with_poses(cs: np.ndarray, p: dict) -> np.ndarray:
     when absent); every other field unchanged."""
     n = len(cs)
     keep = np.isfinite(p["eulers_deg"]).all(1)
-    new = {"alignments3D/pose": ("<f4", (3,)), "alignments3D/shift": ("<f4", (2,)),
-           "alignments3D/psize_A": ("<f4", ())}
+    new = {
+        "alignments3D/pose": ("<f4", (3,)),
+        "alignments3D/shift": ("<f4", (2,)),
+        "alignments3D/psize_A": ("<f4", ()),
+    }
     split = "subset" in p and np.isin(p["subset"][keep], (1, 2)).all()
     if split:
         new["alignments3D/split"] = ("<u4", ())

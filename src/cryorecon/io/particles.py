@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import mrcfile
 import numpy as np
@@ -87,15 +87,21 @@ def read_stack_header(path: str | os.PathLike) -> StackHeader:
     except Exception as exc:
         raise InputError(f"{path}: corrupt or unreadable MRC header ({one_line(exc)})") from exc
     if nx <= 0 or ny <= 0 or nz <= 0 or nsymbt < 0:
-        raise InputError(f"{path}: corrupt MRC header (nx, ny, nz = {nx}, {ny}, {nz}; nsymbt = {nsymbt})")
+        raise InputError(
+            f"{path}: corrupt MRC header (nx, ny, nz = {nx}, {ny}, {nz}; nsymbt = {nsymbt})"
+        )
     if dtype.kind == "c":
         raise InputError(f"{path}: complex MRC mode; expected real-valued images")
     offset = 1024 + nsymbt
     need = offset + nx * ny * nz * dtype.itemsize
     if size < need:
-        raise InputError(f"{path}: truncated MRC file ({size} bytes; the header describes "
-                         f"{nz} images of {ny}x{nx} {dtype.name}, {need} bytes)")
-    return StackHeader(path, nx, ny, nz, np.dtype(dtype), offset, vs if np.isfinite(vs) else 0.0, size)
+        raise InputError(
+            f"{path}: truncated MRC file ({size} bytes; the header describes "
+            f"{nz} images of {ny}x{nx} {dtype.name}, {need} bytes)"
+        )
+    return StackHeader(
+        path, nx, ny, nz, np.dtype(dtype), offset, vs if np.isfinite(vs) else 0.0, size
+    )
 
 
 def _header_for(who: str, path: Path) -> StackHeader:
@@ -152,7 +158,7 @@ class ParticleSet:
         """Box (pixels) of the images in the stack files; :attr:`D` is the box as read."""
         return int(self.stack_D or self.D)
 
-    def at_box(self, D: int) -> "ParticleSet":
+    def at_box(self, D: int) -> ParticleSet:
         """This set read at box ``D``: images Fourier-cropped from :attr:`stack_box` to ``D``
         as they are read, pixel sizes times ``stack_box / D`` (CTF and shifts are in physical
         units and stay). ``D`` even and at most the stacks' box; ``at_box(stack_box)`` reads
@@ -162,8 +168,10 @@ class ParticleSet:
         if not box:
             raise InputError(f"{self.source}: box size unknown (no stack read); cannot downsample")
         if D % 2 or D < 8 or D > box:
-            raise InputError(f"{self.source}: cannot downsample {box} px images to {D}: the "
-                             f"target box must be even, at least 8 and at most {box}")
+            raise InputError(
+                f"{self.source}: cannot downsample {box} px images to {D}: the "
+                f"target box must be even, at least 8 and at most {box}"
+            )
         out = self.subset(slice(None))
         out.apix = self.apix * (self.D / D)
         out.D = D
@@ -204,8 +212,10 @@ class ParticleSet:
             if h.nx != h.ny:
                 raise InputError(f"{who}: non-square images ({h.ny}x{h.nx}) in {h.path}")
             if self.stack_box and h.nx != self.stack_box:
-                raise InputError(f"{who}: box size {h.nx} in {h.path} differs from "
-                                 f"{self.stack_box} (mixed box sizes)")
+                raise InputError(
+                    f"{who}: box size {h.nx} in {h.path} differs from "
+                    f"{self.stack_box} (mixed box sizes)"
+                )
             self._headers[s] = h
         return h
 
@@ -263,18 +273,23 @@ class ParticleSet:
             s = int(st[group[0]])
             h = self.header(s)
             if h.nx != box:  # D unknown (0) when read without checks and no size in metadata
-                raise InputError(f"{self._where(idx[group[0]])}: box size {h.nx} differs "
-                                 f"from {box}")
+                raise InputError(
+                    f"{self._where(idx[group[0]])}: box size {h.nx} differs from {box}"
+                )
             rows = sl[group]
             beyond = rows >= h.nz
             if beyond.any():
                 j = idx[group[np.flatnonzero(beyond)[0]]]
-                raise InputError(f"{self._where(j)}: index beyond the stack {h.path} ({h.nz} images)")
+                raise InputError(
+                    f"{self._where(j)}: index beyond the stack {h.path} ({h.nz} images)"
+                )
             mm = self._map(s)
             try:
                 out[group] = mm[rows]
             except OSError as exc:
-                raise InputError(f"{self._where(idx[group[0]])}: cannot read {h.path} ({one_line(exc)})") from exc
+                raise InputError(
+                    f"{self._where(idx[group[0]])}: cannot read {h.path} ({one_line(exc)})"
+                ) from exc
         finite = np.isfinite(out).all(axis=(1, 2))
         if not finite.all():
             j = idx[np.flatnonzero(~finite)[0]]
@@ -283,17 +298,19 @@ class ParticleSet:
             np.negative(out, out=out)
         return out
 
-    def iter_batches(self, batch_size: int, idx=None, desc: str | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_batches(
+        self, batch_size: int, idx=None, desc: str | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(indices, images)`` in batches of ``batch_size``, with a progress bar."""
         idx = self._index(idx)
         batch_size = max(1, int(batch_size))
         with bar(total=len(idx), desc=desc or "images", unit="img") as pb:
             for a in range(0, len(idx), batch_size):
-                chunk = idx[a:a + batch_size]
+                chunk = idx[a : a + batch_size]
                 yield chunk, self.images(chunk)
                 pb.update(len(chunk))
 
-    def subset(self, idx) -> "ParticleSet":
+    def subset(self, idx) -> ParticleSet:
         """A new ParticleSet of the particles ``idx`` (sharing the stacks and their headers)."""
         idx = self._index(idx)
         return ParticleSet(
@@ -317,9 +334,13 @@ class ParticleSet:
 
 
 # --------------------------------------------------------------------------- reading
-def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_images: bool = True,
-                   datadir: str | os.PathLike | None = None,
-                   downsample: int | None = None) -> ParticleSet:
+def read_particles(
+    path: str | os.PathLike,
+    require_ctf: bool = True,
+    check_images: bool = True,
+    datadir: str | os.PathLike | None = None,
+    downsample: int | None = None,
+) -> ParticleSet:
     """Read a particle set from a RELION ``.star`` or cryoSPARC ``.cs`` file.
 
     ``datadir``: the folder the image names are relative to, looked at first (InputError if it
@@ -355,8 +376,10 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
 
         raw = read_cs_particles(path, require_ctf=require_ctf, datadir=datadir)
     else:
-        raise InputError(f"{path}: unknown particle file type {path.suffix or '(no suffix)'!r}; "
-                         "expected a RELION .star or cryoSPARC .cs file")
+        raise InputError(
+            f"{path}: unknown particle file type {path.suffix or '(no suffix)'!r}; "
+            "expected a RELION .star or cryoSPARC .cs file"
+        )
     n = raw["n"]
     stacks = [Path(p) for p in raw["stack_paths"]]
     ps = ParticleSet(
@@ -370,8 +393,12 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
         shifts=raw["shifts"],
         source=path,
         optics_group=np.asarray(raw["optics_group"], dtype=np.int64),
-        meta={"format": raw["format"], "optics_names": raw["optics_names"],
-              "stack_found": list(raw["stack_found"]), "stack_tried": list(raw["stack_tried"])},
+        meta={
+            "format": raw["format"],
+            "optics_names": raw["optics_names"],
+            "stack_found": list(raw["stack_found"]),
+            "stack_tried": list(raw["stack_tried"]),
+        },
         stack_names=list(raw["stack_names"]),
         random_subset=raw.get("random_subset"),
     )
@@ -384,8 +411,10 @@ def read_particles(path: str | os.PathLike, require_ctf: bool = True, check_imag
         values = np.unique(box)
         if len(values) > 1:
             i = int(np.flatnonzero(box != box[0])[0])
-            raise InputError(f"{ps._where(i)}: mixed box sizes in the metadata "
-                             f"({', '.join(str(int(v)) for v in values)})")
+            raise InputError(
+                f"{ps._where(i)}: mixed box sizes in the metadata "
+                f"({', '.join(str(int(v)) for v in values)})"
+            )
         D_meta = int(values[0])
 
     if check_images:
@@ -425,8 +454,10 @@ def _check_stacks(ps: ParticleSet, D_meta: int) -> None:
         if h.nx != h.ny:
             raise InputError(f"{who}: non-square images ({h.ny}x{h.nx}) in {h.path}")
         if D and h.nx != D:
-            raise InputError(f"{who}: mixed box sizes: {h.path} holds {h.nx}x{h.nx} images, "
-                             f"but {D_from} says {D}")
+            raise InputError(
+                f"{who}: mixed box sizes: {h.path} holds {h.nx}x{h.nx} images, "
+                f"but {D_from} says {D}"
+            )
         if not D:
             D, D_from = h.nx, str(h.path)
         if maxslice[s] >= h.nz:
@@ -454,8 +485,17 @@ def _per_particle(name: str, value, n: int | None) -> np.ndarray:
     return arr
 
 
-def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None, overwrite: bool = False,
-                    stack_name: str | None = None, batch_size: int = 1000) -> Path:
+def write_particles(
+    star_path,
+    images,
+    apix,
+    ctf: dict,
+    angles=None,
+    shifts=None,
+    overwrite: bool = False,
+    stack_name: str | None = None,
+    batch_size: int = 1000,
+) -> Path:
     """Write particles as RELION 3.1: ``star_path`` plus one MRC stack beside it.
 
     ``images``: an array ``(N, D, D)`` or an iterable of float batches ``(b, D, D)`` (streamed
@@ -484,7 +524,7 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
 
     # N: from an array of images, else from the per-particle metadata.
     arr = None
-    if hasattr(images, "shape") and len(getattr(images, "shape")) == 3:
+    if hasattr(images, "shape") and len(images.shape) == 3:
         arr = images
         n = int(arr.shape[0])
     else:
@@ -493,28 +533,33 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
             if v is not None:
                 lengths.add(len(_to_numpy(v)))
         if len(lengths) != 1:
-            raise ValueError("write_particles: with images given as batches, the number of particles "
-                             "must follow from per-particle (N,) metadata arrays of one length; got "
-                             f"lengths {sorted(lengths)}")
+            raise ValueError(
+                "write_particles: with images given as batches, the number of particles "
+                "must follow from per-particle (N,) metadata arrays of one length; got "
+                f"lengths {sorted(lengths)}"
+            )
         n = lengths.pop()
     if n == 0:
         raise ValueError("write_particles: no particles")
     apix_arr = _per_particle("apix", apix, n)
     if not (np.isfinite(apix_arr).all() and (apix_arr > 0).all()):
         raise ValueError("write_particles: apix must be positive")
-    ctf_arr = {k: _per_particle(f"ctf[{k!r}]", ctf.get(k, CTF_DEFAULTS.get(k)), n)
-               for k in CTF_KEYS}
+    ctf_arr = {
+        k: _per_particle(f"ctf[{k!r}]", ctf.get(k, CTF_DEFAULTS.get(k)), n) for k in CTF_KEYS
+    }
     ang = None if angles is None else _to_numpy(angles).astype(np.float64).reshape(n, 3)
     sh = None if shifts is None else _to_numpy(shifts).astype(np.float64).reshape(n, 2)
 
     if arr is not None:
-        batches: Iterable = (arr[a:a + batch_size] for a in range(0, n, batch_size))
+        batches: Iterable = (arr[a : a + batch_size] for a in range(0, n, batch_size))
     else:
         batches = images
 
     width = max(6, len(str(n)))
-    names = np.char.add(np.char.add(np.char.zfill(np.arange(1, n + 1).astype(str), width), "@"),
-                        Path(stack_name).as_posix())
+    names = np.char.add(
+        np.char.add(np.char.zfill(np.arange(1, n + 1).astype(str), width), "@"),
+        Path(stack_name).as_posix(),
+    )
     tmp_stack = stack_path.with_name(f".{stack_path.name}.tmp{os.getpid()}")
     tmp_star = star_path.with_name(f".{star_path.name}.tmp{os.getpid()}")
     stack_path.parent.mkdir(parents=True, exist_ok=True)
@@ -524,7 +569,9 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
         if first.ndim == 2:
             first = first[None]
         if first.ndim != 3 or first.shape[0] == 0 or first.shape[1] != first.shape[2]:
-            raise ValueError(f"write_particles: images must be square (b, D, D) batches, got {first.shape}")
+            raise ValueError(
+                f"write_particles: images must be square (b, D, D) batches, got {first.shape}"
+            )
         D = int(first.shape[-1])
         done = 0
         lo, hi, s1, s2 = np.inf, -np.inf, 0.0, 0.0
@@ -538,14 +585,16 @@ def write_particles(star_path, images, apix, ctf: dict, angles=None, shifts=None
                 if b.ndim == 2:
                     b = b[None]
                 if b.shape[1:] != (D, D):
-                    raise ValueError(f"write_particles: batch of shape {b.shape}, expected (b, {D}, {D})")
+                    raise ValueError(
+                        f"write_particles: batch of shape {b.shape}, expected (b, {D}, {D})"
+                    )
                 if done + len(b) > n:
                     raise ValueError(f"write_particles: more than {n} images given")
                 b = b.astype(np.float32, copy=False)
                 if not np.isfinite(b).all():
                     j = done + int(np.flatnonzero(~np.isfinite(b).all(axis=(1, 2)))[0])
                     raise ValueError(f"write_particles: image {j} holds NaN or Inf")
-                m.data[done:done + len(b)] = b
+                m.data[done : done + len(b)] = b
                 done += len(b)
                 lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
                 b64 = b.astype(np.float64)

@@ -62,19 +62,22 @@ def stack_candidates(name: str, folder: Path, datadir: Path | None = None) -> li
     return unique
 
 
-def find_stack(name: str, folder: Path,
-               datadir: Path | None = None) -> tuple[Path, bool, list[Path]]:
+def find_stack(
+    name: str, folder: Path, datadir: Path | None = None
+) -> tuple[Path, bool, list[Path]]:
     """``(path, found, tried)``: the first existing candidate (else the first candidate),
     whether it exists, and the candidates tried (all of them when none exists)."""
     cands = stack_candidates(name, Path(folder), datadir)
     for i, c in enumerate(cands):
         if c.is_file():
-            return c, True, cands[:i + 1]
+            return c, True, cands[: i + 1]
     return cands[0], False, cands
 
 
 def not_found_message(name: str, tried) -> str:
     """One line: the stack as written and every path tried (absolute)."""
     where = ", ".join(os.path.abspath(t) for t in tried)
-    return (f"image stack {name} not found (looked for {where}; "
-            "give the folder the names are relative to with --datadir)")
+    return (
+        f"image stack {name} not found (looked for {where}; "
+        "give the folder the names are relative to with --datadir)"
+    )

@@ -80,8 +80,10 @@ def _particle_block(path: Path, blocks: dict[str, pd.DataFrame]) -> tuple[str, p
             return name, df
     if not blocks or all(len(df) == 0 for df in blocks.values()):
         raise InputError(f"{path}: no particles (the STAR file has no data rows)")
-    raise InputError(f"{path}: no data block with an rlnImageName column (blocks: "
-                     f"{', '.join('data_' + n for n in blocks)})")
+    raise InputError(
+        f"{path}: no data block with an rlnImageName column (blocks: "
+        f"{', '.join('data_' + n for n in blocks)})"
+    )
 
 
 def _numeric(path: Path, label: str, values, names: pd.Series) -> np.ndarray:
@@ -89,8 +91,10 @@ def _numeric(path: Path, label: str, values, names: pd.Series) -> np.ndarray:
     bad = ~np.isfinite(arr)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: particle {i} ({names.iloc[i]}): {label} is not a finite number "
-                         f"({values.iloc[i] if hasattr(values, 'iloc') else values[i]!r})")
+        raise InputError(
+            f"{path}: particle {i} ({names.iloc[i]}): {label} is not a finite number "
+            f"({values.iloc[i] if hasattr(values, 'iloc') else values[i]!r})"
+        )
     return arr
 
 
@@ -107,13 +111,16 @@ def split_image_names(path: Path, names: pd.Series) -> tuple[np.ndarray, list[st
     bad = ~np.isfinite(num) | (num < 1) | (num != np.round(num))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: particle {i}: rlnImageName {s.iloc[i]!r} is not 'N@file' with N >= 1")
+        raise InputError(
+            f"{path}: particle {i}: rlnImageName {s.iloc[i]!r} is not 'N@file' with N >= 1"
+        )
     codes, uniques = pd.factorize(fname, sort=False)
     return num.astype(np.int64) - 1, [str(u) for u in uniques], codes.astype(np.int64)
 
 
-def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
-                        datadir: str | os.PathLike | None = None) -> dict:
+def read_star_particles(
+    path: str | os.PathLike, require_ctf: bool = True, datadir: str | os.PathLike | None = None
+) -> dict:
     """Parse a RELION particle STAR file into per-particle arrays (no image data touched).
 
     ``datadir``: a folder the image names may be relative to, tried first
@@ -153,13 +160,17 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
         elif len(optics) == 1:
             pg = np.full(n, ogroups[0], dtype=np.float64)
         else:
-            raise InputError(f"{path}: {len(optics)} optics groups but the particle table has no "
-                             "rlnOpticsGroup column")
+            raise InputError(
+                f"{path}: {len(optics)} optics groups but the particle table has no "
+                "rlnOpticsGroup column"
+            )
         gidx = pd.Index(ogroups).get_indexer(pg)
         if (gidx < 0).any():
             i = int(np.flatnonzero(gidx < 0)[0])
-            raise InputError(f"{path}: particle {i} ({names.iloc[i]}): rlnOpticsGroup {pg[i]:g} "
-                             "is not in data_optics")
+            raise InputError(
+                f"{path}: particle {i} ({names.iloc[i]}): rlnOpticsGroup {pg[i]:g} "
+                "is not in data_optics"
+            )
         optics_group = pg.astype(np.int64)
         if "rlnOpticsGroupName" in optics.columns:
             optics_names = {int(g): str(nm) for g, nm in zip(ogroups, optics["rlnOpticsGroupName"])}
@@ -172,8 +183,10 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
             bad = ~np.isfinite(vals)
             if bad.any():
                 j = int(np.flatnonzero(bad)[0])
-                raise InputError(f"{path}: data_optics row {j}: {label} is not a finite number "
-                                 f"({optics[label].iloc[j]!r})")
+                raise InputError(
+                    f"{path}: data_optics row {j}: {label} is not a finite number "
+                    f"({optics[label].iloc[j]!r})"
+                )
             return vals[gidx]
         return None
 
@@ -187,12 +200,16 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
             with np.errstate(divide="ignore", invalid="ignore"):
                 apix = det * 1e4 / mag
     if apix is None:
-        raise InputError(f"{path}: no pixel size (need rlnImagePixelSize, rlnPixelSize, or "
-                         "rlnDetectorPixelSize and rlnMagnification)")
+        raise InputError(
+            f"{path}: no pixel size (need rlnImagePixelSize, rlnPixelSize, or "
+            "rlnDetectorPixelSize and rlnMagnification)"
+        )
     bad = ~(np.isfinite(apix) & (apix > 0))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{path}: particle {i} ({names.iloc[i]}): pixel size {apix[i]} is not positive")
+        raise InputError(
+            f"{path}: particle {i} ({names.iloc[i]}): pixel size {apix[i]} is not positive"
+        )
 
     # CTF
     ctf: dict[str, np.ndarray] = {}
@@ -212,19 +229,25 @@ def read_star_particles(path: str | os.PathLike, require_ctf: bool = True,
         ctf[key] = val
     if missing:
         if require_ctf:
-            raise InputError(f"{path}: missing CTF column(s) {', '.join(missing)} "
-                             f"(in the particle table{' or data_optics' if optics is not None else ''})")
+            raise InputError(
+                f"{path}: missing CTF column(s) {', '.join(missing)} "
+                f"(in the particle table{' or data_optics' if optics is not None else ''})"
+            )
         ctf = {}
 
     # poses
     rot, tilt, psi = column("rlnAngleRot"), column("rlnAngleTilt"), column("rlnAnglePsi")
-    angles = np.stack([rot, tilt, psi], axis=1) if all(a is not None for a in (rot, tilt, psi)) else None
+    angles = (
+        np.stack([rot, tilt, psi], axis=1) if all(a is not None for a in (rot, tilt, psi)) else None
+    )
     ox, oy = column("rlnOriginXAngst"), column("rlnOriginYAngst")
     if ox is not None and oy is not None:
         shifts = np.stack([ox, oy], axis=1)
     else:
         ox, oy = column("rlnOriginX"), column("rlnOriginY")
-        shifts = np.stack([ox * apix, oy * apix], axis=1) if ox is not None and oy is not None else None
+        shifts = (
+            np.stack([ox * apix, oy * apix], axis=1) if ox is not None and oy is not None else None
+        )
 
     if gidx is None:
         # RELION 3.0: no optics table; one group per distinct (voltage, cs, amp contrast, apix).
@@ -269,8 +292,10 @@ def _half_sets(path: Path, subset: np.ndarray, label: str) -> np.ndarray | None:
     warning: cryorecon then draws its own halves)."""
     if np.isin(subset, (1, 2)).all() and len(np.unique(subset)) == 2:
         return subset
-    log.warning(f"{path}: {label} is not 1 or 2 for every particle (both present); "
-                "cryorecon draws its own half-sets")
+    log.warning(
+        f"{path}: {label} is not 1 or 2 for every particle (both present); "
+        "cryorecon draws its own half-sets"
+    )
     return None
 
 
@@ -284,16 +309,18 @@ def relion31_tables(image_names, apix, ctf: dict, angles=None, shifts=None, D: i
     key = np.stack([ctf["voltage"], ctf["cs"], ctf["amp_contrast"], apix], axis=1)
     uniq, inv = np.unique(key, axis=0, return_inverse=True)
     inv = inv.reshape(-1)
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": np.arange(1, len(uniq) + 1, dtype=np.int64),
-        "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(uniq) + 1)],
-        "rlnImagePixelSize": uniq[:, 3],
-        "rlnImageSize": np.full(len(uniq), int(D), dtype=np.int64),
-        "rlnImageDimensionality": np.full(len(uniq), 2, dtype=np.int64),
-        "rlnVoltage": uniq[:, 0],
-        "rlnSphericalAberration": uniq[:, 1],
-        "rlnAmplitudeContrast": uniq[:, 2],
-    })
+    optics = pd.DataFrame(
+        {
+            "rlnOpticsGroup": np.arange(1, len(uniq) + 1, dtype=np.int64),
+            "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(uniq) + 1)],
+            "rlnImagePixelSize": uniq[:, 3],
+            "rlnImageSize": np.full(len(uniq), int(D), dtype=np.int64),
+            "rlnImageDimensionality": np.full(len(uniq), 2, dtype=np.int64),
+            "rlnVoltage": uniq[:, 0],
+            "rlnSphericalAberration": uniq[:, 1],
+            "rlnAmplitudeContrast": uniq[:, 2],
+        }
+    )
     cols = {
         "rlnImageName": np.asarray(image_names, dtype=object),
         "rlnDefocusU": ctf["defocus_u"],
@@ -304,7 +331,11 @@ def relion31_tables(image_names, apix, ctf: dict, angles=None, shifts=None, D: i
         "rlnOpticsGroup": inv.astype(np.int64) + 1,
     }
     if angles is not None:
-        cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = angles[:, 0], angles[:, 1], angles[:, 2]
+        cols["rlnAngleRot"], cols["rlnAngleTilt"], cols["rlnAnglePsi"] = (
+            angles[:, 0],
+            angles[:, 1],
+            angles[:, 2],
+        )
     if shifts is not None:
         cols["rlnOriginXAngst"], cols["rlnOriginYAngst"] = shifts[:, 0], shifts[:, 1]
     return optics, pd.DataFrame(cols)

@@ -27,8 +27,15 @@ import torch
 class ClassPosteriors:
     """Per-particle class posteriors ``r`` (N, K) and the class priors derived from them."""
 
-    def __init__(self, n: int, K: int, similarity: float = 0.5, anneal_start: int = 100,
-                 anneal_end: int = 300, min_prior: float = 0.01):
+    def __init__(
+        self,
+        n: int,
+        K: int,
+        similarity: float = 0.5,
+        anneal_start: int = 100,
+        anneal_end: int = 300,
+        min_prior: float = 0.01,
+    ):
         if K < 1:
             raise ValueError("K >= 1")
         self.K = K

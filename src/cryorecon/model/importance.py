@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 # Particles per minibatch on which the KL divergence between visits (Fig. 3) is measured.
 KL_PARTICLES = 16
 
@@ -67,7 +66,10 @@ class PoseHistory:
         self.t_logphi = torch.full((n, cfg.keep_t), -math.inf)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("tau_prev", "d", "d_logphi", "psi", "psi_logphi", "t", "t_logphi")}
+        return {
+            k: getattr(self, k)
+            for k in ("tau_prev", "d", "d_logphi", "psi", "psi_logphi", "t", "t_logphi")
+        }
 
     def load_state_dict(self, s: dict) -> None:
         for k, v in s.items():
@@ -76,8 +78,10 @@ class PoseHistory:
     def rows(self, idx) -> dict:
         """Copies of particles ``idx``'s entries (for :meth:`set_rows`)."""
         i = np.asarray(idx)
-        return {k: (v[i].copy() if isinstance(v, np.ndarray) else v[torch.as_tensor(i)].clone())
-                for k, v in self.state_dict().items()}
+        return {
+            k: (v[i].copy() if isinstance(v, np.ndarray) else v[torch.as_tensor(i)].clone())
+            for k, v in self.state_dict().items()
+        }
 
     def set_rows(self, idx, saved: dict) -> None:
         """Put back entries saved by :meth:`rows` for the same particles ``idx``."""
@@ -86,8 +90,14 @@ class PoseHistory:
             getattr(self, k)[i if isinstance(v, np.ndarray) else torch.as_tensor(i)] = v
 
 
-def kernel_log_mixture(prev_pts: torch.Tensor, prev_logphi: torch.Tensor, grid: torch.Tensor, kind: str,
-                       kappa: float, T: float) -> torch.Tensor:
+def kernel_log_mixture(
+    prev_pts: torch.Tensor,
+    prev_logphi: torch.Tensor,
+    grid: torch.Tensor,
+    kind: str,
+    kappa: float,
+    T: float,
+) -> torch.Tensor:
     """log sum_i phi~_i^(1/T) K(i, j) for each grid point j: (B, n), (B, n) -> (B, M).
 
     kind 'd': K = exp(kappa (d_i . d_j - 1)); 'psi': exp(kappa (cos(psi_i - psi_j) - 1));
@@ -99,8 +109,11 @@ def kernel_log_mixture(prev_pts: torch.Tensor, prev_logphi: torch.Tensor, grid: 
         logk = kappa * (torch.cos(prev_pts[:, :, None] - grid[None, None, :]) - 1.0)
     else:
         logk = -kappa * ((prev_pts[:, :, None, :] - grid[None, None, :, :]) ** 2).sum(-1)
-    tempered = prev_logphi / T if math.isfinite(T) else torch.where(
-        torch.isfinite(prev_logphi), torch.zeros_like(prev_logphi), prev_logphi)
+    tempered = (
+        prev_logphi / T
+        if math.isfinite(T)
+        else torch.where(torch.isfinite(prev_logphi), torch.zeros_like(prev_logphi), prev_logphi)
+    )
     return torch.logsumexp(tempered[:, :, None] + logk, dim=1)
 
 
@@ -122,17 +135,21 @@ def draw(q: torch.Tensor, s0: float, generator: torch.Generator):
     ``N >= M`` (``exact``) list the whole grid with ``log_corr = 0``: the plain quadrature.
     """
     B, M = q.shape
-    ess = 1.0 / (q ** 2).sum(-1)
+    ess = 1.0 / (q**2).sum(-1)
     N = torch.ceil(s0 * ess).long().clamp(min=1)
     exact = N >= M
     counts = torch.zeros(B, M, dtype=torch.float64)
     sampled_rows = (~exact).nonzero().squeeze(-1)
     if len(sampled_rows):
         n_max = int(N[sampled_rows].max())
-        draws = torch.multinomial(q[sampled_rows].float(), n_max, replacement=True, generator=generator)
+        draws = torch.multinomial(
+            q[sampled_rows].float(), n_max, replacement=True, generator=generator
+        )
         keep = torch.arange(n_max)[None, :] < N[sampled_rows][:, None]
         counts[sampled_rows] = counts[sampled_rows].scatter_add(1, draws, keep.double())
-    log_corr = torch.where(counts > 0, torch.log(counts) - torch.log(N[:, None].double() * q), -math.inf)
+    log_corr = torch.where(
+        counts > 0, torch.log(counts) - torch.log(N[:, None].double() * q), -math.inf
+    )
     log_corr[exact] = 0.0  # the whole grid with the plain quadrature weights
     present = torch.isfinite(log_corr)
     n_unique = present.sum(-1)
@@ -145,19 +162,31 @@ def draw(q: torch.Tensor, s0: float, generator: torch.Generator):
 
 
 def effective_sample_size(q: torch.Tensor) -> torch.Tensor:
-    return 1.0 / (q ** 2).sum(-1)
+    return 1.0 / (q**2).sum(-1)
 
 
-def store_marginals(hist: PoseHistory, particles: np.ndarray, tau: int, d_pts, d_logphi, psi_pts, psi_logphi,
-                    t_pts, t_logphi) -> None:
+def store_marginals(
+    hist: PoseHistory,
+    particles: np.ndarray,
+    tau: int,
+    d_pts,
+    d_logphi,
+    psi_pts,
+    psi_logphi,
+    t_pts,
+    t_logphi,
+) -> None:
     """Keep the ``keep`` largest log phi~ per particle and dimension (padded with -inf)."""
     c = hist.cfg
 
     def top(pts, logphi, keep):
         k = min(keep, logphi.shape[1])
         val, i = torch.topk(logphi, k, dim=1)
-        p = torch.gather(pts, 1, i[..., None].expand(*i.shape, pts.shape[-1])) if pts.dim() == 3 else \
-            torch.gather(pts, 1, i)
+        p = (
+            torch.gather(pts, 1, i[..., None].expand(*i.shape, pts.shape[-1]))
+            if pts.dim() == 3
+            else torch.gather(pts, 1, i)
+        )
         if k < keep:
             pad = keep - k
             val = torch.cat([val, torch.full((val.shape[0], pad), -math.inf)], 1)
@@ -183,20 +212,20 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 class Plan:
     """The poses to evaluate for one minibatch under importance sampling (Eq. 13)."""
 
-    rot_ids: torch.Tensor      # (U,) global rotation ids (j * M_psi + k) in the union
-    rot_idx: torch.Tensor      # (B, R) index into rot_ids; R = n_d * n_psi (product layout)
-    rot_logw: torch.Tensor     # (B, R) log(w_d w_psi p(R) * corrections), -inf padding
-    shifts: torch.Tensor       # (B, n_t, 2) pixels
-    shift_logw: torch.Tensor   # (B, n_t)
+    rot_ids: torch.Tensor  # (U,) global rotation ids (j * M_psi + k) in the union
+    rot_idx: torch.Tensor  # (B, R) index into rot_ids; R = n_d * n_psi (product layout)
+    rot_logw: torch.Tensor  # (B, R) log(w_d w_psi p(R) * corrections), -inf padding
+    shifts: torch.Tensor  # (B, n_t, 2) pixels
+    shift_logw: torch.Tensor  # (B, n_t)
     idx_d: torch.Tensor
     lc_d: torch.Tensor
     idx_psi: torch.Tensor
     lc_psi: torch.Tensor
     idx_t: torch.Tensor
     lc_t: torch.Tensor
-    fraction: float            # poses sampled (distinct) / poses of the full quadrature
-    fraction_computed: float   # poses computed incl. padding to the plan's largest set
-    rows: torch.Tensor         # (B,) rows of the minibatch this plan covers
+    fraction: float  # poses sampled (distinct) / poses of the full quadrature
+    fraction_computed: float  # poses computed incl. padding to the plan's largest set
+    rows: torch.Tensor  # (B,) rows of the minibatch this plan covers
 
 
 @dataclass
@@ -212,19 +241,24 @@ class SplitPlan:
     fraction_computed: float
 
 
-def _chunked_log_mixture(pts, logphi, grid_pts, kind, kappa, T, chunk_elems=2 ** 24):
+def _chunked_log_mixture(pts, logphi, grid_pts, kind, kappa, T, chunk_elems=2**24):
     B, n = logphi.shape
     M = grid_pts.shape[0]
     step = max(1, chunk_elems // max(1, n * M))
-    return torch.cat([kernel_log_mixture(pts[b:b + step], logphi[b:b + step], grid_pts, kind, kappa, T)
-                      for b in range(0, B, step)], 0)
+    return torch.cat(
+        [
+            kernel_log_mixture(pts[b : b + step], logphi[b : b + step], grid_pts, kind, kappa, T)
+            for b in range(0, B, step)
+        ],
+        0,
+    )
 
 
 def kappas(grid) -> tuple[float, float, float]:
     """Kernel bandwidths of Eq. 21-23 from the grid spacings r_d, r_psi, r_t."""
     k_d = math.log(4.0) / max(1e-12, 1.0 - math.cos(grid.r_d))
     k_psi = math.log(2.0) / max(1e-12, 1.0 - math.cos(grid.r_psi))
-    k_t = 1.0 / (2.0 * grid.r_t ** 2)
+    k_t = 1.0 / (2.0 * grid.r_t**2)
     return k_d, k_psi, k_t
 
 
@@ -261,12 +295,25 @@ class ImportanceSampler:
         T = self.schedule.temperature(t_prev)
         k_d, k_psi, k_t = kappas(grid)
         i = torch.as_tensor(idx)
-        q_d = mixture(_chunked_log_mixture(h.d[i].double(), h.d_logphi[i].double(), grid.directions, "d", k_d, T),
-                      alpha, has)
-        q_psi = mixture(_chunked_log_mixture(h.psi[i].double(), h.psi_logphi[i].double(), grid.psi, "psi", k_psi, T),
-                        alpha, has)
-        q_t = mixture(_chunked_log_mixture(h.t[i].double(), h.t_logphi[i].double(), grid.shifts, "t", k_t, T),
-                      alpha, has)
+        q_d = mixture(
+            _chunked_log_mixture(
+                h.d[i].double(), h.d_logphi[i].double(), grid.directions, "d", k_d, T
+            ),
+            alpha,
+            has,
+        )
+        q_psi = mixture(
+            _chunked_log_mixture(
+                h.psi[i].double(), h.psi_logphi[i].double(), grid.psi, "psi", k_psi, T
+            ),
+            alpha,
+            has,
+        )
+        q_t = mixture(
+            _chunked_log_mixture(h.t[i].double(), h.t_logphi[i].double(), grid.shifts, "t", k_t, T),
+            alpha,
+            has,
+        )
         return q_d, q_psi, q_t
 
     def _draws(self, idx: np.ndarray, grid):
@@ -297,8 +344,22 @@ class ImportanceSampler:
         shift_logw = grid.log_w_t[idx_t] + lc_t
         n_eval = (valid.sum(-1) * torch.isfinite(shift_logw).sum(-1)).sum()
         full = grid.n_rotations * grid.M_t
-        return Plan(rot_ids, rot_idx, rot_logw, grid.shifts[idx_t], shift_logw, idx_d, lc_d, idx_psi, lc_psi,
-                    idx_t, lc_t, float(n_eval) / (B * full), rot_idx.shape[1] * shift_logw.shape[1] / full, rows)
+        return Plan(
+            rot_ids,
+            rot_idx,
+            rot_logw,
+            grid.shifts[idx_t],
+            shift_logw,
+            idx_d,
+            lc_d,
+            idx_psi,
+            lc_psi,
+            idx_t,
+            lc_t,
+            float(n_eval) / (B * full),
+            rot_idx.shape[1] * shift_logw.shape[1] / full,
+            rows,
+        )
 
     def plan(self, idx: np.ndarray, grid) -> Plan | None:
         """Sample poses for particles ``idx``, all images padded to the largest set; None when
@@ -308,7 +369,9 @@ class ImportanceSampler:
             return None
         return self._build(grid, torch.arange(len(idx)), draws)
 
-    def split_plan(self, idx: np.ndarray, grid, max_fraction: float = 0.25, bucket: float = 2.0) -> SplitPlan | None:
+    def split_plan(
+        self, idx: np.ndarray, grid, max_fraction: float = 0.25, bucket: float = 2.0
+    ) -> SplitPlan | None:
         """Sample poses for particles ``idx`` and route each image to the cheaper path.
 
         An image whose own pose set (n_d n_psi n_t distinct points) exceeds ``max_fraction`` of
@@ -345,7 +408,9 @@ class ImportanceSampler:
         j, k = plan.rot_ids // grid.M_psi, plan.rot_ids % grid.M_psi
         return direction_inplane_to_matrix(grid.directions[j], grid.psi[k]).float()
 
-    def update_sampled(self, idx, tau, plan: Plan, post_rot: torch.Tensor, post_shift: torch.Tensor, grid) -> float:
+    def update_sampled(
+        self, idx, tau, plan: Plan, post_rot: torch.Tensor, post_shift: torch.Tensor, grid
+    ) -> float:
         """Store phi~ (Eq. 17-19) from the posteriors over the sampled poses; returns mean KL."""
         B = len(idx)
         n_d, n_psi = plan.idx_d.shape[1], plan.idx_psi.shape[1]
@@ -357,19 +422,40 @@ class ImportanceSampler:
         d_logphi = torch.where(torch.isfinite(plan.lc_d), d_logphi, -math.inf)
         psi_logphi = torch.where(torch.isfinite(plan.lc_psi), psi_logphi, -math.inf)
         t_logphi = torch.where(torch.isfinite(plan.lc_t), t_logphi, -math.inf)
-        return self._store(idx, tau, grid, grid.directions[plan.idx_d], d_logphi.nan_to_num(-math.inf),
-                           grid.psi[plan.idx_psi], psi_logphi.nan_to_num(-math.inf),
-                           grid.shifts[plan.idx_t], t_logphi.nan_to_num(-math.inf))
+        return self._store(
+            idx,
+            tau,
+            grid,
+            grid.directions[plan.idx_d],
+            d_logphi.nan_to_num(-math.inf),
+            grid.psi[plan.idx_psi],
+            psi_logphi.nan_to_num(-math.inf),
+            grid.shifts[plan.idx_t],
+            t_logphi.nan_to_num(-math.inf),
+        )
 
-    def update_exact(self, idx, tau, post_rot: torch.Tensor, post_shift: torch.Tensor, grid) -> float:
+    def update_exact(
+        self, idx, tau, post_rot: torch.Tensor, post_shift: torch.Tensor, grid
+    ) -> float:
         """Store phi (Eq. 14-16) from the exact posteriors over the whole grid."""
         B = len(idx)
         g = post_rot.double().reshape(B, grid.M_d, grid.M_psi)
         B_ = lambda x: x[None].expand(B, *x.shape)  # noqa: E731
-        return self._store(idx, tau, grid, B_(grid.directions), torch.log(g.sum(2)), B_(grid.psi),
-                           torch.log(g.sum(1)), B_(grid.shifts), torch.log(post_shift.double()))
+        return self._store(
+            idx,
+            tau,
+            grid,
+            B_(grid.directions),
+            torch.log(g.sum(2)),
+            B_(grid.psi),
+            torch.log(g.sum(1)),
+            B_(grid.shifts),
+            torch.log(post_shift.double()),
+        )
 
-    def _store(self, idx, tau, grid, d_pts, d_logphi, psi_pts, psi_logphi, t_pts, t_logphi) -> float:
+    def _store(
+        self, idx, tau, grid, d_pts, d_logphi, psi_pts, psi_logphi, t_pts, t_logphi
+    ) -> float:
         h = self.hist
         idx = np.asarray(idx)
         # The KL diagnostic (Fig. 3) on at most KL_PARTICLES of the batch: it needs full-grid
@@ -380,6 +466,8 @@ class ImportanceSampler:
         if not len(seen):
             return float("nan")
         k_d = kappas(grid)[0]
-        new = _chunked_log_mixture(h.d[seen].double(), h.d_logphi[seen].double(), grid.directions, "d", k_d, 1.0)
+        new = _chunked_log_mixture(
+            h.d[seen].double(), h.d_logphi[seen].double(), grid.directions, "d", k_d, 1.0
+        )
         old = _chunked_log_mixture(old_d, old_phi, grid.directions, "d", k_d, 1.0)
         return float(kl_divergence(new, old).mean())

@@ -60,7 +60,7 @@ class ImageBatch:
     def B(self) -> int:
         return self.y.shape[0]
 
-    def rows(self, r: torch.Tensor) -> "ImageBatch":
+    def rows(self, r: torch.Tensor) -> ImageBatch:
         """The images ``r`` (index tensor) of this batch."""
         r = r.to(self.y.device)
         iw = None if self.image_weight is None else self.image_weight[r]
@@ -96,7 +96,7 @@ def _as_real(z: torch.Tensor) -> torch.Tensor:
 
 def _real_slices(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, M) complex slices -> ([Re, Im] (U, 2M), |S|^2 (U, M))."""
-    return _as_real(slices), slices.real ** 2 + slices.imag ** 2
+    return _as_real(slices), slices.real**2 + slices.imag**2
 
 
 def marginal_loglik(
@@ -107,7 +107,7 @@ def marginal_loglik(
     log_w_shift: torch.Tensor,
     want_grad: bool = True,
     want_posteriors: bool = False,
-    max_chunk_elems: int = 2 ** 24,
+    max_chunk_elems: int = 2**24,
 ) -> LikelihoodResult:
     """Log marginal likelihood (Eq. 4) of a batch and its gradient w.r.t. the slices.
 
@@ -131,9 +131,15 @@ def marginal_loglik(
     # Columns of the augmented GEMM: [Re S, Im S, log w_rot, 1] (see the loop).
     per_image = log_w_rot.dim() == 2
     shared_w_rot = torch.zeros(J, device=dev) if per_image else log_w_rot
-    S_aug = torch.cat([_as_real(slices), shared_w_rot.to(dev, slices.real.dtype)[:, None],
-                       torch.ones(J, 1, device=dev, dtype=slices.real.dtype)], -1).T.contiguous()  # (2M+2, J)
-    S_abs2 = (slices.real ** 2 + slices.imag ** 2).T.contiguous()  # (M, J)
+    S_aug = torch.cat(
+        [
+            _as_real(slices),
+            shared_w_rot.to(dev, slices.real.dtype)[:, None],
+            torch.ones(J, 1, device=dev, dtype=slices.real.dtype),
+        ],
+        -1,
+    ).T.contiguous()  # (2M+2, J)
+    S_abs2 = (slices.real**2 + slices.imag**2).T.contiguous()  # (M, J)
     lw_shift = log_w_shift.to(dev, torch.float32)
     chunk = max(1, int(max_chunk_elems // max(1, L * J)))
     loglik = torch.empty(B, dtype=torch.float64, device=dev)
@@ -153,13 +159,16 @@ def marginal_loglik(
         # [A / sigma^2 (as Re, -Im), 1, log w_l - |y|^2 / (2 sigma^2)] gives all but the Q term,
         # Q_ij = sum_m w c^2 |S_jm|^2, a small (images x rotations) GEMM subtracted after.
         inv2s = (0.5 / sig2)[:, None, None]
-        yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)  # (n,)
+        yy = (w * (y.real**2 + y.imag**2)).sum(-1)  # (n,)
         lws = lw_shift[b0:b1] if lw_shift.dim() == 2 else lw_shift[None, :]
-        rows = torch.cat([
-            torch.cat([A.real, -A.imag], dim=-1) * (2 * inv2s),
-            torch.ones(n, L, 1, device=dev),
-            (lws - yy[:, None] * inv2s[:, :, 0])[:, :, None],
-        ], -1).reshape(n * L, 2 * M + 2)
+        rows = torch.cat(
+            [
+                torch.cat([A.real, -A.imag], dim=-1) * (2 * inv2s),
+                torch.ones(n, L, 1, device=dev),
+                (lws - yy[:, None] * inv2s[:, :, 0])[:, :, None],
+            ],
+            -1,
+        ).reshape(n * L, 2 * M + 2)
         ll = (rows @ S_aug).view(n, L, J)
         Q = ((wc * c) @ S_abs2) * inv2s[:, :, 0]
         if per_image:
@@ -196,14 +205,24 @@ def marginal_loglik(
             term1 = torch.complex(GZ[:, :M], GZ[:, M:])
             term2 = (g_rot.T @ (winv * c * c)) * slices  # (J, M)
             grad += term2 - term1
-    return LikelihoodResult(loglik, grad, best_rot, best_shift, post_rot, post_shift, max_prob,
-                            batch.image_weight)
+    return LikelihoodResult(
+        loglik, grad, best_rot, best_shift, post_rot, post_shift, max_prob, batch.image_weight
+    )
 
 
-def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch.Tensor,
-                       shifts_px: torch.Tensor, log_w_rot: torch.Tensor, log_w_shift: torch.Tensor,
-                       oversample: int = 2, want_grad: bool = True, want_posteriors: bool = False,
-                       slice_op=None, spectrum: torch.Tensor | None = None):
+def neg_log_likelihood(
+    volume: torch.Tensor,
+    batch: ImageBatch,
+    rotations: torch.Tensor,
+    shifts_px: torch.Tensor,
+    log_w_rot: torch.Tensor,
+    log_w_shift: torch.Tensor,
+    oversample: int = 2,
+    want_grad: bool = True,
+    want_posteriors: bool = False,
+    slice_op=None,
+    spectrum: torch.Tensor | None = None,
+):
     """``-sum_i log p(I_i | V)`` for a minibatch and its gradient w.r.t. the real density.
 
     Returns ``(value (float), grad (D, D, D) float32 or None, LikelihoodResult)``. The
@@ -219,13 +238,22 @@ def neg_log_likelihood(volume: torch.Tensor, batch: ImageBatch, rotations: torch
     if slice_op is None:
         slice_op = SliceOperator(rotations, batch.freqs.to(volume.device) * D, D, oversample)
     return _volume_objective(
-        volume, slice_op, oversample, want_grad, spectrum,
-        lambda slices: marginal_loglik(slices, batch, shifts_px, log_w_rot, log_w_shift, want_grad, want_posteriors))
+        volume,
+        slice_op,
+        oversample,
+        want_grad,
+        spectrum,
+        lambda slices: marginal_loglik(
+            slices, batch, shifts_px, log_w_rot, log_w_shift, want_grad, want_posteriors
+        ),
+    )
 
 
 def _volume_objective(volume, slice_op, oversample, want_grad, spectrum, evaluate):
     """One-part :func:`volume_objective`: returns ``(-sum log p, grad or None, result)``."""
-    val, grad, results = volume_objective(volume, [(slice_op, evaluate)], oversample, want_grad, spectrum)
+    val, grad, results = volume_objective(
+        volume, [(slice_op, evaluate)], oversample, want_grad, spectrum
+    )
     return val, grad, results[0]
 
 
@@ -280,7 +308,7 @@ def sampled_loglik(
     shifts_px: torch.Tensor,
     shift_logw: torch.Tensor,
     want_grad: bool = True,
-    max_chunk_bytes: int = 2 ** 28,
+    max_chunk_bytes: int = 2**28,
     grad_out: torch.Tensor | None = None,
     real_slices: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SampledResult:
@@ -313,7 +341,9 @@ def sampled_loglik(
     S_r, S_abs2 = real_slices if real_slices is not None else _real_slices(slices)
     grad_r = None
     if want_grad:
-        grad_r = grad_out if grad_out is not None else torch.zeros(U, 2 * M, dtype=S_r.dtype, device=dev)
+        grad_r = (
+            grad_out if grad_out is not None else torch.zeros(U, 2 * M, dtype=S_r.dtype, device=dev)
+        )
     freqs = batch.freqs.to(dev)
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
@@ -330,9 +360,11 @@ def sampled_loglik(
             Q = torch.gather((wc * c) @ S_abs2.T, 1, ri)  # (n, R)
         else:
             Q = torch.bmm(S_abs2[ri], (wc * c)[:, :, None]).squeeze(-1)
-        yy = (w * (y.real ** 2 + y.imag ** 2)).sum(-1)
-        ll = torch.bmm(torch.cat([A.real, -A.imag], -1) * (2 * inv2s), S.transpose(1, 2))  # (n, Lt, R)
-        ll.add_(((rot_logw[b0:b1].to(ll.dtype) - Q * inv2s[:, :, 0]))[:, None, :])
+        yy = (w * (y.real**2 + y.imag**2)).sum(-1)
+        ll = torch.bmm(
+            torch.cat([A.real, -A.imag], -1) * (2 * inv2s), S.transpose(1, 2)
+        )  # (n, Lt, R)
+        ll.add_((rot_logw[b0:b1].to(ll.dtype) - Q * inv2s[:, :, 0])[:, None, :])
         ll.add_((shift_logw[b0:b1].to(ll.dtype) - yy[:, None] * inv2s[:, :, 0])[:, :, None])
         m = ll.amax(dim=(1, 2))
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -349,7 +381,9 @@ def sampled_loglik(
             if batch.image_weight is not None:
                 winv = winv * batch.image_weight[b0:b1, None].to(dev, winv.dtype)
             Z = (winv * c * y)[:, None, :] * s.conj()  # (n, Lt, M)
-            G = torch.bmm(gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1)).neg_()  # (n, R, 2M)
+            G = torch.bmm(
+                gamma.transpose(1, 2), torch.cat([Z.real, Z.imag], -1)
+            ).neg_()  # (n, R, 2M)
             wcc = (winv * c * c).repeat(1, 2)  # (n, 2M)
             G.addcmul_(g_rot[:, :, None] * wcc[:, None, :], S)
             grad_r.index_add_(0, ri.reshape(-1), G.reshape(-1, 2 * M))
@@ -390,8 +424,12 @@ def _joined_weights(results) -> torch.Tensor | None:
     ws = [r.value_weight for r in results]
     if all(w is None for w in ws):
         return None
-    return torch.cat([torch.ones_like(r.loglik, dtype=torch.float32) if w is None else w.to(r.loglik.device)
-                      for r, w in zip(results, ws)])
+    return torch.cat(
+        [
+            torch.ones_like(r.loglik, dtype=torch.float32) if w is None else w.to(r.loglik.device)
+            for r, w in zip(results, ws)
+        ]
+    )
 
 
 # Measured cost of one (image, pose) in sampled_loglik's per-image products relative to the
@@ -424,10 +462,14 @@ def sampled_loglik_shared(
     dev = slices.device
     L = grid_shifts_px.shape[0]
     lw_rot = torch.full((B, U), -math.inf, dtype=torch.float64, device=dev).scatter_reduce(
-        1, rot_idx, rot_logw.double(), reduce="amax")
+        1, rot_idx, rot_logw.double(), reduce="amax"
+    )
     lw_t = torch.full((B, L), -math.inf, dtype=torch.float64, device=dev).scatter_reduce(
-        1, shift_idx, shift_logw.double(), reduce="amax")
-    res = marginal_loglik(slices, batch, grid_shifts_px, lw_rot.float(), lw_t.float(), want_grad, True)
+        1, shift_idx, shift_logw.double(), reduce="amax"
+    )
+    res = marginal_loglik(
+        slices, batch, grid_shifts_px, lw_rot.float(), lw_t.float(), want_grad, True
+    )
     post_rot = torch.gather(res.post_rot, 1, rot_idx) * torch.isfinite(rot_logw)
     post_shift = torch.gather(res.post_shift, 1, shift_idx) * torch.isfinite(shift_logw)
     grad = res.grad_slices
@@ -437,8 +479,13 @@ def sampled_loglik_shared(
     return SampledResult(res.loglik, grad, post_rot, post_shift, res.max_prob, batch.image_weight)
 
 
-def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_grad: bool = True,
-                          grid_shifts_px: torch.Tensor | None = None) -> GroupedResult:
+def sampled_loglik_groups(
+    slices: torch.Tensor,
+    batch: ImageBatch,
+    groups,
+    want_grad: bool = True,
+    grid_shifts_px: torch.Tensor | None = None,
+) -> GroupedResult:
     """Eq. 13 for groups of images (each with ``rows``, ``rot_idx``, ``rot_logw``,
     ``shifts``, ``shift_logw``, ``idx_t``: see :class:`~cryorecon.model.importance.Plan`)
     whose ``rot_idx`` index the shared ``slices``. Groups bound the padding of per-image sets.
@@ -453,13 +500,33 @@ def sampled_loglik_groups(slices: torch.Tensor, batch: ImageBatch, groups, want_
     for g in groups:
         R, Lt = g.rot_idx.shape[1], g.shift_logw.shape[1]
         if grid_shifts_px is not None and grid_shifts_px.shape[0] * U < PER_IMAGE_COST * R * Lt:
-            res.append(sampled_loglik_shared(slices, batch.rows(g.rows), g.rot_idx.to(dev), g.rot_logw.to(dev),
-                                             g.idx_t.to(dev), g.shift_logw.to(dev), grid_shifts_px, want_grad,
-                                             grad_out=grad_r))
+            res.append(
+                sampled_loglik_shared(
+                    slices,
+                    batch.rows(g.rows),
+                    g.rot_idx.to(dev),
+                    g.rot_logw.to(dev),
+                    g.idx_t.to(dev),
+                    g.shift_logw.to(dev),
+                    grid_shifts_px,
+                    want_grad,
+                    grad_out=grad_r,
+                )
+            )
             continue
         real = real if real is not None else _real_slices(slices)
-        res.append(sampled_loglik(slices, batch.rows(g.rows), g.rot_idx.to(dev), g.rot_logw.to(dev),
-                                  g.shifts.to(dev, torch.float32), g.shift_logw.to(dev), want_grad, grad_out=grad_r,
-                                  real_slices=real))
+        res.append(
+            sampled_loglik(
+                slices,
+                batch.rows(g.rows),
+                g.rot_idx.to(dev),
+                g.rot_logw.to(dev),
+                g.shifts.to(dev, torch.float32),
+                g.shift_logw.to(dev),
+                want_grad,
+                grad_out=grad_r,
+                real_slices=real,
+            )
+        )
     grad = torch.complex(grad_r[:, :M], grad_r[:, M:]) if want_grad else None
     return GroupedResult(torch.cat([r.loglik for r in res]), grad, res)

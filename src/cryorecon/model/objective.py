@@ -22,13 +22,20 @@ and accuracy checks use it).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from .likelihood import CombinedResult, ImageBatch, marginal_loglik, sampled_loglik_groups, volume_objective
+from .likelihood import (
+    CombinedResult,
+    ImageBatch,
+    marginal_loglik,
+    sampled_loglik_groups,
+    volume_objective,
+)
 
 # Above this fraction of the full quadrature (after padding each image's pose set to the
 # batch's largest), importance sampling is no cheaper than the exact, shared-GEMM path.
@@ -69,8 +76,16 @@ class Marginaliser(Protocol):
 
     name: str
 
-    def evaluate(self, V: torch.Tensor, batch: ImageBatch, idx: np.ndarray, level, tau: int,
-                 want_grad: bool = True, record: bool = True) -> Evaluation: ...
+    def evaluate(
+        self,
+        V: torch.Tensor,
+        batch: ImageBatch,
+        idx: np.ndarray,
+        level,
+        tau: int,
+        want_grad: bool = True,
+        record: bool = True,
+    ) -> Evaluation: ...
 
 
 class ExactQuadrature:
@@ -87,14 +102,27 @@ class ExactQuadrature:
 
     def evaluate_with_posteriors(self, V, batch, level, want_grad, want_posteriors):
         def nll(V, g=False, p=False):
-            part = (level.slice_op, lambda S: marginal_loglik(S, batch, level.shifts, level.log_w_rot,
-                                                              level.log_w_shift, g, p))
+            part = (
+                level.slice_op,
+                lambda S: marginal_loglik(
+                    S, batch, level.shifts, level.log_w_rot, level.log_w_shift, g, p
+                ),
+            )
             return volume_objective(V, [part], self.oversample, g)
 
         val, grad, res = nll(V, want_grad, want_posteriors)
         r = res[0]
-        ev = Evaluation(val, grad, r.loglik, level.rotations[r.best_rot], level.shifts[r.best_shift],
-                        r.max_prob, 1.0, 1.0, lambda V: nll(V)[0])
+        ev = Evaluation(
+            val,
+            grad,
+            r.loglik,
+            level.rotations[r.best_rot],
+            level.shifts[r.best_shift],
+            r.max_prob,
+            1.0,
+            1.0,
+            lambda V: nll(V)[0],
+        )
         return ev, r
 
 
@@ -120,16 +148,28 @@ class ImportanceSampled:
         if not isinstance(record, bool):
             keep = idx[~np.asarray(record, dtype=bool)]
             saved = self.sampler.hist.rows(keep) if len(keep) else None
-            ev = self.evaluate(V, batch, idx, level, tau, want_grad, record=bool(np.any(record)) or saved is None)
+            ev = self.evaluate(
+                V, batch, idx, level, tau, want_grad, record=bool(np.any(record)) or saved is None
+            )
             if saved is not None:
                 self.sampler.hist.set_rows(keep, saved)
             return ev
         plan = self.sampler.split_plan(idx, level.grid, MAX_SAMPLED_FRACTION)
         if plan is None:
-            ev, res = self.exact.evaluate_with_posteriors(V, batch, level, want_grad, want_posteriors=record)
+            ev, res = self.exact.evaluate_with_posteriors(
+                V, batch, level, want_grad, want_posteriors=record
+            )
             if record:
-                ev.kl_directions = _nanmean([(self.sampler.update_exact(
-                    idx, tau, res.post_rot.cpu(), res.post_shift.cpu(), level.grid), len(idx))])
+                ev.kl_directions = _nanmean(
+                    [
+                        (
+                            self.sampler.update_exact(
+                                idx, tau, res.post_rot.cpu(), res.post_shift.cpu(), level.grid
+                            ),
+                            len(idx),
+                        )
+                    ]
+                )
             return ev
         return self._sampled(V, batch, idx, level, tau, plan, want_grad, record)
 
@@ -141,15 +181,25 @@ class ImportanceSampled:
             union_op = level.slice_op.subset(rot_ids)
 
             def nll(V, want_grad=False):
-                part = (union_op, lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad, level.shifts))
+                part = (
+                    union_op,
+                    lambda S: sampled_loglik_groups(S, batch, plan.groups, want_grad, level.shifts),
+                )
                 val, grad, res = volume_objective(V, [part], ov, want_grad)
                 return val, grad, [res[0]]
         else:
             # Diffuse images need every slice: slice the whole grid once and hand the sampled
             # groups their rows of it (no second slicing or back-projection).
             def both(S, want_grad):
-                ex = marginal_loglik(S, exact_batch, level.shifts, level.log_w_rot, level.log_w_shift,
-                                     want_grad, True)
+                ex = marginal_loglik(
+                    S,
+                    exact_batch,
+                    level.shifts,
+                    level.log_w_rot,
+                    level.log_w_shift,
+                    want_grad,
+                    True,
+                )
                 sm = sampled_loglik_groups(S[rot_ids], batch, plan.groups, want_grad, level.shifts)
                 if want_grad:
                     ex.grad_slices.index_add_(0, rot_ids, sm.grad_slices)
@@ -157,8 +207,9 @@ class ImportanceSampled:
                 return CombinedResult(torch.cat([sm.loglik, ex.loglik]), ex.grad_slices, [sm, ex])
 
             def nll(V, want_grad=False):
-                val, grad, res = volume_objective(V, [(level.slice_op, lambda S: both(S, want_grad))], ov,
-                                                  want_grad)
+                val, grad, res = volume_objective(
+                    V, [(level.slice_op, lambda S: both(S, want_grad))], ov, want_grad
+                )
                 return val, grad, res[0].parts
 
         val, grad, results = nll(V, want_grad)
@@ -171,24 +222,58 @@ class ImportanceSampled:
         rot_all = level.rotations
         for grp, res in zip(plan.groups, results[0].groups):
             rows = grp.rows.to(dev)
-            best = torch.gather(grp.rot_idx.to(dev), 1, res.post_rot.argmax(-1, keepdim=True)).squeeze(1)
+            best = torch.gather(
+                grp.rot_idx.to(dev), 1, res.post_rot.argmax(-1, keepdim=True)
+            ).squeeze(1)
             best_R[rows] = rot_all[rot_ids[best]]
-            best_t[rows] = grp.shifts.to(dev, torch.float32)[torch.arange(len(rows), device=dev),
-                                                              res.post_shift.argmax(-1)]
+            best_t[rows] = grp.shifts.to(dev, torch.float32)[
+                torch.arange(len(rows), device=dev), res.post_shift.argmax(-1)
+            ]
             loglik[rows], max_prob[rows] = res.loglik, res.max_prob
             if record:
-                kls.append((self.sampler.update_sampled(idx[grp.rows.numpy()], tau, grp, res.post_rot.cpu(),
-                                                        res.post_shift.cpu(), g), len(rows)))
+                kls.append(
+                    (
+                        self.sampler.update_sampled(
+                            idx[grp.rows.numpy()],
+                            tau,
+                            grp,
+                            res.post_rot.cpu(),
+                            res.post_shift.cpu(),
+                            g,
+                        ),
+                        len(rows),
+                    )
+                )
         if len(plan.exact_rows):
             ex = results[1]
             rows = plan.exact_rows.to(dev)
             best_R[rows], best_t[rows] = rot_all[ex.best_rot], level.shifts[ex.best_shift]
             loglik[rows], max_prob[rows] = ex.loglik, ex.max_prob
             if record:
-                kls.append((self.sampler.update_exact(idx[plan.exact_rows.numpy()], tau, ex.post_rot.cpu(),
-                                                      ex.post_shift.cpu(), g), len(rows)))
-        return Evaluation(val, grad, loglik, best_R, best_t, max_prob, plan.fraction, plan.fraction_computed,
-                          lambda V: nll(V)[0], _nanmean(kls) if record else None)
+                kls.append(
+                    (
+                        self.sampler.update_exact(
+                            idx[plan.exact_rows.numpy()],
+                            tau,
+                            ex.post_rot.cpu(),
+                            ex.post_shift.cpu(),
+                            g,
+                        ),
+                        len(rows),
+                    )
+                )
+        return Evaluation(
+            val,
+            grad,
+            loglik,
+            best_R,
+            best_t,
+            max_prob,
+            plan.fraction,
+            plan.fraction_computed,
+            lambda V: nll(V)[0],
+            _nanmean(kls) if record else None,
+        )
 
 
 def _nanmean(pairs) -> float | None:

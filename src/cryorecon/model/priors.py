@@ -78,7 +78,7 @@ class ExponentialPrior(Prior):
         self.lam = lam
 
     @classmethod
-    def from_volume(cls, V: torch.Tensor) -> "ExponentialPrior":
+    def from_volume(cls, V: torch.Tensor) -> ExponentialPrior:
         """``lam = 1 / mean(max(V, 0))``: the exponential MLE of the (positive part of the) volume."""
         m = float(torch.clamp(torch.as_tensor(V), min=0).mean())
         if not m > 0:

@@ -304,7 +304,11 @@ def _columns(batch: ImageBatch, cols: torch.Tensor) -> ImageBatch:
     if cols.numel() == batch.y.shape[1]:
         return batch
     return ImageBatch(
-        batch.y[:, cols], batch.ctf[:, cols], batch.sigma2, batch.weight[cols], batch.freqs[cols],
+        batch.y[:, cols],
+        batch.ctf[:, cols],
+        batch.sigma2,
+        batch.weight[cols],
+        batch.freqs[cols],
         batch.image_weight,
     )
 

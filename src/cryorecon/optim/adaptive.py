@@ -77,7 +77,7 @@ class AdaptiveResolution:
 
     def omega_star(self, tau: int | None = None) -> float:
         """The current cut-off (``tau`` is ignored: the state decides)."""
-        return min(self.final, self.start * self.factor ** self.steps)
+        return min(self.final, self.start * self.factor**self.steps)
 
     def at_final(self, tau: int | None = None) -> bool:
         return self.omega_star() >= self.final
@@ -129,7 +129,7 @@ class PaperResolution:
         return self.schedule.epsilon(tau)
 
     def at_final(self, tau: int) -> bool:
-        return self.schedule.omega_star(tau) >= self.schedule.omega_star(10 ** 12)
+        return self.schedule.omega_star(tau) >= self.schedule.omega_star(10**12)
 
     def final_iteration(self) -> int:
         """The first iteration at the final cut-off (the schedule is fixed in advance)."""

@@ -28,7 +28,7 @@ minibatch 200, box 128: 250 x 8 MiB = 2 GiB), allocated lazily as minibatches ar
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,8 +36,15 @@ import torch
 class SAGD:
     """State of Algorithm 1: stored minibatch gradients, their sum, L and counters."""
 
-    def __init__(self, n_batches: int, shape, device="cpu", L: float | None = None,
-                 line_search_every: int = 20, decay: float = 2.0 ** (-1.0 / 150.0)):
+    def __init__(
+        self,
+        n_batches: int,
+        shape,
+        device="cpu",
+        L: float | None = None,
+        line_search_every: int = 20,
+        decay: float = 2.0 ** (-1.0 / 150.0),
+    ):
         self.K = int(n_batches)
         self.shape = tuple(shape)
         self.device = device
@@ -67,16 +74,30 @@ class SAGD:
             d = d + prior_grad / self.K
         return d
 
-    def step(self, V: torch.Tensor, k: int, grad_k: torch.Tensor, prior_grad: torch.Tensor | None,
-             eps: float) -> torch.Tensor:
+    def step(
+        self,
+        V: torch.Tensor,
+        k: int,
+        grad_k: torch.Tensor,
+        prior_grad: torch.Tensor | None,
+        eps: float,
+    ) -> torch.Tensor:
         """One SAGD update; returns the new (non-negative) volume."""
         self.tau += 1
         self.accumulate(k, grad_k)
         V = V - (eps / self.L) * self.direction(prior_grad)
         return V.clamp_min_(0.0)
 
-    def update(self, V: torch.Tensor, k: int, f: Callable[[torch.Tensor], float], f_V: float,
-               grad_k: torch.Tensor, prior_grad: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, int]:
+    def update(
+        self,
+        V: torch.Tensor,
+        k: int,
+        f: Callable[[torch.Tensor], float],
+        f_V: float,
+        grad_k: torch.Tensor,
+        prior_grad: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, int]:
         """One iteration of Algorithm 1 on minibatch ``k``: L from the bisection search on the
         first call, the line search every ``line_search_every`` steps, the decay of L
         otherwise; then the step. ``f`` is the minibatch objective ``f_k`` (likelihood on the
@@ -85,7 +106,10 @@ class SAGD:
         g_k = grad_k if prior_grad is None else grad_k + prior_grad / self.K
         doublings = 0
         if self.L is None:
-            L0 = float((g_k.double() ** 2).sum().sqrt() / max(1e-12, float(V.double().norm()))) or 1.0
+            L0 = (
+                float((g_k.double() ** 2).sum().sqrt() / max(1e-12, float(V.double().norm())))
+                or 1.0
+            )
             self.initial_L(f, V, f_V, g_k, L0)
         elif (self.tau + 1) % self.line_search_every == 0:
             doublings = self.line_search(f, V, f_V, g_k)
@@ -93,8 +117,14 @@ class SAGD:
             self.decay_L()
         return self.step(V, k, grad_k, prior_grad, eps), doublings
 
-    def lipschitz_condition_fails(self, f: Callable[[torch.Tensor], float], V: torch.Tensor,
-                                  f_V: float, g: torch.Tensor, L: float) -> bool:
+    def lipschitz_condition_fails(
+        self,
+        f: Callable[[torch.Tensor], float],
+        V: torch.Tensor,
+        f_V: float,
+        g: torch.Tensor,
+        L: float,
+    ) -> bool:
         """True when ``f(V) - f(V - g/L) < |g|^2 / (2L)`` (L too small)."""
         g2 = float((g.double() ** 2).sum())
         return f_V - f(V - g / L) < g2 / (2 * L)
@@ -140,9 +170,16 @@ class SAGD:
         self.L *= self.decay
 
     def state_dict(self) -> dict:
-        return {"K": self.K, "shape": self.shape, "stored": self.stored, "g_bar": self.g_bar,
-                "L": self.L, "tau": self.tau, "line_search_every": self.line_search_every,
-                "decay": self.decay}
+        return {
+            "K": self.K,
+            "shape": self.shape,
+            "stored": self.stored,
+            "g_bar": self.g_bar,
+            "L": self.L,
+            "tau": self.tau,
+            "line_search_every": self.line_search_every,
+            "decay": self.decay,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.K, self.shape = s["K"], tuple(s["shape"])

@@ -56,14 +56,18 @@ def epsilon(tau: int, every: int = 150, min_: float = 1.0 / 16.0, start_exp: flo
     return max(float(min_), 2.0 ** (float(start_exp) - _floor_div(tau, every)))
 
 
-def importance_alpha(tau_prev: int, every: int = 50, rate: float = 0.25, min_: float = 0.05) -> float:
+def importance_alpha(
+    tau_prev: int, every: int = 50, rate: float = 0.25, min_: float = 0.05
+) -> float:
     """Uniform mixing proportion of Eq. (20) (Sec. 3.4.1): ``max(0.05, 2^(-0.25 floor(tau_prev / 50)))``.
 
     Equals 1 (pure uniform importance distribution) for ``tau_prev < 50``."""
     return max(float(min_), 2.0 ** (-float(rate) * _floor_div(tau_prev, every)))
 
 
-def importance_temperature(tau_prev: int, every: int = 50, scale: float = 10.0, min_: float = 1.25) -> float:
+def importance_temperature(
+    tau_prev: int, every: int = 50, scale: float = 10.0, min_: float = 1.25
+) -> float:
     """Annealing temperature of Eq. (20) (Sec. 3.4.1): ``max(1.25, 2^(10 / floor(tau_prev / 50)))``.
 
     At ``floor(tau_prev / 50) = 0`` the formula divides by zero; we return ``math.inf``, the
@@ -106,7 +110,7 @@ class Schedule:
             raise ValueError("apix must be > 0")
 
     @classmethod
-    def with_max_resolution(cls, resolution_A: float, **kw) -> "Schedule":
+    def with_max_resolution(cls, resolution_A: float, **kw) -> Schedule:
         """Schedule whose final band limit is ``1 / resolution_A`` (1/Å)."""
         return cls(omega_max=1.0 / float(resolution_A), **kw)
 
@@ -115,7 +119,9 @@ class Schedule:
         return None if self.apix is None else 1.0 / (2.0 * self.apix)
 
     def omega_star(self, tau: int) -> float:
-        return omega_star(tau, self.omega_start, self.omega_step, self.omega_every, self.omega_max, self.nyquist)
+        return omega_star(
+            tau, self.omega_start, self.omega_step, self.omega_every, self.omega_max, self.nyquist
+        )
 
     def epsilon(self, tau: int) -> float:
         return epsilon(tau, self.eps_every, self.eps_min, self.eps_start_exp)
@@ -124,7 +130,9 @@ class Schedule:
         return importance_alpha(tau_prev, self.is_every, self.alpha_rate, self.alpha_min)
 
     def temperature(self, tau_prev: int) -> float:
-        return importance_temperature(tau_prev, self.is_every, self.temperature_scale, self.temperature_min)
+        return importance_temperature(
+            tau_prev, self.is_every, self.temperature_scale, self.temperature_min
+        )
 
     def final_omega_tau(self) -> int:
         """First iteration at which ``omega_star`` reaches its final (capped) value."""

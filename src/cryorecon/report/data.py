@@ -85,7 +85,10 @@ def read_metrics(run_dir: Path) -> Metrics:
         order += 1
     if not by_iter:
         return Metrics()
-    recs = [by_iter[k] for k in sorted(by_iter, key=lambda k: (1, k[1]) if isinstance(k, tuple) else (0, k))]
+    recs = [
+        by_iter[k]
+        for k in sorted(by_iter, key=lambda k: (1, k[1]) if isinstance(k, tuple) else (0, k))
+    ]
     keys: list[str] = []
     for r in recs:
         for k, v in r.items():
@@ -202,8 +205,10 @@ class GoldStandard:
 def _curve(x, n: int) -> np.ndarray | None:
     if not isinstance(x, list) or len(x) != n:
         return None
-    out = np.array([v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan
-                    for v in x], dtype=np.float64)
+    out = np.array(
+        [v if isinstance(v, (int, float)) and not isinstance(v, bool) else np.nan for v in x],
+        dtype=np.float64,
+    )
     return out
 
 
@@ -237,8 +242,13 @@ def read_gold_standard(info: dict | None) -> GoldStandard | None:
     else:
         desc = str(mask or "")
     warnings = [str(w) for w in gs.get("warnings") or [] if isinstance(w, str)]
-    return GoldStandard(freq=freq, randomized=_curve(gs.get("fsc_randomized"), n),
-                        resolution_A=res,
-                        resolution_unmasked_A=finite_number(gs.get("resolution_unmasked_A")),
-                        randomize_at_A=finite_number(gs.get("randomize_at_A")), mask=desc,
-                        warnings=warnings, **curves)
+    return GoldStandard(
+        freq=freq,
+        randomized=_curve(gs.get("fsc_randomized"), n),
+        resolution_A=res,
+        resolution_unmasked_A=finite_number(gs.get("resolution_unmasked_A")),
+        randomize_at_A=finite_number(gs.get("randomize_at_A")),
+        mask=desc,
+        warnings=warnings,
+        **curves,
+    )

@@ -102,8 +102,14 @@ def _fmt(v) -> str:
 class _Context:
     """What the sections share: the run folder's contents, read once."""
 
-    def __init__(self, run_dir: Path, reference, align: bool, level: float | None,
-                 mass_da: float | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        reference,
+        align: bool,
+        level: float | None,
+        mass_da: float | None = None,
+    ):
         self.run_dir = run_dir
         self.info = data.read_run_info(run_dir) or {}
         self.metrics = data.read_metrics(run_dir)
@@ -144,6 +150,7 @@ class _Context:
 # sections
 # ---------------------------------------------------------------------------------------------
 
+
 def _status(ctx: _Context) -> tuple[str, str]:
     """(css class, text): finished (converged), running (a live process holds the folder's
     lock), or stopped (ended at a limit or by a signal, or its process died)."""
@@ -155,8 +162,11 @@ def _status(ctx: _Context) -> tuple[str, str]:
         return "stopped", "no run data"
     reason = ctx.info.get("stop_reason")
     it = ctx.info.get("iterations") if reason else ctx.metrics.last("iteration")
-    why = (f"at {reason}" if reason else
-           "its process ended without finishing, e.g. killed; the map is the last checkpoint's")
+    why = (
+        f"at {reason}"
+        if reason
+        else "its process ended without finishing, e.g. killed; the map is the last checkpoint's"
+    )
     return "stopped", f"stopped after {it} iterations, not converged ({why}; --resume continues it)"
 
 
@@ -180,23 +190,39 @@ def section_summary(ctx: _Context) -> str:
         ("iterations", _e(_fmt(int(it)) if it is not None else "-")),
         ("run time", _e(plots.format_seconds(secs) if secs is not None else "-")),
         ("epochs", _e(f"{m.last('epoch'):.2f}" if m.last("epoch") is not None else "-")),
-        ("resolution cut-off", _e(f"{m.last('resolution_A'):.1f} Å" if m.last("resolution_A") else "-")),
-        ("held-out error (latest / best at this cut-off)",
-         _e(f"{m.last('heldout_nll'):.6g} / {best_ho:.6g}" if best_ho is not None else "-")),
+        (
+            "resolution cut-off",
+            _e(f"{m.last('resolution_A'):.1f} Å" if m.last("resolution_A") else "-"),
+        ),
+        (
+            "held-out error (latest / best at this cut-off)",
+            _e(f"{m.last('heldout_nll'):.6g} / {best_ho:.6g}" if best_ho is not None else "-"),
+        ),
         ("poses evaluated", _e(f"{pe / pf:.3g} of full" if pe is not None and pf else "-")),
         ("particles", _e(_fmt(ctx.info.get("n_particles")))),
-        ("box, pixel", _e(f"{ctx.info.get('box')} px, {ctx.apix:.3g} Å" if ctx.info.get("box") else "-")),
+        (
+            "box, pixel",
+            _e(f"{ctx.info.get('box')} px, {ctx.apix:.3g} Å" if ctx.info.get("box") else "-"),
+        ),
     ]
     gs_res = data.finite_number(ctx.info.get("gold_standard_resolution_A"))
     if gs_res is not None:
         cards.insert(5, ("gold-standard resolution (half maps, FSC 0.143)", _e(f"{gs_res:.2f} Å")))
-    body = '<div class="cards">' + "".join(
-        f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v in cards) + "</div>"
+    body = (
+        '<div class="cards">'
+        + "".join(
+            f'<div class="card"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>'
+            for k, v in cards
+        )
+        + "</div>"
+    )
     parts = [body]
     if ctx.info.get("particles"):
-        parts.append(f'<p class="note">Particles: <code>{_e(ctx.info["particles"])}</code>. Run folder: '
-                     f'<code>{_e(ctx.run_dir.resolve())}</code>. The current map is <code>volume.mrc</code> in '
-                     f'that folder (open it in ChimeraX).</p>')
+        parts.append(
+            f'<p class="note">Particles: <code>{_e(ctx.info["particles"])}</code>. Run folder: '
+            f"<code>{_e(ctx.run_dir.resolve())}</code>. The current map is <code>volume.mrc</code> in "
+            f"that folder (open it in ChimeraX).</p>"
+        )
     if not ctx.info and not len(m):
         parts.append(_missing("No run.json or metrics.jsonl yet: the run has not started writing."))
     return "".join(parts)
@@ -205,18 +231,23 @@ def section_summary(ctx: _Context) -> str:
 def section_convergence(ctx: _Context) -> str:
     png = plots.plot_metrics(ctx.metrics)
     if png is None:
-        return _missing("metrics.jsonl has no records yet; the plots appear after the first iteration.")
+        return _missing(
+            "metrics.jsonl has no records yet; the plots appear after the first iteration."
+        )
     n = len(ctx.metrics)
-    return (_img(png, "convergence plots") +
-            '<p class="caption">Bottom axis: iteration; top axis: run time. Dotted vertical lines mark '
-            'increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood per particle; '
-            'the held-out particles (never trained on) are the honest measure, and each increase of ω* adds '
-            'Fourier coefficients and so shifts the curve. A run has converged when the held-out error stops '
-            'falling at the final cut-off. <b>Step size</b>: SAGD steps by ε/L; the line search doubles L '
-            '(triangles) when a step overshoots, and L decays slowly in between. <b>Fraction of poses</b>: '
-            'with importance sampling only a fraction of the quadrature is evaluated (1 = all).</p>'
-            f'<p class="note">{n} iterations recorded'
-            + (f" (plotted every {plots._stride(n)}th)" if plots._stride(n) > 1 else "") + ".</p>")
+    return (
+        _img(png, "convergence plots")
+        + '<p class="caption">Bottom axis: iteration; top axis: run time. Dotted vertical lines mark '
+        "increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood per particle; "
+        "the held-out particles (never trained on) are the honest measure, and each increase of ω* adds "
+        "Fourier coefficients and so shifts the curve. A run has converged when the held-out error stops "
+        "falling at the final cut-off. <b>Step size</b>: SAGD steps by ε/L; the line search doubles L "
+        "(triangles) when a step overshoots, and L decays slowly in between. <b>Fraction of poses</b>: "
+        "with importance sampling only a fraction of the quadrature is evaluated (1 = all).</p>"
+        f'<p class="note">{n} iterations recorded'
+        + (f" (plotted every {plots._stride(n)}th)" if plots._stride(n) > 1 else "")
+        + ".</p>"
+    )
 
 
 def section_map(ctx: _Context) -> str:
@@ -227,47 +258,63 @@ def section_map(ctx: _Context) -> str:
     level = ctx.level(vol)
     parts = []
     when = f"iteration {it}" if it is not None else "latest checkpoint"
-    parts.append(f'<p class="note">Map <code>volume.mrc</code> at {_e(when)}: box {vol.shape[0]}³, '
-                 f'{apix:.3g} Å/voxel ({vol.shape[0] * apix:.0f} Å wide); density range {vol.min():.3g} … '
-                 f'{vol.max():.3g}.</p>')
+    parts.append(
+        f'<p class="note">Map <code>volume.mrc</code> at {_e(when)}: box {vol.shape[0]}³, '
+        f"{apix:.3g} Å/voxel ({vol.shape[0] * apix:.0f} Å wide); density range {vol.min():.3g} … "
+        f"{vol.max():.3g}.</p>"
+    )
     if not float(vol.max()) > float(vol.min()):
-        parts.append(f'<p class="error">The map is flat (every voxel is {float(vol.max()):.3g}): there is no '
-                     'density to show. If this persists, the run has collapsed; check the pixel size, CTF '
-                     'parameters and --diameter, or try another --seed.</p>')
+        parts.append(
+            f'<p class="error">The map is flat (every voxel is {float(vol.max()):.3g}): there is no '
+            "density to show. If this persists, the run has collapsed; check the pixel size, CTF "
+            "parameters and --diameter, or try another --seed.</p>"
+        )
     parts.append("<h3>Central slices and projections</h3>")
     parts.append(_img(plots.plot_slices(vol, apix), "central slices"))
-    parts.append('<p class="caption">Top: the central plane perpendicular to each axis (colour = density, '
-                 'shared scale). Bottom: projections (sums) along the same axes. Early in a run the map is '
-                 'blurred to the current cut-off; a good map shows compact density inside the particle '
-                 'diameter and an empty, flat background.</p>')
+    parts.append(
+        '<p class="caption">Top: the central plane perpendicular to each axis (colour = density, '
+        "shared scale). Bottom: projections (sums) along the same axes. Early in a run the map is "
+        "blurred to the current cut-off; a good map shows compact density inside the particle "
+        "diameter and an empty, flat background.</p>"
+    )
     parts.append("<h3>Isosurface</h3>")
     parts.append(_img(plots.plot_isosurface(vol, level), "isosurface"))
     if level is None:
         parts.append('<p class="caption">No surface: the map is flat.</p>')
     else:
-        parts.append(f'<p class="caption">Surface at density level {_fmt(level)} ' + _level_text(ctx, level) + '</p>')
+        parts.append(
+            f'<p class="caption">Surface at density level {_fmt(level)} '
+            + _level_text(ctx, level)
+            + "</p>"
+        )
     return "".join(parts)
 
 
 def _level_text(ctx: _Context, level) -> str:
     if ctx.level_override is not None:
         return "(set by the user)."
-    dust = (f" Pieces smaller than {plots.DUST_FRACTION:.0%} of the largest are hidden (dust), as "
-            "ChimeraX's <code>surface dust</code> does.")
+    dust = (
+        f" Pieces smaller than {plots.DUST_FRACTION:.0%} of the largest are hidden (dust), as "
+        "ChimeraX's <code>surface dust</code> does."
+    )
     if ctx.mass_da:
         vol_A3 = ctx.mass_da * plots.PROTEIN_A3_PER_DA
-        return (f"(chosen automatically: the level that encloses the volume of "
-                f"{ctx.mass_da / 1e3:.0f} kDa of protein, {vol_A3:.3g} Å<sup>3</sup> at "
-                f"{plots.PROTEIN_A3_PER_DA} Å<sup>3</sup>/Da; in ChimeraX <code>volume #1 level "
-                f"{_fmt(level)}</code> or <code>volume #1 encloseVolume {vol_A3:.4g}</code> shows "
-                "the same surface)." + dust)
+        return (
+            f"(chosen automatically: the level that encloses the volume of "
+            f"{ctx.mass_da / 1e3:.0f} kDa of protein, {vol_A3:.3g} Å<sup>3</sup> at "
+            f"{plots.PROTEIN_A3_PER_DA} Å<sup>3</sup>/Da; in ChimeraX <code>volume #1 level "
+            f"{_fmt(level)}</code> or <code>volume #1 encloseVolume {vol_A3:.4g}</code> shows "
+            "the same surface)." + dust
+        )
     d = ctx.diameter_px
     what = f"the particle diameter {d * ctx.apix:.0f} Å" if d else "80% of the box width"
-    return (f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the volume of a "
-            f"sphere of {_e(what)}, so maps at different times are shown at comparable size; in ChimeraX "
-            f"<code>volume #1 level {_fmt(level)}</code> shows the same surface; give the "
-            "molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from its "
-            "volume)." + dust)
+    return (
+        f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the volume of a "
+        f"sphere of {_e(what)}, so maps at different times are shown at comparable size; in ChimeraX "
+        f"<code>volume #1 level {_fmt(level)}</code> shows the same surface; give the "
+        "molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from its "
+        "volume)." + dust
+    )
 
 
 def _snapshot_items(ctx: _Context) -> list[tuple[int | None, str, Path | None]]:
@@ -304,7 +351,10 @@ def section_snapshots(ctx: _Context) -> str:
         if it:
             t = data.seconds_at(ctx.metrics, it)
             res = data.value_at(ctx.metrics, "resolution_A", it)
-            extra = [plots.format_seconds(t) if t is not None else None, f"{res:.0f} Å" if res else None]
+            extra = [
+                plots.format_seconds(t) if t is not None else None,
+                f"{res:.0f} Å" if res else None,
+            ]
             extra = [x for x in extra if x]
             if path is None:
                 label += f"\niteration {it}"
@@ -314,20 +364,24 @@ def section_snapshots(ctx: _Context) -> str:
     if not items:
         return _missing("The snapshot files could not be read yet.")
     png = plots.plot_snapshots(items)
-    return (_img(png, "snapshots over time") +
-            '<p class="caption">The map at several times (as in the paper\'s Fig. 6), oblique view, each at its '
-            'own automatic level. The start is a random union of spheres; the gross shape usually settles '
-            'within the first epochs, and finer detail follows as the cut-off rises. '
-            f'Snapshots are written every {_e((ctx.info.get("config") or {}).get("snapshot_every", "N"))} '
-            'iterations to <code>snapshots/</code>.</p>')
+    return (
+        _img(png, "snapshots over time")
+        + '<p class="caption">The map at several times (as in the paper\'s Fig. 6), oblique view, each at its '
+        "own automatic level. The start is a random union of spheres; the gross shape usually settles "
+        "within the first epochs, and finer detail follows as the cut-off rises. "
+        f"Snapshots are written every {_e((ctx.info.get('config') or {}).get('snapshot_every', 'N'))} "
+        "iterations to <code>snapshots/</code>.</p>"
+    )
 
 
 def section_fsc(ctx: _Context) -> str:
     if ctx.reference is None:
-        return ('<p class="note">No reference given. With a reference map (e.g. the truth of simulated data, '
-                'or a published map resampled to the same box and voxel size) run '
-                '<code>cryorecon report RUN --reference REF.mrc --align</code> to add the Fourier shell '
-                'correlation here.</p>')
+        return (
+            '<p class="note">No reference given. With a reference map (e.g. the truth of simulated data, '
+            "or a published map resampled to the same box and voxel size) run "
+            "<code>cryorecon report RUN --reference REF.mrc --align</code> to add the Fourier shell "
+            "correlation here.</p>"
+        )
     import torch
 
     from ..validate import FSC_THRESHOLDS, fsc, resolution_at
@@ -340,10 +394,12 @@ def section_fsc(ctx: _Context) -> str:
     vol, apix = ctx.volume
     refv, ref_apix = ref
     if refv.shape != vol.shape:
-        return (f'<p class="error">The reference {_e(ctx.reference.name)} has box {refv.shape}, the map '
-                f'{vol.shape}: resample it to the same grid first.</p>')
+        return (
+            f'<p class="error">The reference {_e(ctx.reference.name)} has box {refv.shape}, the map '
+            f"{vol.shape}: resample it to the same grid first.</p>"
+        )
     if not math.isclose(ref_apix, apix, rel_tol=1e-3):
-        return (f'<p class="error">Voxel sizes differ: reference {ref_apix:.4f} Å, map {apix:.4f} Å.</p>')
+        return f'<p class="error">Voxel sizes differ: reference {ref_apix:.4f} Å, map {apix:.4f} Å.</p>'
     parts = []
     moved = vol
     if ctx.align:
@@ -353,25 +409,42 @@ def section_fsc(ctx: _Context) -> str:
         moved = res.aligned.numpy()
         parts.append(
             f'<p class="note">The map was aligned to the reference first (rotation, shift and hand; '
-            f'{res.seconds:.0f} s): correlation {res.cc:.3f}; hand <b>{"flipped" if res.flipped else "kept"}</b>'
-            + (f" (best with the other hand {res.cc_other_hand:.3f})" if math.isfinite(res.cc_other_hand) else "")
+            f"{res.seconds:.0f} s): correlation {res.cc:.3f}; hand <b>{'flipped' if res.flipped else 'kept'}</b>"
+            + (
+                f" (best with the other hand {res.cc_other_hand:.3f})"
+                if math.isfinite(res.cc_other_hand)
+                else ""
+            )
             + '. An ab-initio map has an undetermined hand; "flipped" means the run found the mirror '
-            'image, which <code>cryorecon align</code> corrects.</p>')
+            "image, which <code>cryorecon align</code> corrects.</p>"
+        )
     else:
-        parts.append('<p class="note">FSC computed directly, <b>assuming the map is already aligned</b> to the '
-                     'reference (an ab-initio map generally is not: rebuild the report with <code>--align</code>, '
-                     'or align with <code>cryorecon align</code>).</p>')
+        parts.append(
+            '<p class="note">FSC computed directly, <b>assuming the map is already aligned</b> to the '
+            "reference (an ab-initio map generally is not: rebuild the report with <code>--align</code>, "
+            "or align with <code>cryorecon align</code>).</p>"
+        )
     freq, curve = fsc(torch.from_numpy(refv), torch.from_numpy(np.ascontiguousarray(moved)), apix)
     resolutions = {thr: resolution_at(freq, curve, thr) for thr in FSC_THRESHOLDS}
     cutoff = ctx.metrics.last("resolution_A")
-    png = plots.plot_fsc(freq.numpy(), curve.numpy(), resolutions, cutoff,
-                         title=f"{ctx.reference.name} vs volume.mrc" + (" (aligned)" if ctx.align else ""))
+    png = plots.plot_fsc(
+        freq.numpy(),
+        curve.numpy(),
+        resolutions,
+        cutoff,
+        title=f"{ctx.reference.name} vs volume.mrc" + (" (aligned)" if ctx.align else ""),
+    )
     parts.append(_img(png, "FSC against the reference"))
-    rows = [(f"FSC {thr:g}", f"{r:.2f} Å" if math.isfinite(r) else "not reached") for thr, r in resolutions.items()]
+    rows = [
+        (f"FSC {thr:g}", f"{r:.2f} Å" if math.isfinite(r) else "not reached")
+        for thr, r in resolutions.items()
+    ]
     parts.append(_table(rows, ["threshold", "resolution"]))
-    parts.append('<p class="caption">Against a known reference, 0.5 is the usual threshold (0.143 is meant for '
-                 'two independent half maps). The run cannot resolve detail finer than the cut-off it has used '
-                 '(grey line); power beyond it comes from positivity and the prior (paper Fig. 7).</p>')
+    parts.append(
+        '<p class="caption">Against a known reference, 0.5 is the usual threshold (0.143 is meant for '
+        "two independent half maps). The run cannot resolve detail finer than the cut-off it has used "
+        "(grey line); power beyond it comes from positivity and the prior (paper Fig. 7).</p>"
+    )
     return "".join(parts)
 
 
@@ -386,28 +459,40 @@ def section_halfmaps(ctx: _Context) -> str | None:
     curves = {"unmasked": gs.unmasked, "masked": gs.masked, "corrected": gs.corrected}
     if gs.randomized is not None:
         curves["randomized"] = gs.randomized
-    png = plots.plot_halfmap_fsc(gs.freq, curves, gs.resolution_A, gs.randomize_at_A,
-                                 title="volume_half1.mrc vs volume_half2.mrc")
-    res = (f"{gs.resolution_A:.2f} Å" if gs.resolution_A is not None else "not reached")
-    rows = [("gold-standard resolution (corrected masked FSC 0.143)", res),
-            ("unmasked FSC 0.143", f"{gs.resolution_unmasked_A:.2f} Å"
-             if gs.resolution_unmasked_A is not None else "-"),
-            ("phases randomised beyond", f"{gs.randomize_at_A:.1f} Å"
-             if gs.randomize_at_A is not None else "no randomisation"),
-            ("mask", gs.mask or "-")]
+    png = plots.plot_halfmap_fsc(
+        gs.freq,
+        curves,
+        gs.resolution_A,
+        gs.randomize_at_A,
+        title="volume_half1.mrc vs volume_half2.mrc",
+    )
+    res = f"{gs.resolution_A:.2f} Å" if gs.resolution_A is not None else "not reached"
+    rows = [
+        ("gold-standard resolution (corrected masked FSC 0.143)", res),
+        (
+            "unmasked FSC 0.143",
+            f"{gs.resolution_unmasked_A:.2f} Å" if gs.resolution_unmasked_A is not None else "-",
+        ),
+        (
+            "phases randomised beyond",
+            f"{gs.randomize_at_A:.1f} Å" if gs.randomize_at_A is not None else "no randomisation",
+        ),
+        ("mask", gs.mask or "-"),
+    ]
     parts = [_img(png, "half-map FSC"), _table(rows, ["", ""])]
     for w in gs.warnings:
         parts.append(f'<p class="missing">{_e(w)}</p>')
     parts.append(
         '<p class="caption">Fourier shell correlation between the two half maps, refined '
-        'independently from two halves of the particles after a joint low-resolution start. '
-        '<b>Unmasked</b>: the whole boxes; <b>masked</b>: both multiplied by the solvent mask; '
-        '<b>phase-randomised</b>: the same after replacing the phases of both halves by random '
-        'ones beyond the shell where the unmasked FSC drops below 0.8, which measures the '
-        'correlation the mask itself adds; <b>corrected</b>: (masked - randomised) / (1 - '
-        'randomised) (Chen et al. 2013, as RELION\'s postprocess). The resolution is where the '
-        'corrected curve drops below 0.143, the criterion for half maps (Rosenthal &amp; '
-        'Henderson 2003); <code>volume.mrc</code> is the FSC-weighted average of the halves.</p>')
+        "independently from two halves of the particles after a joint low-resolution start. "
+        "<b>Unmasked</b>: the whole boxes; <b>masked</b>: both multiplied by the solvent mask; "
+        "<b>phase-randomised</b>: the same after replacing the phases of both halves by random "
+        "ones beyond the shell where the unmasked FSC drops below 0.8, which measures the "
+        "correlation the mask itself adds; <b>corrected</b>: (masked - randomised) / (1 - "
+        "randomised) (Chen et al. 2013, as RELION's postprocess). The resolution is where the "
+        "corrected curve drops below 0.143, the criterion for half maps (Rosenthal &amp; "
+        "Henderson 2003); <code>volume.mrc</code> is the FSC-weighted average of the halves.</p>"
+    )
     return "".join(parts)
 
 
@@ -416,14 +501,16 @@ def section_directions(ctx: _Context) -> str:
     if d is None:
         return _missing("poses.npz (per-particle view directions) not written yet.")
     png, n = plots.plot_directions(d)
-    return (_img(png, "view-direction distribution") +
-            f'<p class="caption">Most probable view direction of {n} of {len(d)} particles'
-            + (" (the others are not visited yet)" if n < len(d) else "") +
-            ', on an equal-area (Mollweide) world map: azimuth atan2(y, x) left to right, elevation asin(z) '
-            'bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour is the density of views relative to a uniform '
-            'distribution over the sphere. Preferred orientation shows as bright bands or spots and dark, '
-            'empty regions (paper Fig. 10: an equatorial belt); views missing from whole regions limit the '
-            'resolution along the corresponding direction.</p>')
+    return (
+        _img(png, "view-direction distribution")
+        + f'<p class="caption">Most probable view direction of {n} of {len(d)} particles'
+        + (" (the others are not visited yet)" if n < len(d) else "")
+        + ", on an equal-area (Mollweide) world map: azimuth atan2(y, x) left to right, elevation asin(z) "
+        "bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour is the density of views relative to a uniform "
+        "distribution over the sphere. Preferred orientation shows as bright bands or spots and dark, "
+        "empty regions (paper Fig. 10: an equatorial belt); views missing from whole regions limit the "
+        "resolution along the corresponding direction.</p>"
+    )
 
 
 def section_parameters(ctx: _Context) -> str:
@@ -431,16 +518,37 @@ def section_parameters(ctx: _Context) -> str:
     if not info:
         return _missing("run.json not written yet.")
     parts = []
-    top = [(k, _fmt(info.get(k))) for k in ("particles", "n_particles", "n_heldout", "n_minibatches", "box", "apix",
-                                          "diameter_A", "shift_sigma_A") if k in info]
+    top = [
+        (k, _fmt(info.get(k)))
+        for k in (
+            "particles",
+            "n_particles",
+            "n_heldout",
+            "n_minibatches",
+            "box",
+            "apix",
+            "diameter_A",
+            "shift_sigma_A",
+        )
+        if k in info
+    ]
     parts.append('<div class="cols"><div><h3>Data</h3>' + _table(top, ["", "value"]) + "</div>")
     cfg = info.get("config") or {}
-    parts.append("<div><h3>Parameters</h3>" + _table([(k, _fmt(v)) for k, v in cfg.items()], ["option", "value"])
-                 + "</div>")
+    parts.append(
+        "<div><h3>Parameters</h3>"
+        + _table([(k, _fmt(v)) for k, v in cfg.items()], ["option", "value"])
+        + "</div>"
+    )
     # timings
     m = ctx.metrics
-    rows = [("status", _status(ctx)[1]), ("iterations", _fmt(info.get("iterations") if ctx.finished else m.last("iteration"))),
-            ("run time", plots.format_seconds(info.get("seconds") if ctx.finished else m.last("seconds")))]
+    rows = [
+        ("status", _status(ctx)[1]),
+        ("iterations", _fmt(info.get("iterations") if ctx.finished else m.last("iteration"))),
+        (
+            "run time",
+            plots.format_seconds(info.get("seconds") if ctx.finished else m.last("seconds")),
+        ),
+    ]
     it, sec = m.get("iteration"), m.get("seconds")
     if it is not None and sec is not None and len(it) >= 2:
         total = float(sec[-1] - sec[0]) / max(1.0, float(it[-1] - it[0]))
@@ -457,7 +565,9 @@ def section_parameters(ctx: _Context) -> str:
             r = res[i]
             if np.isfinite(r) and r != prev:
                 t = sec[i] if sec is not None else None
-                lv.append((f"{r:.1f} Å", int(it[i]), plots.format_seconds(t) if t is not None else "-"))
+                lv.append(
+                    (f"{r:.1f} Å", int(it[i]), plots.format_seconds(t) if t is not None else "-")
+                )
                 prev = r
         if len(lv) > 40:
             lv = lv[:: math.ceil(len(lv) / 40)] + [lv[-1]]
@@ -467,13 +577,21 @@ def section_parameters(ctx: _Context) -> str:
     vrows = [(k, _fmt(v)) for k, v in vers.items()]
     import matplotlib
 
-    vrows.append(("report made with", f"cryorecon {__version__}, numpy {np.__version__}, matplotlib "
-                                     f"{matplotlib.__version__}, Python {sys.version.split()[0]}"))
+    vrows.append(
+        (
+            "report made with",
+            f"cryorecon {__version__}, numpy {np.__version__}, matplotlib "
+            f"{matplotlib.__version__}, Python {sys.version.split()[0]}",
+        )
+    )
     parts.append("<div><h3>Versions</h3>" + _table(vrows, ["", "version"]) + "</div>")
     mach = info.get("machine") or {}
     mrows = [(k, _fmt(v)) for k, v in mach.items()]
-    parts.append("<div><h3>Machine</h3>" + (_table(mrows, ["", ""]) if mrows else _missing("not recorded"))
-                 + "</div></div>")
+    parts.append(
+        "<div><h3>Machine</h3>"
+        + (_table(mrows, ["", ""]) if mrows else _missing("not recorded"))
+        + "</div></div>"
+    )
     return "".join(parts)
 
 
@@ -492,9 +610,21 @@ def section_files(ctx: _Context) -> str:
             continue
         if p.is_dir():
             n = sum(1 for _ in p.iterdir())
-            rows.append((p.name + "/", f"{n} files", _dt.datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M:%S")))
+            rows.append(
+                (
+                    p.name + "/",
+                    f"{n} files",
+                    _dt.datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M:%S"),
+                )
+            )
         else:
-            rows.append((p.name, _size(st.st_size), _dt.datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M:%S")))
+            rows.append(
+                (
+                    p.name,
+                    _size(st.st_size),
+                    _dt.datetime.fromtimestamp(st.st_mtime).strftime("%Y-%m-%d %H:%M:%S"),
+                )
+            )
     return _table(rows, ["file", "size", "modified"]) if rows else _missing("empty folder")
 
 
@@ -519,8 +649,13 @@ SECTIONS = [
 ]
 
 
-def build_html(run_dir, reference=None, align: bool = False, level: float | None = None,
-               mass_da: float | None = None) -> str:
+def build_html(
+    run_dir,
+    reference=None,
+    align: bool = False,
+    level: float | None = None,
+    mass_da: float | None = None,
+) -> str:
     """The report page as a string (see :func:`write_report`)."""
     run_dir = Path(run_dir)
     ctx = _Context(run_dir, reference, align, level, mass_da)
@@ -546,19 +681,28 @@ def build_html(run_dir, reference=None, align: bool = False, level: float | None
     if ctx.running:
         sub += f" · reloads every {REFRESH_SECONDS} s while the run is running"
     sub += f" · {platform.node()}" if platform.node() else ""
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">{refresh}"
-            f"<title>cryorecon report: {_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>"
-            f"<header><h1>cryorecon run report — {_e(run_dir.resolve().name)}</h1>"
-            f"<div class=\"sub\">{_e(sub)}</div></header><nav>{nav}</nav><main>"
-            + "".join(body) +
-            f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with '
-            f'<code>cryorecon report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, Brubaker &amp; '
-            'Fleet, "Building Proteins in a Day", TPAMI 2017.</p></main></body></html>\n')
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1">{refresh}'
+        f"<title>cryorecon report: {_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>cryorecon run report — {_e(run_dir.resolve().name)}</h1>"
+        f'<div class="sub">{_e(sub)}</div></header><nav>{nav}</nav><main>'
+        + "".join(body)
+        + f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with '
+        f"<code>cryorecon report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, Brubaker &amp; "
+        'Fleet, "Building Proteins in a Day", TPAMI 2017.</p></main></body></html>\n'
+    )
 
 
-def write_report(run_dir, reference=None, out=None, *, align: bool = False,
-                 level: float | None = None, mass_da: float | None = None) -> Path:
+def write_report(
+    run_dir,
+    reference=None,
+    out=None,
+    *,
+    align: bool = False,
+    level: float | None = None,
+    mass_da: float | None = None,
+) -> Path:
     """Write the run report for ``run_dir`` and return its path.
 
     Args:

@@ -33,13 +33,17 @@ PROTEIN_A3_PER_DA = 1.21
 #: Pieces of the surface with fewer voxels than this fraction of the largest piece are dust.
 DUST_FRACTION = 0.05
 #: The three viewpoints (matplotlib elevation, azimuth in degrees) and their names.
-VIEWS = ((90.0, -90.0, "down z (x right, y up)"),
-         (0.0, -90.0, "along +y (x right, z up)"),
-         (25.0, -55.0, "oblique"))
+VIEWS = (
+    (90.0, -90.0, "down z (x right, y up)"),
+    (0.0, -90.0, "along +y (x right, z up)"),
+    (25.0, -55.0, "oblique"),
+)
 #: The same viewpoints in the density's principal axes (:func:`principal_axes`).
-PRINCIPAL_VIEWS = ((90.0, -90.0, "down the long axis"),
-                   (0.0, -90.0, "side (long axis up)"),
-                   (25.0, -55.0, "oblique"))
+PRINCIPAL_VIEWS = (
+    (90.0, -90.0, "down the long axis"),
+    (0.0, -90.0, "side (long axis up)"),
+    (25.0, -55.0, "oblique"),
+)
 SURFACE_RGB = (0.45, 0.66, 0.90)
 DPI = 90
 
@@ -132,7 +136,13 @@ def plot_metrics(metrics) -> bytes | None:
     ho = metrics.get("heldout_nll")
     if tr is not None:
         a_err.plot(it[sl], tr[sl], color="C0", lw=0.6, alpha=0.3)
-        a_err.plot(it[sl], _smooth(tr, max(1, n // 60))[sl], color="C0", lw=1.4, label="training minibatch (smoothed)")
+        a_err.plot(
+            it[sl],
+            _smooth(tr, max(1, n // 60))[sl],
+            color="C0",
+            lw=1.4,
+            label="training minibatch (smoothed)",
+        )
     if ho is not None:
         ok = np.isfinite(ho)
         a_err.plot(it[ok], ho[ok], "o-", color="C3", ms=3, lw=1.4, label="held-out particles")
@@ -154,10 +164,19 @@ def plot_metrics(metrics) -> bytes | None:
             res = 1.0 / omega
     if res is not None:
         a_res.step(it[sl], res[sl], where="post", color="C2", lw=1.6)
-        last = metrics.last("resolution_A") or (1.0 / metrics.last("omega_star") if omega is not None else None)
+        last = metrics.last("resolution_A") or (
+            1.0 / metrics.last("omega_star") if omega is not None else None
+        )
         if last:
-            a_res.annotate(f"now {last:.1f} Å", xy=(it[-1], last), xytext=(-8, 8), textcoords="offset points",
-                           ha="right", fontsize=9, color="C2")
+            a_res.annotate(
+                f"now {last:.1f} Å",
+                xy=(it[-1], last),
+                xytext=(-8, 8),
+                textcoords="offset points",
+                ha="right",
+                fontsize=9,
+                color="C2",
+            )
     else:
         _no_data(a_res)
     a_res.set_title("Resolution cut-off 1/ω* (lower = finer detail used)", fontsize=10)
@@ -179,7 +198,9 @@ def plot_metrics(metrics) -> bytes | None:
         if eps is not None:
             a2 = a_step.twinx()
             okS = okL & np.isfinite(eps)
-            a2.plot(it[okS][::s], (eps[okS] / L[okS])[::s], color="C1", lw=1.3, label="step size ε/L")
+            a2.plot(
+                it[okS][::s], (eps[okS] / L[okS])[::s], color="C1", lw=1.3, label="step size ε/L"
+            )
             a2.set_yscale("log")
             a2.set_ylabel("step ε/L", color="C1")
             h1, l1 = a_step.get_legend_handles_labels()
@@ -197,15 +218,27 @@ def plot_metrics(metrics) -> bytes | None:
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = pe / pf
         ok = np.isfinite(frac) & (frac > 0)
-        a_pose.plot(it[ok][::s], frac[ok][::s], color="C5", lw=1.4, label="poses evaluated / full quadrature")
+        a_pose.plot(
+            it[ok][::s],
+            frac[ok][::s],
+            color="C5",
+            lw=1.4,
+            label="poses evaluated / full quadrature",
+        )
         a_pose.set_yscale("log")
         top = max(1.5, float(np.nanmax(frac[ok])) * 1.5) if ok.any() else 1.5
         bottom = min(0.5, float(np.nanmin(frac[ok])) / 2) if ok.any() else 0.5
         chk = metrics.get("is_check_rel_error")
         if chk is not None and (np.isfinite(chk) & (chk > 0)).any():
             okc = np.isfinite(chk) & (chk > 0)
-            a_pose.plot(it[okc], chk[okc], "x", color="C3", ms=5,
-                        label="held-out check: rel. error of sampled log p")
+            a_pose.plot(
+                it[okc],
+                chk[okc],
+                "x",
+                color="C3",
+                ms=5,
+                label="held-out check: rel. error of sampled log p",
+            )
             a_pose.axhline(1e-3, color="C3", lw=0.8, ls="--", label="0.1% (paper's bound)")
             bottom = min(bottom, float(chk[okc].min()) / 2)
         a_pose.set_ylim(bottom, top)
@@ -239,7 +272,9 @@ def plot_metrics(metrics) -> bytes | None:
 
 
 def _no_data(ax) -> None:
-    ax.text(0.5, 0.5, "not recorded yet", ha="center", va="center", transform=ax.transAxes, color="0.5")
+    ax.text(
+        0.5, 0.5, "not recorded yet", ha="center", va="center", transform=ax.transAxes, color="0.5"
+    )
 
 
 def _time_axis(ax, it: np.ndarray, sec: np.ndarray | None) -> None:
@@ -283,6 +318,7 @@ def _interp_extrapolate(v, xp: np.ndarray, fp: np.ndarray):
 # slices
 # ---------------------------------------------------------------------------------------------
 
+
 def plot_slices(vol: np.ndarray, apix: float) -> bytes:
     """Central slices (top row) and projections (bottom row) along z, y and x."""
     D = vol.shape
@@ -299,7 +335,9 @@ def plot_slices(vol: np.ndarray, apix: float) -> bytes:
     im = None
     for j in range(3):
         ax = axes[0, j]
-        im = ax.imshow(slices[j], origin="lower", cmap="magma", vmin=lo, vmax=hi, interpolation="nearest")
+        im = ax.imshow(
+            slices[j], origin="lower", cmap="magma", vmin=lo, vmax=hi, interpolation="nearest"
+        )
         a, h, v = names[j]
         ax.set_title(f"central slice {a} = {c[j]}  ({h} →, {v} ↑)", fontsize=10)
         ax.set_xticks([])
@@ -307,8 +345,14 @@ def plot_slices(vol: np.ndarray, apix: float) -> bytes:
         ax2 = axes[1, j]
         p = projs[j]
         plo, phi = np.percentile(p, [0.5, 99.8])
-        ax2.imshow(p, origin="lower", cmap="gray", vmin=plo, vmax=phi if phi > plo else plo + 1e-12,
-                   interpolation="nearest")
+        ax2.imshow(
+            p,
+            origin="lower",
+            cmap="gray",
+            vmin=plo,
+            vmax=phi if phi > plo else plo + 1e-12,
+            interpolation="nearest",
+        )
         ax2.set_title(f"projection along {a}", fontsize=10)
         ax2.set_xticks([])
         ax2.set_yticks([])
@@ -325,7 +369,15 @@ def _scale_bar(ax, D: int, apix: float) -> None:
     px = length_A / apix
     x0, y0 = 0.05 * D, 0.05 * D
     ax.plot([x0, x0 + px], [y0, y0], color="white", lw=3)
-    ax.text(x0 + px / 2, y0 + 0.03 * D, f"{length_A:g} Å", color="white", ha="center", va="bottom", fontsize=9)
+    ax.text(
+        x0 + px / 2,
+        y0 + 0.03 * D,
+        f"{length_A:g} Å",
+        color="white",
+        ha="center",
+        va="bottom",
+        fontsize=9,
+    )
 
 
 def _nice(x: float) -> float:
@@ -342,15 +394,21 @@ def _nice(x: float) -> float:
 # isosurfaces
 # ---------------------------------------------------------------------------------------------
 
+
 def enclosed_voxels(mass_da: float, apix: float) -> float:
     """Voxels of ``apix`` Å filled by protein of ``mass_da`` daltons
     (``mass * PROTEIN_A3_PER_DA / apix^3``)."""
     return float(mass_da) * PROTEIN_A3_PER_DA / float(apix) ** 3
 
 
-def surface_level(vol: np.ndarray, diameter_px: float | None = None,
-                  fraction: float = ENCLOSED_FRACTION, *, mass_da: float | None = None,
-                  apix: float | None = None) -> float | None:
+def surface_level(
+    vol: np.ndarray,
+    diameter_px: float | None = None,
+    fraction: float = ENCLOSED_FRACTION,
+    *,
+    mass_da: float | None = None,
+    apix: float | None = None,
+) -> float | None:
     """Contour level enclosing ``n`` voxels: the ``1 - n/D^3`` quantile of the voxel values.
 
     With ``mass_da`` (daltons) and ``apix`` (Å/voxel), ``n`` is the molecule's expected volume
@@ -364,7 +422,7 @@ def surface_level(vol: np.ndarray, diameter_px: float | None = None,
         n = enclosed_voxels(mass_da, apix)
     else:
         d = diameter_px if diameter_px and diameter_px > 0 else 0.8 * min(vol.shape)
-        n = fraction * math.pi * d ** 3 / 6.0
+        n = fraction * math.pi * d**3 / 6.0
     q = 1.0 - min(0.5, max(n / vol.size, 1e-4))
     level = float(np.quantile(vol, q))
     if not vmin < level < vmax:
@@ -409,8 +467,13 @@ def _downsample(vol: np.ndarray, max_box: int) -> tuple[np.ndarray, float]:
     return v, f
 
 
-def surface(vol: np.ndarray, level: float, max_box: int = MAX_SURFACE_BOX,
-            max_faces: int = MAX_FACES, dust: float | None = DUST_FRACTION):
+def surface(
+    vol: np.ndarray,
+    level: float,
+    max_box: int = MAX_SURFACE_BOX,
+    max_faces: int = MAX_FACES,
+    dust: float | None = DUST_FRACTION,
+):
     """Triangles of the isosurface as an (F, 3, 3) array of (x, y, z) vertex positions in
     voxels of the original map, relative to the box centre; ``None`` if there is none.
     Pieces smaller than ``dust`` of the largest are left out (:func:`hide_dust`; ``None``
@@ -436,7 +499,11 @@ def surface(vol: np.ndarray, level: float, max_box: int = MAX_SURFACE_BOX,
         step += 1
     if len(faces) == 0:
         return None
-    xyz = verts[:, ::-1] * f + (f - 1) / 2.0 - np.array([s // 2 for s in vol.shape[::-1]], dtype=float)
+    xyz = (
+        verts[:, ::-1] * f
+        + (f - 1) / 2.0
+        - np.array([s // 2 for s in vol.shape[::-1]], dtype=float)
+    )
     return xyz[faces]
 
 
@@ -445,7 +512,9 @@ def _eye(elev: float, azim: float) -> np.ndarray:
     return np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
 
 
-def _draw_surface(ax, tris: np.ndarray | None, elev: float, azim: float, half: float, rgb=SURFACE_RGB) -> None:
+def _draw_surface(
+    ax, tris: np.ndarray | None, elev: float, azim: float, half: float, rgb=SURFACE_RGB
+) -> None:
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     if tris is not None and len(tris):
@@ -461,7 +530,9 @@ def _draw_surface(ax, tris: np.ndarray | None, elev: float, azim: float, half: f
         pc = Poly3DCollection(tris, facecolors=col, edgecolors=col, linewidths=0.25)
         ax.add_collection3d(pc)
     else:
-        ax.text2D(0.5, 0.5, "no surface", ha="center", va="center", transform=ax.transAxes, color="0.5")
+        ax.text2D(
+            0.5, 0.5, "no surface", ha="center", va="center", transform=ax.transAxes, color="0.5"
+        )
     ax.set_xlim(-half, half)
     ax.set_ylim(-half, half)
     ax.set_zlim(-half, half)
@@ -527,7 +598,9 @@ def plot_snapshots(items: list[tuple[str, np.ndarray, float | None]], view=VIEWS
         ax = fig.add_subplot(nrow, ncol, i + 1, projection="3d")
         _draw_surface(ax, tris, el, az, half)
         ax.set_title(label, fontsize=9, y=0.97)
-    fig.subplots_adjust(left=0, right=1, bottom=0, top=0.92 if nrow == 1 else 0.95, wspace=0, hspace=0.08)
+    fig.subplots_adjust(
+        left=0, right=1, bottom=0, top=0.92 if nrow == 1 else 0.95, wspace=0, hspace=0.08
+    )
     return to_png(fig)
 
 
@@ -535,8 +608,15 @@ def plot_snapshots(items: list[tuple[str, np.ndarray, float | None]], view=VIEWS
 # FSC and view directions
 # ---------------------------------------------------------------------------------------------
 
-def draw_fsc(ax, freq, curves: dict, cutoff_A: float | None = None, title: str = "",
-             ylabel: str = "Fourier shell correlation") -> None:
+
+def draw_fsc(
+    ax,
+    freq,
+    curves: dict,
+    cutoff_A: float | None = None,
+    title: str = "",
+    ylabel: str = "Fourier shell correlation",
+) -> None:
     """Draw FSC curves on a matplotlib axis: ``curves = {label: (curve, {threshold: Å})}``.
 
     The x axis is linear in spatial frequency (1/Å) and labelled in Å. One curve: the
@@ -558,16 +638,31 @@ def draw_fsc(ax, freq, curves: dict, cutoff_A: float | None = None, title: str =
                 ax.axhline(thr, color=c, ls="--", lw=1)
                 if r is not None and math.isfinite(r) and r > 0:
                     ax.axvline(1.0 / r, color=c, ls=":", lw=1)
-                    ax.annotate(f"{thr:g}: {r:.2f} Å", xy=(1.0 / r, thr), xytext=(4, 6),
-                                textcoords="offset points", color=c, fontsize=9)
+                    ax.annotate(
+                        f"{thr:g}: {r:.2f} Å",
+                        xy=(1.0 / r, thr),
+                        xytext=(4, 6),
+                        textcoords="offset points",
+                        color=c,
+                        fontsize=9,
+                    )
         else:
-            txt = " / ".join(f"{r:.1f}" if r is not None and math.isfinite(r) else "n/a"
-                             for r in (res.get(0.5), res.get(0.143)))
+            txt = " / ".join(
+                f"{r:.1f}" if r is not None and math.isfinite(r) else "n/a"
+                for r in (res.get(0.5), res.get(0.143))
+            )
             ax.plot(freq, curve, "-", color=f"C{i}", lw=1.8, label=f"{label}: {txt} Å")
     if not single:
         for thr, c in ((0.5, "0.4"), (0.143, "0.6")):
             ax.axhline(thr, color=c, ls="--", lw=1)
-            ax.annotate(f"{thr:g}", xy=(0, thr), xytext=(2, 2), textcoords="offset points", color=c, fontsize=8)
+            ax.annotate(
+                f"{thr:g}",
+                xy=(0, thr),
+                xytext=(2, 2),
+                textcoords="offset points",
+                color=c,
+                fontsize=8,
+            )
     if cutoff_A and cutoff_A > 0 and 1.0 / cutoff_A <= float(freq[-1]):
         ax.axvline(1.0 / cutoff_A, color="0.4", lw=1.2, label=f"cut-off used ({cutoff_A:.1f} Å)")
     ax.set_xlim(0, float(freq[-1]))
@@ -581,7 +676,9 @@ def draw_fsc(ax, freq, curves: dict, cutoff_A: float | None = None, title: str =
     if single:
         ax.legend(loc="upper right", fontsize=9)
     else:
-        ax.legend(loc="upper right", fontsize=8, title="resolution at FSC 0.5 / 0.143", title_fontsize=8)
+        ax.legend(
+            loc="upper right", fontsize=8, title="resolution at FSC 0.5 / 0.143", title_fontsize=8
+        )
 
 
 def save_fsc_png(path, freq, curves: dict, title: str = "", **kw) -> None:
@@ -596,20 +693,36 @@ def save_fsc_png(path, freq, curves: dict, title: str = "", **kw) -> None:
     fig.savefig(path, format="png")
 
 
-def plot_fsc(freq: np.ndarray, curve: np.ndarray, resolutions: dict, cutoff_A: float | None = None,
-             title: str = "") -> bytes:
+def plot_fsc(
+    freq: np.ndarray,
+    curve: np.ndarray,
+    resolutions: dict,
+    cutoff_A: float | None = None,
+    title: str = "",
+) -> bytes:
     """FSC against spatial frequency, with the 0.5 and 0.143 thresholds and the current
     resolution cut-off (the finest detail the run has used so far)."""
     fig = _figure(7.5, 4.4)
-    draw_fsc(fig.add_subplot(1, 1, 1), freq, {"FSC": (curve, resolutions)}, cutoff_A=cutoff_A, title=title)
+    draw_fsc(
+        fig.add_subplot(1, 1, 1),
+        freq,
+        {"FSC": (curve, resolutions)},
+        cutoff_A=cutoff_A,
+        title=title,
+    )
     fig.tight_layout()
     return to_png(fig)
 
 
-
-def draw_halfmap_fsc(ax, freq, curves: dict, resolution_A: float | None = None,
-                     randomize_at_A: float | None = None, threshold: float = 0.143,
-                     title: str = "") -> None:
+def draw_halfmap_fsc(
+    ax,
+    freq,
+    curves: dict,
+    resolution_A: float | None = None,
+    randomize_at_A: float | None = None,
+    threshold: float = 0.143,
+    title: str = "",
+) -> None:
     """Draw the gold-standard half-map FSC curves on a matplotlib axis.
 
     ``curves`` maps names to arrays over ``freq`` (1/Å): ``unmasked``, ``masked``,
@@ -620,9 +733,12 @@ def draw_halfmap_fsc(ax, freq, curves: dict, resolution_A: float | None = None,
     """
     from matplotlib.ticker import FuncFormatter
 
-    styles = {"unmasked": ("C0", "-", 1.3, "unmasked"), "masked": ("C1", "-", 1.3, "masked"),
-              "randomized": ("0.5", "--", 1.0, "phase-randomised, masked"),
-              "corrected": ("C3", "-", 2.2, "corrected (masked - randomised)")}
+    styles = {
+        "unmasked": ("C0", "-", 1.3, "unmasked"),
+        "masked": ("C1", "-", 1.3, "masked"),
+        "randomized": ("0.5", "--", 1.0, "phase-randomised, masked"),
+        "corrected": ("C3", "-", 2.2, "corrected (masked - randomised)"),
+    }
     lo = -0.1
     for key, (color, ls, lw, label) in styles.items():
         c = curves.get(key)
@@ -635,18 +751,34 @@ def draw_halfmap_fsc(ax, freq, curves: dict, resolution_A: float | None = None,
         # the randomisation frequency and would hide it
         ax.plot(freq, c, ls, color=color, lw=lw, label=label, zorder=2 if key == "corrected" else 3)
     ax.axhline(threshold, color="C2", ls="--", lw=1)
-    ax.annotate(f"{threshold:g}", xy=(0, threshold), xytext=(2, 2), textcoords="offset points",
-                color="C2", fontsize=8)
+    ax.annotate(
+        f"{threshold:g}",
+        xy=(0, threshold),
+        xytext=(2, 2),
+        textcoords="offset points",
+        color="C2",
+        fontsize=8,
+    )
     fmax = float(freq[-1])
     if resolution_A and math.isfinite(resolution_A) and resolution_A > 0:
         ax.axvline(1.0 / resolution_A, color="C3", ls=":", lw=1)
         right = 1.0 / resolution_A > 0.75 * fmax  # label to the left near Nyquist
-        ax.annotate(f"{resolution_A:.2f} Å", xy=(1.0 / resolution_A, threshold),
-                    xytext=(-4 if right else 4, 6), textcoords="offset points", color="C3",
-                    fontsize=9, ha="right" if right else "left")
+        ax.annotate(
+            f"{resolution_A:.2f} Å",
+            xy=(1.0 / resolution_A, threshold),
+            xytext=(-4 if right else 4, 6),
+            textcoords="offset points",
+            color="C3",
+            fontsize=9,
+            ha="right" if right else "left",
+        )
     if randomize_at_A and randomize_at_A > 0 and 1.0 / randomize_at_A <= fmax:
-        ax.axvline(1.0 / randomize_at_A, color="0.5", lw=1,
-                   label=f"phases randomised beyond {randomize_at_A:.1f} Å")
+        ax.axvline(
+            1.0 / randomize_at_A,
+            color="0.5",
+            lw=1,
+            label=f"phases randomised beyond {randomize_at_A:.1f} Å",
+        )
     ax.set_xlim(0, fmax)
     ax.set_ylim(lo, 1.05)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda f, _: "∞" if f <= 0 else f"{1.0 / f:.3g}"))
@@ -658,12 +790,23 @@ def draw_halfmap_fsc(ax, freq, curves: dict, resolution_A: float | None = None,
     ax.legend(loc="center left", fontsize=8)
 
 
-def plot_halfmap_fsc(freq, curves: dict, resolution_A: float | None = None,
-                     randomize_at_A: float | None = None, title: str = "") -> bytes:
+def plot_halfmap_fsc(
+    freq,
+    curves: dict,
+    resolution_A: float | None = None,
+    randomize_at_A: float | None = None,
+    title: str = "",
+) -> bytes:
     """:func:`draw_halfmap_fsc` on its own figure, as PNG bytes."""
     fig = _figure(7.5, 4.4)
-    draw_halfmap_fsc(fig.add_subplot(1, 1, 1), np.asarray(freq), curves, resolution_A,
-                     randomize_at_A, title=title)
+    draw_halfmap_fsc(
+        fig.add_subplot(1, 1, 1),
+        np.asarray(freq),
+        curves,
+        resolution_A,
+        randomize_at_A,
+        title=title,
+    )
     fig.tight_layout()
     return to_png(fig)
 
@@ -711,19 +854,36 @@ def plot_directions(directions: np.ndarray) -> tuple[bytes, int]:
     sub = 4
     az_f = np.interp(np.arange(n_az * sub + 1) / sub, np.arange(n_az + 1), az_e)
     z_e = np.sin(el_e)
-    el_f = np.arcsin(np.clip(np.interp(np.arange(n_el * sub + 1) / sub, np.arange(n_el + 1), z_e), -1, 1))
+    el_f = np.arcsin(
+        np.clip(np.interp(np.arange(n_el * sub + 1) / sub, np.arange(n_el + 1), z_e), -1, 1)
+    )
     rel_f = np.repeat(np.repeat(rel, sub, axis=0), sub, axis=1)
     fig = _figure(10.0, 5.4)
     ax = fig.add_subplot(1, 1, 1, projection="mollweide")
     vmax = max(2.0, float(np.percentile(rel, 99.5))) if n else 2.0
-    mesh = ax.pcolormesh(az_f, el_f, rel_f, cmap="viridis", norm=PowerNorm(0.6, vmin=0, vmax=vmax),
-                         shading="flat", antialiased=False, linewidth=0, rasterized=True)
+    mesh = ax.pcolormesh(
+        az_f,
+        el_f,
+        rel_f,
+        cmap="viridis",
+        norm=PowerNorm(0.6, vmin=0, vmax=vmax),
+        shading="flat",
+        antialiased=False,
+        linewidth=0,
+        rasterized=True,
+    )
     ax.grid(True, color="white", alpha=0.35, lw=0.5)
     ax.tick_params(axis="x", colors="white", labelsize=8)
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("azimuth atan2(y, x)")
     ax.set_ylabel("elevation asin(z)")
-    fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.08,
-                 label="particles per unit solid angle, relative to a uniform distribution (1 = uniform)")
+    fig.colorbar(
+        mesh,
+        ax=ax,
+        orientation="horizontal",
+        fraction=0.05,
+        pad=0.08,
+        label="particles per unit solid angle, relative to a uniform distribution (1 = uniform)",
+    )
     fig.subplots_adjust(left=0.06, right=0.97, top=0.97, bottom=0.08)
     return to_png(fig), n
