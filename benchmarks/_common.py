@@ -112,7 +112,8 @@ def ensure_dataset(work: Path, seed: int = DATA_SEED) -> tuple[Path, dict]:
             print(f"dataset: reusing {data}", flush=True)
             return data, {**info, "simulate_seconds": None}
     print(
-        f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> {data}",
+        f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> "
+        f"{data}",
         flush=True,
     )
     t = time.perf_counter()

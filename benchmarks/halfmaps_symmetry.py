@@ -92,7 +92,8 @@ def main(argv=None) -> int:
             }
         )
     print(
-        f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min per run "
+        f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min "
+        "per run "
         "(2 shared CPU cores)"
     )
     print(

@@ -139,8 +139,10 @@ def main() -> int:
     idx = np.asarray(run.batches[0][: args.batch])
     sampler = run.sampler
     print(
-        f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid x{args.grid_scale}; "
-        f"alpha {run.schedule.alpha(args.tau):.3g}, T {run.schedule.temperature(args.tau):.3g}, s0 {run.cfg.s0}",
+        f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid "
+        f"x{args.grid_scale}; "
+        f"alpha {run.schedule.alpha(args.tau):.3g}, T {run.schedule.temperature(args.tau):.3g}, s0 "
+        f"{run.cfg.s0}",
         flush=True,
     )
     rows = []
@@ -167,9 +169,12 @@ def main() -> int:
         }
         rows.append(row)
         print(
-            f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; exact "
-            f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction {row['fraction_evaluated']:.3g} "
-            f"(computed {row['fraction_computed']:.3g}); rel. error {row['rel_error_sum_loglik']:.2e}; "
+            f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; "
+            "exact "
+            f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction "
+            f"{row['fraction_evaluated']:.3g} "
+            f"(computed {row['fraction_computed']:.3g}); rel. error "
+            f"{row['rel_error_sum_loglik']:.2e}; "
             f"gradient cosine {cos:.4f}",
             flush=True,
         )
@@ -201,8 +206,10 @@ def main() -> int:
             else ""
         )
         print(
-            f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} coefficients; "
-            f"IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed {row['fraction_computed']:.3g})"
+            f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} "
+            "coefficients; "
+            f"IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed "
+            f"{row['fraction_computed']:.3g})"
             f"{err}",
             flush=True,
         )
@@ -248,7 +255,8 @@ def plot(result: dict, path: Path) -> None:
         xlabel="cut-off 1/omega* (Å)",
         ylabel="seconds per minibatch",
         yscale="log",
-        title=f"one minibatch of {result['batch']} (likelihood + gradient), grid x{result['grid_scale']:g}",
+        title=f"one minibatch of {result['batch']} (likelihood + gradient), grid "
+        f"x{result['grid_scale']:g}",
     )
     so = result.get("sampled_only", [])
     if so:

@@ -134,14 +134,16 @@ def main(argv=None) -> int:
         )
     base = rows[0]
     print(
-        f"measured on {os.cpu_count()} shared CPU cores, box {args.box}, {args.n} particles, exact quadrature"
+        f"measured on {os.cpu_count()} shared CPU cores, box {args.box}, {args.n} particles, exact "
+        "quadrature"
     )
     print(f"{'ranks':>5} {'s/iter':>8} {'speed-up':>9} {'allreduce MB':>13} {'allreduce s':>12}")
     for r in rows:
         r["speedup"] = base["median_iteration_s"] / r["median_iteration_s"]
         print(
             f"{r['ranks']:>5} {r['median_iteration_s']:>8.3f} {r['speedup']:>9.2f} "
-            f"{r['allreduce_bytes_per_iteration'] / 1e6:>13.3f} {r['allreduce_s_per_iteration']:>12.4f}"
+            f"{r['allreduce_bytes_per_iteration'] / 1e6:>13.3f} "
+            f"{r['allreduce_s_per_iteration']:>12.4f}"
         )
     model = []
     flops_per = 4.0  # real flops per (image, pose, coefficient) of the cross-term GEMM
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
         % (GPU_FLOPS / 1e12, 100 * SAMPLED_FRACTION)
     )
     print(
-        f"{'target':<40} {'link':<28} {'GPUs':>4} {'compute s':>10} {'allreduce s':>12} {'speed-up':>9}"
+        f"{'target':<40} {'link':<28} {'GPUs':>4} {'compute s':>10} {'allreduce s':>12} "
+        f"{'speed-up':>9}"
     )
     for m in model:
         if m["gpus"] in (1, 8, 64):

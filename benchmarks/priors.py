@@ -153,7 +153,8 @@ def main() -> int:
             particles, run_dir, C.demo_config(args.seed, prior=name), fresh=args.fresh
         )
         print(
-            f"[{name}] {'reused: ' if rec['reused'] else ''}{rec['iterations']} iterations ({rec['stop_reason']}), "
+            f"[{name}] {'reused: ' if rec['reused'] else ''}{rec['iterations']} iterations "
+            f"({rec['stop_reason']}), "
             f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; aligning to the truth ...",
             flush=True,
         )
@@ -194,21 +195,25 @@ def main() -> int:
     plot(args.png, maps, freq.numpy(), curves, result)
 
     print(
-        f"\npriors (seed {args.seed}; {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}, "
+        f"\npriors (seed {args.seed}; {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR "
+        f"{s.snr:g}, "
         f"Nyquist {2 * s.apix:g} Å)"
     )
     print(
-        "| prior | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | bg var out/in | zero frac out |"
+        "| prior | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | bg var out/in | "
+        "zero frac out |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     tb = result["truth"]["background"]
     print(
-        f"| truth | - | - | - | - | - | - | {tb['variance_ratio_out_in']:.4f} | {tb['zero_fraction_outside']:.2f} |"
+        f"| truth | - | - | - | - | - | - | {tb['variance_ratio_out_in']:.4f} | "
+        f"{tb['zero_fraction_outside']:.2f} |"
     )
     for name, p in result["priors"].items():
         r, bg = p["fsc_resolution_A"], p["background"]
         print(
-            f"| {name} | {p['iterations']} | {p['stop_reason']} | {p['wall_s']:.0f} | {p['cpu_s']:.0f} | "
+            f"| {name} | {p['iterations']} | {p['stop_reason']} | {p['wall_s']:.0f} | "
+            f"{p['cpu_s']:.0f} | "
             f"{C.fmt_A(r['0.5'])} | {C.fmt_A(r['0.143'])} | {bg['variance_ratio_out_in']:.4f} | "
             f"{bg['zero_fraction_outside']:.2f} |"
         )
@@ -260,14 +265,16 @@ def plot(path: Path, maps: dict, freq: np.ndarray, curves: dict, result: dict) -
         )
     m = result["background_mask"]
     ax.set_title(
-        f"background noise: var outside / var inside\n(dilated truth mask: >{m['level_fraction_of_max']:g} max, "
+        "background noise: var outside / var inside\n(dilated truth mask: "
+        f">{m['level_fraction_of_max']:g} max, "
         f"+{m['dilate_voxels']} vox)",
         fontsize=9,
     )
     ax.set_ylabel("variance ratio")
     fig.suptitle(
         f"Priors (paper Fig. 13): GroEL-GroES, {result['dataset']['n']} particles, box "
-        f"{result['dataset']['box']} at {result['dataset']['apix']:g} Å/px, SNR {result['dataset']['snr']:g}, "
+        f"{result['dataset']['box']} at {result['dataset']['apix']:g} Å/px, SNR "
+        f"{result['dataset']['snr']:g}, "
         f"seed {result['settings']['seed']}; slices coloured 0 (blue) .. map max (red)",
         fontsize=10,
     )

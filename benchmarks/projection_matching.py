@@ -317,8 +317,10 @@ def main() -> int:
         first_maps = first_maps or maps
         c, p = rec["cryorecon"], rec["projection_matching"]
         print(
-            f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> {c['fsc0.5_A']} / "
-            f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU s -> "
+            f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> "
+            f"{c['fsc0.5_A']} / "
+            f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU "
+            "s -> "
             f"{p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
             flush=True,
         )
@@ -348,7 +350,8 @@ def main() -> int:
         panels,
         curves,
         cutoff_A,
-        f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, same CPU time",
+        f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, "
+        "same CPU time",
     )
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -371,12 +374,14 @@ def main() -> int:
         ):
             m = r[key]
             print(
-                f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | "
+                f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | "
+                f"{m['cpu_s']:.0f} | "
                 f"{fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |"
             )
         m = r["start"]
         print(
-            f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | "
+            f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | "
+            f"{fmt(m['fsc0.143_A'])} | "
             f"{m['align_cc']:.3f} |"
         )
     for key, name in (
@@ -386,7 +391,8 @@ def main() -> int:
         m = result[key]
         print(f"| - | {name} | - | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | - |")
     print(
-        f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB; "
+        f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS "
+        f"{result['peak_rss_mib']:.0f} MiB; "
         f"wrote {args.out} and {png}"
     )
     return 0

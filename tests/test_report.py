@@ -313,7 +313,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip(
-            "chromium not installed (Debian: apt-get install chromium; CI runs .ci/install-chromium.sh)"
+            "chromium not installed (Debian: apt-get install chromium; CI runs "
+            ".ci/install-chromium.sh)"
         )
     path, _ = report
     shot = tmp_path / "shot.png"

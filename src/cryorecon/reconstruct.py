@@ -481,7 +481,8 @@ class Run:
         )
         log.info(
             f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
-            f"half-sets ({where}: {int((self.subset == 1).sum())} + {int((self.subset == 2).sum())} "
+            f"half-sets ({where}: {int((self.subset == 1).sum())} + "
+            f"{int((self.subset == 2).sum())} "
             "particles) refined independently from here"
         )
         return True
@@ -513,7 +514,8 @@ class Run:
         res = self.gold_standard.get("resolution_A")
         if res is not None:
             log.info(
-                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} Å"
+                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} "
+                "Å"
             )
 
     def _local_batch(self, k: int) -> tuple[int, int]:
@@ -606,7 +608,8 @@ class Run:
             clock = self.sampler.annealing_clock(self.tau)
             self.sampler.anneal_from += clock - clock // 2
             log.info(
-                f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> {c.is_tolerance:g}); "
+                f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> "
+                f"{c.is_tolerance:g}); "
                 f"annealing clock {clock} -> {self.sampler.annealing_clock(self.tau)}"
             )
         return rel
