@@ -245,7 +245,8 @@ def central_slice(vol: torch.Tensor, axis: int = 0) -> np.ndarray:
 
 
 def show_slice(ax, img: np.ndarray, title: str = "") -> None:
-    """One slice, coloured like the paper's Fig. 13 (blue = zero or below, red = high), own scale 0..max."""
+    """One slice, coloured like the paper's Fig. 13 (blue = zero or below, red = high), own
+    scale 0..max."""
     hi = float(np.max(img)) if np.max(img) > 0 else 1.0
     ax.imshow(img, cmap="jet", vmin=0.0, vmax=hi, origin="lower", interpolation="nearest")
     ax.set_xticks([])

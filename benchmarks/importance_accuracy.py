@@ -27,8 +27,9 @@ signed error in nats, and the fraction of the full quadrature (rotations x shift
 for that particle. A ``None`` plan (every draw of the group covers whole grids) means the
 exact sum is used: fraction 1, error 0; it is counted (``plans_none``). Rows routed to the
 exact sum (``rows_exact``) count fraction 1 and error 0 (``numerical_floor_nats`` checks the
-sampled code path against the exact one on the whole grid for ``--floor-check`` particles). ``fraction`` counts each
-particle's own poses (as ``Plan.fraction`` and the run's ``fraction_evaluated`` do);
+sampled code path against the exact one on the whole grid for ``--floor-check`` particles).
+``fraction`` counts each particle's own poses (as ``Plan.fraction`` and the run's
+``fraction_evaluated`` do);
 ``fraction_computed`` counts what the engine really evaluates: exact images whole, sampled
 images padded to their group's largest n_d x n_psi and n_t. Per-s0 ``seconds`` cover
 ``--repeats`` passes; ``exact_seconds`` one exact pass.
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
         flush=True,
     )
 
-    # ---- importance sampling at each s0 -----------------------------------------------------------
+    # ---- importance sampling at each s0 ----------------------------------------------------------
     full = grid.n_rotations * grid.M_t
     rows = []
     for si, s0 in enumerate(args.s0):
@@ -372,7 +373,7 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    # ---- report ---------------------------------------------------------------------------------------
+    # ---- report ----------------------------------------------------------------------------------
     hdr = (
         f"{'s0':>6} {'rel med':>9} {'rel p90':>9} {'rel max':>9} {'|d| med':>9} {'|d| p90':>9} "
         f"{'mean d':>9} {'fraction':>9} {'speedup':>8} {'computed':>9} {'exact rows':>10} "

@@ -25,7 +25,8 @@ cut-offs, from a finished run's map:
 The pose grid, map, particles and code path are those of a real run; only the number of
 minibatches is one. Writes ``results/importance_cost.json`` and a PNG.
 
-    python benchmarks/importance_cost.py benchmarks/results/small_work/run_seed2 --omegas 0.02 0.025 0.033 0.04
+    python benchmarks/importance_cost.py benchmarks/results/small_work/run_seed2 \\
+        --omegas 0.02 0.025 0.033 0.04
 """
 
 from __future__ import annotations

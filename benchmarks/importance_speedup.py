@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Importance sampling vs exact marginalisation on the `small` set (issue 4; paper Sec. 3.4, Fig. 9).
+"""Importance sampling vs exact marginalisation on the `small` set (issue 4; paper Sec. 3.4,
+Fig. 9).
 
 For each seed, runs `cryorecon reconstruct` twice on the same data with the same settings and
 for the same number of iterations (held-out early stopping disabled, so both do exactly
@@ -82,9 +83,11 @@ def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: i
         cmd += ["--is-every", str(is_every)]
     if exact:
         cmd.append("--exact")
+    what = (
+        "exact" if exact else f"importance sampling (annealing step {step_label(is_every, args)})"
+    )
     print(
-        "  "
-        f"{'exact' if exact else f'importance sampling (annealing step {step_label(is_every, args)})'} ...",
+        f"  {what} ...",
         flush=True,
     )
     t = timed(cmd)

@@ -147,7 +147,7 @@ def main(argv=None) -> int:
         )
     model = []
     flops_per = 4.0  # real flops per (image, pose, coefficient) of the cross-term GEMM
-    for name, D, N, B, poses, coeffs in TARGETS:
+    for name, D, _N, B, poses, coeffs in TARGETS:
         t_comp = (
             B * poses * SAMPLED_FRACTION * coeffs * flops_per * 2 / GPU_FLOPS
         )  # x2: value + gradient
@@ -166,8 +166,8 @@ def main(argv=None) -> int:
                     }
                 )
     print(
-        "\nmodel (assumed: %.0f TFLOP/s per GPU, %.0f%% of poses evaluated):"
-        % (GPU_FLOPS / 1e12, 100 * SAMPLED_FRACTION)
+        f"\nmodel (assumed: {GPU_FLOPS / 1e12:.0f} TFLOP/s per GPU, "
+        f"{100 * SAMPLED_FRACTION:.0f}% of poses evaluated):"
     )
     print(
         f"{'target':<40} {'link':<28} {'GPUs':>4} {'compute s':>10} {'allreduce s':>12} "

@@ -131,8 +131,9 @@ def main() -> int:
             "report_rendered": False,
             "align_n_global": args.align_global,
         },
-        "uniform_prior_note": "UniformPrior has zero energy and gradient, but SAGD still truncates negative voxels "
-        "to zero after each step, so 'uniform' = uniform on V >= 0 (positivity kept).",
+        "uniform_prior_note": "UniformPrior has zero energy and gradient, but SAGD still truncates "
+        "negative voxels to zero after each step, so 'uniform' = uniform on V >= 0 (positivity "
+        "kept).",
         "background_mask": {
             "kind": "dilated truth mask",
             "level_fraction_of_max": args.mask_level,

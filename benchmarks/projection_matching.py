@@ -22,7 +22,7 @@ cryorecon, for about the same CPU time, and finds it trapped in a wrong structur
    cryorecon, projection matching and the oracle, all aligned to the truth; FSC curves), and a
    table on stdout.
 
-    python benchmarks/projection_matching.py                 # ~6-10 min on 2 busy CPU cores (1 seed)
+    python benchmarks/projection_matching.py                # ~6-10 min on 2 busy CPU cores (1 seed)
     python benchmarks/projection_matching.py --seeds 0 1
 
 Peak RSS is that of the whole benchmark process (both methods run in it).
@@ -103,7 +103,8 @@ def dataset(work: Path, s, seed: int) -> tuple[Path, float]:
 
 
 def lowpass(vol: torch.Tensor, apix: float, resolution_A: float) -> torch.Tensor:
-    """Hard band limit at ``1 / resolution_A`` (what a run capped at that omega* can at best hold)."""
+    """Hard band limit at ``1 / resolution_A`` (what a run capped at that omega* can at best
+    hold)."""
     from cryorecon.fourier.transforms import fft3c, ifft3c
 
     D = vol.shape[-1]

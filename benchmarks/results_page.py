@@ -195,7 +195,8 @@ def section_importance_accuracy(out: Path) -> str:
 
 
 def step_name(c: dict, st: dict) -> str:
-    """The annealing step of a comparison: 0 (or absent) is the CLI's default, a third of omega_every."""
+    """The annealing step of a comparison: 0 (or absent) is the CLI's default, a third of
+    omega_every."""
     ie = c.get("is_every", st.get("is_every"))
     return str(ie) if ie else f"{max(1, st['omega_every'] // 3)} (default)"
 
@@ -290,7 +291,7 @@ def section_importance_locking(out: Path) -> str:
         "where q looks |\n"
     )
     s += "|---|---:|---|---:|---|---|---:|---:|---:|\n"
-    for n, d in rows:
+    for _n, d in rows:
         nl = d["neg_loglik_per_particle"]
         s += (
             f"| `{d['run']}` | {d['iteration']} | {d['annealing_clock']} ({d['alpha']:.2g}, "

@@ -1137,9 +1137,10 @@ class Run:
 def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:
     """Per image, the pose fields of the evaluation of class ``best[i]``."""
     rows = torch.as_tensor(best)
-    pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[
-        rows, torch.arange(len(rows))
-    ]  # noqa: E731
+
+    def pick(name):
+        return torch.stack([getattr(e, name).cpu() for e in evs])[rows, torch.arange(len(rows))]
+
     return Evaluation(
         0.0,
         None,

@@ -320,7 +320,8 @@ class AlignResult:
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The (possibly improper) matrix ``M`` with ``aligned = rotate_volume(mov, M, shift_px)``."""
+        """The (possibly improper) matrix ``M`` with
+        ``aligned = rotate_volume(mov, M, shift_px)``."""
         return self.rotation @ HAND_FLIP if self.flipped else self.rotation
 
 

@@ -360,7 +360,8 @@ def _finite(x: float):
 
 
 def plot_fsc_curves(path, freq, curves: dict, title: str = "") -> None:
-    """Several FSC curves against the truth on one plot (PNG); see :func:`cryorecon.report.plots.draw_fsc`."""
+    """Several FSC curves against the truth on one plot (PNG); see
+    :func:`cryorecon.report.plots.draw_fsc`."""
     from ..report.plots import save_fsc_png
 
     save_fsc_png(path, freq, curves, title=title, ylabel="FSC against the true map")

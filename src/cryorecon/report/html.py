@@ -33,29 +33,35 @@ MAX_SNAPSHOTS = 8
 REFRESH_SECONDS = 60
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1d232a;background:#f4f6f8}
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;\
+color:#1d232a;background:#f4f6f8}
 header{background:#1f3b57;color:#fff;padding:14px 28px}
 header h1{margin:0;font-size:22px;font-weight:600}
 header .sub{opacity:.85;font-size:13px;margin-top:4px}
 nav{background:#fff;border-bottom:1px solid #d8dee4;padding:8px 28px;font-size:13px}
 nav a{margin-right:14px;color:#1f5f9c;text-decoration:none}
 main{padding:8px 28px 40px;max-width:1300px}
-section{background:#fff;border:1px solid #d8dee4;border-radius:6px;margin:16px 0;padding:10px 18px 14px}
+section{background:#fff;border:1px solid #d8dee4;border-radius:6px;margin:16px 0;\
+padding:10px 18px 14px}
 h2{font-size:18px;margin:6px 0 8px;color:#1f3b57}
 h3{font-size:15px;margin:12px 0 6px}
 p.note,p.caption{font-size:13px;color:#4a5560;margin:6px 0}
-p.missing{font-size:13px;color:#8a6d00;background:#fff8e0;border:1px solid #f0e0a0;padding:6px 10px;border-radius:4px}
-p.error{font-size:13px;color:#8b1a1a;background:#fdecec;border:1px solid #f3c0c0;padding:6px 10px;border-radius:4px}
+p.missing{font-size:13px;color:#8a6d00;background:#fff8e0;border:1px solid #f0e0a0;\
+padding:6px 10px;border-radius:4px}
+p.error{font-size:13px;color:#8b1a1a;background:#fdecec;border:1px solid #f3c0c0;padding:6px 10px;\
+border-radius:4px}
 img{max-width:100%;height:auto;display:block;margin:6px 0}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0}
-.card{border:1px solid #d8dee4;border-radius:6px;padding:8px 12px;min-width:150px;background:#fafbfc}
+.card{border:1px solid #d8dee4;border-radius:6px;padding:8px 12px;min-width:150px;\
+background:#fafbfc}
 .card .k{font-size:12px;color:#5b6670}
 .card .v{font-size:19px;font-weight:600;margin-top:2px}
 .status-finished{color:#1a7f37}.status-running{color:#1f5f9c}.status-stopped{color:#9a6700}
 table{border-collapse:collapse;font-size:13px;margin:4px 0 8px}
 td,th{border:1px solid #d8dee4;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f0f3f6}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f0f3f6;padding:1px 4px;border-radius:3px}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f0f3f6;\
+padding:1px 4px;border-radius:3px}
 .cols{display:flex;flex-wrap:wrap;gap:24px}
 """
 
