@@ -93,8 +93,7 @@ def main(argv=None) -> int:
         )
     print(
         f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min "
-        "per run "
-        "(2 shared CPU cores)"
+        "per run (2 shared CPU cores)"
     )
     print(
         f"{'group':<6}{'iters':>6}{'gold 0.143':>11}{'truth 0.5':>10}{'truth 0.143':>12}"

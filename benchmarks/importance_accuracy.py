@@ -194,10 +194,9 @@ def main(argv=None) -> int:
 
     print(
         f"run {run} (tau {tau_run}); omega* {omega:.4g} 1/Å ({1 / omega:.1f} Å), grid scale "
-        f"{grid_scale}: "
-        f"M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} ({grid.n_rotations * grid.M_t} "
-        "poses), "
-        f"{lvl.halfplane.M} coefficients; {n} particles, history '{mode}'",
+        f"{grid_scale}: M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} "
+        f"({grid.n_rotations * grid.M_t} poses), {lvl.halfplane.M} coefficients; {n} particles, "
+        f"history '{mode}'",
         flush=True,
     )
 
@@ -244,8 +243,7 @@ def main(argv=None) -> int:
         floor_nats = float((rf.loglik - exact_ll[0][:nf]).abs().max())
         print(
             f"numerical floor (whole grid through sampled_loglik vs marginal_loglik, {nf} "
-            "particles): "
-            f"{floor_nats:.2e} nats",
+            f"particles): {floor_nats:.2e} nats",
             flush=True,
         )
 
@@ -386,18 +384,16 @@ def main(argv=None) -> int:
         print(
             f"{r['s0']:>6g} {r['rel_median']:>9.2e} {r['rel_p90']:>9.2e} {r['rel_max']:>9.2e} "
             f"{r['abs_nats_median']:>9.3g} {r['abs_nats_p90']:>9.3g} "
-            f"{r['signed_nats_mean']:>+9.3g} "
-            f"{r['fraction_mean']:>9.3g} {1 / r['fraction_mean']:>8.3g} "
-            f"{r['fraction_computed_mean']:>9.3g} "
-            f"{r['rows_exact']:>5}/{r['n']:<4} "
-            f"{r['plans_none']:>3}/{r['plans_total']:<2}  {u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}"
+            f"{r['signed_nats_mean']:>+9.3g} {r['fraction_mean']:>9.3g} "
+            f"{1 / r['fraction_mean']:>8.3g} {r['fraction_computed_mean']:>9.3g} "
+            f"{r['rows_exact']:>5}/{r['n']:<4} {r['plans_none']:>3}/{r['plans_total']:<2}  "
+            f"{u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}"
         )
     print(
         "(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full "
-        "quadrature; "
-        "computed: what the engine evaluates (exact images whole, groups padded to max n_d x n_psi "
-        "x n_t); "
-        "exact rows: images routed to the exact sum; None: plans entirely exact)"
+        "quadrature; computed: what the engine evaluates (exact images whole, groups padded to "
+        "max n_d x n_psi x n_t); exact rows: images routed to the exact sum; None: plans entirely "
+        "exact)"
     )
 
     result = {

@@ -141,9 +141,8 @@ def main() -> int:
     sampler = run.sampler
     print(
         f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid "
-        f"x{args.grid_scale}; "
-        f"alpha {run.schedule.alpha(args.tau):.3g}, T {run.schedule.temperature(args.tau):.3g}, s0 "
-        f"{run.cfg.s0}",
+        f"x{args.grid_scale}; alpha {run.schedule.alpha(args.tau):.3g}, T "
+        f"{run.schedule.temperature(args.tau):.3g}, s0 {run.cfg.s0}",
         flush=True,
     )
     rows = []
@@ -171,12 +170,9 @@ def main() -> int:
         rows.append(row)
         print(
             f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; "
-            "exact "
-            f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction "
-            f"{row['fraction_evaluated']:.3g} "
-            f"(computed {row['fraction_computed']:.3g}); rel. error "
-            f"{row['rel_error_sum_loglik']:.2e}; "
-            f"gradient cosine {cos:.4f}",
+            f"exact {t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction "
+            f"{row['fraction_evaluated']:.3g} (computed {row['fraction_computed']:.3g}); rel. "
+            f"error {row['rel_error_sum_loglik']:.2e}; gradient cosine {cos:.4f}",
             flush=True,
         )
     sampled_only, saved = [], None
@@ -208,10 +204,8 @@ def main() -> int:
         )
         print(
             f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} "
-            "coefficients; "
-            f"IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed "
-            f"{row['fraction_computed']:.3g})"
-            f"{err}",
+            f"coefficients; IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed "
+            f"{row['fraction_computed']:.3g}){err}",
             flush=True,
         )
     result = {

@@ -334,8 +334,7 @@ def main() -> int:
     def line(seed, label, r):
         print(
             f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} "
-            "| "
-            f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
+            f"| {r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
             f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | "
             f"{r['final']['fsc0143_A']} |"
         )
@@ -347,17 +346,15 @@ def main() -> int:
     for c in result["comparisons"]:
         print(
             f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall "
-            f"x{c['speedup_wall']}, CPU "
-            f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
-            f"0.143 x{c['resolution_ratio_fsc0143']}"
+            f"x{c['speedup_wall']}, CPU x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 "
+            f"x{c['resolution_ratio_fsc05']}, 0.143 x{c['resolution_ratio_fsc0143']}"
         )
     for m in result["summary"]:
         f05, f0143 = m["mean_fsc05_A"], m["mean_fsc0143_A"]
         print(
             f"step {step_label(m['is_every'], args)} over seeds {m['seeds']}: median speed-up wall "
             f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS "
-            f"{f05['importance']}"
-            f" vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
+            f"{f05['importance']} vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
             f"{f0143['importance']} vs {f0143['exact']} Å (x{m['mean_ratio_fsc0143_A']})"
         )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -197,8 +197,7 @@ def main() -> int:
 
     print(
         f"\npriors (seed {args.seed}; {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR "
-        f"{s.snr:g}, "
-        f"Nyquist {2 * s.apix:g} Å)"
+        f"{s.snr:g}, Nyquist {2 * s.apix:g} Å)"
     )
     print(
         "| prior | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | bg var out/in | "
@@ -214,9 +213,8 @@ def main() -> int:
         r, bg = p["fsc_resolution_A"], p["background"]
         print(
             f"| {name} | {p['iterations']} | {p['stop_reason']} | {p['wall_s']:.0f} | "
-            f"{p['cpu_s']:.0f} | "
-            f"{C.fmt_A(r['0.5'])} | {C.fmt_A(r['0.143'])} | {bg['variance_ratio_out_in']:.4f} | "
-            f"{bg['zero_fraction_outside']:.2f} |"
+            f"{p['cpu_s']:.0f} | {C.fmt_A(r['0.5'])} | {C.fmt_A(r['0.143'])} | "
+            f"{bg['variance_ratio_out_in']:.4f} | {bg['zero_fraction_outside']:.2f} |"
         )
     print(f"total {result['seconds_total']:.0f} s; wrote {args.out} and {args.png}")
     return 0
@@ -267,8 +265,7 @@ def plot(path: Path, maps: dict, freq: np.ndarray, curves: dict, result: dict) -
     m = result["background_mask"]
     ax.set_title(
         "background noise: var outside / var inside\n(dilated truth mask: "
-        f">{m['level_fraction_of_max']:g} max, "
-        f"+{m['dilate_voxels']} vox)",
+        f">{m['level_fraction_of_max']:g} max, +{m['dilate_voxels']} vox)",
         fontsize=9,
     )
     ax.set_ylabel("variance ratio")

@@ -319,10 +319,8 @@ def main() -> int:
         c, p = rec["cryorecon"], rec["projection_matching"]
         print(
             f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> "
-            f"{c['fsc0.5_A']} / "
-            f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU "
-            "s -> "
-            f"{p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
+            f"{c['fsc0.5_A']} / {c['fsc0.143_A']} Å; projection matching {p['iterations']} it, "
+            f"{p['cpu_s']:.0f} CPU s -> {p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
             flush=True,
         )
 
@@ -382,8 +380,7 @@ def main() -> int:
         m = r["start"]
         print(
             f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | "
-            f"{fmt(m['fsc0.143_A'])} | "
-            f"{m['align_cc']:.3f} |"
+            f"{fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |"
         )
     for key, name in (
         ("oracle", "oracle (true poses)"),
@@ -393,8 +390,7 @@ def main() -> int:
         print(f"| - | {name} | - | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | - |")
     print(
         f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS "
-        f"{result['peak_rss_mib']:.0f} MiB; "
-        f"wrote {args.out} and {png}"
+        f"{result['peak_rss_mib']:.0f} MiB; wrote {args.out} and {png}"
     )
     return 0
 

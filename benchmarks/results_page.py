@@ -82,9 +82,8 @@ PAPER50K_CMD = (
     "--work benchmarks/results/paper50k_work --out benchmarks/results/paper50k.json"
 )
 PAPER_CMD = (
-    "python benchmarks/small.py --n 50000 --box 128 --apix 2.8 --resolution 9 --seeds 1 --is-every "
-    "15 "
-    "--work benchmarks/results/paper_work --out benchmarks/results/paper.json"
+    "python benchmarks/small.py --n 50000 --box 128 --apix 2.8 --resolution 9 --seeds 1 "
+    "--is-every 15 --work benchmarks/results/paper_work --out benchmarks/results/paper.json"
 )
 
 
@@ -110,12 +109,10 @@ def section_small(
     ds, st = d["dataset"], d["settings"]
     s += (
         f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']}; cut-off capped "
-        "at "
-        f"{st['resolution']} Å, pose grid ×{st['grid_scale']} coarser, minibatch "
-        f"{st['minibatch']}.\n"
-        f"Oracle (true poses) band-limited at the cap: FSC 0.5 = {d['oracle_capped']['fsc05_A']} "
-        "Å; "
-        f"unlimited: {d['oracle']['fsc05_A']} / {d['oracle']['fsc0143_A']} Å"
+        f"at {st['resolution']} Å, pose grid ×{st['grid_scale']} coarser, minibatch "
+        f"{st['minibatch']}.\nOracle (true poses) band-limited at the cap: FSC 0.5 = "
+        f"{d['oracle_capped']['fsc05_A']} Å; unlimited: {d['oracle']['fsc05_A']} / "
+        f"{d['oracle']['fsc0143_A']} Å"
         + (
             " (the map the run was given with `--reuse-oracle`; the oracle of this very set is "
             "below)"
@@ -132,9 +129,8 @@ def section_small(
     for r in d["runs"]:
         s += (
             f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | "
-            f"{r['cpu_s']:.0f} | "
-            f"{r['peak_rss_mib']:.0f} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} | "
-            f"{r['ratio_to_oracle_capped']} |\n"
+            f"{r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['final']['fsc05_A']} | "
+            f"{r['final']['fsc0143_A']} | {r['ratio_to_oracle_capped']} |\n"
         )
     s += "\nResolution (FSC 0.5 vs truth, aligned snapshots) over time:\n\n"
     for r in d["runs"]:
@@ -149,11 +145,9 @@ def section_small(
         bp = o["backproject"]
         s += (
             f"\nOracle of this very set (`{o['command']}`): {bp['wall_s']:.0f} s wall, "
-            f"{bp['cpu_s']:.0f} s CPU, "
-            f"{bp['peak_rss_mib'] / 1024:.1f} GiB peak; FSC 0.5 / 0.143 = {o['oracle']['fsc05_A']} "
-            "/ "
-            f"{o['oracle']['fsc0143_A']} Å, band-limited at {o['resolution_cap_A']} Å: "
-            f"{o['oracle_capped']['fsc05_A']} Å.\n"
+            f"{bp['cpu_s']:.0f} s CPU, {bp['peak_rss_mib'] / 1024:.1f} GiB peak; FSC 0.5 / 0.143 = "
+            f"{o['oracle']['fsc05_A']} / {o['oracle']['fsc0143_A']} Å, band-limited at "
+            f"{o['resolution_cap_A']} Å: {o['oracle_capped']['fsc05_A']} Å.\n"
         )
     return s + machine_line(d.get("machine"))
 
@@ -166,15 +160,12 @@ def section_importance_accuracy(out: Path) -> str:
         found = True
         g = d["grid"]
         s += (
-            f"### {name}\n\nCommand: `{d.get('command', '')}`\n\n"
-            f"Box {d['box']}, {d['apix']} Å/px, cut-off {d['resolution_A']:.1f} Å, grid "
-            f"×{d['grid_scale']}: "
-            f"{g['M_d']} directions × {g['M_psi']} in-plane × {g['M_t']} shifts = {g['poses']:,} "
-            "poses, "
+            f"### {name}\n\nCommand: `{d.get('command', '')}`\n\nBox {d['box']}, {d['apix']} Å/px, "
+            f"cut-off {d['resolution_A']:.1f} Å, grid ×{d['grid_scale']}: {g['M_d']} directions × "
+            f"{g['M_psi']} in-plane × {g['M_t']} shifts = {g['poses']:,} poses, "
             f"{d['coefficients']} coefficients; {d['n_particles']} particles × {d['repeats']} "
-            "draws; "
-            f"history '{d['history']}', alpha {d['alpha']}, T {d['temperature']}; exact pass "
-            f"{d['exact_seconds']} s; median |log p| {abs(d['exact_loglik']['median']):.0f} "
+            f"draws; history '{d['history']}', alpha {d['alpha']}, T {d['temperature']}; exact "
+            f"pass {d['exact_seconds']} s; median |log p| {abs(d['exact_loglik']['median']):.0f} "
             "nats.\n\n"
         )
         s += (
@@ -215,17 +206,14 @@ def section_importance_speedup(
     st = d["settings"]
     s += (
         f"Same data as `small`, {st['iters']} iterations each, cut-off capped at "
-        f"{st['resolution']} Å, grid "
-        f"×{st['grid_scale']}, minibatch {st['minibatch']}, s0 = {st['s0']}; alpha and T of Eq. 20 "
-        "step every "
-        "'annealing step' iterations (the paper: 50 for a cut-off step of 150; the default keeps "
-        "that ratio). "
+        f"{st['resolution']} Å, grid ×{st['grid_scale']}, minibatch {st['minibatch']}, s0 = "
+        f"{st['s0']}; alpha and T of Eq. 20 step every 'annealing step' iterations (the paper: 50 "
+        "for a cut-off step of 150; the default keeps that ratio). "
     )
     s += (
         "The importance-sampling run checks its likelihood against the exact one on 16 held-out "
-        "particles at "
-        "every held-out evaluation and steps the annealing back when the error exceeds 0.1% "
-        "(`Run.importance_check`).\n\n"
+        "particles at every held-out evaluation and steps the annealing back when the error "
+        "exceeds 0.1% (`Run.importance_check`).\n\n"
         if checked
         else "These runs predate the held-out check: the annealing followed the paper's clock "
         "alone.\n\n"
@@ -240,8 +228,7 @@ def section_importance_speedup(
     def line(seed, label, r):
         return (
             f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} "
-            "| "
-            f"{fmt(r['seconds_per_iteration_by_resolution_A'].get(cap), 3)} | "
+            f"| {fmt(r['seconds_per_iteration_by_resolution_A'].get(cap), 3)} | "
             f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | "
             f"{r['final']['fsc0143_A']} |\n"
         )
@@ -279,27 +266,22 @@ def section_importance_locking(out: Path) -> str:
         return s + not_run(cmd)
     s += (
         "At a run's final map, its held-out particles' importance-sampled `-log p` (with their "
-        "stored "
-        "histories) against the exact quadrature, and the angle between the view where sampling "
-        "looks "
-        "(largest stored phi~) and the exact posterior's mode.\n\n"
+        "stored histories) against the exact quadrature, and the angle between the view where "
+        "sampling looks (largest stored phi~) and the exact posterior's mode.\n\n"
     )
     s += (
         "| run | iteration | annealing clock (alpha, T) | fraction evaluated | -log p per "
-        "particle, IS / exact | "
-        "deficit (nats, relative) | median angle to exact mode | within 2 grid steps | exact mass "
-        "where q looks |\n"
+        "particle, IS / exact | deficit (nats, relative) | median angle to exact mode | within 2 "
+        "grid steps | exact mass where q looks |\n"
     )
     s += "|---|---:|---|---:|---|---|---:|---:|---:|\n"
     for _n, d in rows:
         nl = d["neg_loglik_per_particle"]
         s += (
             f"| `{d['run']}` | {d['iteration']} | {d['annealing_clock']} ({d['alpha']:.2g}, "
-            f"{d['temperature']:.3g}) | "
-            f"{d['fraction_evaluated']:.3g} | {nl['importance']:.1f} / {nl['exact']:.1f} | "
-            f"{d['deficit_nats_per_particle']:.2f}, {d['rel_error']:.2e} | "
-            f"{d['angle_to_exact_mode_deg']['q50']}° | "
-            f"{d['within_two_grid_steps']:.0%} | "
+            f"{d['temperature']:.3g}) | {d['fraction_evaluated']:.3g} | {nl['importance']:.1f} / "
+            f"{nl['exact']:.1f} | {d['deficit_nats_per_particle']:.2f}, {d['rel_error']:.2e} | "
+            f"{d['angle_to_exact_mode_deg']['q50']}° | {d['within_two_grid_steps']:.0%} | "
             f"{d['exact_mass_where_sampling_looks']['median']:.3f} |\n"
         )
     return s + "\nCommands: " + ", ".join(f"`{d['command']}`" for _, d in rows) + "\n"
@@ -324,15 +306,13 @@ def section_importance_cost(
     s += (
         f"One minibatch of {d['batch']} particles of the `small` set through the engine's own "
         f"`Run.batch_objective` (likelihood, gradient, history update) at the map of `{d['run']}`, "
-        "pose grid "
-        f"×{d['grid_scale']:g} (the paper's), alpha {d['alpha']:.3g}, T {d['temperature']:.3g}, s0 "
-        f"{d['s0']:g}; "
-        "exact visit first (it stores the history), then the importance-sampled visit.\n\n"
+        f"pose grid ×{d['grid_scale']:g} (the paper's), alpha {d['alpha']:.3g}, T "
+        f"{d['temperature']:.3g}, s0 {d['s0']:g}; exact visit first (it stores the history), then "
+        "the importance-sampled visit.\n\n"
     )
     s += (
         "| cut-off Å | poses | coefficients | exact s | IS s | speed-up | fraction evaluated | "
-        "fraction computed "
-        "| rel. error of sum log p | gradient cosine "
+        "fraction computed | rel. error of sum log p | gradient cosine "
         "|\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     for r in d["rows"]:
@@ -345,8 +325,7 @@ def section_importance_cost(
     for r in d.get("sampled_only", []):
         err = (
             f"{r['rel_error_sum_loglik']:.1e} ({r['reference_particles']} particles, exact by "
-            "rotation chunks "
-            f"in {r['reference_s']} s)"
+            f"rotation chunks in {r['reference_s']} s)"
             if "rel_error_sum_loglik" in r
             else "–"
         )
@@ -358,17 +337,14 @@ def section_importance_cost(
     if d.get("sampled_only"):
         s += (
             "\nRows without an exact time: the engine's one-shot exact path is out of reach on "
-            "this machine; the "
-            "history is the one from the last exact level, carried by the kernels as when a run "
-            "raises omega*.\n"
+            "this machine; the history is the one from the last exact level, carried by the "
+            "kernels as when a run raises omega*.\n"
         )
         if name == "importance_cost" and load("importance_cost_reference") is not None:
             s += (
                 "These sampled-only rows predate a fix to the benchmark (after the first "
-                "sampled-only level, the "
-                "history of the previous sampled level was used instead of the last exact one); "
-                "the next "
-                "section's rows supersede them.\n"
+                "sampled-only level, the history of the previous sampled level was used instead "
+                "of the last exact one); the next section's rows supersede them.\n"
             )
     return (
         s
@@ -391,10 +367,8 @@ def summarise_projection_matching(d: dict) -> str:
     ds = d["dataset"]
     s = (
         f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']} (the demo set). "
-        "Both methods "
-        "start from the same random density (bit-identical) and use the same pose grids and "
-        "cut-off schedule; "
-        "projection matching gets the CPU seconds cryorecon used.\n\n"
+        "Both methods start from the same random density (bit-identical) and use the same pose "
+        "grids and cut-off schedule; projection matching gets the CPU seconds cryorecon used.\n\n"
     )
     s += (
         "| seed | method | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å "
@@ -408,8 +382,7 @@ def summarise_projection_matching(d: dict) -> str:
             x = r[key]
             s += (
                 f"| {r['seed']} | {label} | {x['iterations']} | {x['stop_reason']} | "
-                f"{x['wall_s']:.0f} | "
-                f"{x['cpu_s']:.0f} | {x['fsc0.5_A']} | {x['fsc0.143_A']} |\n"
+                f"{x['wall_s']:.0f} | {x['cpu_s']:.0f} | {x['fsc0.5_A']} | {x['fsc0.143_A']} |\n"
             )
         s += (
             f"| {r['seed']} | random start | – | – | – | – | {r['start']['fsc0.5_A']} | "
@@ -417,10 +390,8 @@ def summarise_projection_matching(d: dict) -> str:
         )
     s += (
         f"| | oracle (true poses) | | | | | {d['oracle']['fsc0.5_A']} | "
-        f"{d['oracle']['fsc0.143_A']} |\n"
-        f"| | oracle band-limited at the final cut-off | | | | | {d['oracle_capped']['fsc0.5_A']} "
-        "| "
-        f"{d['oracle_capped']['fsc0.143_A']} |\n"
+        f"{d['oracle']['fsc0.143_A']} |\n| | oracle band-limited at the final cut-off | | | | | "
+        f"{d['oracle_capped']['fsc0.5_A']} | {d['oracle_capped']['fsc0.143_A']} |\n"
     )
     return s
 
@@ -430,15 +401,13 @@ def summarise_priors(d: dict) -> str:
     s = (
         f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']}; one seed "
         f"({d['settings']['seed']}) per prior. Background = variance of the density outside a "
-        f"{m['kind']} "
-        f"(level {m['level_fraction_of_max']} of the maximum, dilated {m['dilate_voxels']} voxels, "
-        f"{m['outside']}) "
-        "over the variance inside it. " + d.get("uniform_prior_note", "") + "\n\n"
+        f"{m['kind']} (level {m['level_fraction_of_max']} of the maximum, dilated "
+        f"{m['dilate_voxels']} voxels, {m['outside']}) over the variance inside "
+        "it. " + d.get("uniform_prior_note", "") + "\n\n"
     )
     s += (
-        "| prior | iterations | CPU s | FSC 0.5 Å | FSC 0.143 Å | background variance ratio | zero "
-        "voxels outside |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| prior | iterations | CPU s | FSC 0.5 Å | FSC 0.143 Å | background variance ratio | "
+        "zero voxels outside |\n|---|---:|---:|---:|---:|---:|---:|\n"
     )
     for name, r in d["priors"].items():
         b = r["background"]
@@ -460,10 +429,8 @@ def summarise_robustness(d: dict) -> str:
     n = len(d["runs"])
     s = (
         f"{ds['n']} particles, box {ds['box']}, {ds['apix']} Å/px, SNR {ds['snr']}; {n} random "
-        "starts "
-        f"(seeds {d['runs'][0]['seed']}..{d['runs'][-1]['seed']}), {pw['n_pairs']} pairs, each "
-        "pair aligned "
-        "(rotation, shift, hand) before its FSC.\n\n"
+        f"starts (seeds {d['runs'][0]['seed']}..{d['runs'][-1]['seed']}), {pw['n_pairs']} pairs, "
+        "each pair aligned (rotation, shift, hand) before its FSC.\n\n"
     )
     s += (
         "| seed | iterations | stop | wall s | CPU s | FSC 0.5 Å vs truth | FSC 0.143 Å vs truth "
@@ -472,25 +439,19 @@ def summarise_robustness(d: dict) -> str:
     for r in d["runs"]:
         s += (
             f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | "
-            f"{r['cpu_s']:.0f} | "
-            f"{r['fsc_vs_truth_A']['0.5']} | {r['fsc_vs_truth_A']['0.143']} |\n"
+            f"{r['cpu_s']:.0f} | {r['fsc_vs_truth_A']['0.5']} | {r['fsc_vs_truth_A']['0.143']} |\n"
         )
     p5 = pw["pair_resolution_0.5_A"]
     s += (
         f"\nAgainst the truth: FSC 0.5 mean {vt['fsc_0.5_A']['mean']} Å (range "
-        f"{vt['fsc_0.5_A']['min']}–"
-        f"{vt['fsc_0.5_A']['max']}), FSC 0.143 mean {vt['fsc_0.143_A']['mean']} Å. Between starts: "
-        "the mean "
-        f"pairwise FSC crosses 0.5 at {pw['mean_curve_resolution_A']['0.5']} Å; per pair, FSC 0.5 "
-        "at "
-        f"{p5['mean']} Å on average (range {p5['min']}–{p5['max']}); "
+        f"{vt['fsc_0.5_A']['min']}–{vt['fsc_0.5_A']['max']}), FSC 0.143 mean "
+        f"{vt['fsc_0.143_A']['mean']} Å. Between starts: the mean pairwise FSC crosses 0.5 at "
+        f"{pw['mean_curve_resolution_A']['0.5']} Å; per pair, FSC 0.5 at {p5['mean']} Å on average "
+        f"(range {p5['min']}–{p5['max']}); "
         f"{'no' if not pw['mean_curve_crosses']['0.143'] else 'the'} crossing of 0.143 before "
-        "Nyquist "
-        "(the runs share the same particles, hence the same noise: pairwise FSC measures "
-        "agreement, not "
-        "accuracy). At this resolution the hand is not determined by the data (median correlation "
-        "margin "
-        f"between hands {vt['hand_margin_median']}).\n"
+        "Nyquist (the runs share the same particles, hence the same noise: pairwise FSC measures "
+        "agreement, not accuracy). At this resolution the hand is not determined by the data "
+        f"(median correlation margin between hands {vt['hand_margin_median']}).\n"
     )
     return s
 
@@ -519,11 +480,10 @@ SECTIONS_EXTRA: list = [
 
 def build(out: Path) -> str:
     parts = [
-        "# cryorecon: measured results\n\n"
-        "Generated by `python benchmarks/results_page.py` from `benchmarks/results/*.json`; every "
-        "number "
-        "below was measured by the command shown with it, on the machine named with it. Rerun a "
-        "benchmark, then this script, to refresh the page.\n",
+        "# cryorecon: measured results\n\nGenerated by `python benchmarks/results_page.py` from "
+        "`benchmarks/results/*.json`; every number below was measured by the command shown with "
+        "it, on the machine named with it. Rerun a benchmark, then this script, to refresh the "
+        "page.\n",
         section_foundations(out),
         section_small(out),
         section_importance_accuracy(out),

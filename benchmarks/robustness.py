@@ -186,11 +186,9 @@ def main() -> int:
         )
         print(
             f"[run {k}/{len(seeds)}] seed {seed}: "
-            f"{'reused, ' if rec['reused'] else ''}{rec['iterations']} it "
-            f"({rec['stop_reason']}), {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs "
-            "truth "
-            f"{C.fmt_A(r['0.5'])} / {C.fmt_A(r['0.143'])} Å, hand "
-            f"{'flipped' if sc['flipped'] else 'same'}",
+            f"{'reused, ' if rec['reused'] else ''}{rec['iterations']} it ({rec['stop_reason']}), "
+            f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs truth {C.fmt_A(r['0.5'])} / "
+            f"{C.fmt_A(r['0.143'])} Å, hand {'flipped' if sc['flipped'] else 'same'}",
             flush=True,
         )
     seconds_runs = time.perf_counter() - t_rec
@@ -320,8 +318,7 @@ def main() -> int:
     # ---- table
     print(
         f"\nrobustness: {len(seeds)} random starts (seeds {seeds[0]}..{seeds[-1]}); {s.n} "
-        f"particles, box {s.box} at "
-        f"{s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å"
+        f"particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å"
     )
     print("| seed | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | hand (margin) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -329,8 +326,7 @@ def main() -> int:
         v = r["fsc_vs_truth_A"]
         print(
             f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | "
-            f"{r['cpu_s']:.0f} | "
-            f"{C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | "
+            f"{r['cpu_s']:.0f} | {C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | "
             f"{'flipped' if r['hand_flipped_vs_truth'] else 'same'} ({r['hand_margin']}) |"
         )
     p = result["pairwise"]
@@ -352,17 +348,14 @@ def main() -> int:
     for ck in checks:
         print(
             f"align check seeds {ck['seeds']}: cc {ck['cc_reduced']} ({args.align_global}) vs "
-            f"{ck['cc_3000']} (3000); "
-            f"FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å"
+            f"{ck['cc_3000']} (3000); FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å"
         )
     sec = result["seconds"]
     print(
         f"time: runs + truth alignment {sec['reconstructions_and_truth_alignment']:.0f} s "
-        f"({sec['runs_reused']} runs "
-        f"reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, {sec['sum_of_run_cpu']:.0f} s "
-        "CPU), pairs "
-        f"{sec['pairs']:.0f} s ({p['mean_align_s']} s per alignment), total {sec['total']:.0f} s; "
-        f"wrote {args.out} and {args.png}"
+        f"({sec['runs_reused']} runs reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, "
+        f"{sec['sum_of_run_cpu']:.0f} s CPU), pairs {sec['pairs']:.0f} s ({p['mean_align_s']} s "
+        f"per alignment), total {sec['total']:.0f} s; wrote {args.out} and {args.png}"
     )
     return 0
 

@@ -298,10 +298,8 @@ def main() -> int:
         result["runs"].append(rec)
         print(
             f"  seed {seed}: {info['iterations']} it, {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s "
-            "CPU, "
-            f"{t['peak_rss_mib']:.0f} MiB; FSC0.5 {final['fsc05_A']} Å, 0.143 {final['fsc0143_A']} "
-            "Å "
-            f"(x{rec['ratio_to_oracle_capped']} oracle)",
+            f"CPU, {t['peak_rss_mib']:.0f} MiB; FSC0.5 {final['fsc05_A']} Å, 0.143 "
+            f"{final['fsc0143_A']} Å (x{rec['ratio_to_oracle_capped']} oracle)",
             flush=True,
         )
     result["machine"]["loadavg_end"] = os.getloadavg()
@@ -320,8 +318,7 @@ def main() -> int:
         )
     print(
         f"oracle (all frequencies): {result['oracle']}; oracle band-limited at {args.resolution} "
-        "Å: "
-        f"{result['oracle_capped']}\nwrote {args.out}"
+        f"Å: {result['oracle_capped']}\nwrote {args.out}"
     )
     return 0
 

@@ -482,8 +482,7 @@ class Run:
         log.info(
             f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
             f"half-sets ({where}: {int((self.subset == 1).sum())} + "
-            f"{int((self.subset == 2).sum())} "
-            "particles) refined independently from here"
+            f"{int((self.subset == 2).sum())} particles) refined independently from here"
         )
         return True
 

@@ -120,9 +120,8 @@ def register(subparsers) -> None:
         description=HELP
         + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
         "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes "
-        "about "
-        "5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest (--quick: "
-        "about a minute, a smoke test).",
+        "about 5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest "
+        "(--quick: about a minute, a smoke test).",
     )
     p.add_argument(
         "-o",
@@ -192,8 +191,7 @@ def run(args) -> int:
 
     log.info(
         f"[1/5] simulating {s.n} particles of GroEL-GroES (1AON), box {s.box} at {s.apix:g} "
-        "Å/pixel, "
-        f"SNR {s.snr:g} -> {data_dir}"
+        f"Å/pixel, SNR {s.snr:g} -> {data_dir}"
     )
     t = time.perf_counter()
     sim = run_simulation(
@@ -332,8 +330,7 @@ def run(args) -> int:
 
     print(
         f"cryorecon demo ({mode}): GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} "
-        f"Å/pixel, SNR {s.snr:g}"
-        f" (Nyquist {2 * s.apix:g} Å)"
+        f"Å/pixel, SNR {s.snr:g} (Nyquist {2 * s.apix:g} Å)"
     )
     print(
         f"  reconstruction: {summary['iterations']} iterations in {summary['seconds']:.0f} s "

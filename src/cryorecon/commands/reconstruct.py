@@ -354,8 +354,7 @@ def run(args) -> int:
         return exit_code_for(summary["reason"])
     print(
         f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} "
-        "s, "
-        f"stopped: {summary['reason']})"
+        f"s, stopped: {summary['reason']})"
     )
     code = exit_code_for(summary["reason"])
     if code:

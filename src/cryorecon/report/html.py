@@ -324,12 +324,10 @@ def _level_text(ctx: _Context, level) -> str:
     what = f"the particle diameter {d * ctx.apix:.0f} Å" if d else "80% of the box width"
     return (
         f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the "
-        "volume of a "
-        f"sphere of {_e(what)}, so maps at different times are shown at comparable size; in "
-        "ChimeraX "
-        f"<code>volume #1 level {_fmt(level)}</code> shows the same surface; give the "
-        "molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from its "
-        "volume)." + dust
+        f"volume of a sphere of {_e(what)}, so maps at different times are shown at comparable "
+        f"size; in ChimeraX <code>volume #1 level {_fmt(level)}</code> shows the same surface; "
+        "give the molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from "
+        "its volume)." + dust
     )
 
 
@@ -538,14 +536,11 @@ def section_directions(ctx: _Context) -> str:
         + f'<p class="caption">Most probable view direction of {n} of {len(d)} particles'
         + (" (the others are not visited yet)" if n < len(d) else "")
         + ", on an equal-area (Mollweide) world map: azimuth atan2(y, x) left to right, elevation "
-        "asin(z) "
-        "bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour is the "
-        "density of views relative to a uniform "
-        "distribution over the sphere. Preferred orientation shows as bright bands or spots and "
-        "dark, "
-        "empty regions (paper Fig. 10: an equatorial belt); views missing from whole regions limit "
-        "the "
-        "resolution along the corresponding direction.</p>"
+        "asin(z) bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour "
+        "is the density of views relative to a uniform distribution over the sphere. Preferred "
+        "orientation shows as bright bands or spots and dark, empty regions (paper Fig. 10: an "
+        "equatorial belt); views missing from whole regions limit the resolution along the "
+        "corresponding direction.</p>"
     )
 
 
