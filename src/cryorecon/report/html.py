@@ -227,8 +227,7 @@ def section_summary(ctx: _Context) -> str:
         parts.append(
             f'<p class="note">Particles: <code>{_e(ctx.info["particles"])}</code>. Run folder: '
             f"<code>{_e(ctx.run_dir.resolve())}</code>. The current map is <code>volume.mrc</code> "
-            "in "
-            f"that folder (open it in ChimeraX).</p>"
+            "in that folder (open it in ChimeraX).</p>"
         )
     if not ctx.info and not len(m):
         parts.append(_missing("No run.json or metrics.jsonl yet: the run has not started writing."))
@@ -245,19 +244,13 @@ def section_convergence(ctx: _Context) -> str:
     return (
         _img(png, "convergence plots")
         + '<p class="caption">Bottom axis: iteration; top axis: run time. Dotted vertical lines '
-        "mark "
-        "increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood per "
-        "particle; "
-        "the held-out particles (never trained on) are the honest measure, and each increase of ω* "
-        "adds "
-        "Fourier coefficients and so shifts the curve. A run has converged when the held-out error "
-        "stops "
-        "falling at the final cut-off. <b>Step size</b>: SAGD steps by ε/L; the line search "
-        "doubles L "
-        "(triangles) when a step overshoots, and L decays slowly in between. <b>Fraction of "
-        "poses</b>: "
-        "with importance sampling only a fraction of the quadrature is evaluated (1 = all).</p>"
-        f'<p class="note">{n} iterations recorded'
+        "mark increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood "
+        "per particle; the held-out particles (never trained on) are the honest measure, and each "
+        "increase of ω* adds Fourier coefficients and so shifts the curve. A run has converged "
+        "when the held-out error stops falling at the final cut-off. <b>Step size</b>: SAGD steps "
+        "by ε/L; the line search doubles L (triangles) when a step overshoots, and L decays "
+        "slowly in between. <b>Fraction of poses</b>: with importance sampling only a fraction of "
+        f'the quadrature is evaluated (1 = all).</p><p class="note">{n} iterations recorded'
         + (f" (plotted every {plots._stride(n)}th)" if plots._stride(n) > 1 else "")
         + ".</p>"
     )
@@ -279,9 +272,8 @@ def section_map(ctx: _Context) -> str:
     if not float(vol.max()) > float(vol.min()):
         parts.append(
             f'<p class="error">The map is flat (every voxel is {float(vol.max()):.3g}): there is '
-            "no "
-            "density to show. If this persists, the run has collapsed; check the pixel size, CTF "
-            "parameters and --diameter, or try another --seed.</p>"
+            "no density to show. If this persists, the run has collapsed; check the pixel size, "
+            "CTF parameters and --diameter, or try another --seed.</p>"
         )
     parts.append("<h3>Central slices and projections</h3>")
     parts.append(_img(plots.plot_slices(vol, apix), "central slices"))
@@ -381,25 +373,21 @@ def section_snapshots(ctx: _Context) -> str:
     return (
         _img(png, "snapshots over time")
         + '<p class="caption">The map at several times (as in the paper\'s Fig. 6), oblique view, '
-        "each at its "
-        "own automatic level. The start is a random union of spheres; the gross shape usually "
-        "settles "
-        "within the first epochs, and finer detail follows as the cut-off rises. "
+        "each at its own automatic level. The start is a random union of spheres; the gross shape "
+        "usually settles within the first epochs, and finer detail follows as the cut-off rises. "
         "Snapshots are written every "
-        f"{_e((ctx.info.get('config') or {}).get('snapshot_every', 'N'))} "
-        "iterations to <code>snapshots/</code>.</p>"
+        f"{_e((ctx.info.get('config') or {}).get('snapshot_every', 'N'))} iterations to "
+        "<code>snapshots/</code>.</p>"
     )
 
 
 def section_fsc(ctx: _Context) -> str:
     if ctx.reference is None:
         return (
-            '<p class="note">No reference given. With a reference map (e.g. the truth of simulated '
-            "data, "
-            "or a published map resampled to the same box and voxel size) run "
+            '<p class="note">No reference given. With a reference map (e.g. the truth of '
+            "simulated data, or a published map resampled to the same box and voxel size) run "
             "<code>cryorecon report RUN --reference REF.mrc --align</code> to add the Fourier "
-            "shell "
-            "correlation here.</p>"
+            "shell correlation here.</p>"
         )
     import torch
 
@@ -415,8 +403,7 @@ def section_fsc(ctx: _Context) -> str:
     if refv.shape != vol.shape:
         return (
             f'<p class="error">The reference {_e(ctx.reference.name)} has box {refv.shape}, the '
-            "map "
-            f"{vol.shape}: resample it to the same grid first.</p>"
+            f"map {vol.shape}: resample it to the same grid first.</p>"
         )
     if not math.isclose(ref_apix, apix, rel_tol=1e-3):
         return (
@@ -432,8 +419,7 @@ def section_fsc(ctx: _Context) -> str:
         moved = res.aligned.numpy()
         parts.append(
             '<p class="note">The map was aligned to the reference first (rotation, shift and '
-            "hand; "
-            f"{res.seconds:.0f} s): correlation {res.cc:.3f}; hand "
+            f"hand; {res.seconds:.0f} s): correlation {res.cc:.3f}; hand "
             f"<b>{'flipped' if res.flipped else 'kept'}</b>"
             + (
                 f" (best with the other hand {res.cc_other_hand:.3f})"
@@ -441,16 +427,13 @@ def section_fsc(ctx: _Context) -> str:
                 else ""
             )
             + '. An ab-initio map has an undetermined hand; "flipped" means the run found the '
-            "mirror "
-            "image, which <code>cryorecon align</code> corrects.</p>"
+            "mirror image, which <code>cryorecon align</code> corrects.</p>"
         )
     else:
         parts.append(
             '<p class="note">FSC computed directly, <b>assuming the map is already aligned</b> to '
-            "the "
-            "reference (an ab-initio map generally is not: rebuild the report with "
-            "<code>--align</code>, "
-            "or align with <code>cryorecon align</code>).</p>"
+            "the reference (an ab-initio map generally is not: rebuild the report with "
+            "<code>--align</code>, or align with <code>cryorecon align</code>).</p>"
         )
     freq, curve = fsc(torch.from_numpy(refv), torch.from_numpy(np.ascontiguousarray(moved)), apix)
     resolutions = {thr: resolution_at(freq, curve, thr) for thr in FSC_THRESHOLDS}
@@ -470,10 +453,9 @@ def section_fsc(ctx: _Context) -> str:
     parts.append(_table(rows, ["threshold", "resolution"]))
     parts.append(
         '<p class="caption">Against a known reference, 0.5 is the usual threshold (0.143 is meant '
-        "for "
-        "two independent half maps). The run cannot resolve detail finer than the cut-off it has "
-        "used "
-        "(grey line); power beyond it comes from positivity and the prior (paper Fig. 7).</p>"
+        "for two independent half maps). The run cannot resolve detail finer than the cut-off it "
+        "has used (grey line); power beyond it comes from positivity and the prior (paper Fig. "
+        "7).</p>"
     )
     return "".join(parts)
 
@@ -720,9 +702,8 @@ def build_html(
         f"<header><h1>cryorecon run report — {_e(run_dir.resolve().name)}</h1>"
         f'<div class="sub">{_e(sub)}</div></header><nav>{nav}</nav><main>'
         + "".join(body)
-        + f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with '
-        f"<code>cryorecon report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, "
-        "Brubaker &amp; "
+        + f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with <code>cryorecon '
+        f"report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, Brubaker &amp; "
         'Fleet, "Building Proteins in a Day", TPAMI 2017.</p></main></body></html>\n'
     )
 
