@@ -112,7 +112,8 @@ def ensure_dataset(work: Path, seed: int = DATA_SEED) -> tuple[Path, dict]:
             print(f"dataset: reusing {data}", flush=True)
             return data, {**info, "simulate_seconds": None}
     print(
-        f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> {data}",
+        f"dataset: simulating {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g} -> "
+        f"{data}",
         flush=True,
     )
     t = time.perf_counter()
@@ -244,7 +245,8 @@ def central_slice(vol: torch.Tensor, axis: int = 0) -> np.ndarray:
 
 
 def show_slice(ax, img: np.ndarray, title: str = "") -> None:
-    """One slice, coloured like the paper's Fig. 13 (blue = zero or below, red = high), own scale 0..max."""
+    """One slice, coloured like the paper's Fig. 13 (blue = zero or below, red = high), own
+    scale 0..max."""
     hi = float(np.max(img)) if np.max(img) > 0 else 1.0
     ax.imshow(img, cmap="jet", vmin=0.0, vmax=hi, origin="lower", interpolation="nearest")
     ax.set_xticks([])

@@ -187,8 +187,10 @@ def main(argv=None) -> int:
         }
         result["structures"].append(row)
         print(
-            f"{name:<14}{cls:>6}{row['purity']:>8.2f}{sc['resolution_A']['0.5'] or float('nan'):>9.1f}"
-            f"{sc['resolution_A']['0.143'] or float('nan'):>10.1f}{so['resolution_A']['0.5'] or float('nan'):>11.1f}"
+            f"{name:<14}{cls:>6}{row['purity']:>8.2f}"
+            f"{sc['resolution_A']['0.5'] or float('nan'):>9.1f}"
+            f"{sc['resolution_A']['0.143'] or float('nan'):>10.1f}"
+            f"{so['resolution_A']['0.5'] or float('nan'):>11.1f}"
         )
     noise = labels == 0
     if noise.any():

@@ -175,8 +175,8 @@ def run_step(label: str, args: list[str], work: Path) -> dict:
         rec["peak_rss_mb"] = round(after_ru.ru_maxrss * scale / 2**20, 1)
         rec["measured_by"] = "getrusage(RUSAGE_CHILDREN) (peak RSS = max over children so far)"
     print(
-        f"      wall {rec['wall_s']:.1f} s, cpu {rec['cpu_s']} s, peak RSS {rec['peak_rss_mb']} MB, "
-        f"load {load_before} -> {load_after}",
+        f"      wall {rec['wall_s']:.1f} s, cpu {rec['cpu_s']} s, peak RSS {rec['peak_rss_mb']} "
+        f"MB, load {load_before} -> {load_after}",
         flush=True,
     )
     return rec
@@ -315,8 +315,8 @@ def table(result: dict) -> str:
     lines.append("Oracle back-projection (true poses) vs truth, and cost of each step")
     lines.append("")
     lines.append(
-        "| dataset | n | box | Å/px | SNR | step | wall s | CPU s | peak RSS MB | load 1m before→after "
-        "| FSC 0.5 Å | FSC 0.143 Å | Nyquist Å |"
+        "| dataset | n | box | Å/px | SNR | step | wall s | CPU s | peak RSS MB | load 1m "
+        "before→after | FSC 0.5 Å | FSC 0.143 Å | Nyquist Å |"
     )
     lines.append("|---|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|")
     for d in result["datasets"]:
@@ -334,8 +334,8 @@ def table(result: dict) -> str:
             lines.append(
                 f"| {d['dataset']} | {d['n']} | {d['box']} | {d['apix']:g} | "
                 f"{'none' if d['snr'] is None else format(d['snr'], 'g')} | {step} | "
-                f"{_fmt(s['wall_s'])} | {_fmt(s.get('cpu_s'))} | {_fmt(s.get('peak_rss_mb'))} | {load} | "
-                f"{_fmt(res.get('0.5'), '.2f') if res else ''} | "
+                f"{_fmt(s['wall_s'])} | {_fmt(s.get('cpu_s'))} | {_fmt(s.get('peak_rss_mb'))} | "
+                f"{load} | {_fmt(res.get('0.5'), '.2f') if res else ''} | "
                 f"{_fmt(res.get('0.143'), '.2f') if res else ''} | "
                 f"{format(d['nyquist_A'], 'g') if res else ''} |"
             )

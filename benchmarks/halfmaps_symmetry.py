@@ -92,19 +92,22 @@ def main(argv=None) -> int:
             }
         )
     print(
-        f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min per run "
-        "(2 shared CPU cores)"
+        f"{args.n} particles, box {args.box}, {args.apix} Å/px, SNR {args.snr}; {args.minutes} min "
+        "per run (2 shared CPU cores)"
     )
     print(
-        f"{'group':<6}{'iters':>6}{'gold 0.143':>11}{'truth 0.5':>10}{'truth 0.143':>12}{'ratio':>7}"
+        f"{'group':<6}{'iters':>6}{'gold 0.143':>11}{'truth 0.5':>10}{'truth 0.143':>12}"
+        f"{'ratio':>7}"
         f"{'s/it':>7}{'poses/it':>10}{'C7 score':>9}"
     )
     for r in rows:
         t = r["fsc_vs_truth_A"]
         print(
-            f"{r['symmetry']:<6}{r['iterations']:>6}{r['gold_standard_resolution_A'] or float('nan'):>11.1f}"
+            f"{r['symmetry']:<6}{r['iterations']:>6}"
+            f"{r['gold_standard_resolution_A'] or float('nan'):>11.1f}"
             f"{t['0.5'] or float('nan'):>10.1f}{t['0.143'] or float('nan'):>12.1f}"
-            f"{r['ratio_gold_to_truth_05'] or float('nan'):>7.2f}{r['median_s_per_iteration']:>7.2f}"
+            f"{r['ratio_gold_to_truth_05'] or float('nan'):>7.2f}"
+            f"{r['median_s_per_iteration']:>7.2f}"
             f"{r['median_poses_per_iteration']:>10.0f}{r['symmetry_score_C7']:>9.3f}"
         )
     write_json(

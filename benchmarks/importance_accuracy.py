@@ -27,8 +27,9 @@ signed error in nats, and the fraction of the full quadrature (rotations x shift
 for that particle. A ``None`` plan (every draw of the group covers whole grids) means the
 exact sum is used: fraction 1, error 0; it is counted (``plans_none``). Rows routed to the
 exact sum (``rows_exact``) count fraction 1 and error 0 (``numerical_floor_nats`` checks the
-sampled code path against the exact one on the whole grid for ``--floor-check`` particles). ``fraction`` counts each
-particle's own poses (as ``Plan.fraction`` and the run's ``fraction_evaluated`` do);
+sampled code path against the exact one on the whole grid for ``--floor-check`` particles).
+``fraction`` counts each particle's own poses (as ``Plan.fraction`` and the run's
+``fraction_evaluated`` do);
 ``fraction_computed`` counts what the engine really evaluates: exact images whole, sampled
 images padded to their group's largest n_d x n_psi and n_t. Per-s0 ``seconds`` cover
 ``--repeats`` passes; ``exact_seconds`` one exact pass.
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
         "--floor-check",
         type=int,
         default=4,
-        help="particles for the whole-grid check of sampled_loglik against marginal_loglik (0: off)",
+        help="particles for the whole-grid check of sampled_loglik against marginal_loglik (0: "
+        "off)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "importance_accuracy.json")
@@ -177,7 +179,8 @@ def main(argv=None) -> int:
         mode = "run" if has_hist.sum() >= args.n_particles else "exact"
     if mode == "run" and hist_state is None:
         raise SystemExit(
-            "the checkpoint holds no importance-sampling history (run with --exact?); use --history exact"
+            "the checkpoint holds no importance-sampling history (run with --exact?); use "
+            "--history exact"
         )
     pool = np.flatnonzero(has_hist) if mode == "run" else np.arange(n_total)
     if len(pool) < args.n_particles:
@@ -190,9 +193,10 @@ def main(argv=None) -> int:
     groups = [np.arange(s, min(n, s + chunk)) for s in range(0, n, chunk)]  # local indices
 
     print(
-        f"run {run} (tau {tau_run}); omega* {omega:.4g} 1/Å ({1 / omega:.1f} Å), grid scale {grid_scale}: "
-        f"M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} ({grid.n_rotations * grid.M_t} poses), "
-        f"{lvl.halfplane.M} coefficients; {n} particles, history '{mode}'",
+        f"run {run} (tau {tau_run}); omega* {omega:.4g} 1/Å ({1 / omega:.1f} Å), grid scale "
+        f"{grid_scale}: M_d {grid.M_d}, M_psi {grid.M_psi}, M_t {grid.M_t} "
+        f"({grid.n_rotations * grid.M_t} poses), {lvl.halfplane.M} coefficients; {n} particles, "
+        f"history '{mode}'",
         flush=True,
     )
 
@@ -238,8 +242,8 @@ def main(argv=None) -> int:
         )
         floor_nats = float((rf.loglik - exact_ll[0][:nf]).abs().max())
         print(
-            f"numerical floor (whole grid through sampled_loglik vs marginal_loglik, {nf} particles): "
-            f"{floor_nats:.2e} nats",
+            f"numerical floor (whole grid through sampled_loglik vs marginal_loglik, {nf} "
+            f"particles): {floor_nats:.2e} nats",
             flush=True,
         )
 
@@ -281,7 +285,7 @@ def main(argv=None) -> int:
         flush=True,
     )
 
-    # ---- importance sampling at each s0 -----------------------------------------------------------
+    # ---- importance sampling at each s0 ----------------------------------------------------------
     full = grid.n_rotations * grid.M_t
     rows = []
     for si, s0 in enumerate(args.s0):
@@ -367,10 +371,11 @@ def main(argv=None) -> int:
             flush=True,
         )
 
-    # ---- report ---------------------------------------------------------------------------------------
+    # ---- report ----------------------------------------------------------------------------------
     hdr = (
         f"{'s0':>6} {'rel med':>9} {'rel p90':>9} {'rel max':>9} {'|d| med':>9} {'|d| p90':>9} "
-        f"{'mean d':>9} {'fraction':>9} {'speedup':>8} {'computed':>9} {'exact rows':>10} {'None':>6}  uniq d/psi/t"
+        f"{'mean d':>9} {'fraction':>9} {'speedup':>8} {'computed':>9} {'exact rows':>10} "
+        f"{'None':>6}  uniq d/psi/t"
     )
     print()
     print(hdr)
@@ -378,15 +383,17 @@ def main(argv=None) -> int:
         u = r["unique_draws_mean"]
         print(
             f"{r['s0']:>6g} {r['rel_median']:>9.2e} {r['rel_p90']:>9.2e} {r['rel_max']:>9.2e} "
-            f"{r['abs_nats_median']:>9.3g} {r['abs_nats_p90']:>9.3g} {r['signed_nats_mean']:>+9.3g} "
-            f"{r['fraction_mean']:>9.3g} {1 / r['fraction_mean']:>8.3g} {r['fraction_computed_mean']:>9.3g} "
-            f"{r['rows_exact']:>5}/{r['n']:<4} "
-            f"{r['plans_none']:>3}/{r['plans_total']:<2}  {u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}"
+            f"{r['abs_nats_median']:>9.3g} {r['abs_nats_p90']:>9.3g} "
+            f"{r['signed_nats_mean']:>+9.3g} {r['fraction_mean']:>9.3g} "
+            f"{1 / r['fraction_mean']:>8.3g} {r['fraction_computed_mean']:>9.3g} "
+            f"{r['rows_exact']:>5}/{r['n']:<4} {r['plans_none']:>3}/{r['plans_total']:<2}  "
+            f"{u['d']:.1f}/{u['psi']:.1f}/{u['t']:.1f}"
         )
     print(
-        "(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full quadrature; "
-        "computed: what the engine evaluates (exact images whole, groups padded to max n_d x n_psi x n_t); "
-        "exact rows: images routed to the exact sum; None: plans entirely exact)"
+        "(rel = |log p_IS - log p| / |log p|; |d| in nats; fraction = poses evaluated / full "
+        "quadrature; computed: what the engine evaluates (exact images whole, groups padded to "
+        "max n_d x n_psi x n_t); exact rows: images routed to the exact sum; None: plans entirely "
+        "exact)"
     )
 
     result = {

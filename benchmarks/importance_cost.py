@@ -25,7 +25,8 @@ cut-offs, from a finished run's map:
 The pose grid, map, particles and code path are those of a real run; only the number of
 minibatches is one. Writes ``results/importance_cost.json`` and a PNG.
 
-    python benchmarks/importance_cost.py benchmarks/results/small_work/run_seed2 --omegas 0.02 0.025 0.033 0.04
+    python benchmarks/importance_cost.py benchmarks/results/small_work/run_seed2 \\
+        --omegas 0.02 0.025 0.033 0.04
 """
 
 from __future__ import annotations
@@ -139,8 +140,9 @@ def main() -> int:
     idx = np.asarray(run.batches[0][: args.batch])
     sampler = run.sampler
     print(
-        f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid x{args.grid_scale}; "
-        f"alpha {run.schedule.alpha(args.tau):.3g}, T {run.schedule.temperature(args.tau):.3g}, s0 {run.cfg.s0}",
+        f"run {args.run}: box {run.D}, {run.apix} Å/px; {len(idx)} particles; grid "
+        f"x{args.grid_scale}; alpha {run.schedule.alpha(args.tau):.3g}, T "
+        f"{run.schedule.temperature(args.tau):.3g}, s0 {run.cfg.s0}",
         flush=True,
     )
     rows = []
@@ -167,10 +169,10 @@ def main() -> int:
         }
         rows.append(row)
         print(
-            f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; exact "
-            f"{t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction {row['fraction_evaluated']:.3g} "
-            f"(computed {row['fraction_computed']:.3g}); rel. error {row['rel_error_sum_loglik']:.2e}; "
-            f"gradient cosine {cos:.4f}",
+            f"  1/{1 / omega:.1f} Å: {row['poses']:,} poses x {row['coefficients']} coefficients; "
+            f"exact {t_ex:.2f} s, IS {t_is:.2f} s (x{row['speedup']}); fraction "
+            f"{row['fraction_evaluated']:.3g} (computed {row['fraction_computed']:.3g}); rel. "
+            f"error {row['rel_error_sum_loglik']:.2e}; gradient cosine {cos:.4f}",
             flush=True,
         )
     sampled_only, saved = [], None
@@ -201,9 +203,9 @@ def main() -> int:
             else ""
         )
         print(
-            f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} coefficients; "
-            f"IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed {row['fraction_computed']:.3g})"
-            f"{err}",
+            f"  1/{1 / omega:.1f} Å (sampled only): {row['poses']:,} poses x {row['coefficients']} "
+            f"coefficients; IS {t_is:.2f} s; fraction {row['fraction_evaluated']:.3g} (computed "
+            f"{row['fraction_computed']:.3g}){err}",
             flush=True,
         )
     result = {
@@ -248,7 +250,8 @@ def plot(result: dict, path: Path) -> None:
         xlabel="cut-off 1/omega* (Å)",
         ylabel="seconds per minibatch",
         yscale="log",
-        title=f"one minibatch of {result['batch']} (likelihood + gradient), grid x{result['grid_scale']:g}",
+        title=f"one minibatch of {result['batch']} (likelihood + gradient), grid "
+        f"x{result['grid_scale']:g}",
     )
     so = result.get("sampled_only", [])
     if so:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Importance sampling vs exact marginalisation on the `small` set (issue 4; paper Sec. 3.4, Fig. 9).
+"""Importance sampling vs exact marginalisation on the `small` set (issue 4; paper Sec. 3.4,
+Fig. 9).
 
 For each seed, runs `cryorecon reconstruct` twice on the same data with the same settings and
 for the same number of iterations (held-out early stopping disabled, so both do exactly
@@ -82,8 +83,11 @@ def run_one(py, data: Path, run: Path, seed: int, args, exact: bool, is_every: i
         cmd += ["--is-every", str(is_every)]
     if exact:
         cmd.append("--exact")
+    what = (
+        "exact" if exact else f"importance sampling (annealing step {step_label(is_every, args)})"
+    )
     print(
-        f"  {'exact' if exact else f'importance sampling (annealing step {step_label(is_every, args)})'} ...",
+        f"  {what} ...",
         flush=True,
     )
     t = timed(cmd)
@@ -321,16 +325,18 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(
-        "\n| seed | path | wall s | CPU s | peak RSS MiB | s/it at cap | last fraction | FSC 0.5 Å | FSC 0.143 Å |"
+        "\n| seed | path | wall s | CPU s | peak RSS MiB | s/it at cap | last fraction | FSC 0.5 Å "
+        "| FSC 0.143 Å |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     cap = f"{args.resolution:.2f}"
 
     def line(seed, label, r):
         print(
-            f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
-            f"{r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
-            f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | {r['final']['fsc0143_A']} |"
+            f"| {seed} | {label} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} "
+            f"| {r['seconds_per_iteration_by_resolution_A'].get(cap, float('nan')):.3f} | "
+            f"{r['fraction_evaluated'][-1]:.3g} | {r['final']['fsc05_A']} | "
+            f"{r['final']['fsc0143_A']} |"
         )
 
     for c in result["comparisons"]:
@@ -339,16 +345,16 @@ def main() -> int:
         line(seed, "exact", next(c["exact"] for c in result["comparisons"] if c["seed"] == seed))
     for c in result["comparisons"]:
         print(
-            f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall x{c['speedup_wall']}, CPU "
-            f"x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 x{c['resolution_ratio_fsc05']}, "
-            f"0.143 x{c['resolution_ratio_fsc0143']}"
+            f"seed {c['seed']}, step {c['is_every']}: speed-up (exact / IS) wall "
+            f"x{c['speedup_wall']}, CPU x{c['speedup_cpu']}; resolution IS / exact: FSC0.5 "
+            f"x{c['resolution_ratio_fsc05']}, 0.143 x{c['resolution_ratio_fsc0143']}"
         )
     for m in result["summary"]:
         f05, f0143 = m["mean_fsc05_A"], m["mean_fsc0143_A"]
         print(
             f"step {step_label(m['is_every'], args)} over seeds {m['seeds']}: median speed-up wall "
-            f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS {f05['importance']}"
-            f" vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
+            f"x{m['median_speedup_wall']}, CPU x{m['median_speedup_cpu']}; mean FSC0.5 IS "
+            f"{f05['importance']} vs exact {f05['exact']} Å (x{m['mean_ratio_fsc05_A']}), 0.143 "
             f"{f0143['importance']} vs {f0143['exact']} Å (x{m['mean_ratio_fsc0143_A']})"
         )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

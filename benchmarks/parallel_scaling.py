@@ -134,18 +134,20 @@ def main(argv=None) -> int:
         )
     base = rows[0]
     print(
-        f"measured on {os.cpu_count()} shared CPU cores, box {args.box}, {args.n} particles, exact quadrature"
+        f"measured on {os.cpu_count()} shared CPU cores, box {args.box}, {args.n} particles, exact "
+        "quadrature"
     )
     print(f"{'ranks':>5} {'s/iter':>8} {'speed-up':>9} {'allreduce MB':>13} {'allreduce s':>12}")
     for r in rows:
         r["speedup"] = base["median_iteration_s"] / r["median_iteration_s"]
         print(
             f"{r['ranks']:>5} {r['median_iteration_s']:>8.3f} {r['speedup']:>9.2f} "
-            f"{r['allreduce_bytes_per_iteration'] / 1e6:>13.3f} {r['allreduce_s_per_iteration']:>12.4f}"
+            f"{r['allreduce_bytes_per_iteration'] / 1e6:>13.3f} "
+            f"{r['allreduce_s_per_iteration']:>12.4f}"
         )
     model = []
     flops_per = 4.0  # real flops per (image, pose, coefficient) of the cross-term GEMM
-    for name, D, N, B, poses, coeffs in TARGETS:
+    for name, D, _N, B, poses, coeffs in TARGETS:
         t_comp = (
             B * poses * SAMPLED_FRACTION * coeffs * flops_per * 2 / GPU_FLOPS
         )  # x2: value + gradient
@@ -164,11 +166,12 @@ def main(argv=None) -> int:
                     }
                 )
     print(
-        "\nmodel (assumed: %.0f TFLOP/s per GPU, %.0f%% of poses evaluated):"
-        % (GPU_FLOPS / 1e12, 100 * SAMPLED_FRACTION)
+        f"\nmodel (assumed: {GPU_FLOPS / 1e12:.0f} TFLOP/s per GPU, "
+        f"{100 * SAMPLED_FRACTION:.0f}% of poses evaluated):"
     )
     print(
-        f"{'target':<40} {'link':<28} {'GPUs':>4} {'compute s':>10} {'allreduce s':>12} {'speed-up':>9}"
+        f"{'target':<40} {'link':<28} {'GPUs':>4} {'compute s':>10} {'allreduce s':>12} "
+        f"{'speed-up':>9}"
     )
     for m in model:
         if m["gpus"] in (1, 8, 64):

@@ -131,8 +131,9 @@ def main() -> int:
             "report_rendered": False,
             "align_n_global": args.align_global,
         },
-        "uniform_prior_note": "UniformPrior has zero energy and gradient, but SAGD still truncates negative voxels "
-        "to zero after each step, so 'uniform' = uniform on V >= 0 (positivity kept).",
+        "uniform_prior_note": "UniformPrior has zero energy and gradient, but SAGD still truncates "
+        "negative voxels to zero after each step, so 'uniform' = uniform on V >= 0 (positivity "
+        "kept).",
         "background_mask": {
             "kind": "dilated truth mask",
             "level_fraction_of_max": args.mask_level,
@@ -153,7 +154,8 @@ def main() -> int:
             particles, run_dir, C.demo_config(args.seed, prior=name), fresh=args.fresh
         )
         print(
-            f"[{name}] {'reused: ' if rec['reused'] else ''}{rec['iterations']} iterations ({rec['stop_reason']}), "
+            f"[{name}] {'reused: ' if rec['reused'] else ''}{rec['iterations']} iterations "
+            f"({rec['stop_reason']}), "
             f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; aligning to the truth ...",
             flush=True,
         )
@@ -194,23 +196,25 @@ def main() -> int:
     plot(args.png, maps, freq.numpy(), curves, result)
 
     print(
-        f"\npriors (seed {args.seed}; {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}, "
-        f"Nyquist {2 * s.apix:g} Å)"
+        f"\npriors (seed {args.seed}; {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR "
+        f"{s.snr:g}, Nyquist {2 * s.apix:g} Å)"
     )
     print(
-        "| prior | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | bg var out/in | zero frac out |"
+        "| prior | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | bg var out/in | "
+        "zero frac out |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
     tb = result["truth"]["background"]
     print(
-        f"| truth | - | - | - | - | - | - | {tb['variance_ratio_out_in']:.4f} | {tb['zero_fraction_outside']:.2f} |"
+        f"| truth | - | - | - | - | - | - | {tb['variance_ratio_out_in']:.4f} | "
+        f"{tb['zero_fraction_outside']:.2f} |"
     )
     for name, p in result["priors"].items():
         r, bg = p["fsc_resolution_A"], p["background"]
         print(
-            f"| {name} | {p['iterations']} | {p['stop_reason']} | {p['wall_s']:.0f} | {p['cpu_s']:.0f} | "
-            f"{C.fmt_A(r['0.5'])} | {C.fmt_A(r['0.143'])} | {bg['variance_ratio_out_in']:.4f} | "
-            f"{bg['zero_fraction_outside']:.2f} |"
+            f"| {name} | {p['iterations']} | {p['stop_reason']} | {p['wall_s']:.0f} | "
+            f"{p['cpu_s']:.0f} | {C.fmt_A(r['0.5'])} | {C.fmt_A(r['0.143'])} | "
+            f"{bg['variance_ratio_out_in']:.4f} | {bg['zero_fraction_outside']:.2f} |"
         )
     print(f"total {result['seconds_total']:.0f} s; wrote {args.out} and {args.png}")
     return 0
@@ -260,14 +264,15 @@ def plot(path: Path, maps: dict, freq: np.ndarray, curves: dict, result: dict) -
         )
     m = result["background_mask"]
     ax.set_title(
-        f"background noise: var outside / var inside\n(dilated truth mask: >{m['level_fraction_of_max']:g} max, "
-        f"+{m['dilate_voxels']} vox)",
+        "background noise: var outside / var inside\n(dilated truth mask: "
+        f">{m['level_fraction_of_max']:g} max, +{m['dilate_voxels']} vox)",
         fontsize=9,
     )
     ax.set_ylabel("variance ratio")
     fig.suptitle(
         f"Priors (paper Fig. 13): GroEL-GroES, {result['dataset']['n']} particles, box "
-        f"{result['dataset']['box']} at {result['dataset']['apix']:g} Å/px, SNR {result['dataset']['snr']:g}, "
+        f"{result['dataset']['box']} at {result['dataset']['apix']:g} Å/px, SNR "
+        f"{result['dataset']['snr']:g}, "
         f"seed {result['settings']['seed']}; slices coloured 0 (blue) .. map max (red)",
         fontsize=10,
     )

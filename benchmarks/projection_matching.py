@@ -22,7 +22,7 @@ cryorecon, for about the same CPU time, and finds it trapped in a wrong structur
    cryorecon, projection matching and the oracle, all aligned to the truth; FSC curves), and a
    table on stdout.
 
-    python benchmarks/projection_matching.py                 # ~6-10 min on 2 busy CPU cores (1 seed)
+    python benchmarks/projection_matching.py                # ~6-10 min on 2 busy CPU cores (1 seed)
     python benchmarks/projection_matching.py --seeds 0 1
 
 Peak RSS is that of the whole benchmark process (both methods run in it).
@@ -103,7 +103,8 @@ def dataset(work: Path, s, seed: int) -> tuple[Path, float]:
 
 
 def lowpass(vol: torch.Tensor, apix: float, resolution_A: float) -> torch.Tensor:
-    """Hard band limit at ``1 / resolution_A`` (what a run capped at that omega* can at best hold)."""
+    """Hard band limit at ``1 / resolution_A`` (what a run capped at that omega* can at best
+    hold)."""
     from cryorecon.fourier.transforms import fft3c, ifft3c
 
     D = vol.shape[-1]
@@ -317,9 +318,9 @@ def main() -> int:
         first_maps = first_maps or maps
         c, p = rec["cryorecon"], rec["projection_matching"]
         print(
-            f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> {c['fsc0.5_A']} / "
-            f"{c['fsc0.143_A']} Å; projection matching {p['iterations']} it, {p['cpu_s']:.0f} CPU s -> "
-            f"{p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
+            f"  seed {seed}: cryorecon {c['iterations']} it, {c['cpu_s']:.0f} CPU s -> "
+            f"{c['fsc0.5_A']} / {c['fsc0.143_A']} Å; projection matching {p['iterations']} it, "
+            f"{p['cpu_s']:.0f} CPU s -> {p['fsc0.5_A']} / {p['fsc0.143_A']} Å",
             flush=True,
         )
 
@@ -348,7 +349,8 @@ def main() -> int:
         panels,
         curves,
         cutoff_A,
-        f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, same CPU time",
+        f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: same start, "
+        "same CPU time",
     )
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -371,13 +373,14 @@ def main() -> int:
         ):
             m = r[key]
             print(
-                f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | {m['cpu_s']:.0f} | "
+                f"| {r['seed']} | {name} | {m['iterations']} | {m['wall_s']:.0f} | "
+                f"{m['cpu_s']:.0f} | "
                 f"{fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |"
             )
         m = r["start"]
         print(
-            f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | "
-            f"{m['align_cc']:.3f} |"
+            f"| {r['seed']} | random start | 0 | - | - | {fmt(m['fsc0.5_A'])} | "
+            f"{fmt(m['fsc0.143_A'])} | {m['align_cc']:.3f} |"
         )
     for key, name in (
         ("oracle", "oracle (true poses)"),
@@ -386,8 +389,8 @@ def main() -> int:
         m = result[key]
         print(f"| - | {name} | - | - | - | {fmt(m['fsc0.5_A'])} | {fmt(m['fsc0.143_A'])} | - |")
     print(
-        f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS {result['peak_rss_mib']:.0f} MiB; "
-        f"wrote {args.out} and {png}"
+        f"\nwall {result['wall_s']:.0f} s, CPU {result['cpu_s']:.0f} s, peak RSS "
+        f"{result['peak_rss_mib']:.0f} MiB; wrote {args.out} and {png}"
     )
     return 0
 

@@ -185,9 +185,10 @@ def main() -> int:
             }
         )
         print(
-            f"[run {k}/{len(seeds)}] seed {seed}: {'reused, ' if rec['reused'] else ''}{rec['iterations']} it "
-            f"({rec['stop_reason']}), {rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs truth "
-            f"{C.fmt_A(r['0.5'])} / {C.fmt_A(r['0.143'])} Å, hand {'flipped' if sc['flipped'] else 'same'}",
+            f"[run {k}/{len(seeds)}] seed {seed}: "
+            f"{'reused, ' if rec['reused'] else ''}{rec['iterations']} it ({rec['stop_reason']}), "
+            f"{rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; vs truth {C.fmt_A(r['0.5'])} / "
+            f"{C.fmt_A(r['0.143'])} Å, hand {'flipped' if sc['flipped'] else 'same'}",
             flush=True,
         )
     seconds_runs = time.perf_counter() - t_rec
@@ -226,7 +227,8 @@ def main() -> int:
         if n % 10 == 0 or n == len(pairs):
             el = time.perf_counter() - t_pairs
             print(
-                f"  {n}/{len(pairs)} pairs, {el:.0f} s (last: seeds {a}-{b}, FSC0.5 {C.fmt_A(res['0.5'])} Å)",
+                f"  {n}/{len(pairs)} pairs, {el:.0f} s (last: seeds {a}-{b}, FSC0.5 "
+                f"{C.fmt_A(res['0.5'])} Å)",
                 flush=True,
             )
     seconds_pairs = time.perf_counter() - t_pairs
@@ -315,24 +317,28 @@ def main() -> int:
 
     # ---- table
     print(
-        f"\nrobustness: {len(seeds)} random starts (seeds {seeds[0]}..{seeds[-1]}); {s.n} particles, box {s.box} at "
-        f"{s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å"
+        f"\nrobustness: {len(seeds)} random starts (seeds {seeds[0]}..{seeds[-1]}); {s.n} "
+        f"particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}, Nyquist {2 * s.apix:g} Å"
     )
     print("| seed | iterations | stop | wall s | CPU s | FSC 0.5 Å | FSC 0.143 Å | hand (margin) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         v = r["fsc_vs_truth_A"]
         print(
-            f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
-            f"{C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | {'flipped' if r['hand_flipped_vs_truth'] else 'same'} ({r['hand_margin']}) |"
+            f"| {r['seed']} | {r['iterations']} | {r['stop_reason']} | {r['wall_s']:.0f} | "
+            f"{r['cpu_s']:.0f} | {C.fmt_A(v['0.5'])} | {C.fmt_A(v['0.143'])} | "
+            f"{'flipped' if r['hand_flipped_vs_truth'] else 'same'} ({r['hand_margin']}) |"
         )
     p = result["pairwise"]
     print(
         f"pairwise ({p['n_pairs']} pairs): mean FSC crosses 0.5 at {res_txt(p, '0.5')} "
         f"and 0.143 at {res_txt(p, '0.143')}; per-pair FSC 0.5: mean "
-        f"{C.fmt_A(p['pair_resolution_0.5_A']['mean'])}, range {C.fmt_A(p['pair_resolution_0.5_A']['min'])}-"
-        f"{C.fmt_A(p['pair_resolution_0.5_A']['max'])} Å; hands consistent in {p['hand_consistent']}/{p['n_pairs']} "
-        f"(median hand margin: pairs {p['hand_margin_median']}, runs vs truth {result['vs_truth']['hand_margin_median']})"
+        f"{C.fmt_A(p['pair_resolution_0.5_A']['mean'])}, range "
+        f"{C.fmt_A(p['pair_resolution_0.5_A']['min'])}-"
+        f"{C.fmt_A(p['pair_resolution_0.5_A']['max'])} Å; hands consistent in "
+        f"{p['hand_consistent']}/{p['n_pairs']} "
+        f"(median hand margin: pairs {p['hand_margin_median']}, runs vs truth "
+        f"{result['vs_truth']['hand_margin_median']})"
     )
     pv = result["pairwise_via_truth_alignment"]
     print(
@@ -341,15 +347,15 @@ def main() -> int:
     )
     for ck in checks:
         print(
-            f"align check seeds {ck['seeds']}: cc {ck['cc_reduced']} ({args.align_global}) vs {ck['cc_3000']} (3000); "
-            f"FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å"
+            f"align check seeds {ck['seeds']}: cc {ck['cc_reduced']} ({args.align_global}) vs "
+            f"{ck['cc_3000']} (3000); FSC0.5 {ck['fsc05_A_reduced']} vs {ck['fsc05_A_3000']} Å"
         )
     sec = result["seconds"]
     print(
-        f"time: runs + truth alignment {sec['reconstructions_and_truth_alignment']:.0f} s ({sec['runs_reused']} runs "
-        f"reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, {sec['sum_of_run_cpu']:.0f} s CPU), pairs "
-        f"{sec['pairs']:.0f} s ({p['mean_align_s']} s per alignment), total {sec['total']:.0f} s; "
-        f"wrote {args.out} and {args.png}"
+        f"time: runs + truth alignment {sec['reconstructions_and_truth_alignment']:.0f} s "
+        f"({sec['runs_reused']} runs reused; all runs: {sec['sum_of_run_wall']:.0f} s wall, "
+        f"{sec['sum_of_run_cpu']:.0f} s CPU), pairs {sec['pairs']:.0f} s ({p['mean_align_s']} s "
+        f"per alignment), total {sec['total']:.0f} s; wrote {args.out} and {args.png}"
     )
     return 0
 
@@ -415,7 +421,8 @@ def plot(
         mean,
         color="C0",
         lw=2.0,
-        label=f"mean pairwise FSC ({p['n_pairs']} pairs): {res_txt(p, '0.5')} / {res_txt(p, '0.143')}",
+        label=f"mean pairwise FSC ({p['n_pairs']} pairs): {res_txt(p, '0.5')} / "
+        f"{res_txt(p, '0.143')}",
     )
     for thr, col in ((0.5, "0.4"), (0.143, "0.6")):
         ax.axhline(thr, color=col, ls="--", lw=1)
@@ -443,7 +450,8 @@ def plot(
     ax.legend(fontsize=8, loc="lower left")
     d = result["dataset"]
     fig.suptitle(
-        f"Robustness to random starts (paper Fig. 12): GroEL-GroES, {d['n']} particles, box {d['box']} at "
+        f"Robustness to random starts (paper Fig. 12): GroEL-GroES, {d['n']} particles, box "
+        f"{d['box']} at "
         f"{d['apix']:g} Å/px, SNR {d['snr']:g}; central z-slices, 0 (blue) .. map max (red)",
         fontsize=10,
     )

@@ -297,26 +297,28 @@ def main() -> int:
         rec["meets_1p5x_bar"] = rec["ratio_to_oracle_capped"] <= 1.5
         result["runs"].append(rec)
         print(
-            f"  seed {seed}: {info['iterations']} it, {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU, "
-            f"{t['peak_rss_mib']:.0f} MiB; FSC0.5 {final['fsc05_A']} Å, 0.143 {final['fsc0143_A']} Å "
-            f"(x{rec['ratio_to_oracle_capped']} oracle)",
+            f"  seed {seed}: {info['iterations']} it, {t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s "
+            f"CPU, {t['peak_rss_mib']:.0f} MiB; FSC0.5 {final['fsc05_A']} Å, 0.143 "
+            f"{final['fsc0143_A']} Å (x{rec['ratio_to_oracle_capped']} oracle)",
             flush=True,
         )
     result["machine"]["loadavg_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(
-        "\n| seed | iterations | wall s | CPU s | peak RSS MiB | FSC 0.5 Å | FSC 0.143 Å | / oracle@cap |"
+        "\n| seed | iterations | wall s | CPU s | peak RSS MiB | FSC 0.5 Å | FSC 0.143 Å | / "
+        "oracle@cap |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         print(
-            f"| {r['seed']} | {r['iterations']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | "
+            f"| {r['seed']} | {r['iterations']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+            f"{r['peak_rss_mib']:.0f} | "
             f"{r['final']['fsc05_A']} | {r['final']['fsc0143_A']} | {r['ratio_to_oracle_capped']} |"
         )
     print(
-        f"oracle (all frequencies): {result['oracle']}; oracle band-limited at {args.resolution} Å: "
-        f"{result['oracle_capped']}\nwrote {args.out}"
+        f"oracle (all frequencies): {result['oracle']}; oracle band-limited at {args.resolution} "
+        f"Å: {result['oracle_capped']}\nwrote {args.out}"
     )
     return 0
 

@@ -122,7 +122,8 @@ def test_sample_relion30_vs_31(formats_dir):
     # CTF agrees
     for k in ("defocus_u", "defocus_v", "defocus_angle", "cs", "amp_contrast", "phase_shift"):
         np.testing.assert_allclose(p30.ctf[k], p31.ctf[k], err_msg=k)
-    # Pixel size: 3.1 states rlnImagePixelSize; 3.0 gives DetectorPixelSize (µm) * 1e4 / Magnification.
+    # Pixel size: 3.1 states rlnImagePixelSize; 3.0 gives DetectorPixelSize (µm) * 1e4 /
+    # Magnification.
     # NOTE these two sample files do NOT agree: 5 µm / 37369.2 = 1.338 Å vs 1.4 Å.
     np.testing.assert_allclose(p31.apix, 1.4)
     np.testing.assert_allclose(

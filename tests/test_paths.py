@@ -171,7 +171,7 @@ def test_missing_datadir_is_one_line_exit_2(project, tmp_path, command, monkeypa
     if command == "export":
         run = tmp_path / "run"
         run.mkdir()
-        (run / "run.json").write_text('{"particles": "%s"}' % star)
+        (run / "run.json").write_text(f'{{"particles": "{star}"}}')
         np.savez(run / "poses.npz", eulers_deg=np.zeros((N, 3)), shifts_A=np.zeros((N, 2)))
         target = run
     before = sorted(p.name for p in tmp_path.rglob("*"))

@@ -109,7 +109,8 @@ def test_true_reference_recovers_true_poses(dataset):
     R, t = relion_to_pose(particles.angles, particles.shifts, particles.apix)
     angle, dist = pose_change(R, asg.rotations, t, asg.shifts_px)
     msg = (
-        f"step {math.degrees(step):.1f} deg; error median {math.degrees(float(angle.median())):.1f} deg, "
+        f"step {math.degrees(step):.1f} deg; error median "
+        f"{math.degrees(float(angle.median())):.1f} deg, "
         f"within 2 steps {float((angle < 2 * step).double().mean()):.3f}; "
         f"shift median {float(dist.median()):.2f} px"
     )

@@ -313,7 +313,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     chromium = find_chromium()
     if chromium is None:
         pytest.skip(
-            "chromium not installed (Debian: apt-get install chromium; CI runs .ci/install-chromium.sh)"
+            "chromium not installed (Debian: apt-get install chromium; CI runs "
+            ".ci/install-chromium.sh)"
         )
     path, _ = report
     shot = tmp_path / "shot.png"
@@ -343,7 +344,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     rgb = np.round(img * 255).astype(np.uint8)
     non_white = (rgb < 235).any(axis=-1).mean()
     assert non_white > 0.15, f"page mostly blank ({non_white:.1%} non-white)"
-    # the figures bring many distinct, saturated colours (colour maps, coloured curves, shaded surfaces)
+    # the figures bring many distinct, saturated colours (colour maps, coloured curves, shaded
+    # surfaces)
     sat = rgb.max(axis=-1).astype(int) - rgb.min(axis=-1).astype(int)
     colourful = rgb[sat > 60]
     assert len(colourful) > 0.03 * rgb.shape[0] * rgb.shape[1], (

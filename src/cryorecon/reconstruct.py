@@ -481,8 +481,8 @@ class Run:
         )
         log.info(
             f"iteration {self.tau}: cut-off {1 / omega:.1f} Å passed {c.join_resolution_A:g} Å; "
-            f"half-sets ({where}: {int((self.subset == 1).sum())} + {int((self.subset == 2).sum())} "
-            "particles) refined independently from here"
+            f"half-sets ({where}: {int((self.subset == 1).sum())} + "
+            f"{int((self.subset == 2).sum())} particles) refined independently from here"
         )
         return True
 
@@ -513,7 +513,8 @@ class Run:
         res = self.gold_standard.get("resolution_A")
         if res is not None:
             log.info(
-                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} Å"
+                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} "
+                "Å"
             )
 
     def _local_batch(self, k: int) -> tuple[int, int]:
@@ -606,7 +607,8 @@ class Run:
             clock = self.sampler.annealing_clock(self.tau)
             self.sampler.anneal_from += clock - clock // 2
             log.info(
-                f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> {c.is_tolerance:g}); "
+                f"iteration {self.tau}: sampled log-likelihood off by {rel:.2g} (> "
+                f"{c.is_tolerance:g}); "
                 f"annealing clock {clock} -> {self.sampler.annealing_clock(self.tau)}"
             )
         return rel
@@ -1134,9 +1136,10 @@ class Run:
 def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:
     """Per image, the pose fields of the evaluation of class ``best[i]``."""
     rows = torch.as_tensor(best)
-    pick = lambda name: torch.stack([getattr(e, name).cpu() for e in evs])[
-        rows, torch.arange(len(rows))
-    ]  # noqa: E731
+
+    def pick(name):
+        return torch.stack([getattr(e, name).cpu() for e in evs])[rows, torch.arange(len(rows))]
+
     return Evaluation(
         0.0,
         None,

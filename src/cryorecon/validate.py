@@ -128,7 +128,8 @@ def resolution_at(freq, curve, threshold: float) -> float:
     c = _as_float64_array(curve)
     if f.shape != c.shape or f.ndim != 1 or f.size < 2:
         raise ValueError(
-            f"resolution_at: freq and curve must be 1D of equal length >= 2, got {f.shape}, {c.shape}"
+            f"resolution_at: freq and curve must be 1D of equal length >= 2, got {f.shape}, "
+            f"{c.shape}"
         )
     below = np.nonzero(c < threshold)[0]
     if below.size == 0:
@@ -319,7 +320,8 @@ class AlignResult:
 
     @property
     def matrix(self) -> torch.Tensor:
-        """The (possibly improper) matrix ``M`` with ``aligned = rotate_volume(mov, M, shift_px)``."""
+        """The (possibly improper) matrix ``M`` with
+        ``aligned = rotate_volume(mov, M, shift_px)``."""
         return self.rotation @ HAND_FLIP if self.flipped else self.rotation
 
 

@@ -7,7 +7,8 @@ import argparse
 
 
 def bounded(kind, low: float, strict: bool):
-    """argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` unless ``strict``)."""
+    """argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` unless
+    ``strict``)."""
 
     def parse(text: str):
         try:

@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         description=HELP
         + (
             ". The aligned map is aligned(p) = M(R^T (p - t)) with p the voxel position (x, y, z) "
-            "about the box centre D//2, M the map (mirrored z -> -z first when the hand is flipped)."
+            "about the box centre D//2, M the map (mirrored z -> -z first when the hand is "
+            "flipped)."
         ),
     )
     p.add_argument("ref", metavar="REF.mrc", help="reference map")

@@ -20,9 +20,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "backproject",
         help="CTF-corrected Wiener reconstruction from known poses (the oracle)",
-        description="Reconstruct a map from particles whose poses are in the file (rlnAngleRot/Tilt/Psi, "
-        "rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) back-projection. With simulated data and "
-        "the true poses it is the best map the data allow.",
+        description="Reconstruct a map from particles whose poses are in the file "
+        "(rlnAngleRot/Tilt/Psi, rlnOriginX/YAngst): CTF-corrected least-squares (Wiener) "
+        "back-projection. With simulated data and the true poses it is the best map the data "
+        "allow.",
     )
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with poses")
     p.add_argument(

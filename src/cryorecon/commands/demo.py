@@ -45,7 +45,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HELP = "simulate GroEL-GroES particles, reconstruct ab initio and compare with the truth and the oracle"
+HELP = (
+    "simulate GroEL-GroES particles, reconstruct ab initio and compare with the truth and the "
+    "oracle"
+)
 
 OUTPUTS = ("demo.json", "fsc.png", "reconstruction_aligned.mrc", "oracle.mrc", "data", "run")
 
@@ -116,9 +119,9 @@ def register(subparsers) -> None:
         help=HELP,
         description=HELP
         + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
-        "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes about "
-        "5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest (--quick: "
-        "about a minute, a smoke test).",
+        "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes "
+        "about 5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest "
+        "(--quick: about a minute, a smoke test).",
     )
     p.add_argument(
         "-o",
@@ -187,8 +190,8 @@ def run(args) -> int:
     mode = "quick" if args.quick else "default"
 
     log.info(
-        f"[1/5] simulating {s.n} particles of GroEL-GroES (1AON), box {s.box} at {s.apix:g} Å/pixel, "
-        f"SNR {s.snr:g} -> {data_dir}"
+        f"[1/5] simulating {s.n} particles of GroEL-GroES (1AON), box {s.box} at {s.apix:g} "
+        f"Å/pixel, SNR {s.snr:g} -> {data_dir}"
     )
     t = time.perf_counter()
     sim = run_simulation(
@@ -268,7 +271,8 @@ def run(args) -> int:
             "ab initio (aligned)": (curve_rec.numpy(), res_rec),
             "oracle (true poses)": (curve_oracle.numpy(), res_oracle),
         },
-        title=f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: FSC vs truth",
+        title=f"GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/px, SNR {s.snr:g}: FSC "
+        "vs truth",
     )
     t = time.perf_counter()
     # The report's isosurface encloses the complex's volume (1.21 Å^3/Da), and its FSC section
@@ -325,8 +329,8 @@ def run(args) -> int:
         return f"{x:6.1f} Å" if math.isfinite(x) else "     n/a"
 
     print(
-        f"cryorecon demo ({mode}): GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} Å/pixel, SNR {s.snr:g}"
-        f" (Nyquist {2 * s.apix:g} Å)"
+        f"cryorecon demo ({mode}): GroEL-GroES, {s.n} particles, box {s.box} at {s.apix:g} "
+        f"Å/pixel, SNR {s.snr:g} (Nyquist {2 * s.apix:g} Å)"
     )
     print(
         f"  reconstruction: {summary['iterations']} iterations in {summary['seconds']:.0f} s "
@@ -353,7 +357,8 @@ def _finite(x: float):
 
 
 def plot_fsc_curves(path, freq, curves: dict, title: str = "") -> None:
-    """Several FSC curves against the truth on one plot (PNG); see :func:`cryorecon.report.plots.draw_fsc`."""
+    """Several FSC curves against the truth on one plot (PNG); see
+    :func:`cryorecon.report.plots.draw_fsc`."""
     from ..report.plots import save_fsc_png
 
     save_fsc_png(path, freq, curves, title=title, ylabel="FSC against the true map")

@@ -122,9 +122,15 @@ def format_text(info: dict, max_groups: int = 20) -> str:
     groups = info["optics_groups"]
     lines.append(f"optics groups  {len(groups)}")
     for g in groups[:max_groups]:
-        desc = f"  {g['group']}{' (' + g['name'] + ')' if g['name'] else ''}: {g['particles']} particles, {g['pixel_size_A']:g} Å/px"
+        desc = (
+            f"  {g['group']}{' (' + g['name'] + ')' if g['name'] else ''}: {g['particles']} "
+            f"particles, {g['pixel_size_A']:g} Å/px"
+        )
         if "voltage_kV" in g:
-            desc += f", {g['voltage_kV']:g} kV, Cs {g['cs_mm']:g} mm, amp. contrast {g['amp_contrast']:g}"
+            desc += (
+                f", {g['voltage_kV']:g} kV, Cs {g['cs_mm']:g} mm, amp. contrast "
+                f"{g['amp_contrast']:g}"
+            )
         lines.append(desc)
     if len(groups) > max_groups:
         lines.append(f"  ... {len(groups) - max_groups} more")

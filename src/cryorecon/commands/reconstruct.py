@@ -297,7 +297,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "reconstruct",
         help="ab-initio 3D reconstruction from a random start",
-        description="Estimate a 3D density from particle images without any initial model: marginalised "
+        description="Estimate a 3D density from particle images without any initial model: "
+        "marginalised "
         "MAP estimation with stochastic average gradient descent (Punjani, Brubaker & Fleet 2017).",
     )
     p.add_argument("particles", help="RELION .star or cryoSPARC .cs with CTF parameters")
@@ -352,8 +353,8 @@ def run(args) -> int:
     if not ranks.is_main:
         return exit_code_for(summary["reason"])
     print(
-        f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} s, "
-        f"stopped: {summary['reason']})"
+        f"map: {summary['volume']}  ({summary['iterations']} iterations, {summary['seconds']:.0f} "
+        f"s, stopped: {summary['reason']})"
     )
     code = exit_code_for(summary["reason"])
     if code:

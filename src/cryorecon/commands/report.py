@@ -23,8 +23,8 @@ def register(subparsers) -> None:
         help=HELP,
         description=HELP
         + (
-            ". The report is rebuilt during a run as well; this command rebuilds it on demand, e.g. to add "
-            "an FSC against a reference."
+            ". The report is rebuilt during a run as well; this command rebuilds it on demand, "
+            "e.g. to add an FSC against a reference."
         ),
     )
     p.add_argument("run", metavar="RUN", help="run folder written by 'cryorecon reconstruct'")

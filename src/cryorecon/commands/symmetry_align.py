@@ -31,9 +31,9 @@ def register(subparsers) -> None:
         help=HELP,
         description=HELP
         + (
-            ". The output is the average over the group of moved(p) = MAP(Q^T (p - t)), p the voxel "
-            "position (x, y, z) about the box centre D//2. Groups and axes as RELION's --sym: Cn, Dn "
-            "(n-fold along z, Dn's 2-fold along x), T, O, I1-I4 (I = I2)."
+            ". The output is the average over the group of moved(p) = MAP(Q^T (p - t)), p the "
+            "voxel position (x, y, z) about the box centre D//2. Groups and axes as RELION's "
+            "--sym: Cn, Dn (n-fold along z, Dn's 2-fold along x), T, O, I1-I4 (I = I2)."
         ),
     )
     p.add_argument("map", metavar="MAP.mrc", help="map to align (e.g. an ab-initio C1 result)")

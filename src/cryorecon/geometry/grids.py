@@ -81,7 +81,8 @@ def saff_kuijlaars(M: int) -> np.ndarray:
 
 
 def inplane_angles(M: int) -> np.ndarray:
-    """``M`` equally spaced in-plane angles ``2 pi k / M``, ``k = 0..M-1`` (in [0, 2 pi)), radians."""
+    """``M`` equally spaced in-plane angles ``2 pi k / M``, ``k = 0..M-1`` (in [0, 2 pi)),
+    radians."""
     M = int(M)
     if M < 1:
         raise ValueError(f"inplane_angles needs M >= 1, got {M}")
@@ -263,5 +264,6 @@ class PoseGrid:
         return R.to(dtype=dtype, device=device)
 
     def log_w_R(self) -> torch.Tensor:
-        """``(M_d * M_psi,)`` log of ``w_d w_psi p(R)`` per rotation (direction-major); logsumexp = 0."""
+        """``(M_d * M_psi,)`` log of ``w_d w_psi p(R)`` per rotation (direction-major);
+        logsumexp = 0."""
         return (self.log_w_d[:, None] + self.log_w_psi[None, :]).reshape(-1) + self.log_p_R

@@ -200,7 +200,7 @@ def _star_from_particles(particles) -> dict[str, pd.DataFrame]:
     if not particles.ctf:
         raise InputError(f"{particles.source}: no CTF fields; cannot write a RELION STAR file")
     paths = []
-    for s, (stack, name) in enumerate(zip(particles.stacks, particles.stack_names)):
+    for _s, (stack, name) in enumerate(zip(particles.stacks, particles.stack_names)):
         found = Path(stack).is_file()
         paths.append(os.path.abspath(stack) if found else name.lstrip(">"))
     names = [

@@ -1,4 +1,5 @@
-"""RELION particle STAR files: 3.0 (one table) and 3.1 / 4 / 5 (``data_optics`` + ``data_particles``).
+"""RELION particle STAR files: 3.0 (one table) and 3.1 / 4 / 5 (``data_optics`` +
+``data_particles``).
 
 Reading returns a plain dict of per-particle NumPy arrays (see :func:`read_star_particles`);
 :mod:`cryorecon.io.particles` turns it into a :class:`~cryorecon.io.particles.ParticleSet`.

@@ -6,7 +6,8 @@ The marginal likelihood of an image under K classes is
 and shift); its negative log is minimised over all maps together. The gradient with respect
 to ``V_k`` is that of ``-sum_i r_ik log p(I_i | V_k)``, with ``r_ik`` the class posterior
 (responsibility) of particle i, so each class's SAGD step (Algorithm 1) sees its
-minibatch with per-image weights ``r_ik`` (:attr:`cryorecon.model.likelihood.ImageBatch.image_weight`).
+minibatch with per-image weights ``r_ik``
+(:attr:`cryorecon.model.likelihood.ImageBatch.image_weight`).
 
 As the paper's importance sampling does for poses, the weights of a visit are the particle's
 class posteriors from its previous visit (uniform on the first): one pass over the K maps
@@ -45,7 +46,8 @@ class ClassPosteriors:
         self.min_prior = min_prior
 
     def priors(self) -> np.ndarray:
-        """(K,) class priors pi_k: the mean posterior of the seen particles, floored, summing to 1."""
+        """(K,) class priors pi_k: the mean posterior of the seen particles, floored,
+        summing to 1."""
         pi = self.post[self.seen].mean(0) if self.seen.any() else np.full(self.K, 1.0 / self.K)
         pi = np.maximum(pi, self.min_prior / self.K)
         return pi / pi.sum()

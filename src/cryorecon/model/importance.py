@@ -402,7 +402,8 @@ class ImportanceSampler:
         return SplitPlan(heavy.nonzero().squeeze(-1), groups, rot_ids, fraction, computed)
 
     def rotations(self, plan, grid) -> torch.Tensor:
-        """(U, 3, 3) rotation matrices of the plan's union of rotations (``Plan`` or ``SplitPlan``)."""
+        """(U, 3, 3) rotation matrices of the plan's union of rotations (``Plan`` or
+        ``SplitPlan``)."""
         from ..geometry.rotations import direction_inplane_to_matrix
 
         j, k = plan.rot_ids // grid.M_psi, plan.rot_ids % grid.M_psi

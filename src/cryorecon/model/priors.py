@@ -79,7 +79,8 @@ class ExponentialPrior(Prior):
 
     @classmethod
     def from_volume(cls, V: torch.Tensor) -> ExponentialPrior:
-        """``lam = 1 / mean(max(V, 0))``: the exponential MLE of the (positive part of the) volume."""
+        """``lam = 1 / mean(max(V, 0))``: the exponential MLE of the (positive part of the)
+        volume."""
         m = float(torch.clamp(torch.as_tensor(V), min=0).mean())
         if not m > 0:
             raise ValueError("volume has no positive density; cannot set lam from it")

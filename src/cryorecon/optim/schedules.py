@@ -59,7 +59,8 @@ def epsilon(tau: int, every: int = 150, min_: float = 1.0 / 16.0, start_exp: flo
 def importance_alpha(
     tau_prev: int, every: int = 50, rate: float = 0.25, min_: float = 0.05
 ) -> float:
-    """Uniform mixing proportion of Eq. (20) (Sec. 3.4.1): ``max(0.05, 2^(-0.25 floor(tau_prev / 50)))``.
+    """Uniform mixing proportion of Eq. (20) (Sec. 3.4.1):
+    ``max(0.05, 2^(-0.25 floor(tau_prev / 50)))``.
 
     Equals 1 (pure uniform importance distribution) for ``tau_prev < 50``."""
     return max(float(min_), 2.0 ** (-float(rate) * _floor_div(tau_prev, every)))

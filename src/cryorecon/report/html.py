@@ -33,29 +33,35 @@ MAX_SNAPSHOTS = 8
 REFRESH_SECONDS = 60
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;color:#1d232a;background:#f4f6f8}
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;\
+color:#1d232a;background:#f4f6f8}
 header{background:#1f3b57;color:#fff;padding:14px 28px}
 header h1{margin:0;font-size:22px;font-weight:600}
 header .sub{opacity:.85;font-size:13px;margin-top:4px}
 nav{background:#fff;border-bottom:1px solid #d8dee4;padding:8px 28px;font-size:13px}
 nav a{margin-right:14px;color:#1f5f9c;text-decoration:none}
 main{padding:8px 28px 40px;max-width:1300px}
-section{background:#fff;border:1px solid #d8dee4;border-radius:6px;margin:16px 0;padding:10px 18px 14px}
+section{background:#fff;border:1px solid #d8dee4;border-radius:6px;margin:16px 0;\
+padding:10px 18px 14px}
 h2{font-size:18px;margin:6px 0 8px;color:#1f3b57}
 h3{font-size:15px;margin:12px 0 6px}
 p.note,p.caption{font-size:13px;color:#4a5560;margin:6px 0}
-p.missing{font-size:13px;color:#8a6d00;background:#fff8e0;border:1px solid #f0e0a0;padding:6px 10px;border-radius:4px}
-p.error{font-size:13px;color:#8b1a1a;background:#fdecec;border:1px solid #f3c0c0;padding:6px 10px;border-radius:4px}
+p.missing{font-size:13px;color:#8a6d00;background:#fff8e0;border:1px solid #f0e0a0;\
+padding:6px 10px;border-radius:4px}
+p.error{font-size:13px;color:#8b1a1a;background:#fdecec;border:1px solid #f3c0c0;padding:6px 10px;\
+border-radius:4px}
 img{max-width:100%;height:auto;display:block;margin:6px 0}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0}
-.card{border:1px solid #d8dee4;border-radius:6px;padding:8px 12px;min-width:150px;background:#fafbfc}
+.card{border:1px solid #d8dee4;border-radius:6px;padding:8px 12px;min-width:150px;\
+background:#fafbfc}
 .card .k{font-size:12px;color:#5b6670}
 .card .v{font-size:19px;font-weight:600;margin-top:2px}
 .status-finished{color:#1a7f37}.status-running{color:#1f5f9c}.status-stopped{color:#9a6700}
 table{border-collapse:collapse;font-size:13px;margin:4px 0 8px}
 td,th{border:1px solid #d8dee4;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#f0f3f6}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f0f3f6;padding:1px 4px;border-radius:3px}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f0f3f6;\
+padding:1px 4px;border-radius:3px}
 .cols{display:flex;flex-wrap:wrap;gap:24px}
 """
 
@@ -220,8 +226,8 @@ def section_summary(ctx: _Context) -> str:
     if ctx.info.get("particles"):
         parts.append(
             f'<p class="note">Particles: <code>{_e(ctx.info["particles"])}</code>. Run folder: '
-            f"<code>{_e(ctx.run_dir.resolve())}</code>. The current map is <code>volume.mrc</code> in "
-            f"that folder (open it in ChimeraX).</p>"
+            f"<code>{_e(ctx.run_dir.resolve())}</code>. The current map is <code>volume.mrc</code> "
+            "in that folder (open it in ChimeraX).</p>"
         )
     if not ctx.info and not len(m):
         parts.append(_missing("No run.json or metrics.jsonl yet: the run has not started writing."))
@@ -237,14 +243,14 @@ def section_convergence(ctx: _Context) -> str:
     n = len(ctx.metrics)
     return (
         _img(png, "convergence plots")
-        + '<p class="caption">Bottom axis: iteration; top axis: run time. Dotted vertical lines mark '
-        "increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood per particle; "
-        "the held-out particles (never trained on) are the honest measure, and each increase of ω* adds "
-        "Fourier coefficients and so shifts the curve. A run has converged when the held-out error stops "
-        "falling at the final cut-off. <b>Step size</b>: SAGD steps by ε/L; the line search doubles L "
-        "(triangles) when a step overshoots, and L decays slowly in between. <b>Fraction of poses</b>: "
-        "with importance sampling only a fraction of the quadrature is evaluated (1 = all).</p>"
-        f'<p class="note">{n} iterations recorded'
+        + '<p class="caption">Bottom axis: iteration; top axis: run time. Dotted vertical lines '
+        "mark increases of the resolution cut-off ω*. <b>Error</b>: mean negative log-likelihood "
+        "per particle; the held-out particles (never trained on) are the honest measure, and each "
+        "increase of ω* adds Fourier coefficients and so shifts the curve. A run has converged "
+        "when the held-out error stops falling at the final cut-off. <b>Step size</b>: SAGD steps "
+        "by ε/L; the line search doubles L (triangles) when a step overshoots, and L decays "
+        "slowly in between. <b>Fraction of poses</b>: with importance sampling only a fraction of "
+        f'the quadrature is evaluated (1 = all).</p><p class="note">{n} iterations recorded'
         + (f" (plotted every {plots._stride(n)}th)" if plots._stride(n) > 1 else "")
         + ".</p>"
     )
@@ -265,9 +271,9 @@ def section_map(ctx: _Context) -> str:
     )
     if not float(vol.max()) > float(vol.min()):
         parts.append(
-            f'<p class="error">The map is flat (every voxel is {float(vol.max()):.3g}): there is no '
-            "density to show. If this persists, the run has collapsed; check the pixel size, CTF "
-            "parameters and --diameter, or try another --seed.</p>"
+            f'<p class="error">The map is flat (every voxel is {float(vol.max()):.3g}): there is '
+            "no density to show. If this persists, the run has collapsed; check the pixel size, "
+            "CTF parameters and --diameter, or try another --seed.</p>"
         )
     parts.append("<h3>Central slices and projections</h3>")
     parts.append(_img(plots.plot_slices(vol, apix), "central slices"))
@@ -309,11 +315,11 @@ def _level_text(ctx: _Context, level) -> str:
     d = ctx.diameter_px
     what = f"the particle diameter {d * ctx.apix:.0f} Å" if d else "80% of the box width"
     return (
-        f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the volume of a "
-        f"sphere of {_e(what)}, so maps at different times are shown at comparable size; in ChimeraX "
-        f"<code>volume #1 level {_fmt(level)}</code> shows the same surface; give the "
-        "molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from its "
-        "volume)." + dust
+        f"(chosen automatically: the level that encloses {plots.ENCLOSED_FRACTION:.0%} of the "
+        f"volume of a sphere of {_e(what)}, so maps at different times are shown at comparable "
+        f"size; in ChimeraX <code>volume #1 level {_fmt(level)}</code> shows the same surface; "
+        "give the molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from "
+        "its volume)." + dust
     )
 
 
@@ -366,21 +372,22 @@ def section_snapshots(ctx: _Context) -> str:
     png = plots.plot_snapshots(items)
     return (
         _img(png, "snapshots over time")
-        + '<p class="caption">The map at several times (as in the paper\'s Fig. 6), oblique view, each at its '
-        "own automatic level. The start is a random union of spheres; the gross shape usually settles "
-        "within the first epochs, and finer detail follows as the cut-off rises. "
-        f"Snapshots are written every {_e((ctx.info.get('config') or {}).get('snapshot_every', 'N'))} "
-        "iterations to <code>snapshots/</code>.</p>"
+        + '<p class="caption">The map at several times (as in the paper\'s Fig. 6), oblique view, '
+        "each at its own automatic level. The start is a random union of spheres; the gross shape "
+        "usually settles within the first epochs, and finer detail follows as the cut-off rises. "
+        "Snapshots are written every "
+        f"{_e((ctx.info.get('config') or {}).get('snapshot_every', 'N'))} iterations to "
+        "<code>snapshots/</code>.</p>"
     )
 
 
 def section_fsc(ctx: _Context) -> str:
     if ctx.reference is None:
         return (
-            '<p class="note">No reference given. With a reference map (e.g. the truth of simulated data, '
-            "or a published map resampled to the same box and voxel size) run "
-            "<code>cryorecon report RUN --reference REF.mrc --align</code> to add the Fourier shell "
-            "correlation here.</p>"
+            '<p class="note">No reference given. With a reference map (e.g. the truth of '
+            "simulated data, or a published map resampled to the same box and voxel size) run "
+            "<code>cryorecon report RUN --reference REF.mrc --align</code> to add the Fourier "
+            "shell correlation here.</p>"
         )
     import torch
 
@@ -395,11 +402,14 @@ def section_fsc(ctx: _Context) -> str:
     refv, ref_apix = ref
     if refv.shape != vol.shape:
         return (
-            f'<p class="error">The reference {_e(ctx.reference.name)} has box {refv.shape}, the map '
-            f"{vol.shape}: resample it to the same grid first.</p>"
+            f'<p class="error">The reference {_e(ctx.reference.name)} has box {refv.shape}, the '
+            f"map {vol.shape}: resample it to the same grid first.</p>"
         )
     if not math.isclose(ref_apix, apix, rel_tol=1e-3):
-        return f'<p class="error">Voxel sizes differ: reference {ref_apix:.4f} Å, map {apix:.4f} Å.</p>'
+        return (
+            f'<p class="error">Voxel sizes differ: reference {ref_apix:.4f} Å, map {apix:.4f} '
+            "Å.</p>"
+        )
     parts = []
     moved = vol
     if ctx.align:
@@ -408,21 +418,22 @@ def section_fsc(ctx: _Context) -> str:
         res = align(torch.from_numpy(refv), torch.from_numpy(vol), apix=apix, progress=False)
         moved = res.aligned.numpy()
         parts.append(
-            f'<p class="note">The map was aligned to the reference first (rotation, shift and hand; '
-            f"{res.seconds:.0f} s): correlation {res.cc:.3f}; hand <b>{'flipped' if res.flipped else 'kept'}</b>"
+            '<p class="note">The map was aligned to the reference first (rotation, shift and '
+            f"hand; {res.seconds:.0f} s): correlation {res.cc:.3f}; hand "
+            f"<b>{'flipped' if res.flipped else 'kept'}</b>"
             + (
                 f" (best with the other hand {res.cc_other_hand:.3f})"
                 if math.isfinite(res.cc_other_hand)
                 else ""
             )
-            + '. An ab-initio map has an undetermined hand; "flipped" means the run found the mirror '
-            "image, which <code>cryorecon align</code> corrects.</p>"
+            + '. An ab-initio map has an undetermined hand; "flipped" means the run found the '
+            "mirror image, which <code>cryorecon align</code> corrects.</p>"
         )
     else:
         parts.append(
-            '<p class="note">FSC computed directly, <b>assuming the map is already aligned</b> to the '
-            "reference (an ab-initio map generally is not: rebuild the report with <code>--align</code>, "
-            "or align with <code>cryorecon align</code>).</p>"
+            '<p class="note">FSC computed directly, <b>assuming the map is already aligned</b> to '
+            "the reference (an ab-initio map generally is not: rebuild the report with "
+            "<code>--align</code>, or align with <code>cryorecon align</code>).</p>"
         )
     freq, curve = fsc(torch.from_numpy(refv), torch.from_numpy(np.ascontiguousarray(moved)), apix)
     resolutions = {thr: resolution_at(freq, curve, thr) for thr in FSC_THRESHOLDS}
@@ -441,9 +452,10 @@ def section_fsc(ctx: _Context) -> str:
     ]
     parts.append(_table(rows, ["threshold", "resolution"]))
     parts.append(
-        '<p class="caption">Against a known reference, 0.5 is the usual threshold (0.143 is meant for '
-        "two independent half maps). The run cannot resolve detail finer than the cut-off it has used "
-        "(grey line); power beyond it comes from positivity and the prior (paper Fig. 7).</p>"
+        '<p class="caption">Against a known reference, 0.5 is the usual threshold (0.143 is meant '
+        "for two independent half maps). The run cannot resolve detail finer than the cut-off it "
+        "has used (grey line); power beyond it comes from positivity and the prior (paper Fig. "
+        "7).</p>"
     )
     return "".join(parts)
 
@@ -505,11 +517,12 @@ def section_directions(ctx: _Context) -> str:
         _img(png, "view-direction distribution")
         + f'<p class="caption">Most probable view direction of {n} of {len(d)} particles'
         + (" (the others are not visited yet)" if n < len(d) else "")
-        + ", on an equal-area (Mollweide) world map: azimuth atan2(y, x) left to right, elevation asin(z) "
-        "bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour is the density of views relative to a uniform "
-        "distribution over the sphere. Preferred orientation shows as bright bands or spots and dark, "
-        "empty regions (paper Fig. 10: an equatorial belt); views missing from whole regions limit the "
-        "resolution along the corresponding direction.</p>"
+        + ", on an equal-area (Mollweide) world map: azimuth atan2(y, x) left to right, elevation "
+        "asin(z) bottom to top (elevation ±90° = direction ±z, the top and bottom views). Colour "
+        "is the density of views relative to a uniform distribution over the sphere. Preferred "
+        "orientation shows as bright bands or spots and dark, empty regions (paper Fig. 10: an "
+        "equatorial belt); views missing from whole regions limit the resolution along the "
+        "corresponding direction.</p>"
     )
 
 
@@ -684,12 +697,13 @@ def build_html(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">{refresh}'
-        f"<title>cryorecon report: {_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>"
+        "<title>cryorecon report: "
+        f"{_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>"
         f"<header><h1>cryorecon run report — {_e(run_dir.resolve().name)}</h1>"
         f'<div class="sub">{_e(sub)}</div></header><nav>{nav}</nav><main>'
         + "".join(body)
-        + f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with '
-        f"<code>cryorecon report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, Brubaker &amp; "
+        + f'<p class="note">Written by cryorecon {_e(__version__)}; rebuild with <code>cryorecon '
+        f"report {_e(run_dir)}</code>. Ab-initio reconstruction after Punjani, Brubaker &amp; "
         'Fleet, "Building Proteins in a Day", TPAMI 2017.</p></main></body></html>\n'
     )
 
