@@ -12,10 +12,18 @@ negative log-likelihood of the held-out particles (never trained on) is measured
 omega* (adaptive schedule) and stops the run at the final cut-off once it no longer improves
 for ``patience`` evaluations. The run also stops at ``max_iters`` or ``max_time``.
 
-Outputs in the run folder: ``volume.mrc`` (current map, voxel size in the header),
-``snapshots/volume_XXXXXX.mrc``, ``metrics.jsonl`` (one JSON object per iteration),
-``checkpoint.pt`` (everything needed by ``resume``), ``poses.npz`` (each particle's most
-probable pose), ``run.json`` (parameters, versions, timings, and ``finished``).
+Past ``join_resolution_A`` the particles are split into two half-sets refined independently
+(:meth:`Run.maybe_split`); with ``classes`` > 1 every minibatch steps K maps with the class
+posteriors as image weights (:meth:`Run._step_classes`, :mod:`cryorecon.model.classes`);
+with a point group the poses cover its asymmetric unit and the gradients are symmetrised;
+under ``torchrun`` each minibatch is split across the ranks (:mod:`cryorecon.parallel`).
+
+Outputs in the run folder: ``volume.mrc`` (current map, voxel size in the header; after the
+split the FSC-weighted combination of ``volume_half1.mrc`` and ``volume_half2.mrc``; with
+classes the most populated of ``volume_class001.mrc`` ...), ``snapshots/volume_XXXXXX.mrc``,
+``metrics.jsonl`` (one JSON object per iteration), ``checkpoint.pt`` (everything needed by
+``resume``), ``poses.npz`` and ``particles.star`` (each particle's most probable pose),
+``run.json`` (parameters, versions, timings, ``finished``, ``gold_standard_resolution_A``).
 """
 
 from __future__ import annotations
@@ -248,6 +256,8 @@ class Run:
                     (self.out / name).unlink(missing_ok=True)
                 for snap in (self.out / "snapshots").glob("volume_*.mrc"):
                     snap.unlink()
+                for old in self.out.glob("volume_class[0-9][0-9][0-9].mrc"):
+                    old.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
             return
         finished = info.exists() and json.loads(info.read_text()).get("finished", False)
