@@ -95,9 +95,6 @@ def run(args) -> int:
     freq, curve = fsc(ta, tb, apix)
     res = {thr: resolution_at(freq, curve, thr) for thr in FSC_THRESHOLDS}
 
-    for thr in FSC_THRESHOLDS:
-        print(f"FSC {thr:g}: {res[thr]:.2f} Å")
-
     prefix.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "inputs": {"a": str(path_a), "b": str(path_b)},
@@ -112,5 +109,8 @@ def run(args) -> int:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out_json)
     plot_fsc(out_png, freq.numpy(), curve.numpy(), res, title=f"{path_a.name} vs {path_b.name}")
+    # Files first, then stdout: a reader that stops early (``| head -1``) cannot cost them.
+    for thr in FSC_THRESHOLDS:
+        print(f"FSC {thr:g}: {res[thr]:.2f} Å")
     print(f"wrote {out_json} and {out_png}")
     return 0
