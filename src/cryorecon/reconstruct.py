@@ -712,19 +712,24 @@ class Run:
         heldout = check = None
         if tau % c.heldout_every == 0:
             check = self.search_check(lvl)
-            heldout = self.heldout_error(lvl)
-            self.heldout_state.observe(omega, heldout)
-            if self.resolution.observe(tau, heldout):
-                log.info(
-                    f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
-                    f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
-                )
+            heldout = self._heldout_step(tau, omega, lvl)
         rec = self._metrics(tau, omega, eps, doublings, ev, lvl, idx, heldout, check)
         rec["L"], rec["half"] = sagd.L, h
         rec.update(search_stats)
         if heldout is not None and self.halves is not None:
             rec.update(self.halfmap_resolution())
         return rec
+
+    def _heldout_step(self, tau: int, omega: float, lvl: Level) -> float:
+        """The held-out error at this iteration, fed to the stopping rule and the schedule."""
+        heldout = self.heldout_error(lvl)
+        self.heldout_state.observe(omega, heldout)
+        if self.resolution.observe(tau, heldout):
+            log.info(
+                f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
+                f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
+            )
+        return heldout
 
     def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
         """One iteration with K classes: every class's map takes a SAGD step on the minibatch
@@ -768,13 +773,7 @@ class Run:
         self._record_poses(idx, _pick(evs, r.argmax(1)))
         heldout = None
         if tau % c.heldout_every == 0:
-            heldout = self.heldout_error(lvl)
-            self.heldout_state.observe(omega, heldout)
-            if self.resolution.observe(tau, heldout):
-                log.info(
-                    f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
-                    f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
-                )
+            heldout = self._heldout_step(tau, omega, lvl)
         ev = dataclasses.replace(
             evs[0],
             value=-float(self.classes.log_marginal(L).sum()),
