@@ -37,6 +37,7 @@ from .errors import InputError, OutputExistsError
 from .fourier.slicing import spectrum_from_volume
 from .fourier.transforms import phase_shift
 from .geometry.poses import pose_to_relion
+from .io.atomic import write_json
 from .io.mrc import write_map
 from .model.likelihood import marginal_loglik
 from .preprocess import default_diameter_A, load_batch
@@ -469,6 +470,4 @@ def _write_info(
         "shift_sigma_A": geo.shift_sigma_px * geo.apix,
         "torch_threads": torch.get_num_threads(),
     }
-    tmp = out / ".run.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / "run.json")
+    write_json(out / "run.json", info)

@@ -45,6 +45,7 @@ from .config import ReconstructConfig
 from .errors import InputError, OutputExistsError
 from .geometry.poses import pose_to_relion
 from .geometry.symmetry import parse_symmetry
+from .io.atomic import write_json
 from .io.checks import single_pixel_size
 from .io.mrc import write_map
 from .model.classes import ClassPosteriors, default_anneal, to_tensor
@@ -1137,9 +1138,7 @@ class Run:
         if self.gold_standard is not None:
             info["gold_standard"] = self.gold_standard
             info["gold_standard_resolution_A"] = self.gold_standard.get("resolution_A")
-        tmp = self.out / ".run.json.tmp"
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, self.out / "run.json")
+        write_json(self.out / "run.json", info)
 
 
 def _pick(evs: list[Evaluation], best: np.ndarray) -> Evaluation:

@@ -48,7 +48,6 @@ size or device), and the first ``m`` particles of a larger set equal a set of ``
 from __future__ import annotations
 
 import importlib.resources
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -64,6 +63,7 @@ from .fourier.slicing import SliceOperator, spectrum_from_volume
 from .fourier.transforms import fft3c, ifft3c, phase_shift
 from .geometry.poses import pose_to_relion
 from .geometry.rotations import euler_to_matrix, random_rotations
+from .io.atomic import write_json
 from .io.mrc import read_map, write_map
 from .progress import bar, log
 
@@ -652,8 +652,6 @@ def run_simulation(
             "rlnOriginXAngst = -t*apix (particle centre at D//2 - origin)"
         ),
     )
-    tmp = out / ".simulation.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "simulation.json")
+    write_json(out / "simulation.json", summary)
     log.info("wrote %d particles (noise sigma %.4g) to %s", n, sim.noise_sigma, out)
     return summary

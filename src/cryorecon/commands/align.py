@@ -8,14 +8,13 @@ prints the correlation, whether the hand was flipped, the rotation as RELION Eul
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..io.atomic import write_json
 from ..io.mrc import read_map, write_map
 from ._args import at_least
 from ._output import check_device, check_output_file
@@ -120,9 +119,7 @@ def run(args) -> int:
             "centre if flipped else MAP"
         ),
     }
-    tmp = out_json.with_name(f".{out_json.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_json)
+    write_json(out_json, record)
 
     print(
         f"cc: {res.cc:.4f}"

@@ -38,9 +38,7 @@ seed), so a run is reproducible.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,6 +168,7 @@ def run(args) -> int:
     import torch
 
     from ..backproject import wiener_backproject
+    from ..io.atomic import write_json
     from ..io.mrc import read_map, write_map
     from ..io.particles import read_particles
     from ..progress import log
@@ -321,9 +320,7 @@ def run(args) -> int:
             "fsc_plot": str(png),
         },
     }
-    tmp = out / f".demo.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out / "demo.json")
+    write_json(out / "demo.json", record)
 
     def fmt(x):
         return f"{x:6.1f} Å" if math.isfinite(x) else "     n/a"

@@ -7,14 +7,13 @@ resolutions, inputs) and ``PREFIX.png`` (the plot). The maps must already be ali
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..io.atomic import write_json
 from ..io.mrc import read_map
 from ._args import positive
 from ._output import check_output_file
@@ -105,9 +104,7 @@ def run(args) -> int:
         "fsc": [float(x) for x in curve],
         "resolution_A": {f"{thr:g}": _json_float(res[thr]) for thr in FSC_THRESHOLDS},
     }
-    tmp = out_json.with_name(f".{out_json.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_json)
+    write_json(out_json, record)
     plot_fsc(out_png, freq.numpy(), curve.numpy(), res, title=f"{path_a.name} vs {path_b.name}")
     # Files first, then stdout: a reader that stops early (``| head -1``) cannot cost them.
     for thr in FSC_THRESHOLDS:

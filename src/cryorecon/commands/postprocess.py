@@ -11,12 +11,11 @@ facts: the same record a run stores in ``run.json["gold_standard"]``) and ``PREF
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 from ..errors import InputError
+from ..io.atomic import write_bytes, write_json
 from ._args import positive
 from ._output import check_device, check_output_file
 
@@ -199,9 +198,7 @@ def run(args) -> int:
         "gold_standard": doc,
         "gold_standard_resolution_A": doc["resolution_A"],
     }
-    tmp = outs["json"].with_name(f".{outs['json'].name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, outs["json"])
+    write_json(outs["json"], record)
     curves = {
         "unmasked": res.fsc_unmasked.numpy(),
         "masked": res.fsc_masked.numpy(),
@@ -216,8 +213,6 @@ def run(args) -> int:
         res.randomize_at_A,
         title=f"{path1.name} vs {path2.name}",
     )
-    tmp = outs["png"].with_name(f".{outs['png'].name}.tmp{os.getpid()}")
-    tmp.write_bytes(png)
-    os.replace(tmp, outs["png"])
+    write_bytes(outs["png"], png)
     print("wrote " + ", ".join(str(p) for p in outs.values()))
     return 0

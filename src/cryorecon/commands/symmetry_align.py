@@ -10,14 +10,13 @@ symmetry score before and after.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..io.atomic import write_json
 from ..io.mrc import read_map, write_map
 from ._args import at_least
 from ._output import check_device, check_output_file
@@ -132,9 +131,7 @@ def run(args) -> int:
             "relion_align_symmetry prints), t = shift_px (shift_A = shift_px * apix)"
         ),
     }
-    tmp = out_json.with_name(f".{out_json.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out_json)
+    write_json(out_json, record)
 
     print(
         f"symmetry {G.name}: score {res.score:.4f} after alignment ({res.score_input:.4f} as input)"
