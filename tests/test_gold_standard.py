@@ -480,3 +480,49 @@ def test_half_map_outputs_for_the_driver():
     assert set(doc) == {"gold_standard", "gold_standard_resolution_A"}
     assert doc["gold_standard_resolution_A"] == pytest.approx(ref.resolution_A)
     assert doc["gold_standard"]["mask"]["extend_A"] == 2.0
+
+
+def test_resolution_no_finer_than_the_cutoff_the_halves_were_refined_to():
+    """Halves that share everything (the same map: FSC 1 to Nyquist) but were refined only to
+    12 Å: the stated resolution is 12 Å (the measured one stays recorded), a warning says
+    why, and the combination carries no power beyond 12 Å. A cut-off finer than what the
+    FSC supports changes nothing."""
+    from cryorecon.gold_standard import half_map_outputs
+
+    D, apix = 24, 2.0
+    vol = blobs(D, seed=6, n=12)
+    h1, h2 = vol, vol + 1e-4 * torch.randn(vol.shape, generator=torch.Generator().manual_seed(2))
+    free = gold_standard_fsc(h1, h2, apix, seed=4)
+    assert free.resolution_A < 5.0 and free.refined_to_A is None
+    out = half_map_outputs(h1, h2, apix, seed=4, refined_to_A=12.0)
+    res = out.result
+    assert res.resolution_A == 12.0
+    assert res.resolution_measured_A == pytest.approx(free.resolution_A)
+    assert any("refined to" in w for w in res.warnings)
+    assert torch.equal(res.fsc_corrected, free.fsc_corrected)  # the curve is not altered
+    beyond = res.freq > 1 / 12.0 + 1e-12
+    assert bool((res.fsc_weighting[beyond] == 0).all())
+    assert torch.equal(res.fsc_weighting[~beyond], res.fsc_corrected[~beyond])
+    F = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(out.combined.double())))
+    shell = torch.round(
+        torch.sqrt(
+            sum(g**2 for g in torch.meshgrid(*[torch.arange(D) - D // 2] * 3, indexing="ij"))
+        )
+    ).long()
+    energy = torch.zeros(D, dtype=torch.float64).index_add_(
+        0, shell.flatten().clamp_max(D - 1), (F.abs() ** 2).flatten()
+    )
+    n_beyond = int(beyond.sum())
+    assert float(energy[D // 2 + 1 - n_beyond : D // 2 + 1].sum()) < 1e-9 * float(energy.sum())
+    assert float(energy[D // 2 - n_beyond]) > 1e-6 * float(energy.sum())
+    doc = json.loads(json.dumps(out.run_json))
+    assert doc["gold_standard_resolution_A"] == 12.0
+    assert doc["gold_standard"]["refined_to_A"] == 12.0
+    assert doc["gold_standard"]["resolution_measured_A"] == pytest.approx(free.resolution_A)
+
+    noisy1, noisy2 = noisy_halves(vol, 0.05)
+    coarse = gold_standard_fsc(noisy1, noisy2, apix, seed=4)
+    capped = gold_standard_fsc(noisy1, noisy2, apix, seed=4, refined_to_A=2 * apix)
+    assert capped.resolution_A == coarse.resolution_A > 2 * apix
+    with pytest.raises(InputError):
+        gold_standard_fsc(h1, h2, apix, refined_to_A=-1.0)

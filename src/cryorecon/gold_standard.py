@@ -367,7 +367,14 @@ class GoldStandardFSC:
             ``randomize_shell + 2``.
         randomize_shell: first shell (> 0) with unmasked FSC < ``randomize_at_fsc``.
         randomize_freq: its frequency (1/Å); ``randomize_at_A`` = its inverse (Å).
-        resolution_A: the gold-standard resolution, corrected masked FSC at 0.143.
+        resolution_A: the gold-standard resolution: the corrected masked FSC at 0.143, no
+            finer than ``refined_to_A``.
+        resolution_measured_A: where the corrected masked FSC itself drops below 0.143.
+        refined_to_A: the finest cut-off (Å) the halves were refined to (``None``: not known,
+            e.g. half maps from elsewhere). Beyond it the halves saw no data, so their FSC
+            there measures what they share (the joint start, the positivity clamp's
+            harmonics), not the signal: the stated resolution is capped at it and the
+            combination's weights (:attr:`fsc_weighting`) are 0 beyond it.
         resolutions: ``{curve: {threshold: Å}}`` for 0.5 and 0.143 of every curve.
         mask: how the mask was made (:class:`MaskFacts`); ``mask_map``: the mask itself
             ``(D, D, D)`` float32 (not in :meth:`to_json`).
@@ -391,6 +398,17 @@ class GoldStandardFSC:
     seed: int = 0
     warnings: list = field(default_factory=list)
     mask_map: torch.Tensor | None = field(default=None, repr=False)
+    resolution_measured_A: float | None = None
+    refined_to_A: float | None = None
+
+    @property
+    def fsc_weighting(self) -> torch.Tensor:
+        """The corrected FSC with the shells beyond ``refined_to_A`` set to 0: the curve that
+        weighs the halves' combination (:func:`combine_halves`)."""
+        c = self.fsc_corrected.clone()
+        if self.refined_to_A is not None:
+            c[self.freq > 1.0 / self.refined_to_A + 1e-12] = 0.0
+        return c
 
     @property
     def randomize_freq(self) -> float | None:
@@ -412,7 +430,8 @@ class GoldStandardFSC:
 
         Keys: ``apix``, ``box``, ``freq_1_per_A``, ``fsc_unmasked``, ``fsc_masked``,
         ``fsc_randomized``, ``fsc_corrected`` (lists), ``randomize_shell``,
-        ``randomize_at_fsc``, ``randomize_at_A``, ``resolution_A`` (corrected, 0.143),
+        ``randomize_at_fsc``, ``randomize_at_A``, ``resolution_A`` (corrected, 0.143, capped at
+        ``refined_to_A``), ``resolution_measured_A`` (uncapped), ``refined_to_A``,
         ``resolution_unmasked_A`` (0.143), ``resolutions_A`` (``{curve: {"0.5": Å,
         "0.143": Å}}``), ``threshold`` (0.143), ``mask`` (:meth:`MaskFacts.to_json` plus
         ``"description"``), ``seed``, ``warnings``.
@@ -432,6 +451,8 @@ class GoldStandardFSC:
             "randomize_at_A": _json_value(self.randomize_at_A),
             "threshold": GOLD_STANDARD_THRESHOLD,
             "resolution_A": _json_value(self.resolution_A),
+            "resolution_measured_A": _json_value(self.resolution_measured_A),
+            "refined_to_A": _json_value(self.refined_to_A),
             "resolution_unmasked_A": _json_value(self.resolution_unmasked_A),
             "resolutions_A": {
                 name: {f"{t:g}": _json_value(r) for t, r in res.items()}
@@ -465,6 +486,7 @@ def gold_standard_fsc(
     randomize_at_fsc: float = RANDOMIZE_AT_FSC,
     mask_options: dict | None = None,
     device=None,
+    refined_to_A: float | None = None,
 ) -> GoldStandardFSC:
     """Gold-standard FSC of two half maps, with the mask correction of Chen et al. 2013.
 
@@ -479,6 +501,8 @@ def gold_standard_fsc(
         randomize_at_fsc: phases are randomised from the first shell (> 0) where the unmasked
             FSC drops below this value (RELION's ``--randomize_at_fsc``, 0.8).
         device: where to compute (default: ``half1``'s device).
+        refined_to_A: the finest cut-off (Å) the halves were refined to; the stated
+            resolution is no finer (:class:`GoldStandardFSC`).
 
     The unmasked FSC, the FSC of the masked halves, the FSC of the masked phase-randomised
     halves and ``FSC_true`` (module notes) are computed with :func:`cryorecon.validate.fsc`;
@@ -555,6 +579,18 @@ def gold_standard_fsc(
             )
     if facts.touches_edge:
         warnings.append("the mask reaches the edge of the box")
+    measured = res
+    if refined_to_A is not None:
+        refined_to_A = float(refined_to_A)
+        if not refined_to_A > 0:
+            raise InputError(f"refined_to_A must be > 0 Å, got {refined_to_A}")
+        if res < refined_to_A:
+            warnings.append(
+                f"the half maps' FSC reaches {res:.2f} Å, beyond the {refined_to_A:.2f} Å "
+                "cut-off they were refined to (what they share there is not signal): "
+                f"stated as {refined_to_A:.2f} Å"
+            )
+            res = refined_to_A
     return GoldStandardFSC(
         apix=apix,
         box=D,
@@ -571,6 +607,8 @@ def gold_standard_fsc(
         seed=int(seed),
         warnings=warnings,
         mask_map=m,
+        resolution_measured_A=measured,
+        refined_to_A=refined_to_A,
     )
 
 
@@ -642,15 +680,25 @@ class HalfMapOutputs:
 
 
 def half_map_outputs(
-    half1, half2, apix: float, *, seed: int = 0, mask=None, mask_options: dict | None = None
+    half1,
+    half2,
+    apix: float,
+    *,
+    seed: int = 0,
+    mask=None,
+    mask_options: dict | None = None,
+    refined_to_A: float | None = None,
 ) -> HalfMapOutputs:
     """Gold-standard FSC and combined map of a run's two half maps, in one call (no I/O).
 
     :func:`gold_standard_fsc` (automatic mask unless ``mask`` is given; ``mask_options`` go to
-    :func:`soft_mask_from_map`), then :func:`combine_halves` weighted by the corrected FSC.
+    :func:`soft_mask_from_map`), then :func:`combine_halves` weighted by the corrected FSC
+    (0 beyond ``refined_to_A``, :attr:`GoldStandardFSC.fsc_weighting`).
     """
-    res = gold_standard_fsc(half1, half2, apix, mask, seed=seed, mask_options=mask_options)
-    combined = combine_halves(half1, half2, res.fsc_corrected)
+    res = gold_standard_fsc(
+        half1, half2, apix, mask, seed=seed, mask_options=mask_options, refined_to_A=refined_to_A
+    )
+    combined = combine_halves(half1, half2, res.fsc_weighting)
     doc = res.to_json()
     return HalfMapOutputs(
         combined=combined,

@@ -179,6 +179,9 @@ class Run:
         self.batch_half = [0] * self.K
         self.gold_standard: dict | None = None
         self.split_at: int | None = None
+        # The finest cut-off (1/Å) the halves have been refined at: the gold-standard
+        # resolution is stated no finer (their FSC beyond it is not signal).
+        self.half_omega: float | None = None
         # Several classes (Eq. 3 with a class index): class 0 is self.V / self.sagd /
         # self.objective; the lists hold all K (see _start_classes).
         self.classes: ClassPosteriors | None = None
@@ -453,7 +456,11 @@ class Run:
         hand, so their FSC means something). Each half starts from the joint map with its
         own SAGD state: its minibatches' stored gradients and L carried over from the joint one
         (:func:`cryorecon.start.half_sets`; with the input's own half-sets the minibatches are
-        new and Algorithm 1 restarts on them, with L carried over)."""
+        new and Algorithm 1 restarts on them, with L carried over). The start of both halves
+        is the joint map low-passed to ``join_resolution_A`` (as RELION low-passes the
+        reference both halves start from), so that they share nothing finer than the
+        resolution they were joined at (the positivity clamp gives the joint map harmonics
+        beyond its cut-off, which would otherwise inflate the halves' FSC)."""
         c = self.cfg
         if (
             not c.halves
@@ -467,7 +474,10 @@ class Run:
             self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset
         )
         self.K = len(self.batches)
-        self.halves = [self.V.clone(), self.V.clone()]
+        from .gold_standard import lowpass
+
+        start = lowpass(self.V, self.apix, c.join_resolution_A).clamp_min(0)
+        self.halves = [start.clone(), start.clone()]
         self.half_sagd = []
         for h in (1, 2):
             sg = SAGD(
@@ -511,6 +521,7 @@ class Run:
             self._symmetric(self.halves[1]).cpu(),
             self.apix,
             seed=self.cfg.seed,
+            refined_to_A=None if not self.half_omega else 1.0 / self.half_omega,
         )
         self.gold_standard = out.run_json["gold_standard"]
         # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
@@ -550,7 +561,9 @@ class Run:
             return self._symmetric(self.V)
         from .gold_standard import combine_halves
 
-        _, curve = fsc(self.halves[0], self.halves[1], self.apix)
+        freq, curve = fsc(self.halves[0], self.halves[1], self.apix)
+        if self.half_omega:
+            curve = torch.where(freq > self.half_omega + 1e-12, 0.0, curve)
         return self._symmetric(combine_halves(self.halves[0], self.halves[1], curve)).clamp_min(0)
 
     def _record_poses(self, idx, ev: Evaluation) -> None:
@@ -682,6 +695,8 @@ class Run:
         omega = self.resolution.omega_star(tau)
         lvl = self.level(omega)
         self.maybe_split(omega)
+        if self.halves is not None:
+            self.half_omega = max(self.half_omega or 0.0, omega)
         if self.classes is not None:
             return self._step_classes(tau, omega, lvl)
         k = self.next_batch()
@@ -993,6 +1008,7 @@ class Run:
             "fingerprint": self.fingerprint,
             "subset": self.subset if self.halves is not None else None,
             "split_at": self.split_at,
+            "half_omega": self.half_omega,
             "halves": None if self.halves is None else [v.cpu() for v in self.halves],
             "half_sagd": None
             if self.halves is None
@@ -1049,6 +1065,7 @@ class Run:
         if s.get("halves") is not None:
             self.subset = np.asarray(s["subset"], dtype=np.int64)
             self.split_at = s.get("split_at")
+            self.half_omega = s.get("half_omega")
             _, self.batches, self.batch_half, _ = half_sets(
                 self.batches, self.heldout, len(self.p), self.cfg.seed, self.p.random_subset
             )

@@ -41,6 +41,14 @@ def register(subparsers) -> None:
         "default 'postprocess' next to the first half map",
     )
     p.add_argument(
+        "--refined-to",
+        type=positive(),
+        default=None,
+        metavar="A",
+        help="the finest cut-off (Å) the halves were refined to: the stated resolution is no "
+        "finer, the combination's weights 0 beyond it (default for a run folder: run.json's)",
+    )
+    p.add_argument(
         "--mask",
         metavar="MASK.mrc",
         default=None,
@@ -115,6 +123,20 @@ def _half_map_paths(inputs: list[str]) -> tuple[Path, Path]:
     raise InputError(f"expected two half maps or one run folder, got {len(inputs)} arguments")
 
 
+def _run_refined_to(inputs: list[str]) -> float | None:
+    """``run.json``'s ``gold_standard.refined_to_A`` for a run folder (else None)."""
+    import json
+
+    if len(inputs) != 1:
+        return None
+    try:
+        info = json.loads((Path(inputs[0]) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    v = (info.get("gold_standard") or {}).get("refined_to_A")
+    return float(v) if isinstance(v, (int, float)) and v > 0 else None
+
+
 def _angstrom(r: float) -> str:
     return f"{r:.2f} Å" if math.isfinite(r) else "not reached (below 0.143 from the start)"
 
@@ -174,8 +196,9 @@ def run(args) -> int:
         seed=args.seed,
         randomize_at_fsc=args.randomize_at_fsc,
         mask_options=options,
+        refined_to_A=args.refined_to if args.refined_to else _run_refined_to(args.inputs),
     )
-    combined = combine_halves(t1, t2, res.fsc_corrected)
+    combined = combine_halves(t1, t2, res.fsc_weighting)
 
     print(f"gold-standard resolution (corrected masked FSC 0.143): {_angstrom(res.resolution_A)}")
     print(
