@@ -390,6 +390,7 @@ def _add_gold_standard(run: Path) -> dict:
         torch.from_numpy(halves[1]),
         apix,
         mask_options={"lowpass_A": 4 * apix, "extend_A": apix, "soft_edge_A": 3 * apix},
+        refined_to_A=2.5 * apix,
     )
     info = json.loads((run / "run.json").read_text())
     info["gold_standard"] = res.to_json()
@@ -415,6 +416,9 @@ def test_report_half_map_panel(tmp_path):
     assert "gold-standard resolution (half maps, FSC 0.143)" in text
     assert info["gold_standard"]["mask"]["description"] in text.replace("&#x27;", "'")
     assert f"{info['gold_standard']['randomize_at_A']:.1f} Å" in text
+    assert "halves refined to" in text and f"{info['gold_standard']['refined_to_A']:.2f} Å" in text
+    measured = info["gold_standard"]["resolution_measured_A"]
+    assert f"as measured</td><td>{measured:.2f} Å" in text.replace("\n", "")
     # the panel comes before the reference FSC section, after the map
     assert text.index('id="map"') < text.index('id="halfmaps"') < text.index('id="fsc"')
 

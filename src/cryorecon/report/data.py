@@ -187,7 +187,9 @@ class GoldStandard:
     Curves are float64 arrays over ``freq`` (1/Å), NaN where a value is null; ``randomized``
     is ``None`` when the run had no phase randomisation. Resolutions in Å (``None`` when
     unknown); ``resolution_A`` is the corrected masked FSC at 0.143, preferring the run's
-    top-level ``gold_standard_resolution_A``.
+    top-level ``gold_standard_resolution_A``; ``refined_to_A`` is the cut-off the halves were
+    refined to (the stated resolution is no finer) and ``resolution_measured_A`` where the
+    corrected curve itself crosses 0.143.
     """
 
     freq: np.ndarray
@@ -200,6 +202,8 @@ class GoldStandard:
     randomize_at_A: float | None
     mask: str
     warnings: list = field(default_factory=list)
+    refined_to_A: float | None = None
+    resolution_measured_A: float | None = None
 
 
 def _curve(x, n: int) -> np.ndarray | None:
@@ -250,5 +254,7 @@ def read_gold_standard(info: dict | None) -> GoldStandard | None:
         randomize_at_A=finite_number(gs.get("randomize_at_A")),
         mask=desc,
         warnings=warnings,
+        refined_to_A=finite_number(gs.get("refined_to_A")),
+        resolution_measured_A=finite_number(gs.get("resolution_measured_A")),
         **curves,
     )

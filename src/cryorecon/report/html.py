@@ -482,6 +482,14 @@ def section_halfmaps(ctx: _Context) -> str | None:
     rows = [
         ("gold-standard resolution (corrected masked FSC 0.143)", res),
         (
+            "halves refined to (cut-off; the stated resolution is no finer)",
+            f"{gs.refined_to_A:.2f} Å" if gs.refined_to_A is not None else "-",
+        ),
+        (
+            "corrected FSC 0.143 as measured",
+            f"{gs.resolution_measured_A:.2f} Å" if gs.resolution_measured_A is not None else "-",
+        ),
+        (
             "unmasked FSC 0.143",
             f"{gs.resolution_unmasked_A:.2f} Å" if gs.resolution_unmasked_A is not None else "-",
         ),
