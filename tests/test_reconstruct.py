@@ -636,7 +636,7 @@ def test_run_exports_its_poses_and_they_rebuild_its_map(dataset, reference_run, 
 # ------------------------------------------------------------------------------ half-sets
 
 
-def test_run_refines_two_half_sets_after_the_join_resolution(reference_run):
+def test_run_refines_two_half_sets_after_the_join_resolution(dataset, reference_run):
     """Past 40 Å (the test schedule reaches 33.4 Å at iteration 50) the particles are dealt
     to two half-sets refined independently: both half maps are written, each training
     minibatch belongs to one half, every exported particle has rlnRandomSubset 1 or 2, the
@@ -660,17 +660,28 @@ def test_run_refines_two_half_sets_after_the_join_resolution(reference_run):
     assert not torch.equal(h1, h2)
     freq, curve = fsc(h1, h2, APIX)
     assert float(curve[1:4].mean()) > 0.8  # the same structure at low resolution
-    r0143 = resolution_at(freq, curve, 0.143)
+    assert [r for r in recs if r["heldout_nll"] is not None][-1][
+        "halfmap_fsc0143_A"
+    ] == pytest.approx(resolution_at(freq, curve, 0.143))
+    # The gold standard is measured on each half-set's back-projection with its poses ...
     gs = info["gold_standard"]
+    assert gs["maps"] == ["backprojection_half1.mrc", "backprojection_half2.mrc"]
+    b1, b2 = (read_map(reference_run / f"backprojection_half{h}.mrc")[0] for h in (1, 2))
+    freq, curve = fsc(torch.as_tensor(b1), torch.as_tensor(b2), APIX)
+    assert float(curve[1:4].mean()) > 0.8
+    assert gs["resolution_measured_A"] == pytest.approx(resolution_at(freq, curve, 0.143), rel=0.25)
+    # ... stated no finer than the cut-off the halves saw data to
     assert gs["refined_to_A"] == pytest.approx(recs[-1]["resolution_A"])
-    assert gs["resolution_measured_A"] == pytest.approx(r0143, rel=0.25)
-    # stated no finer than the cut-off the halves saw data to
     assert info["gold_standard_resolution_A"] == max(
         gs["resolution_measured_A"], gs["refined_to_A"]
     )
-    assert [r for r in recs if r["heldout_nll"] is not None][-1][
-        "halfmap_fsc0143_A"
-    ] == pytest.approx(r0143)
+    # ... and it is half 1's exported particles back-projected with their exported poses
+    from cryorecon.backproject import wiener_backproject
+    from cryorecon.io.particles import read_particles
+
+    exported = read_particles(reference_run / "particles.star", datadir=dataset)
+    ref = wiener_backproject(exported.subset(np.nonzero(exported.random_subset == 1)[0]))
+    assert float((ref - torch.as_tensor(b1)).abs().max()) < 1e-3 * float(ref.abs().max())
     table = starfile.read(reference_run / "particles.star")["particles"]
     assert set(table["rlnRandomSubset"]) == {1, 2}
     state = torch.load(reference_run / "checkpoint.pt", weights_only=False)

@@ -106,3 +106,34 @@ def wiener_backproject(
     reg = 1.0 / power[r3.long().clamp(max=n_shells - 1)]
     spec = torch.where(inside, num / (den + reg), torch.zeros((), dtype=num.dtype, device=device))
     return volume_from_spectrum(spec, D)
+
+
+def half_set_reconstructions(
+    particles,
+    eulers_deg: np.ndarray,
+    shifts_A: np.ndarray,
+    subset: np.ndarray,
+    device: str = "cpu",
+    diameter_A: float | None = None,
+) -> list[torch.Tensor] | None:
+    """Wiener back-projections (:func:`wiener_backproject`) of each gold-standard half-set
+    from its own particles and the poses the run found for them: the half reconstructions
+    whose FSC is the gold-standard one (RELION's ``run_half1/2`` maps are made this way).
+
+    ``eulers_deg`` (N, 3) RELION rot/tilt/psi and ``shifts_A`` (N, 2) rlnOriginX/YAngst, NaN
+    for particles without a pose (left out); ``subset`` (N,) 1 or 2 (0: in neither half).
+    Unlike the refined half maps, these are linear in each half's images: the positivity
+    clamp and the shared start do not enter them. Returns ``[half1, half2]`` (D, D, D)
+    float32, or ``None`` when a half has fewer than 2 posed particles.
+    """
+    posed = np.isfinite(eulers_deg).all(axis=1) & np.isfinite(shifts_A).all(axis=1)
+    out = []
+    for h in (1, 2):
+        sel = np.nonzero(posed & (np.asarray(subset) == h))[0]
+        if len(sel) < 2:
+            return None
+        ps = particles.subset(sel)
+        ps.angles = np.asarray(eulers_deg, dtype=np.float64)[sel]
+        ps.shifts = np.asarray(shifts_A, dtype=np.float64)[sel]
+        out.append(wiener_backproject(ps, device=device, diameter_A=diameter_A))
+    return out

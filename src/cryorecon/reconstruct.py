@@ -83,6 +83,8 @@ RUN_FILES = (
     "particles.cs",
     "volume_half1.mrc",
     "volume_half2.mrc",
+    "backprojection_half1.mrc",
+    "backprojection_half2.mrc",
 )
 
 # The accuracy check of the coarse-to-fine search scores at most as many particles as the
@@ -508,35 +510,71 @@ class Run:
         return True
 
     def _gold_standard(self) -> None:
-        """At the end of a run: the half maps' FSC (unmasked, masked with a soft mask from the
-        map, phase-randomisation corrected) and its 0.143 resolution for run.json and the
-        report, and ``volume.mrc`` rewritten as the halves weighted by that corrected FSC
-        (:func:`cryorecon.gold_standard.half_map_outputs`)."""
+        """At the end of a run: the gold-standard FSC (unmasked, masked with a soft mask from
+        the map, phase-randomisation corrected) and its 0.143 resolution for run.json and the
+        report, computed on each half-set's own reconstruction from its particles and poses
+        (``backprojection_half1/2.mrc``, :func:`cryorecon.backproject.half_set_reconstructions`)
+        and stated no finer than the cut-off the halves were refined to; ``volume.mrc``
+        rewritten as the refined halves weighted by that FSC
+        (:func:`cryorecon.gold_standard.half_map_outputs`).
+
+        The refined half maps themselves are not used for the FSC: they are non-negative and
+        sparse (most voxels at 0 under the positivity constraint and the prior), so the
+        support they share from the joint start gives them a high FSC at every frequency,
+        beyond the cut-off too; the back-projections are linear in each half's images."""
         if self.halves is None:
             return
-        from .gold_standard import half_map_outputs
+        from .backproject import half_set_reconstructions
+        from .gold_standard import combine_halves, half_map_outputs
 
+        log.info("gold standard: reconstructing each half-set from its particles and poses")
+        poses = self.poses()
+        bp = half_set_reconstructions(
+            self.p,
+            poses["eulers_deg"],
+            poses["shifts_A"],
+            self.subset,
+            device=str(self.device),
+            diameter_A=self.diameter_px * self.apix,
+        )
+        maps = "backprojection"
+        if bp is None:  # a half without posed particles: only the refined halves are left
+            bp, maps = [self.halves[0], self.halves[1]], "refined"
+        bp = [self._symmetric(v.to(self.device)).cpu() for v in bp]
         out = half_map_outputs(
-            self._symmetric(self.halves[0]).cpu(),
-            self._symmetric(self.halves[1]).cpu(),
+            bp[0],
+            bp[1],
             self.apix,
             seed=self.cfg.seed,
             refined_to_A=None if not self.half_omega else 1.0 / self.half_omega,
         )
-        self.gold_standard = out.run_json["gold_standard"]
+        self.gold_standard = dict(
+            out.run_json["gold_standard"],
+            maps=[f"{maps}_half1.mrc", f"{maps}_half2.mrc"]
+            if maps == "backprojection"
+            else ["volume_half1.mrc", "volume_half2.mrc"],
+        )
+        if maps == "backprojection":
+            for h, v in zip((1, 2), bp):
+                write_map(
+                    self.out / f"backprojection_half{h}.mrc", v.numpy(), self.apix, overwrite=True
+                )
+        combined = combine_halves(
+            self.halves[0].cpu(), self.halves[1].cpu(), out.result.fsc_weighting
+        )
         # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
         # only add a little ringing below zero.
         write_map(
             self.out / "volume.mrc",
-            self._symmetric(out.combined).clamp_min(0).cpu().numpy(),
+            self._symmetric(combined.to(self.device)).clamp_min(0).cpu().numpy(),
             self.apix,
             overwrite=True,
         )
         res = self.gold_standard.get("resolution_A")
         if res is not None:
             log.info(
-                f"gold-standard resolution (half maps, masked and corrected, FSC 0.143): {res:.1f} "
-                "Å"
+                f"gold-standard resolution (half-set reconstructions, masked and corrected, "
+                f"FSC 0.143): {res:.1f} Å"
             )
 
     def _local_batch(self, k: int) -> tuple[int, int]:

@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         "inputs",
         nargs="+",
         metavar="MAP",
-        help="HALF1.mrc HALF2.mrc, or a run folder holding volume_half1.mrc and volume_half2.mrc",
+        help="HALF1.mrc HALF2.mrc, or a run folder (its backprojection_half1/2.mrc, else "
+        "volume_half1/2.mrc)",
     )
     p.add_argument(
         "-o",
@@ -113,7 +114,9 @@ def _half_map_paths(inputs: list[str]) -> tuple[Path, Path]:
                 f"{folder}: give two half maps, or a run folder with "
                 "volume_half1.mrc and volume_half2.mrc"
             )
-        paths = folder / "volume_half1.mrc", folder / "volume_half2.mrc"
+        paths = folder / "backprojection_half1.mrc", folder / "backprojection_half2.mrc"
+        if not all(p.is_file() for p in paths):  # a stopped run: only the refined halves
+            paths = folder / "volume_half1.mrc", folder / "volume_half2.mrc"
         for p in paths:
             if not p.is_file():
                 raise InputError(f"{folder}: no {p.name} (the run wrote no half maps)")

@@ -476,7 +476,9 @@ def section_halfmaps(ctx: _Context) -> str | None:
         curves,
         gs.resolution_A,
         gs.randomize_at_A,
-        title="volume_half1.mrc vs volume_half2.mrc",
+        title=" vs ".join(
+            ctx.info["gold_standard"].get("maps") or ["volume_half1.mrc", "volume_half2.mrc"]
+        ),
     )
     res = f"{gs.resolution_A:.2f} Å" if gs.resolution_A is not None else "not reached"
     rows = [
@@ -503,15 +505,19 @@ def section_halfmaps(ctx: _Context) -> str | None:
     for w in gs.warnings:
         parts.append(f'<p class="missing">{_e(w)}</p>')
     parts.append(
-        '<p class="caption">Fourier shell correlation between the two half maps, refined '
-        "independently from two halves of the particles after a joint low-resolution start. "
+        '<p class="caption">Fourier shell correlation between the two half-set '
+        "reconstructions: each half's particles back-projected with the poses found for them "
+        "(<code>backprojection_half1/2.mrc</code>), the halves being refined independently "
+        "after a joint low-resolution start. "
         "<b>Unmasked</b>: the whole boxes; <b>masked</b>: both multiplied by the solvent mask; "
         "<b>phase-randomised</b>: the same after replacing the phases of both halves by random "
         "ones beyond the shell where the unmasked FSC drops below 0.8, which measures the "
         "correlation the mask itself adds; <b>corrected</b>: (masked - randomised) / (1 - "
         "randomised) (Chen et al. 2013, as RELION's postprocess). The resolution is where the "
         "corrected curve drops below 0.143, the criterion for half maps (Rosenthal &amp; "
-        "Henderson 2003); <code>volume.mrc</code> is the FSC-weighted average of the halves.</p>"
+        "Henderson 2003), stated no finer than the cut-off the halves were refined to; "
+        "<code>volume.mrc</code> is the average of the refined halves "
+        "(<code>volume_half1/2.mrc</code>) weighted by this FSC.</p>"
     )
     return "".join(parts)
 
