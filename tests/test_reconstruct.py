@@ -734,9 +734,9 @@ def test_no_halves_keeps_one_map(dataset, tmp_path):
 
 
 def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(dataset, tmp_path):
-    """--symmetry C7 (GroEL-GroES's group): the written map is symmetric under the group to
-    the accuracy of one trilinear symmetrisation, and each iteration evaluates about 1/7 of
-    C1's poses."""
+    """--symmetry C7 --symmetric-start (GroEL-GroES's group, imposed on the random start):
+    the written map is symmetric under the group to the accuracy of one trilinear
+    symmetrisation, and each iteration evaluates about 1/7 of C1's poses."""
     from cryorecon.geometry.symmetry import parse_symmetry
     from cryorecon.symmetrize import symmetry_score
 
@@ -756,6 +756,7 @@ def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(
                     *args,
                     "--symmetry",
                     sym,
+                    "--symmetric-start",
                 ]
             )
             == 0
@@ -771,6 +772,44 @@ def test_symmetric_run_keeps_the_map_symmetric_and_searches_the_asymmetric_unit(
     # 1/7 up to the directions on the unit's boundary, kept whole (many on this coarse grid)
     assert 1 / 7 <= sym / full < 1.3 / 7
     assert json.loads((out["C7"] / "run.json").read_text())["symmetry"] == "C7"
+
+
+def test_symmetry_is_imposed_after_a_c1_phase(dataset, tmp_path):
+    """By default --symmetry runs C1 (full pose grid, no symmetrisation) until the cut-off
+    passes --join-resolution, then aligns the map's axes and imposes the group: from then on
+    the map is symmetric and the pose grid is the asymmetric unit (about 1/7 for C7). The
+    state survives a checkpoint and --resume."""
+    from cryorecon.geometry.symmetry import parse_symmetry
+    from cryorecon.symmetrize import symmetry_score
+
+    args = [a for a in SCHEDULE]
+    args[args.index("--max-iters") + 1] = "30"
+    # the cut-off steps from 50 to 40 Å at iteration 25, past the join resolution of 45 Å
+    extra = ["--join-resolution", "45", "--no-halves", "--checkpoint-every", "27"]
+    run = tmp_path / "C7"
+    cmd = ["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(run), *args, *extra]
+    assert main([*cmd, "--symmetry", "C7"]) == 0
+    recs = _metrics(run)
+    before = [r for r in recs if r["iteration"] < 25]
+    after = [r for r in recs if r["iteration"] >= 25]
+    assert before and after
+    assert not any(r["symmetry_imposed"] for r in before)
+    assert all(r["symmetry_imposed"] for r in after)
+    c1 = tmp_path / "C1"
+    assert (
+        main(["-q", "reconstruct", str(dataset / "particles.star"), "-o", str(c1), *args, *extra])
+        == 0
+    )
+    full = {r["iteration"]: r["poses_full"] for r in _metrics(c1)}
+    assert all(r["poses_full"] == full[r["iteration"]] for r in before)
+    assert all(1 / 7 <= r["poses_full"] / full[r["iteration"]] < 1.3 / 7 for r in after)
+    V = torch.as_tensor(read_map(run / "volume.mrc")[0])
+    assert symmetry_score(V, parse_symmetry("C7")) > 0.995
+    # resumed from the final checkpoint (after imposing): still the asymmetric unit
+    assert main([*cmd, "--symmetry", "C7", "--max-iters", "31", "--resume"]) == 0
+    last = _metrics(run)[-1]
+    assert last["iteration"] == 31 and last["symmetry_imposed"]
+    assert last["poses_full"] == after[-1]["poses_full"]
 
 
 @pytest.mark.parametrize("name", ["D0", "X5", "C7v"])

@@ -68,6 +68,10 @@ class ReconstructConfig:
     report_every: float | None = 60.0
     halves: bool = True
     symmetry: str = "C1"
+    # With a point group: run in C1 until the cut-off passes join_resolution_A, then align the
+    # map's symmetry axes and impose the group (RELION's "run in C1 and apply symmetry
+    # later"); False imposes it on the random start.
+    symmetry_c1_start: bool = True
     classes: int = 1
     class_similarity: float = 0.5
     join_resolution_A: float = 40.0

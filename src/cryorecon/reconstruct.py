@@ -133,6 +133,9 @@ class Run:
         self.resolution = self._resolution_schedule()
         self.group = parse_symmetry(c.symmetry)
         self.group.require_proper("reconstruct")
+        # The group is imposed (poses on its asymmetric unit, symmetrised gradients) from the
+        # start, or after a C1 phase (maybe_impose_symmetry).
+        self.symmetry_imposed = self.group.order == 1 or not c.symmetry_c1_start
         if self.group.order > 1 and c.pose_search == "search":
             raise InputError(
                 "--symmetry with --pose-search search is not supported yet; "
@@ -285,7 +288,7 @@ class Run:
     def level(self, omega: float) -> Level:
         """The quadrature level of cut-off ``omega`` at the configured grid scale (one kept at a
         time)."""
-        key = (omega, self.cfg.grid_scale)
+        key = (omega, self.cfg.grid_scale, self.symmetry_imposed)
         if key not in self.levels:
             self.levels = {
                 key: make_level(
@@ -297,7 +300,7 @@ class Run:
                     self.device,
                     self.cfg.oversample,
                     int(self.cfg.cache_gib * 2**30),
-                    self.cfg.symmetry,
+                    self.cfg.symmetry if self.symmetry_imposed else "C1",
                 )
             }
         return self.levels[key]
@@ -434,11 +437,62 @@ class Run:
         """``V`` averaged over the point group (identity for C1). The start and every
         likelihood gradient are symmetrised, so SAGD's steps keep the map symmetric without
         re-interpolating the map itself at every step (:func:`cryorecon.symmetrize.symmetrize`)."""
-        if self.cfg.symmetry == "C1":
+        if self.group.order == 1 or not self.symmetry_imposed:
             return V
         from .symmetrize import symmetrize
 
         return symmetrize(V, self.group)
+
+    def maybe_impose_symmetry(self, omega: float) -> bool:
+        """Impose the point group the first time the cut-off passes ``join_resolution_A``
+        (before the half-set split, so both halves start from one symmetric map).
+
+        Until then the run is C1: imposing the group on a random start confines SAGD to
+        symmetric maps from the first step, and from there it settles in a wrong basin (on
+        the simulated GroEL-GroES set, C7 from a symmetrised random start stalls at a
+        ring-shaped map, FSC 0.5 near 60 Å, while the same run started from the C1 map of
+        the first cut-off reaches about 30 Å). RELION's initial model does the same ("run in
+        C1 and apply symmetry later", then relion_align_symmetry). Here the C1 map (each
+        class map) is put into the group's standard orientation with
+        :func:`cryorecon.symmetry_align.symmetry_align` and symmetrised; the SAGD memories
+        and the importance histories (poses in the old frame, on the full grid) start afresh,
+        keeping the step size L. Returns True when it imposed the group now.
+        """
+        c = self.cfg
+        if self.symmetry_imposed or omega <= 1.0 / c.join_resolution_A * (1 + 1e-9):
+            return False
+        from .model.importance import PoseHistory
+        from .symmetry_align import symmetry_align
+
+        maps = self.class_maps if self.classes is not None else [self.V]
+        sagds = self.class_sagd if self.classes is not None else [self.sagd]
+        out, scores = [], []
+        for V in maps:
+            al = symmetry_align(
+                V.detach().cpu(), self.group, apix=self.apix, seed=c.seed, progress=False
+            )
+            out.append(al.aligned.clamp_min(0).to(self.device, V.dtype))
+            scores.append(f"{al.score_input:.3f} -> {al.score:.3f}")
+        new_sagd = [
+            SAGD(sg.K, sg.shape, self.device, L=sg.L, line_search_every=c.line_search_every)
+            for sg in sagds
+        ]
+        if self.classes is not None:
+            self.class_maps, self.class_sagd = out, new_sagd
+            self.V, self.sagd = out[0], new_sagd[0]
+        else:
+            self.V, self.sagd = out[0], new_sagd[0]
+        samplers = (self.class_samplers or []) if self.classes is not None else [self.sampler]
+        for sm in samplers:
+            if sm is not None:
+                sm.hist = PoseHistory(len(self.p), sm.cfg)
+        self.levels = {}
+        self.symmetry_imposed = True
+        log.info(
+            f"iteration {self.tau}: {self.group.name} imposed on the C1 map "
+            f"(symmetry score {', '.join(scores)})"
+        )
+        return True
 
     def map_of(self, idx) -> torch.Tensor:
         """The map particles ``idx`` are scored against: the joint map before the half-set
@@ -731,6 +785,7 @@ class Run:
         self.tau += 1
         tau = self.tau
         omega = self.resolution.omega_star(tau)
+        self.maybe_impose_symmetry(omega)
         lvl = self.level(omega)
         self.maybe_split(omega)
         if self.halves is not None:
@@ -874,6 +929,7 @@ class Run:
             "annealing_clock": None if self.sampler is None else self.sampler.annealing_clock(tau),
             "coefficients": lvl.halfplane.M,
             "epoch": round(tau / self.K, 3),
+            "symmetry_imposed": self.symmetry_imposed,
         }
 
     def run(self) -> dict:
@@ -1047,6 +1103,7 @@ class Run:
             "subset": self.subset if self.halves is not None else None,
             "split_at": self.split_at,
             "half_omega": self.half_omega,
+            "symmetry_imposed": self.symmetry_imposed,
             "halves": None if self.halves is None else [v.cpu() for v in self.halves],
             "half_sagd": None
             if self.halves is None
@@ -1100,6 +1157,8 @@ class Run:
         self.resolution.load_state_dict(s["resolution"])
         self.prior = _prior_from_state(s["prior_state"])
         self.best_R, self.best_t, self.max_prob = s["best_R"], s["best_t"], s["max_prob"]
+        # Checkpoints from before the C1 phase imposed the group from the start.
+        self.symmetry_imposed = bool(s.get("symmetry_imposed", True)) or self.group.order == 1
         if s.get("halves") is not None:
             self.subset = np.asarray(s["subset"], dtype=np.int64)
             self.split_at = s.get("split_at")

@@ -212,8 +212,15 @@ def add_reconstruct_arguments(p) -> None:
         default=d.symmetry,
         metavar="GROUP",
         help="point group with RELION's names and axes (C1, Cn, Dn, T, O, I1-I4; default C1): "
-        "the map is kept symmetric and the poses cover the asymmetric unit only. RELION "
-        "and cryoSPARC advise ab initio in C1 first, then `cryorecon symmetry-align`",
+        "the map is kept symmetric and the poses cover the asymmetric unit only. As RELION's "
+        "initial model, the run is C1 until the cut-off passes --join-resolution, then the "
+        "map's axes are aligned (as `cryorecon symmetry-align`) and the group imposed",
+    )
+    p.add_argument(
+        "--symmetric-start",
+        action="store_true",
+        help="with --symmetry: impose the group on the random start, without the C1 phase "
+        "(on a simulated GroEL-GroES set this stalls in a wrong, ring-shaped map)",
     )
     p.add_argument(
         "--classes",
@@ -288,6 +295,7 @@ def config_from_args(args) -> ReconstructConfig:
         halves=args.halves,
         join_resolution_A=args.join_resolution,
         symmetry=args.symmetry,
+        symmetry_c1_start=not getattr(args, "symmetric_start", False),
         classes=args.classes,
         class_similarity=min(1.0, args.class_similarity),
     )
