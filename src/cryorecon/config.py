@@ -3,7 +3,10 @@
 Lengths in Å, frequencies in 1/Å, times in seconds. Defaults: importance sampling over poses
 (Sec. 3.4) and a cut-off that starts at 40 Å and rises when the held-out error levels off
 (:class:`~cryorecon.optim.adaptive.AdaptiveResolution`; docs/results.md has the comparison
-with the paper's fixed schedule, ``resolution_schedule="paper"``, Sec. 4.2). The
+with the paper's fixed schedule, ``resolution_schedule="paper"``, Sec. 4.2), minibatches of
+100 particles and a pose grid 3x coarser than Sec. 3.2's in angle and shift
+(``grid_scale=3``; ``grid_scale=1`` is the paper's, which at box 64 and 40 Å is 4.8 M poses an
+image: docs/results.md, "Time to resolution at the issue's size"). The
 coarse-to-fine pose search (:mod:`cryorecon.model.search`, ``pose_search="search"``) is an
 option until it is faster end to end.
 """
@@ -27,7 +30,7 @@ ADAPTIVE_OMEGA_START = 1 / 40
 class ReconstructConfig:
     """Parameters of a run. Lengths in Å, frequencies in 1/Å, times in seconds."""
 
-    minibatch: int = 200
+    minibatch: int = 100
     prior: str = "exponential"
     prior_lambda: float | None = None
     prior_strength: float = 3.0
@@ -50,7 +53,7 @@ class ReconstructConfig:
     oversample: int = 2
     diameter_A: float | None = None
     shift_sigma_A: float | None = None
-    grid_scale: float = 1.0
+    grid_scale: float = 3.0
     heldout: int = 200
     heldout_every: int = 10
     patience: int = 5

@@ -373,8 +373,7 @@ class GoldStandardFSC:
         refined_to_A: the finest cut-off (Å) the halves were refined to (``None``: not known,
             e.g. half maps from elsewhere). Beyond it the halves saw no data, so their FSC
             there measures what they share (the joint start, the positivity clamp's
-            harmonics), not the signal: the stated resolution is capped at it and the
-            combination's weights (:attr:`fsc_weighting`) are 0 beyond it.
+            harmonics), not the signal: the stated resolution is capped at it.
         resolutions: ``{curve: {threshold: Å}}`` for 0.5 and 0.143 of every curve.
         mask: how the mask was made (:class:`MaskFacts`); ``mask_map``: the mask itself
             ``(D, D, D)`` float32 (not in :meth:`to_json`).
@@ -400,15 +399,6 @@ class GoldStandardFSC:
     mask_map: torch.Tensor | None = field(default=None, repr=False)
     resolution_measured_A: float | None = None
     refined_to_A: float | None = None
-
-    @property
-    def fsc_weighting(self) -> torch.Tensor:
-        """The corrected FSC with the shells beyond ``refined_to_A`` set to 0: the curve that
-        weighs the halves' combination (:func:`combine_halves`)."""
-        c = self.fsc_corrected.clone()
-        if self.refined_to_A is not None:
-            c[self.freq > 1.0 / self.refined_to_A + 1e-12] = 0.0
-        return c
 
     @property
     def randomize_freq(self) -> float | None:
@@ -692,13 +682,12 @@ def half_map_outputs(
     """Gold-standard FSC and combined map of a run's two half maps, in one call (no I/O).
 
     :func:`gold_standard_fsc` (automatic mask unless ``mask`` is given; ``mask_options`` go to
-    :func:`soft_mask_from_map`), then :func:`combine_halves` weighted by the corrected FSC
-    (0 beyond ``refined_to_A``, :attr:`GoldStandardFSC.fsc_weighting`).
+    :func:`soft_mask_from_map`), then :func:`combine_halves` weighted by the corrected FSC.
     """
     res = gold_standard_fsc(
         half1, half2, apix, mask, seed=seed, mask_options=mask_options, refined_to_A=refined_to_A
     )
-    combined = combine_halves(half1, half2, res.fsc_weighting)
+    combined = combine_halves(half1, half2, res.fsc_corrected)
     doc = res.to_json()
     return HalfMapOutputs(
         combined=combined,

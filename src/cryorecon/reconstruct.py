@@ -512,11 +512,11 @@ class Run:
         hand, so their FSC means something). Each half starts from the joint map with its
         own SAGD state: its minibatches' stored gradients and L carried over from the joint one
         (:func:`cryorecon.start.half_sets`; with the input's own half-sets the minibatches are
-        new and Algorithm 1 restarts on them, with L carried over). The start of both halves
-        is the joint map low-passed to ``join_resolution_A`` (as RELION low-passes the
-        reference both halves start from), so that they share nothing finer than the
-        resolution they were joined at (the positivity clamp gives the joint map harmonics
-        beyond its cut-off, which would otherwise inflate the halves' FSC)."""
+        new and Algorithm 1 restarts on them, with L carried over). Both halves start from the
+        joint map as it is: what they share from it does not enter the gold-standard FSC,
+        which is measured on each half-set's back-projection (:meth:`_gold_standard`); a start
+        low-passed to ``join_resolution_A`` was tried and gave worse maps (it drops the
+        molecule's sharp boundary that positivity had given the joint map)."""
         c = self.cfg
         if (
             not c.halves
@@ -530,10 +530,7 @@ class Run:
             self.batches, self.heldout, len(self.p), c.seed, self.p.random_subset
         )
         self.K = len(self.batches)
-        from .gold_standard import lowpass
-
-        start = lowpass(self.V, self.apix, c.join_resolution_A).clamp_min(0)
-        self.halves = [start.clone(), start.clone()]
+        self.halves = [self.V.clone(), self.V.clone()]
         self.half_sagd = []
         for h in (1, 2):
             sg = SAGD(
@@ -614,7 +611,7 @@ class Run:
                     self.out / f"backprojection_half{h}.mrc", v.numpy(), self.apix, overwrite=True
                 )
         combined = combine_halves(
-            self.halves[0].cpu(), self.halves[1].cpu(), out.result.fsc_weighting
+            self.halves[0].cpu(), self.halves[1].cpu(), out.result.fsc_corrected
         )
         # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
         # only add a little ringing below zero.
@@ -653,9 +650,7 @@ class Run:
             return self._symmetric(self.V)
         from .gold_standard import combine_halves
 
-        freq, curve = fsc(self.halves[0], self.halves[1], self.apix)
-        if self.half_omega:
-            curve = torch.where(freq > self.half_omega + 1e-12, 0.0, curve)
+        _, curve = fsc(self.halves[0], self.halves[1], self.apix)
         return self._symmetric(combine_halves(self.halves[0], self.halves[1], curve)).clamp_min(0)
 
     def _record_poses(self, idx, ev: Evaluation) -> None:

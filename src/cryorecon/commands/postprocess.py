@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         default=None,
         metavar="A",
         help="the finest cut-off (Å) the halves were refined to: the stated resolution is no "
-        "finer, the combination's weights 0 beyond it (default for a run folder: run.json's)",
+        "finer (default for a run folder: run.json's)",
     )
     p.add_argument(
         "--mask",
@@ -201,7 +201,7 @@ def run(args) -> int:
         mask_options=options,
         refined_to_A=args.refined_to if args.refined_to else _run_refined_to(args.inputs),
     )
-    combined = combine_halves(t1, t2, res.fsc_weighting)
+    combined = combine_halves(t1, t2, res.fsc_corrected)
 
     print(f"gold-standard resolution (corrected masked FSC 0.143): {_angstrom(res.resolution_A)}")
     print(

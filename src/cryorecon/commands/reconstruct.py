@@ -54,7 +54,7 @@ def add_reconstruct_arguments(p) -> None:
         "--minibatch",
         type=at_least(1),
         default=d.minibatch,
-        help="particles per minibatch (default 200)",
+        help=f"particles per minibatch (default {d.minibatch})",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (default 0)")
     p.add_argument(
@@ -115,7 +115,8 @@ def add_reconstruct_arguments(p) -> None:
         "--grid-scale",
         type=positive(),
         default=d.grid_scale,
-        help="coarsen the pose quadrature by this factor (1 = the paper's, Sec. 3.2)",
+        help=f"coarsen the pose quadrature by this factor (default {d.grid_scale:g}; 1 = the "
+        "paper's, Sec. 3.2)",
     )
     p.add_argument(
         "--heldout", type=at_least(1), default=d.heldout, help="held-out particles (default 200)"
