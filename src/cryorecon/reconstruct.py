@@ -479,9 +479,7 @@ class Run:
         ]
         if self.classes is not None:
             self.class_maps, self.class_sagd = out, new_sagd
-            self.V, self.sagd = out[0], new_sagd[0]
-        else:
-            self.V, self.sagd = out[0], new_sagd[0]
+        self.V, self.sagd = out[0], new_sagd[0]
         samplers = (self.class_samplers or []) if self.classes is not None else [self.sampler]
         for sm in samplers:
             if sm is not None:
@@ -567,7 +565,7 @@ class Run:
         (``backprojection_half1/2.mrc``, :func:`cryorecon.backproject.half_set_reconstructions`)
         and stated no finer than the cut-off the halves were refined to; ``volume.mrc``
         rewritten as the refined halves weighted by that FSC
-        (:func:`cryorecon.gold_standard.half_map_outputs`).
+        (:func:`cryorecon.gold_standard.gold_standard_fsc`, :func:`~cryorecon.gold_standard.combine_halves`).
 
         The refined half maps themselves are not used for the FSC: they are non-negative and
         sparse (most voxels at 0 under the positivity constraint and the prior), so the
@@ -576,7 +574,7 @@ class Run:
         if self.halves is None:
             return
         from .backproject import half_set_reconstructions
-        from .gold_standard import combine_halves, half_map_outputs
+        from .gold_standard import combine_halves, gold_standard_fsc
 
         log.info("gold standard: reconstructing each half-set from its particles and poses")
         poses = self.poses()
@@ -592,7 +590,7 @@ class Run:
         if bp is None:  # a half without posed particles: only the refined halves are left
             bp, maps = [self.halves[0], self.halves[1]], "refined"
         bp = [self._symmetric(v.to(self.device)).cpu() for v in bp]
-        out = half_map_outputs(
+        result = gold_standard_fsc(
             bp[0],
             bp[1],
             self.apix,
@@ -600,7 +598,7 @@ class Run:
             refined_to_A=None if not self.half_omega else 1.0 / self.half_omega,
         )
         self.gold_standard = dict(
-            out.run_json["gold_standard"],
+            result.to_json(),
             maps=[f"{maps}_half1.mrc", f"{maps}_half2.mrc"]
             if maps == "backprojection"
             else ["volume_half1.mrc", "volume_half2.mrc"],
@@ -610,9 +608,7 @@ class Run:
                 write_map(
                     self.out / f"backprojection_half{h}.mrc", v.numpy(), self.apix, overwrite=True
                 )
-        combined = combine_halves(
-            self.halves[0].cpu(), self.halves[1].cpu(), out.result.fsc_corrected
-        )
+        combined = combine_halves(self.halves[0].cpu(), self.halves[1].cpu(), result.fsc_corrected)
         # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
         # only add a little ringing below zero.
         write_map(
