@@ -565,7 +565,7 @@ class Run:
         (``backprojection_half1/2.mrc``, :func:`cryorecon.backproject.half_set_reconstructions`)
         and stated no finer than the cut-off the halves were refined to; ``volume.mrc``
         rewritten as the refined halves weighted by that FSC
-        (:func:`~cryorecon.gold_standard.gold_standard_fsc`, :func:`~.gold_standard.combine_halves`).
+        (:func:`~.gold_standard.gold_standard_fsc`, :func:`~.gold_standard.combine_halves`).
 
         The refined half maps themselves are not used for the FSC: they are non-negative and
         sparse (most voxels at 0 under the positivity constraint and the prior), so the
