@@ -231,7 +231,9 @@ def main(argv=None) -> int:
                             **compare(ev, ex, t, t_ex),
                             "work": st.get("work"),
                             "routed_exact": st.get("routed_exact", 0.0),
-                            "levels": level_radii(lvl.halfplane.radius, cfg.coarse_radius),
+                            "levels": level_radii(
+                                lvl.halfplane.radius, cfg.coarse_radius, cfg.coarse_fraction
+                            ),
                             "build_seconds": round(t_build, 3),
                             "stats": st,
                         }

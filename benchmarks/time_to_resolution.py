@@ -6,8 +6,8 @@ Simulates GroEL-GroES (built-in 1AON; ``--n`` particles, ``--box`` at ``--apix``
 defocus 1-3 µm, shifts ±3 px; seed ``--data-seed``) into ``WORK/data`` (reused when present),
 computes the oracle (Wiener back-projection with the true poses,
 :func:`cryorecon.backproject.wiener_backproject`), then runs `cryorecon reconstruct` once per
-``--config`` (``NAME`` or ``NAME:flag flag ...``; default: the defaults, and
-``--pose-search search --schedule adaptive``) with ``--max-time`` minutes each, as a
+``--config`` (``NAME`` or ``NAME:flag flag ...``; default: the defaults, the paper's
+importance sampling and the exact sum) with ``--max-time`` minutes each, as a
 subprocess under /usr/bin/time -v (wall, CPU, peak RSS). Snapshots are written every
 ``--snapshot-every`` iterations; ``--snapshots`` of them, spread evenly over the run's wall time,
 and the final map are aligned to the truth (rotation, shift, hand) and scored by FSC 0.5 and
@@ -36,7 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-DEFAULT_CONFIGS = ["default", "search+adaptive:--pose-search search --schedule adaptive"]
+DEFAULT_CONFIGS = ["default", "importance:--pose-search importance", "exact:--exact"]
 
 
 def parse_config(text: str) -> tuple[str, list[str]]:

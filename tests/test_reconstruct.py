@@ -116,6 +116,14 @@ def reference_run(dataset, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def importance_run(dataset, tmp_path_factory) -> Path:
+    """The reference run with the paper's importance sampling (Sec. 3.4) over poses."""
+    out = tmp_path_factory.mktemp("ref_is") / "run"
+    assert _reconstruct_cli(dataset / "particles.star", out, "--pose-search", "importance") == 0
+    return out
+
+
 # ------------------------------------------------------------------------------ convergence
 
 
@@ -457,7 +465,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
 # ------------------------------------------------------------------------------ importance sampling
 
 
-def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path):
+def test_mixed_minibatch_matches_separate_paths(dataset, importance_run, tmp_path):
     """A minibatch with both diffuse images (exact path) and sampled ones is evaluated on one
     full-grid slicing in ``Run.batch_objective``; its value and gradient must equal those of
     the two paths evaluated separately (own slice operators) on the same pose draws."""
@@ -470,10 +478,15 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
     from cryorecon.reconstruct import MAX_SAMPLED_FRACTION, ReconstructConfig, Run
 
     work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    shutil.copytree(importance_run, work)
     info = json.loads((work / "run.json").read_text())
     (work / "run.json").write_text(json.dumps({**info, "finished": False}))
-    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run = Run(
+        read_particles(dataset / "particles.star"),
+        work,
+        ReconstructConfig(pose_search="importance"),
+        resume=True,
+    )
     run.cfg = dataclasses.replace(run.cfg, report_every=None)
     lvl = run.level(run.schedule.omega_star(run.tau))
     idx = np.asarray(run.batches[0])
@@ -505,7 +518,7 @@ def test_mixed_minibatch_matches_separate_paths(dataset, reference_run, tmp_path
     assert torch.allclose(ev.grad, grad2, rtol=1e-4, atol=1e-5 * float(grad2.abs().max()))
 
 
-def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference_run, tmp_path):
+def test_importance_check_reanneals_only_when_sampling_misses(dataset, importance_run, tmp_path):
     """Held-out check of importance sampling (``Run.importance_check``): with a history from an
     exact visit at the current map the sampled likelihood is within the tolerance and the
     annealing clock is kept; with the history turned to wrong views (particles locked
@@ -517,10 +530,15 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     from cryorecon.reconstruct import ReconstructConfig, Run
 
     work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    shutil.copytree(importance_run, work)
     info = json.loads((work / "run.json").read_text())
     (work / "run.json").write_text(json.dumps({**info, "finished": False}))
-    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run = Run(
+        read_particles(dataset / "particles.star"),
+        work,
+        ReconstructConfig(pose_search="importance"),
+        resume=True,
+    )
     run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=16, is_tolerance=1e-3)
     lvl = run.level(run.schedule.omega_star(run.tau))
     hist = run.sampler.hist
@@ -547,7 +565,7 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, reference
     )  # the sampled visit's posteriors
 
 
-def test_check_particles_rotate_and_keep_their_histories(dataset, reference_run, tmp_path):
+def test_check_particles_rotate_and_keep_their_histories(dataset, importance_run, tmp_path):
     """The check's particles rotate through groups of held-out particles so that each is
     revisited about every K iterations (like training particles); the held-out evaluation
     scores them but leaves their histories alone, and refreshes the other held-out particles'."""
@@ -557,10 +575,15 @@ def test_check_particles_rotate_and_keep_their_histories(dataset, reference_run,
     from cryorecon.reconstruct import ReconstructConfig, Run
 
     work = tmp_path / "run"
-    shutil.copytree(reference_run, work)
+    shutil.copytree(importance_run, work)
     info = json.loads((work / "run.json").read_text())
     (work / "run.json").write_text(json.dumps({**info, "finished": False}))
-    run = Run(read_particles(dataset / "particles.star"), work, ReconstructConfig(), resume=True)
+    run = Run(
+        read_particles(dataset / "particles.star"),
+        work,
+        ReconstructConfig(pose_search="importance"),
+        resume=True,
+    )
     run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=4, heldout_every=2)
     G = run.check_groups()
     assert G == max(1, min(round(run.K / 2), len(run.heldout) // 4)) and G > 1

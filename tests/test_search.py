@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from cryorecon.model.objective import ExactQuadrature
-from cryorecon.model.search import CoarseToFine, SearchConfig, keep_margin, log_spread
+from cryorecon.model.search import (
+    CoarseToFine,
+    SearchConfig,
+    keep_margin,
+    level_radii,
+    log_spread,
+    search_config,
+)
 from cryorecon.preprocess import image_batch
 from cryorecon.simulate import density_from_model, simulate_particles
 from cryorecon.start import make_level
@@ -139,3 +146,103 @@ def test_metrics_summarise_the_last_evaluation(problem):
     med, top = m["search_kept_rotations"][0]
     assert 1 <= med <= top
     assert ev.fraction < 1
+
+
+def test_level_radii_start_at_a_fraction_of_the_band():
+    assert level_radii(20.0, 5.5) == [5.5, 11.0, 20.0]
+    assert level_radii(20.0, 5.5, 0.5) == [10.0, 20.0]
+    assert level_radii(8.0, 5.5, 0.5) == [5.5, 8.0]
+    assert level_radii(4.0, 5.5, 0.5) == [4.0]
+
+
+def test_full_band_levels_use_every_coefficient(problem):
+    V, batch, lvl, exact = problem
+    s = _search(search_config("fast"))
+    H = s.hierarchy(lvl)
+    assert len(H) == 2 and H[0].radius < H[1].radius
+    assert all(len(h.cols) == lvl.halfplane.M for h in H)
+    # level 0 is the grid of the smaller band: fewer rotations and shifts than the final one
+    assert H[0].grid.n_rotations < H[1].grid.n_rotations and H[0].grid.M_t <= H[1].grid.M_t
+    # the default search evaluates its coarse level on the coarse band only
+    H0 = _search(SearchConfig()).hierarchy(lvl)
+    assert len(H0[0].cols) < lvl.halfplane.M
+
+
+def test_full_band_search_keeping_every_cell_is_the_exact_sum(problem):
+    """With every cell of the coarse level kept, the final level covers the whole final grid
+    with its own quadrature weights: log p and the gradient are the exact ones (Eq. 4)."""
+    V, batch, lvl, exact = problem
+    keep_all = SearchConfig(
+        coarse_fraction=0.5,
+        full_band=True,
+        margin_floor=1e9,
+        max_rotations=10**9,
+        max_shifts=10**9,
+        max_fraction=2.0,
+    )
+    s = _search(keep_all)
+    ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1)
+    assert s.last_stats["routed_exact"] == 0.0
+    assert np.max(_rel(ev, exact)) < 1e-6
+    assert torch.allclose(ev.grad, exact.grad, rtol=1e-4, atol=1e-5 * float(exact.grad.abs().max()))
+
+
+def test_fast_search_keeps_few_poses_and_only_drops_mass(problem):
+    import dataclasses
+
+    V, batch, lvl, exact = problem
+    s = _search(dataclasses.replace(search_config("fast"), exact_below=0.0))
+    ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1)
+    assert s.last_stats["routed_exact"] == 0.0
+    assert (ev.loglik.double() <= exact.loglik.double() + 1e-3).all()
+    assert s.metrics()["search_kept_rotations"][0][1] <= 16
+    assert s.metrics()["search_kept_shifts"][0][1] <= 3
+    H = s.hierarchy(lvl)
+    coarse = H[0].n_poses / H[1].n_poses
+    assert ev.fraction <= coarse + 16 * 3 * 8 * 4 / H[1].n_poses
+
+
+def test_fast_search_takes_the_exact_sum_while_it_is_cheap(problem):
+    import dataclasses
+
+    V, batch, lvl, exact = problem
+    cost = lvl.n_poses * lvl.halfplane.M
+    s = _search(dataclasses.replace(search_config("fast"), exact_below=cost))
+    ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1)
+    assert s.last_stats["routed_exact"] == 1.0 and ev.fraction == 1.0
+    assert np.max(_rel(ev, exact)) < 1e-6
+    s = _search(dataclasses.replace(search_config("fast"), exact_below=cost - 1))
+    s.evaluate(V, batch, np.arange(N), lvl, tau=1)
+    assert s.last_stats["routed_exact"] == 0.0
+
+
+def test_unknown_search_mode_is_refused():
+    with pytest.raises(ValueError, match="search mode"):
+        search_config("slow")
+    from cryorecon.config import ReconstructConfig
+
+    with pytest.raises(ValueError, match="search_mode"):
+        ReconstructConfig(search_mode="slow")
+
+
+def test_search_on_a_point_groups_asymmetric_unit(problem):
+    """With C7 the levels cover the asymmetric unit (1/7 of the rotations) with its boundary
+    weights: keeping every cell gives the exact sum over that unit's quadrature."""
+    V, batch, _, _ = problem
+    lvl = make_level(OMEGA, D, APIX, SHIFT_SIGMA_PX, GRID_SCALE, "cpu", symmetry="C7")
+    exact = ExactQuadrature(2).evaluate(V, batch, np.arange(N), lvl, tau=1)
+    keep_all = SearchConfig(
+        coarse_fraction=0.5,
+        full_band=True,
+        margin_floor=1e9,
+        max_rotations=10**9,
+        max_shifts=10**9,
+        max_fraction=2.0,
+    )
+    s = _search(keep_all)
+    H = s.hierarchy(lvl)
+    assert H[-1].grid.n_rotations == lvl.grid.n_rotations
+    full = make_level(OMEGA, D, APIX, SHIFT_SIGMA_PX, GRID_SCALE, "cpu").grid.n_rotations
+    assert H[-1].grid.n_rotations < full / 5
+    ev = s.evaluate(V, batch, np.arange(N), lvl, tau=1)
+    assert np.max(_rel(ev, exact)) < 1e-6

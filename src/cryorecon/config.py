@@ -1,20 +1,22 @@
 """Parameters of a reconstruction run (``cryorecon reconstruct``'s options).
 
-Lengths in Å, frequencies in 1/Å, times in seconds. Defaults: importance sampling over poses
-(Sec. 3.4) and a cut-off that starts at 40 Å and rises when the held-out error levels off
-(:class:`~cryorecon.optim.adaptive.AdaptiveResolution`; docs/results.md has the comparison
-with the paper's fixed schedule, ``resolution_schedule="paper"``, Sec. 4.2), minibatches of
-100 particles and a pose grid 3x coarser than Sec. 3.2's in angle and shift
-(``grid_scale=3``; ``grid_scale=1`` is the paper's, which at box 64 and 40 Å is 4.8 M poses an
-image: docs/results.md, "Time to resolution at the issue's size"). The
-coarse-to-fine pose search (:mod:`cryorecon.model.search`, ``pose_search="search"``) is an
-option until it is faster end to end.
+Lengths in Å, frequencies in 1/Å, times in seconds. Defaults: the coarse-to-fine pose search
+in its fast mode (:mod:`cryorecon.model.search`, ``pose_search="search"``,
+``search_mode="fast"``: a coarse pass on the grid of half the band, then the final grid
+around a few poses per image; docs/results.md, "Fast default pose search"), a cut-off that
+starts at 40 Å and rises when the held-out error levels off
+(:class:`~cryorecon.optim.adaptive.AdaptiveResolution`; the paper's fixed schedule is
+``resolution_schedule="paper"``, Sec. 4.2), minibatches of 100 particles and a pose grid 3x
+coarser than Sec. 3.2's in angle and shift (``grid_scale=3``; ``grid_scale=1`` is the
+paper's, which at box 64 and 40 Å is 4.8 M poses an image). The paper's importance sampling
+(Sec. 3.4, ``pose_search="importance"``) and the exact sum (``"exact"``) stay options.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .model.search import SEARCH_MODES
 from .optim.schedules import Schedule
 
 POSE_SEARCHES = ("search", "importance", "exact")
@@ -38,7 +40,7 @@ class ReconstructConfig:
     seed: int = 0
     max_iters: int = 5000
     max_time: float | None = None
-    pose_search: str = "importance"
+    pose_search: str = "search"
     resolution_schedule: str = "adaptive"
     omega_start: float | None = None
     omega_step: float = 0.005
@@ -63,7 +65,8 @@ class ReconstructConfig:
     n_spheres: int = 8
     search_epsilon: float = 1e-3
     search_coarse_radius: float = 5.5
-    search_max_rotations: int = 8192
+    search_max_rotations: int | None = None
+    search_mode: str = "fast"
     s0: float = 10.0
     is_every: int | None = None
     is_check: int = 16
@@ -85,6 +88,8 @@ class ReconstructConfig:
             raise ValueError(
                 f"pose_search must be one of {POSE_SEARCHES}, got {self.pose_search!r}"
             )
+        if self.search_mode not in SEARCH_MODES:
+            raise ValueError(f"search_mode must be one of {SEARCH_MODES}")
         if self.resolution_schedule not in RESOLUTION_SCHEDULES:
             raise ValueError(f"resolution_schedule must be one of {RESOLUTION_SCHEDULES}")
 

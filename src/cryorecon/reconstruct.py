@@ -52,7 +52,7 @@ from .model.classes import ClassPosteriors, default_anneal, to_tensor
 from .model.importance import ImportanceSampler, ISConfig
 from .model.objective import MAX_SAMPLED_FRACTION, Evaluation, ExactQuadrature, ImportanceSampled
 from .model.priors import make_prior
-from .model.search import CoarseToFine, SearchConfig
+from .model.search import CoarseToFine, search_config
 from .optim.adaptive import AdaptiveResolution, HeldoutPatience, PaperResolution
 from .optim.sagd import SAGD
 from .preprocess import default_diameter_A, load_batch
@@ -136,11 +136,6 @@ class Run:
         # The group is imposed (poses on its asymmetric unit, symmetrised gradients) from the
         # start, or after a C1 phase (maybe_impose_symmetry).
         self.symmetry_imposed = self.group.order == 1 or not c.symmetry_c1_start
-        if self.group.order > 1 and c.pose_search == "search":
-            raise InputError(
-                "--symmetry with --pose-search search is not supported yet; "
-                "use --pose-search importance or exact"
-            )
         problem = None
         if self.ranks.is_main:
             try:
@@ -246,10 +241,8 @@ class Run:
             self.shift_sigma_px,
             c.grid_scale,
             c.oversample,
-            SearchConfig(
-                epsilon=c.search_epsilon,
-                coarse_radius=c.search_coarse_radius,
-                max_rotations=c.search_max_rotations,
+            search_config(
+                c.search_mode, c.search_epsilon, c.search_max_rotations, c.search_coarse_radius
             ),
             cache_bytes=int(c.cache_gib * 2**30),
         )

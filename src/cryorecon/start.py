@@ -44,7 +44,7 @@ class Level:
         symmetry: str = "C1",
     ):
         self.omega, self.D, self.device = omega, D, torch.device(device)
-        self.oversample, self.cache_bytes = oversample, cache_bytes
+        self.oversample, self.cache_bytes, self.symmetry = oversample, cache_bytes, symmetry
         grid = PoseGrid(
             D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale
         )

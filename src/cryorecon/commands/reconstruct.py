@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import POSE_SEARCHES, RESOLUTION_SCHEDULES
+from ..config import POSE_SEARCHES, RESOLUTION_SCHEDULES, SEARCH_MODES
 from ..contrast import apply_contrast
 from ..geometry.symmetry import parse_symmetry
 from ..io.checks import exclude_blank
@@ -137,9 +137,9 @@ def add_reconstruct_arguments(p) -> None:
         "--pose-search",
         choices=POSE_SEARCHES,
         default=d.pose_search,
-        help="marginalisation over poses: 'importance' (default) the paper's importance sampling "
-        "(Sec. 3.4); 'search' coarse-to-fine, its cost following the posterior mass; 'exact' "
-        "every pose of the quadrature (Sec. 3.2)",
+        help="marginalisation over poses: 'search' (default) coarse-to-fine, its cost following "
+        "the posterior mass (see --search-mode); 'importance' the paper's importance sampling "
+        "(Sec. 3.4); 'exact' every pose of the quadrature (Sec. 3.2)",
     )
     p.add_argument("--exact", action="store_true", help="same as --pose-search exact")
     p.add_argument(
@@ -152,7 +152,16 @@ def add_reconstruct_arguments(p) -> None:
         "--search-max-rotations",
         type=at_least(1),
         default=d.search_max_rotations,
-        help="coarse-to-fine search: most rotations kept per image and level (default 8192)",
+        help="coarse-to-fine search: most rotations kept per image and level (default 8192, "
+        "16 with --search-mode fast)",
+    )
+    p.add_argument(
+        "--search-mode",
+        choices=SEARCH_MODES,
+        default=d.search_mode,
+        help="coarse-to-fine search: 'fast' (default) one coarse pass at the full band on a 2x "
+        "coarser grid, then a few poses per image refined (RELION's two passes); 'accurate' "
+        "keeps every pose a low-SNR image may need on its coarse levels (slower)",
     )
     p.add_argument(
         "--s0",
@@ -277,6 +286,7 @@ def config_from_args(args) -> ReconstructConfig:
         pose_search="exact" if args.exact else args.pose_search,
         search_epsilon=args.search_epsilon,
         search_max_rotations=args.search_max_rotations,
+        search_mode=args.search_mode,
         omega_max=d.omega_max if args.resolution is None else 1.0 / args.resolution,
         device=args.device,
         diameter_A=args.diameter,

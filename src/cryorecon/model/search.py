@@ -51,6 +51,7 @@ from scipy.spatial import cKDTree
 from ..fourier.slicing import SliceOperator, spectrum_from_volume
 from ..geometry.grids import PoseGrid
 from ..geometry.rotations import direction_inplane_to_matrix
+from ..geometry.symmetry import asymmetric_unit_grid, parse_symmetry
 from .likelihood import (
     PER_IMAGE_COST,
     ImageBatch,
@@ -70,9 +71,12 @@ UNION_CACHE_BYTES = 2**27
 class SearchConfig:
     """Settings of the coarse-to-fine search (radii in Fourier pixels of the box).
 
-    coarse_radius: largest band of the exhaustive level 0. A cell of level l-1 (a rotation, or
-    a shift) is refined when it is among the fewest carrying a posterior mass of
-    ``1 - epsilon / 2`` (rotations and shifts each), or when its log posterior marginal lies
+    coarse_radius: largest band of the exhaustive level 0 (``coarse_fraction`` of the final
+    band when that is larger; :func:`level_radii`); with ``full_band`` every level is
+    evaluated on all the final band's coefficients, only its grid follows its band.
+    A cell of level l-1 (a rotation, or a shift) is refined when it is among the fewest
+    carrying a posterior mass of ``1 - epsilon / 2`` (rotations and shifts each), or when its
+    log posterior marginal lies
     within ``margin`` nats of the image's best one, with
     ``margin = max(margin_floor, margin_fraction * spread)`` and ``spread`` the best minus the
     median log marginal of that image on that level: a coarse grid samples a peak of the
@@ -85,9 +89,13 @@ class SearchConfig:
     max_fraction: an image whose candidate poses on a level exceed this share of that level's
     grid takes the exact sum of Eq. 4 over the final grid instead (its posterior is too
     broad for a search to pay).
+    exact_below: while the exact sum costs at most this many (pose x coefficient) products per
+    image, every image takes it (no search; 0: never).
     """
 
     coarse_radius: float = 5.5
+    coarse_fraction: float = 0.0
+    full_band: bool = False
     epsilon: float = 1e-3
     margin_fraction: float = 0.4
     margin_floor: float = 8.0
@@ -97,6 +105,52 @@ class SearchConfig:
     min_shifts: int = 1
     max_shifts: int = 1024
     max_fraction: float = 0.5
+    exact_below: float = 0.0
+
+
+SEARCH_MODES = ("accurate", "fast")
+
+
+def search_config(
+    mode: str = "accurate",
+    epsilon: float = 1e-3,
+    max_rotations: int | None = None,
+    coarse_radius: float = 5.5,
+) -> SearchConfig:
+    """The search's settings for ``mode``.
+
+    ``accurate``: :class:`SearchConfig`'s defaults, level 0 on a band of at most
+    ``coarse_radius`` and margins that follow each image's contrast, so that the true mode
+    survives the coarse levels at low SNR (its log-likelihood error is measured against the
+    exact sum in ``benchmarks/search_accuracy.py``).
+    ``fast``: RELION's two passes (a coarse pass, then the significant poses oversampled).
+    Level 0 is the grid of half the final band (half the angular and shift spacing of Sec.
+    3.2's final grid: 1/8 of its rotations, about 1/4 of its shifts), evaluated on all the
+    final band's coefficients; level 1 is the final grid in the cells of at most
+    ``max_rotations`` (default 16) rotations and 3 shifts per image, those within 4 nats of
+    the image's best or among the fewest carrying ``1 - epsilon / 2`` of the mass. Work per
+    image is about 1/32 of the exact sum's; the mass outside the kept cells is dropped. While
+    the exact sum costs at most 2e7 (pose x coefficient) products per image (at box 64 and
+    5.6 Å/px down to about 30 Å) it is taken instead: it is cheap there, and the first
+    iterations from a random start then marginalise over every pose as the paper's do (a few
+    poses per image from a random map trap the run in a wrong one, measured).
+    """
+    if mode == "accurate":
+        kw = {} if max_rotations is None else {"max_rotations": max_rotations}
+        return SearchConfig(coarse_radius=coarse_radius, epsilon=epsilon, **kw)
+    if mode == "fast":
+        return SearchConfig(
+            coarse_fraction=0.5,
+            full_band=True,
+            epsilon=epsilon,
+            margin_fraction=0.0,
+            shift_margin_fraction=0.0,
+            margin_floor=4.0,
+            max_rotations=16 if max_rotations is None else max_rotations,
+            max_shifts=3,
+            exact_below=2e7,
+        )
+    raise ValueError(f"search mode must be one of {SEARCH_MODES}, got {mode!r}")
 
 
 @dataclass
@@ -104,6 +158,8 @@ class SearchLevel:
     """One level of the hierarchy: its band, grid, and the children of the previous level.
 
     cols: (M_l,) columns of the final band's coefficients inside ``radius``.
+    log_w_R: (n_rotations,) log quadrature weight times p(R) of the grid's rotations (Eq. 4;
+    uniform in C1, lower on the boundary of a point group's asymmetric unit).
     child_d: (M_d of level l-1, C_d) directions of this level in each coarser direction's
     cell (-1 padding); child_psi (M_psi of l-1, C_psi); child_t (M_t of l-1, C_t).
     """
@@ -111,7 +167,7 @@ class SearchLevel:
     radius: float
     grid: PoseGrid
     cols: torch.Tensor
-    log_w_R: float
+    log_w_R: torch.Tensor
     shifts: torch.Tensor
     log_w_t: torch.Tensor
     directions: torch.Tensor
@@ -146,10 +202,11 @@ def _children(parent: np.ndarray, n_parents: int) -> torch.Tensor:
     return torch.as_tensor(out)
 
 
-def level_radii(r: float, coarse_radius: float) -> list[float]:
-    """Bands of the hierarchy: ``coarse_radius, 2 coarse_radius, 4 coarse_radius, ..., r`` (the
-    last step at most a doubling); ``[r]`` when ``r <= coarse_radius``."""
-    radii = [min(r, coarse_radius)]
+def level_radii(r: float, coarse_radius: float, coarse_fraction: float = 0.0) -> list[float]:
+    """Bands of the hierarchy: ``r_0, 2 r_0, 4 r_0, ..., r`` (the last step at most a
+    doubling) with ``r_0 = max(coarse_radius, coarse_fraction r)``; ``[r]`` when
+    ``r <= r_0``."""
+    radii = [min(r, max(coarse_radius, coarse_fraction * r))]
     while radii[-1] < r:
         radii.append(min(r, 2 * radii[-1]))
     return radii
@@ -167,14 +224,17 @@ def build_hierarchy(
     device,
     cfg: SearchConfig,
     cache_bytes: int = 2**30,
+    symmetry: str = "C1",
 ) -> list[SearchLevel]:
     """The levels for a final band of ``radius`` Fourier pixels; ``kx, ky`` are the integer
     frequencies of the final band's coefficients
-    (:class:`~cryorecon.fourier.transforms.HalfPlane`)."""
+    (:class:`~cryorecon.fourier.transforms.HalfPlane`). With a point group (RELION's name)
+    every level's grid covers its asymmetric unit only
+    (:func:`~cryorecon.geometry.symmetry.asymmetric_unit_grid`)."""
     levels: list[SearchLevel] = []
     r2 = (kx.double() ** 2 + ky.double() ** 2).cpu()
     freqs = torch.stack([kx, ky], -1).to(device, torch.float32)
-    for k, r in enumerate(level_radii(radius, cfg.coarse_radius)):
+    for k, r in enumerate(level_radii(radius, cfg.coarse_radius, cfg.coarse_fraction)):
         grid = PoseGrid(
             D=D,
             apix=apix,
@@ -182,10 +242,14 @@ def build_hierarchy(
             shift_sigma_px=shift_sigma_px,
             scale=grid_scale,
         )
-        inside = r2 < r * r if r < radius else torch.ones_like(r2, dtype=torch.bool)
+        if symmetry != "C1":
+            grid = asymmetric_unit_grid(grid, parse_symmetry(symmetry))
+        if r < radius and not cfg.full_band:
+            inside = r2 < r * r
+        else:
+            inside = torch.ones_like(r2, dtype=torch.bool)
         cols = torch.nonzero(inside).squeeze(-1).to(device)
-        # Rotation weights are uniform on the grid: w_d w_psi p(R) (Eq. 4).
-        lw_R = float(grid.log_w_d[0] + grid.log_w_psi[0] + grid.log_p_R)
+        lw_R = grid.log_w_R().to(device, torch.float32)
         lvl = SearchLevel(
             r,
             grid,
@@ -330,7 +394,7 @@ def _candidates(lvl: SearchLevel, rot, rot_ok, t, t_ok) -> _Candidates:
     rot_ids, inverse = torch.unique(rot[rot_ok], return_inverse=True)
     rot_idx = torch.zeros_like(rot)
     rot_idx[rot_ok] = inverse
-    rot_logw = torch.where(rot_ok, lvl.log_w_R, -math.inf)
+    rot_logw = torch.where(rot_ok, lvl.log_w_R[rot], -math.inf)
     t_logw = torch.where(t_ok, lvl.log_w_t[t], -math.inf)
     return _Candidates(rot_ids, rot_idx, rot, rot_logw, t, t_logw, rot_ok.sum(-1) * t_ok.sum(-1))
 
@@ -364,10 +428,11 @@ class CoarseToFine:
 
     def hierarchy(self, level) -> list[SearchLevel]:
         """The levels for ``level`` (a :class:`cryorecon.start.Level`), built once per omega*."""
-        if self._levels is None or self._levels[0] != level.omega:
+        key = (level.omega, getattr(level, "symmetry", "C1"))
+        if self._levels is None or self._levels[0] != key:
             hp = level.halfplane
             self._levels = (
-                level.omega,
+                key,
                 build_hierarchy(
                     self.D,
                     self.apix,
@@ -380,6 +445,7 @@ class CoarseToFine:
                     level.device,
                     self.cfg,
                     self.cache_bytes,
+                    key[1],
                 ),
             )
         return self._levels[1]
@@ -433,7 +499,13 @@ class CoarseToFine:
         B = batch.B
         full = H[-1].n_poses
         full_work = float(full) * len(H[-1].cols) * B
-        lw0 = torch.full((top.grid.n_rotations,), top.log_w_R, device=dev)
+        lw0 = top.log_w_R
+        if c.exact_below and full * len(H[-1].cols) <= c.exact_below:
+            self.last_stats = {"work": 1.0, "routed_exact": 1.0, "levels": []}
+            routed = torch.ones(B, dtype=torch.bool, device=dev)
+            return self._final(
+                V, H[-1], level, batch, spec, None, None, routed, want_grad, 1.0, 1.0
+            )
         if len(H) == 1:
 
             def nll(V, g=False, spectrum=None):
