@@ -10,7 +10,8 @@ defocus 1-3 µm; shifts within ±3 px; uniform random poses) at each ``--snr``. 
 * ``exact``: :class:`~cryorecon.model.objective.ExactQuadrature` (log p per particle, the
   gradient with respect to the map, the exact pose posteriors);
 * each search variant (``--variant NAME:key=value,...``: fields of
-  :class:`~cryorecon.model.search.SearchConfig`; ``default`` is ``SearchConfig()``);
+  :class:`~cryorecon.model.search.SearchConfig`; ``default`` is ``SearchConfig()``, a plain
+  ``accurate`` or ``fast`` the search's modes, :func:`~cryorecon.model.search.search_config`);
 * ``importance``: :class:`~cryorecon.model.objective.ImportanceSampled` with s0 ``--s0`` and
   a previous visit that stored the exact posterior at the same map at iteration
   ``--tau-prev`` (alpha and T of Eq. 20 from the paper's schedule then; the most favourable
@@ -53,9 +54,11 @@ sys.path.insert(0, str(HERE))
 
 def parse_variant(text: str):
     """``NAME`` or ``NAME:key=value,key=value`` -> (name, SearchConfig)."""
-    from cryorecon.model.search import SearchConfig
+    from cryorecon.model.search import SEARCH_MODES, SearchConfig, search_config
 
     name, _, rest = text.partition(":")
+    if name in SEARCH_MODES and not rest:
+        return name, search_config(name)
     kinds = {f.name: f.type for f in fields(SearchConfig)}
     kw = {}
     for item in filter(None, rest.split(",")):

@@ -234,7 +234,8 @@ def build_hierarchy(
     levels: list[SearchLevel] = []
     r2 = (kx.double() ** 2 + ky.double() ** 2).cpu()
     freqs = torch.stack([kx, ky], -1).to(device, torch.float32)
-    for k, r in enumerate(level_radii(radius, cfg.coarse_radius, cfg.coarse_fraction)):
+    radii = level_radii(radius, cfg.coarse_radius, cfg.coarse_fraction)
+    for k, r in enumerate(radii):
         grid = PoseGrid(
             D=D,
             apix=apix,
@@ -261,9 +262,11 @@ def build_hierarchy(
             grid.psi.to(device),
         )
         lvl.freqs_px = freqs[cols]
-        if k == 0 or grid.n_rotations * len(cols) * 64 <= cache_bytes:
+        last = k == len(radii) - 1
+        if k == 0 or (not last and grid.n_rotations * len(cols) * 64 <= cache_bytes):
             # The whole grid's interpolation set-up, when it fits: a batch's union of
-            # rotations then indexes it instead of recomputing it.
+            # rotations then indexes it instead of recomputing it. The final level's grid is
+            # the run's own level's, whose set-up the search shares (CoarseToFine._final).
             R = grid.rotations(device=device)
             lvl.slice_op = SliceOperator(
                 R, freqs[cols], D, oversample, cache_bytes=max(cache_bytes, LEVEL0_CACHE_BYTES)
@@ -623,7 +626,8 @@ class CoarseToFine:
         ex_rows = torch.nonzero(routed).squeeze(-1)
         parts = []
         if active is not None:
-            op, ev_level = _level_op(self, lvl, cand), _level_eval(lvl, batch.rows(active), cand)
+            op = _level_op(self, lvl, cand, level)
+            ev_level = _level_eval(lvl, batch.rows(active), cand)
             parts.append(("search", op, ev_level))
         if len(ex_rows):
             bx = batch.rows(ex_rows)
@@ -665,9 +669,16 @@ def _med_max(n: torch.Tensor) -> list[int]:
     return [int(n.median()), int(n.max())] if n.numel() else [0, 0]
 
 
-def _level_op(search: CoarseToFine, lvl: SearchLevel, cand: _Candidates) -> SliceOperator:
+def _level_op(
+    search: CoarseToFine, lvl: SearchLevel, cand: _Candidates, level=None
+) -> SliceOperator:
+    """The slice operator of ``cand``'s union of rotations on ``lvl``'s grid: a subset of a
+    cached set-up (``lvl``'s, or for the final level that of the run's ``level``, the same
+    grid), else computed for the union."""
     if lvl.slice_op is not None:
         return lvl.slice_op.subset(cand.rot_ids)
+    if level is not None and level.grid.n_rotations == lvl.grid.n_rotations:
+        return level.slice_op.subset(cand.rot_ids)
     return SliceOperator(
         lvl.rotations(cand.rot_ids),
         lvl.freqs_px,
