@@ -11,6 +11,7 @@ from cryorecon.geometry.grids import (
     PoseGrid,
     gauss_hermite_shifts,
     inplane_angles,
+    lattice_shifts,
     nearest_neighbour_angles,
     quadrature_sizes,
     saff_kuijlaars,
@@ -81,6 +82,54 @@ def test_gauss_hermite_ordering_and_degenerate():
     pts, w = gauss_hermite_shifts(4, 0.0)
     np.testing.assert_array_equal(pts, [[0.0, 0.0]])
     np.testing.assert_array_equal(w, [1.0])
+
+
+@pytest.mark.parametrize("sigma", [1.3, 4.0])
+def test_lattice_shifts_spacing_disc_and_moments(sigma):
+    h = 0.25
+    pts, w = lattice_shifts(h, sigma, range_sigmas=6.0)
+    assert w.sum() == pytest.approx(1.0, abs=1e-12)
+    # on the lattice h * (i, j), inside the disc, the origin included, y-major
+    np.testing.assert_allclose(pts / h, np.rint(pts / h), atol=1e-9)
+    assert np.sqrt((pts**2).sum(-1)).max() <= 6.0 * sigma * (1 + 1e-9)
+    assert (np.abs(pts).sum(-1) == 0).sum() == 1
+    assert np.all(np.diff(pts[:, 1]) >= 0)
+    # a fine lattice over six sigmas: the prior's moments by the midpoint rule
+    x, y = pts[:, 0], pts[:, 1]
+    assert (w * x).sum() == pytest.approx(0.0, abs=1e-12)
+    assert (w * x**2).sum() == pytest.approx(sigma**2, rel=1e-6)
+    assert (w * x**2 * y**2).sum() == pytest.approx(sigma**4, rel=1e-5)
+    a = 0.7
+    assert (w * np.cos(a * x)).sum() == pytest.approx(math.exp(-((a * sigma) ** 2) / 2), abs=1e-6)
+    # weights are the prior at the nodes
+    lw = np.log(w) + (pts**2).sum(-1) / (2 * sigma**2)
+    np.testing.assert_allclose(lw, lw[0], atol=1e-9)
+
+
+def test_lattice_shifts_degenerate():
+    pts, w = lattice_shifts(1.0, 0.0)
+    np.testing.assert_array_equal(pts, [[0.0, 0.0]])
+    np.testing.assert_array_equal(w, [1.0])
+    # a spacing wider than the range still keeps the origin and its four neighbours
+    pts, w = lattice_shifts(5.0, 1.0)
+    assert len(pts) == 5 and w.argmax() == 2
+    with pytest.raises(ValueError):
+        lattice_shifts(0.0, 1.0)
+
+
+def test_posegrid_lattice_shifts_follow_the_cutoff():
+    # spacing shift_step / (omega apix) px, independent of the angular coarsening
+    for omega, scale in [(0.04, 1.0), (0.04, 3.0), (0.08, 3.0)]:
+        g = PoseGrid(
+            D=64, apix=5.0, omega_star=omega, shift_sigma_px=3.0, scale=scale, shift_step=0.35
+        )
+        assert g.r_t == pytest.approx(0.35 / (omega * 5.0))
+        pts, _ = lattice_shifts(0.35 / (omega * 5.0), 3.0)
+        np.testing.assert_allclose(g.shifts.numpy(), pts)
+        assert g.log_w_t.exp().sum().item() == pytest.approx(1.0, abs=1e-12)
+    coarse = PoseGrid(D=64, apix=5.0, omega_star=0.04, shift_sigma_px=3.0, shift_step=0.35)
+    fine = PoseGrid(D=64, apix=5.0, omega_star=0.08, shift_sigma_px=3.0, shift_step=0.35)
+    assert fine.M_t > 3 * coarse.M_t
 
 
 def test_quadrature_sizes_hand_worked():

@@ -539,7 +539,9 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, importanc
         ReconstructConfig(pose_search="importance"),
         resume=True,
     )
-    run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=16, is_tolerance=1e-3)
+    # A tolerance between the two cases (measured 2.5e-5 and 9.8e-4 with the shift lattice).
+    tol = 2e-4
+    run.cfg = dataclasses.replace(run.cfg, report_every=None, is_check=16, is_tolerance=tol)
     lvl = run.level(run.schedule.omega_star(run.tau))
     hist = run.sampler.hist
     run.tau = 5000  # late in a run: alpha = 0.05, T = 1.25
@@ -548,7 +550,7 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, importanc
     hist.tau_prev[idx] = -1
     run.batch_objective(idx, lvl, want_grad=False)  # exact visit at this map: the history
     rel_good = run.importance_check(lvl)
-    assert rel_good is not None and rel_good < 1e-3
+    assert rel_good is not None and rel_good < tol
     assert run.sampler.anneal_from == 0
 
     stored = hist.d[torch.as_tensor(idx)].clone()
@@ -557,7 +559,7 @@ def test_importance_check_reanneals_only_when_sampling_misses(dataset, importanc
     quarter = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=stored.dtype)
     hist.d[torch.as_tensor(idx)] = stored @ quarter.T
     rel_bad = run.importance_check(lvl)
-    assert rel_bad is not None and rel_bad > 1e-3 > rel_good
+    assert rel_bad is not None and rel_bad > tol > rel_good
     assert run.sampler.anneal_from == 2500 and run.sampler.annealing_clock(run.tau) == 2500
     assert (hist.tau_prev[idx] == run.tau).all()
     assert not torch.equal(
@@ -705,6 +707,16 @@ def test_run_refines_two_half_sets_after_the_join_resolution(dataset, reference_
     exported = read_particles(reference_run / "particles.star", datadir=dataset)
     ref = wiener_backproject(exported.subset(np.nonzero(exported.random_subset == 1)[0]))
     assert float((ref - torch.as_tensor(b1)).abs().max()) < 1e-3 * float(ref.abs().max())
+    # The final map is the two back-projections weighted by the corrected FSC, the refined
+    # halves' weighted combination kept beside it; both non-negative.
+    from cryorecon.gold_standard import combine_halves
+
+    w = torch.tensor(gs["fsc_corrected"])
+    assert gs["final_map"] == "backprojection"
+    for name, pair in (("volume.mrc", (b1, b2)), ("volume_refined.mrc", (h1, h2))):
+        want = combine_halves(*(torch.as_tensor(np.asarray(v)) for v in pair), w).clamp_min(0)
+        got = torch.as_tensor(read_map(reference_run / name)[0])
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max()), name
     table = starfile.read(reference_run / "particles.star")["particles"]
     assert set(table["rlnRandomSubset"]) == {1, 2}
     state = torch.load(reference_run / "checkpoint.pt", weights_only=False)

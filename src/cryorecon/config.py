@@ -56,6 +56,7 @@ class ReconstructConfig:
     diameter_A: float | None = None
     shift_sigma_A: float | None = None
     grid_scale: float = 3.0
+    shift_step: float | None = 0.35
     heldout: int = 200
     heldout_every: int = 10
     patience: int = 5

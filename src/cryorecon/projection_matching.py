@@ -94,6 +94,7 @@ def initial_volume(
         config.grid_scale,
         torch.device(config.device),
         config.oversample,
+        shift_step=config.shift_step,
     )
     V, _ = scale_to_data(
         V,
@@ -323,6 +324,7 @@ def projection_matching(
                 config.grid_scale,
                 dev,
                 config.oversample,
+                shift_step=config.shift_step,
             )
         if max_cpu_seconds is not None and last_cost is not None:
             predicted = last_cost * level.n_poses / last_poses

@@ -19,7 +19,9 @@ with a point group the poses cover its asymmetric unit and the gradients are sym
 under ``torchrun`` each minibatch is split across the ranks (:mod:`cryorecon.parallel`).
 
 Outputs in the run folder: ``volume.mrc`` (current map, voxel size in the header; after the
-split the FSC-weighted combination of ``volume_half1.mrc`` and ``volume_half2.mrc``; with
+split the FSC-weighted combination of ``volume_half1.mrc`` and ``volume_half2.mrc``, and at
+the end of a split run that of the half-sets' reconstructions from their refined poses,
+``backprojection_half1/2.mrc``, the refined halves' then in ``volume_refined.mrc``; with
 classes the most populated of ``volume_class001.mrc`` ...), ``snapshots/volume_XXXXXX.mrc``,
 ``metrics.jsonl`` (one JSON object per iteration), ``checkpoint.pt`` (everything needed by
 ``resume``), ``poses.npz`` and ``particles.star`` (each particle's most probable pose),
@@ -85,6 +87,7 @@ RUN_FILES = (
     "volume_half2.mrc",
     "backprojection_half1.mrc",
     "backprojection_half2.mrc",
+    "volume_refined.mrc",
 )
 
 # The accuracy check of the coarse-to-fine search scores at most as many particles as the
@@ -294,6 +297,7 @@ class Run:
                     self.cfg.oversample,
                     int(self.cfg.cache_gib * 2**30),
                     self.cfg.symmetry if self.symmetry_imposed else "C1",
+                    self.cfg.shift_step,
                 )
             }
         return self.levels[key]
@@ -556,9 +560,16 @@ class Run:
         the map, phase-randomisation corrected) and its 0.143 resolution for run.json and the
         report, computed on each half-set's own reconstruction from its particles and poses
         (``backprojection_half1/2.mrc``, :func:`cryorecon.backproject.half_set_reconstructions`)
-        and stated no finer than the cut-off the halves were refined to; ``volume.mrc``
-        rewritten as the refined halves weighted by that FSC
-        (:func:`~.gold_standard.gold_standard_fsc`, :func:`~.gold_standard.combine_halves`).
+        and stated no finer than the cut-off the halves were refined to
+        (:func:`~.gold_standard.gold_standard_fsc`).
+
+        ``volume.mrc`` is rewritten as those two reconstructions weighted by that FSC
+        (:func:`~.gold_standard.combine_halves`, clamped at 0): the linear reconstruction from
+        every particle at its refined pose, as RELION's refinement writes its final map. It is
+        finer than the refined halves' combination (the MAP estimate of Sec. 3.3, which
+        averages each particle over its posterior and carries the prior; kept as
+        ``volume_refined.mrc``): docs/results.md, "The final map". Without posed particles in
+        a half, ``volume.mrc`` is the refined halves' combination.
 
         The refined half maps themselves are not used for the FSC: they are non-negative and
         sparse (most voxels at 0 under the positivity constraint and the prior), so the
@@ -601,15 +612,22 @@ class Run:
                 write_map(
                     self.out / f"backprojection_half{h}.mrc", v.numpy(), self.apix, overwrite=True
                 )
-        combined = combine_halves(self.halves[0].cpu(), self.halves[1].cpu(), result.fsc_corrected)
-        # Clamped at 0: the halves are non-negative MAP estimates (Sec. 3.3); the shell weights
-        # only add a little ringing below zero.
-        write_map(
-            self.out / "volume.mrc",
-            self._symmetric(combined.to(self.device)).clamp_min(0).cpu().numpy(),
-            self.apix,
-            overwrite=True,
+        refined = combine_halves(self.halves[0].cpu(), self.halves[1].cpu(), result.fsc_corrected)
+        final = (
+            combine_halves(bp[0], bp[1], result.fsc_corrected)
+            if maps == "backprojection"
+            else refined
         )
+        self.gold_standard["final_map"] = maps
+        # Clamped at 0, as the density is non-negative (Sec. 3.3); the shell weights only add a
+        # little ringing below zero.
+        for name, v in (("volume_refined.mrc", refined), ("volume.mrc", final)):
+            write_map(
+                self.out / name,
+                self._symmetric(v.to(self.device)).clamp_min(0).cpu().numpy(),
+                self.apix,
+                overwrite=True,
+            )
         res = self.gold_standard.get("resolution_A")
         if res is not None:
             log.info(

@@ -42,11 +42,18 @@ class Level:
         oversample: int = 2,
         cache_bytes: int = 2**31,
         symmetry: str = "C1",
+        shift_step: float | None = None,
     ):
         self.omega, self.D, self.device = omega, D, torch.device(device)
         self.oversample, self.cache_bytes, self.symmetry = oversample, cache_bytes, symmetry
+        self.shift_step = shift_step
         grid = PoseGrid(
-            D=D, apix=apix, omega_star=omega, shift_sigma_px=shift_sigma_px, scale=grid_scale
+            D=D,
+            apix=apix,
+            omega_star=omega,
+            shift_sigma_px=shift_sigma_px,
+            scale=grid_scale,
+            shift_step=shift_step,
         )
         # With a point group only its asymmetric unit of poses (the rest are the same images).
         self.grid = (
@@ -90,11 +97,22 @@ def make_level(
     oversample: int = 2,
     cache_bytes: int = 2**31,
     symmetry: str = "C1",
+    shift_step: float | None = None,
 ) -> Level:
     """The :class:`Level` of cut-off ``omega`` (1/Å) for box ``D`` at ``apix`` Å/pixel; with a
-    point group (RELION's name) the pose grid covers its asymmetric unit only."""
+    point group (RELION's name) the pose grid covers its asymmetric unit only; ``shift_step``
+    as :class:`~cryorecon.geometry.grids.PoseGrid`'s (None: the paper's Gauss-Hermite shifts)."""
     return Level(
-        omega, D, apix, shift_sigma_px, grid_scale, device, oversample, cache_bytes, symmetry
+        omega,
+        D,
+        apix,
+        shift_sigma_px,
+        grid_scale,
+        device,
+        oversample,
+        cache_bytes,
+        symmetry,
+        shift_step,
     )
 
 

@@ -119,6 +119,14 @@ def add_reconstruct_arguments(p) -> None:
         "paper's, Sec. 3.2)",
     )
     p.add_argument(
+        "--shift-step",
+        type=at_least(0, float),
+        default=d.shift_step,
+        help=f"spacing of the shift quadrature as a fraction of the resolution at the cut-off "
+        f"(default {d.shift_step:g}: a lattice of spacing {d.shift_step:g}/omega* inside 2.5 "
+        "prior sigmas; 0 = the paper's Gauss-Hermite rule with the nodes divided by --grid-scale)",
+    )
+    p.add_argument(
         "--heldout", type=at_least(1), default=d.heldout, help="held-out particles (default 200)"
     )
     p.add_argument(
@@ -292,6 +300,7 @@ def config_from_args(args) -> ReconstructConfig:
         diameter_A=args.diameter,
         shift_sigma_A=args.shift_sigma,
         grid_scale=args.grid_scale,
+        shift_step=args.shift_step or None,
         heldout=args.heldout,
         heldout_every=args.heldout_every,
         patience=args.patience,

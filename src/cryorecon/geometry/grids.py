@@ -7,7 +7,12 @@ R^2. Eq. (4) replaces the double integral by a weighted sum over
   weights ``w^d = 4 pi / M_d``;
 * in-plane angles ``psi_k`` uniform on [0, 2 pi), weights ``w^psi = 2 pi / M_psi``;
 * shifts ``t_l`` from 2D Gauss-Hermite quadrature for the Gaussian prior ``p(t)``, weights
-  ``w^t`` from the quadrature rule.
+  ``w^t`` from the quadrature rule (the paper's rule); or, with ``shift_step``, a square
+  lattice of spacing ``shift_step / omega_*`` inside a disc of ``SHIFT_RANGE_SIGMAS`` prior
+  standard deviations, weights ``p(t_l)`` normalised (:func:`lattice_shifts`). The
+  likelihood's peak in ``t`` is about ``1 / (2 pi omega_*)`` wide, so a rule whose nodes sit
+  a prior sigma apart (Gauss-Hermite with few nodes) snaps every image to the nearest node;
+  a lattice a fraction of the resolution apart does not.
 
 ``R_{j,k} = R(d_j, psi_k)`` is built with
 :func:`cryorecon.geometry.rotations.direction_inplane_to_matrix` (third row = ``d_j``).
@@ -33,6 +38,8 @@ __all__ = [
     "saff_kuijlaars",
     "inplane_angles",
     "gauss_hermite_shifts",
+    "lattice_shifts",
+    "SHIFT_RANGE_SIGMAS",
     "quadrature_sizes",
     "nearest_neighbour_angles",
     "PoseGrid",
@@ -123,6 +130,36 @@ def gauss_hermite_shifts(n_per_axis: int, sigma_px: float) -> tuple[np.ndarray, 
     return points, weights
 
 
+SHIFT_RANGE_SIGMAS = 2.5
+
+
+def lattice_shifts(
+    spacing_px: float, sigma_px: float, range_sigmas: float = SHIFT_RANGE_SIGMAS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Shifts on the square lattice ``spacing_px * (i, j)`` inside the disc
+    ``|t| <= max(range_sigmas * sigma_px, spacing_px)`` (pixels), for the shift prior
+    ``p(t) = N(0, sigma^2 I)``.
+
+    **The prior is folded into the weights** (as :func:`gauss_hermite_shifts`): ``w_l`` is
+    ``p(t_l)`` times the cell area, normalised to sum 1, so ``sum_l w_l f(t_l)`` is the
+    midpoint rule for ``E_{p(t)}[f(t)]`` restricted to the disc. Returns ``points`` ``(n, 2)``
+    in pixels as ``(x, y)``, y-major, the origin always among them, and ``weights`` ``(n,)``,
+    float64. ``sigma_px <= 0`` gives the single point (0, 0), weight 1."""
+    if spacing_px <= 0:
+        raise ValueError(f"lattice_shifts needs spacing_px > 0, got {spacing_px}")
+    if sigma_px <= 0:
+        return np.zeros((1, 2)), np.ones(1)
+    radius = max(range_sigmas * float(sigma_px), float(spacing_px))
+    m = int(math.floor(radius / spacing_px + 1e-9))
+    ij = np.arange(-m, m + 1) * float(spacing_px)
+    yy, xx = np.meshgrid(ij, ij, indexing="ij")
+    points = np.stack([xx.ravel(), yy.ravel()], axis=-1)
+    points = points[(points**2).sum(-1) <= radius * radius * (1 + 1e-9)]
+    logw = -(points**2).sum(-1) / (2.0 * float(sigma_px) ** 2)
+    w = np.exp(logw - logw.max())
+    return points, w / w.sum()
+
+
 def quadrature_sizes(D: int, apix: float, omega_star: float) -> dict:
     """Grid sizes of Sec. 3.2 for box ``D``, pixel size ``apix`` (Å) and ``omega_star`` (1/Å).
 
@@ -184,6 +221,10 @@ class PoseGrid:
         (scale alpha)``) and the shift nodes per axis are divided by ``scale``.
     M_d, M_psi, n_t_per_axis:
         Explicit overrides of the sizes (take precedence over ``scale``).
+    shift_step:
+        ``None``: the paper's Gauss-Hermite shifts (``n_t_per_axis`` per axis). A number: the
+        shifts of :func:`lattice_shifts` with spacing ``shift_step / (omega_star apix)``
+        pixels (a fraction of the resolution; not scaled by ``scale``).
 
     Attributes (torch, float64, CPU)
     ----------
@@ -208,6 +249,7 @@ class PoseGrid:
     M_d: int | None = None
     M_psi: int | None = None
     n_t_per_axis: int | None = None
+    shift_step: float | None = None
     sizes: dict = field(init=False)
 
     def __post_init__(self) -> None:
@@ -225,7 +267,12 @@ class PoseGrid:
 
         dirs = saff_kuijlaars(self.M_d)
         psi = inplane_angles(self.M_psi)
-        pts, wts = gauss_hermite_shifts(self.n_t_per_axis, self.shift_sigma_px)
+        if self.shift_step is None:
+            pts, wts = gauss_hermite_shifts(self.n_t_per_axis, self.shift_sigma_px)
+        else:
+            spacing = self.shift_step / (self.omega_star * self.apix)
+            pts, wts = lattice_shifts(spacing, self.shift_sigma_px)
+            self.n_t_per_axis = len(np.unique(pts[:, 0]))
 
         f64 = torch.float64
         self.directions = torch.as_tensor(dirs, dtype=f64)

@@ -225,6 +225,7 @@ def build_hierarchy(
     cfg: SearchConfig,
     cache_bytes: int = 2**30,
     symmetry: str = "C1",
+    shift_step: float | None = None,
 ) -> list[SearchLevel]:
     """The levels for a final band of ``radius`` Fourier pixels; ``kx, ky`` are the integer
     frequencies of the final band's coefficients
@@ -242,6 +243,7 @@ def build_hierarchy(
             omega_star=r / (D * apix),
             shift_sigma_px=shift_sigma_px,
             scale=grid_scale,
+            shift_step=shift_step,
         )
         if symmetry != "C1":
             grid = asymmetric_unit_grid(grid, parse_symmetry(symmetry))
@@ -431,7 +433,7 @@ class CoarseToFine:
 
     def hierarchy(self, level) -> list[SearchLevel]:
         """The levels for ``level`` (a :class:`cryorecon.start.Level`), built once per omega*."""
-        key = (level.omega, getattr(level, "symmetry", "C1"))
+        key = (level.omega, getattr(level, "symmetry", "C1"), getattr(level, "shift_step", None))
         if self._levels is None or self._levels[0] != key:
             hp = level.halfplane
             self._levels = (
@@ -449,6 +451,7 @@ class CoarseToFine:
                     self.cfg,
                     self.cache_bytes,
                     key[1],
+                    key[2],
                 ),
             )
         return self._levels[1]
