@@ -927,3 +927,21 @@ def test_too_many_classes_is_refused(dataset, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["reconstruct", "p.star", "-o", "out", "--classes", "0"])
     assert exc.value.code == 2
+
+
+def test_adaptive_schedule_spends_at_most_an_epoch_at_a_cutoff(dataset, tmp_path):
+    """By default the adaptive schedule raises the cut-off after at most one epoch there (the
+    training minibatches, within [omega_min_iters, 400]); --omega-max-iters sets it."""
+    from cryorecon.io.particles import read_particles
+    from cryorecon.reconstruct import OMEGA_MAX_ITERS, ReconstructConfig, Run
+
+    p = read_particles(dataset / "particles.star")
+    for minibatch, given in [(10, None), (50, None), (1, None), (10, 7)]:
+        cfg = ReconstructConfig(
+            minibatch=minibatch, omega_max_iters=given, report_every=None, heldout=50
+        )
+        run = Run(p, tmp_path / f"run{minibatch}_{given}", cfg)
+        assert abs(run.K - (N_PARTICLES - 50) / minibatch) < 1
+        want = given if given is not None else min(OMEGA_MAX_ITERS, max(cfg.omega_min_iters, run.K))
+        assert run.resolution.max_iters == want
+        run.lock.release()

@@ -48,7 +48,7 @@ class ReconstructConfig:
     omega_max: float = 0.11
     omega_factor: float = 1.15
     omega_min_iters: int = 20
-    omega_max_iters: int = 400
+    omega_max_iters: int | None = None
     omega_patience: int = 2
     omega_plateau: float = 0.2
     device: str = "cpu"

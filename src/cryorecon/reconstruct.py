@@ -94,6 +94,8 @@ RUN_FILES = (
 # exact sum can afford within this many (pose x coefficient) products (at least
 # MIN_CHECK_PARTICLES, else it is skipped), every SEARCH_CHECK_EVERY iterations.
 CHECK_BUDGET = 3e9
+# The adaptive schedule's default cap on the iterations at one cut-off (Run.omega_max_iters).
+OMEGA_MAX_ITERS = 400
 MIN_CHECK_PARTICLES = 4
 SEARCH_CHECK_EVERY = 50
 
@@ -133,7 +135,6 @@ class Run:
         )
         self.shift_sigma_px = shift_sigma_A / self.apix
         self.schedule = c.schedule(self.apix)
-        self.resolution = self._resolution_schedule()
         self.group = parse_symmetry(c.symmetry)
         self.group.require_proper("reconstruct")
         # The group is imposed (poses on its asymmetric unit, symmetrised gradients) from the
@@ -153,6 +154,7 @@ class Run:
         self.heldout, self.batches = split_particles(len(particles), c.heldout, c.minibatch, c.seed)
         runstate.warn_if_heldout_cut(len(self.heldout), c.heldout, len(particles))
         self.K = len(self.batches)
+        self.resolution = self._resolution_schedule()
         self.gen = torch.Generator().manual_seed(c.seed)
         self.levels: dict[tuple[float, float], Level] = {}
         self.prior = None
@@ -217,6 +219,15 @@ class Run:
             self._start()
 
     # ---- set-up -------------------------------------------------------------------
+    def omega_max_iters(self) -> int:
+        """The most iterations the adaptive schedule spends at one cut-off: ``omega_max_iters``,
+        or by default one epoch (every training particle visited once at that cut-off, its
+        SAGD gradient refreshed), within ``[omega_min_iters, OMEGA_MAX_ITERS]``."""
+        c = self.cfg
+        if c.omega_max_iters is not None:
+            return c.omega_max_iters
+        return int(min(OMEGA_MAX_ITERS, max(c.omega_min_iters, self.K)))
+
     def _resolution_schedule(self):
         c = self.cfg
         if c.resolution_schedule == "paper":
@@ -226,7 +237,7 @@ class Run:
             max_=c.omega_max,
             factor=c.omega_factor,
             min_iters=c.omega_min_iters,
-            max_iters=c.omega_max_iters,
+            max_iters=self.omega_max_iters(),
             patience=c.omega_patience,
             plateau=c.omega_plateau,
             nyquist=1.0 / (2.0 * self.apix),

@@ -15,17 +15,13 @@ Steps (each shows a progress bar or a log line):
    run's report ``DIR/run/report.html`` rebuilt with the truth as its reference (aligned) and
    the complex's mass (from the atomic model) for the isosurface level.
 
-Settings (:data:`DEFAULT`, :data:`QUICK`), chosen to finish in about 5 minutes on 2 CPU cores
-(the reconstruction stops by 6 minutes at the latest; ``--quick`` in about one). The
-cost of an iteration grows with the physical box times the band limit
-(``r = D * apix * omega*`` Fourier pixels: ~r^3 rotations, r^2 shifts and coefficients), not
-with D itself, so the demo keeps the box small in Å and the band limit modest:
+Settings (:data:`DEFAULT`, :data:`QUICK`), chosen to finish in about 3 minutes on 2 CPU cores
+(``--quick`` in about one):
 
-* default: 2,000 particles, box 32 at 10 Å/pixel (320 Å, enough for the 200 Å-long complex
-  with margin; Nyquist 20 Å), SNR 0.1, defocus 1-3 µm. Pose grid coarsened 3x
-  (``grid_scale=3``); omega* from 1/50 Å by 0.005 1/Å every 40 iterations up to 1/28 Å;
-  minibatches of 100; 100 held-out particles; stops when the held-out error has not improved
-  for 3 evaluations at the final omega* (or after 500 iterations / 6 minutes).
+* default: 5,000 particles, box 64 at 5 Å/pixel (320 Å, enough for the 200 Å-long complex
+  with margin; Nyquist 10 Å), SNR 0.1, defocus 1-3 µm, reconstructed with ``cryorecon
+  reconstruct``'s default settings (the fast pose search, the adaptive cut-off from 40 Å),
+  stopped after 140 s of iterations.
 * ``--quick``: 1,000 particles, box 24 at 13 Å/pixel (312 Å; 24 x 12.7 Å is the smallest box
   24 that holds the model), SNR 0.1; omega* 1/50 -> 1/33 Å by 0.005 every 25 iterations, at
   most 100 iterations; a smoke test.
@@ -42,6 +38,8 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ..config import ReconstructConfig
 
 HELP = (
     "simulate GroEL-GroES particles, reconstruct ab initio and compare with the truth and the "
@@ -71,25 +69,28 @@ class DemoSettings:
     max_iters: int
     max_time: float  # seconds
     align_n_global: int
+    schedule: str = "paper"
 
 
+_RECONSTRUCT = ReconstructConfig()
 DEFAULT = DemoSettings(
-    n=2000,
-    box=32,
-    apix=10.0,
+    n=5000,
+    box=64,
+    apix=5.0,
     snr=0.1,
-    grid_scale=3.0,
-    omega_start=0.02,
-    omega_step=0.005,
-    omega_every=40,
-    omega_max=1 / 28,
-    minibatch=100,
-    heldout=100,
-    heldout_every=10,
-    patience=3,
-    max_iters=500,
-    max_time=360.0,
+    grid_scale=_RECONSTRUCT.grid_scale,
+    omega_start=1 / 40,
+    omega_step=_RECONSTRUCT.omega_step,
+    omega_every=_RECONSTRUCT.omega_every,
+    omega_max=min(_RECONSTRUCT.omega_max, 1 / (2 * 5.0)),
+    minibatch=_RECONSTRUCT.minibatch,
+    heldout=_RECONSTRUCT.heldout,
+    heldout_every=_RECONSTRUCT.heldout_every,
+    patience=_RECONSTRUCT.patience,
+    max_iters=_RECONSTRUCT.max_iters,
+    max_time=140.0,
     align_n_global=3000,
+    schedule="adaptive",
 )
 QUICK = DemoSettings(
     n=1000,
@@ -118,8 +119,7 @@ def register(subparsers) -> None:
         description=HELP
         + ". Writes DIR/data (particles, truth.mrc), DIR/run (the reconstruction run), "
         "DIR/reconstruction_aligned.mrc, DIR/oracle.mrc, DIR/fsc.png and DIR/demo.json. Takes "
-        "about 5 minutes on 2 CPU cores; the reconstruction stops by 6 minutes at the latest "
-        "(--quick: about a minute, a smoke test).",
+        "about 3 minutes on 2 CPU cores (--quick: about a minute, a smoke test).",
     )
     p.add_argument(
         "-o",
@@ -229,7 +229,7 @@ def run(args) -> int:
         patience=s.patience,
         checkpoint_every=25,
         snapshot_every=50,
-        resolution_schedule="paper",
+        resolution_schedule=s.schedule,
     )
     t = time.perf_counter()
     summary = reconstruct(particles, run_dir, cfg, force=args.force)

@@ -88,6 +88,13 @@ def add_reconstruct_arguments(p) -> None:
         help="adaptive schedule: factor of each cut-off increase (default 1.15)",
     )
     p.add_argument(
+        "--omega-max-iters",
+        type=at_least(1),
+        default=None,
+        help="adaptive schedule: the most iterations at one cut-off (default one epoch, the "
+        "training minibatches, within 20-400)",
+    )
+    p.add_argument(
         "--omega-step",
         type=at_least(0, float),
         default=d.omega_step,
@@ -290,6 +297,7 @@ def config_from_args(args) -> ReconstructConfig:
         omega_step=args.omega_step,
         omega_every=args.omega_every,
         omega_factor=args.omega_factor,
+        omega_max_iters=args.omega_max_iters,
         resolution_schedule=args.schedule,
         pose_search="exact" if args.exact else args.pose_search,
         search_epsilon=args.search_epsilon,
