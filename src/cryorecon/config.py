@@ -6,9 +6,12 @@ in its fast mode (:mod:`cryorecon.model.search`, ``pose_search="search"``,
 around a few poses per image; docs/results.md, "Fast default pose search"), a cut-off that
 starts at 40 Å and rises when the held-out error levels off
 (:class:`~cryorecon.optim.adaptive.AdaptiveResolution`; the paper's fixed schedule is
-``resolution_schedule="paper"``, Sec. 4.2), minibatches of 100 particles and a pose grid 3x
-coarser than Sec. 3.2's in angle and shift (``grid_scale=3``; ``grid_scale=1`` is the
-paper's, which at box 64 and 40 Å is 4.8 M poses an image). The paper's importance sampling
+``resolution_schedule="paper"``, Sec. 4.2), minibatches of 100 particles, a pose grid 3x
+coarser than Sec. 3.2's in angle (``grid_scale=3``; ``grid_scale=1`` is the paper's, which at
+box 64 and 40 Å is 4.8 M poses an image) and shifts on a lattice ``shift_step / omega*``
+apart (:func:`~cryorecon.geometry.grids.lattice_shifts`; None: the paper's Gauss-Hermite
+nodes, divided by ``grid_scale``). The adaptive schedule spends at most one epoch at a
+cut-off unless ``omega_max_iters`` says otherwise. The paper's importance sampling
 (Sec. 3.4, ``pose_search="importance"``) and the exact sum (``"exact"``) stay options.
 """
 
