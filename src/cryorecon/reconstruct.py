@@ -579,7 +579,7 @@ class Run:
         every particle at its refined pose, as RELION's refinement writes its final map. It is
         finer than the refined halves' combination (the MAP estimate of Sec. 3.3, which
         averages each particle over its posterior and carries the prior; kept as
-        ``volume_refined.mrc``): docs/results.md, "The final map". Without posed particles in
+        ``volume_refined.mrc``): docs/results.md, "Shifts on a lattice, and the final map". Without posed particles in
         a half, ``volume.mrc`` is the refined halves' combination.
 
         The refined half maps themselves are not used for the FSC: they are non-negative and

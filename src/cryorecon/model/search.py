@@ -680,7 +680,7 @@ def _level_op(
     grid), else computed for the union."""
     if lvl.slice_op is not None:
         return lvl.slice_op.subset(cand.rot_ids)
-    if level is not None and level.grid.n_rotations == lvl.grid.n_rotations:
+    if level is not None and (level.grid.M_d, level.grid.M_psi) == (lvl.grid.M_d, lvl.grid.M_psi):
         return level.slice_op.subset(cand.rot_ids)
     return SliceOperator(
         lvl.rotations(cand.rot_ids),
