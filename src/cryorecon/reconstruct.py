@@ -579,8 +579,8 @@ class Run:
         every particle at its refined pose, as RELION's refinement writes its final map. It is
         finer than the refined halves' combination (the MAP estimate of Sec. 3.3, which
         averages each particle over its posterior and carries the prior; kept as
-        ``volume_refined.mrc``): docs/results.md, "Shifts on a lattice, and the final map". Without posed particles in
-        a half, ``volume.mrc`` is the refined halves' combination.
+        ``volume_refined.mrc``): docs/results.md, "Shifts on a lattice, and the final map".
+        Without posed particles in a half, ``volume.mrc`` is the refined halves' combination.
 
         The refined half maps themselves are not used for the FSC: they are non-negative and
         sparse (most voxels at 0 under the positivity constraint and the prior), so the
