@@ -73,16 +73,17 @@ class DemoSettings:
 
 
 _RECONSTRUCT = ReconstructConfig()
+_APIX = 5.0
 DEFAULT = DemoSettings(
     n=5000,
     box=64,
-    apix=5.0,
+    apix=_APIX,
     snr=0.1,
     grid_scale=_RECONSTRUCT.grid_scale,
     omega_start=1 / 40,
     omega_step=_RECONSTRUCT.omega_step,
     omega_every=_RECONSTRUCT.omega_every,
-    omega_max=min(_RECONSTRUCT.omega_max, 1 / (2 * 5.0)),
+    omega_max=min(_RECONSTRUCT.omega_max, 1 / (2 * _APIX)),
     minibatch=_RECONSTRUCT.minibatch,
     heldout=_RECONSTRUCT.heldout,
     heldout_every=_RECONSTRUCT.heldout_every,
@@ -172,7 +173,7 @@ def run(args) -> int:
     from ..io.mrc import read_map, write_map
     from ..io.particles import read_particles
     from ..progress import log
-    from ..reconstruct import ReconstructConfig, reconstruct
+    from ..reconstruct import reconstruct
     from ..report import write_report
     from ..simulate import run_simulation
     from ..validate import FSC_THRESHOLDS, align, fsc, resolution_at
