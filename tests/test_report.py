@@ -449,3 +449,128 @@ def test_halfmap_fsc_plot_is_a_png():
         randomize_at_A=20.0,
     )
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+# ------------------------------------------------------------------------------------------------
+# several classes (--classes K): a panel per class
+# ------------------------------------------------------------------------------------------------
+
+
+def _add_classes(run: Path, final: list[float], counts: list[int] | None = None) -> None:
+    """Make the fake run a K-class run: ``volume_class00N.mrc`` (distinct blob maps), each
+    metrics line's ``class_fractions`` going from 1/K to ``final``, ``classes`` in run.json
+    and, with ``counts``, a ``particles.star`` whose ``rlnClassNumber`` gives class N
+    ``counts[N - 1]`` particles."""
+    import pandas as pd
+    import starfile
+
+    K = len(final)
+    _, apix = rdata.read_map_quiet(run / "volume.mrc")
+    D = rdata.read_map_quiet(run / "volume.mrc")[0].shape[0]
+    for j in range(1, K + 1):
+        write_map(run / f"volume_class{j:03d}.mrc", blob_volume(D, seed=10 + j, n=8), apix)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        w = (i + 1) / len(lines)
+        rec = json.loads(line)
+        rec["class_fractions"] = [(1 - w) / K + w * f for f in final]
+        rec["class_similarity"] = 1 - w
+        out.append(json.dumps(rec))
+    (run / "metrics.jsonl").write_text("\n".join(out) + "\n")
+    info = json.loads((run / "run.json").read_text())
+    info["classes"] = K
+    (run / "run.json").write_text(json.dumps(info))
+    if counts is not None:
+        numbers = np.repeat(np.arange(1, K + 1), counts)
+        names = [f"{i + 1}@stack.mrcs" for i in range(len(numbers))]
+        df = pd.DataFrame({"rlnImageName": names, "rlnClassNumber": numbers})
+        starfile.write({"particles": df}, run / "particles.star")
+
+
+def _class_panels(text: str) -> list[str]:
+    section = text[text.index('<section id="classes">') :]
+    section = section[: section.index("</section>")]
+    return section.split('<div class="class-panel">')[1:]
+
+
+def _n_images(text: str) -> int:
+    return len(re.findall(r'src="data:image/png;base64,', text))
+
+
+def test_report_has_a_panel_per_class(tmp_path):
+    run = make_fake_run(tmp_path, D=24, iterations=60, snapshot_every=30, n_particles=100)
+    n_single = _n_images(write_report(run, out=tmp_path / "single.html").read_text())
+    final, counts = [0.25, 0.6, 0.15], [26, 59, 15]
+    _add_classes(run, final, counts)
+    text = write_report(run).read_text()
+    _check_self_contained(text)
+    assert 'class="error"' not in text and 'class="missing"' not in text
+    assert '<section id="classes"><h2>Classes</h2>' in text and 'href="#classes"' in text
+    assert text.index('id="map"') < text.index('id="classes"') < text.index('id="snapshots"')
+    assert 'alt="class fractions"' in text
+    assert _n_images(text) == n_single + 1 + 2 * len(final)
+    panels = _class_panels(text)
+    assert len(panels) == len(final)
+    for j, (panel, f, n) in enumerate(zip(panels, final, counts), 1):
+        assert f"Class {j}: <code>volume_class{j:03d}.mrc</code>" in panel
+        assert f"{f:.1%} of the particles" in panel
+        assert f"{n} particles assigned" in panel
+        assert f'alt="central slices of class {j}"' in panel
+        assert f'alt="isosurface of class {j}"' in panel
+        assert ("most populated" in panel) == (j == 2)
+    assert "25.0%" in panels[0] and "60.0%" in panels[1] and "15.0%" in panels[2]
+
+    m = rdata.read_metrics(run)
+    assert m.class_fractions.shape == (60, 3)
+    np.testing.assert_allclose(m.class_fractions[0], np.array(final) / 60 + 59 / 60 / 3)
+    np.testing.assert_allclose(m.class_fractions[-1], final)
+    assert m.last("class_similarity") == pytest.approx(0.0)
+
+
+def test_report_class_maps_missing_or_unreadable(tmp_path):
+    run = make_fake_run(tmp_path, D=24, iterations=40, snapshot_every=20, n_particles=100)
+    _add_classes(run, [0.5, 0.3, 0.2])  # no particles.star: no particle counts
+    (run / "volume_class002.mrc").unlink()
+    (run / "volume_class003.mrc").write_bytes(b"not an MRC file")
+    text = write_report(run).read_text()
+    assert 'class="error"' not in text
+    panels = _class_panels(text)
+    assert len(panels) == 3
+    assert 'class="missing"' not in panels[0] and "50.0%" in panels[0]
+    assert "volume_class002.mrc not written yet" in panels[1] and "30.0%" in panels[1]
+    assert "volume_class003.mrc could not be read" in panels[2] and "20.0%" in panels[2]
+    assert "particles assigned" not in text
+    assert "<img" not in panels[1] and "<img" not in panels[2]
+    assert "<img" in panels[0]
+
+    classes = rdata.read_classes(run, rdata.read_run_info(run), rdata.read_metrics(run))
+    assert [(c.number, c.exists, c.volume is None) for c in classes] == [
+        (1, True, False),
+        (2, False, True),
+        (3, True, True),
+    ]
+
+
+def test_report_of_one_class_has_no_classes_section(tmp_path):
+    run = make_fake_run(tmp_path, D=24, iterations=40, snapshot_every=20, n_particles=100)
+    info = json.loads((run / "run.json").read_text())
+    info.update(classes=1, class_fractions=None)  # as reconstruct writes it for K = 1
+    (run / "run.json").write_text(json.dumps(info))
+    text = write_report(run).read_text()
+    assert 'id="classes"' not in text and ">Classes</h2>" not in text
+    assert '<div class="class-panel">' not in text and 'alt="class fractions"' not in text
+    assert rdata.read_classes(run, info, rdata.read_metrics(run)) is None
+    assert rdata.read_metrics(run).class_fractions is None
+
+
+def test_class_fraction_plot():
+    m = rdata.Metrics(
+        records=3,
+        columns={"iteration": np.array([1.0, 2.0, 3.0]), "seconds": np.array([1.0, 2.0, 3.5])},
+        class_fractions=np.array([[0.5, 0.5], [0.6, 0.4], [np.nan, np.nan]]),
+    )
+    png = plots.plot_class_fractions(m)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    m.class_fractions = None
+    assert plots.plot_class_fractions(m) is None

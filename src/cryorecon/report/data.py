@@ -1,10 +1,11 @@
 """Read what a run folder holds, tolerating files that do not exist yet or are half written.
 
 A run folder (written by :mod:`cryorecon.reconstruct`) may hold ``run.json``,
-``metrics.jsonl``, ``initial.mrc``, ``volume.mrc``, ``snapshots/volume_XXXXXX.mrc`` and
-``poses.npz``. The report is rebuilt while the run writes these, so every reader here
-returns ``None`` (or an empty result) instead of raising when a file is missing, empty,
-truncated or being replaced.
+``metrics.jsonl``, ``initial.mrc``, ``volume.mrc``, ``snapshots/volume_XXXXXX.mrc``,
+``poses.npz`` and ``particles.star``; a run with ``--classes K`` also ``volume_class001.mrc``
+... (RELION's naming, 1-based). The report is rebuilt while the run writes these, so every
+reader here returns ``None`` (or an empty result) instead of raising when a file is missing,
+empty, truncated or being replaced.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from pathlib import Path
 import numpy as np
 
 SNAPSHOT_RE = re.compile(r"volume_(\d+)\.mrc$")
+CLASS_MAP_RE = re.compile(r"volume_class(\d+)\.mrc$")
 
 
 @dataclass
 class Metrics:
-    """``metrics.jsonl`` as columns (float64 arrays, NaN where a value is absent)."""
+    """``metrics.jsonl`` as columns (float64 arrays, NaN where a value is absent).
+
+    ``class_fractions`` is the per-record ``class_fractions`` list of a run with several
+    classes as a (records, K) float64 array (class priors, summing to 1; NaN rows where a
+    record has none), or ``None`` when no record has one.
+    """
 
     records: int = 0
     columns: dict[str, np.ndarray] = field(default_factory=dict)
+    class_fractions: np.ndarray | None = None
 
     def __len__(self) -> int:
         return self.records
@@ -104,7 +112,24 @@ def read_metrics(run_dir: Path) -> Metrics:
             if isinstance(v, (int, float)) and math.isfinite(v):
                 col[i] = v
         cols[k] = col
-    return Metrics(records=len(recs), columns=cols)
+    return Metrics(records=len(recs), columns=cols, class_fractions=_class_fractions(recs))
+
+
+def _class_fractions(recs: list[dict]) -> np.ndarray | None:
+    """The records' ``class_fractions`` lists as a (records, K) array, K the longest list;
+    NaN where a record has no list or a value is not a finite number."""
+    lists = [r.get("class_fractions") for r in recs]
+    lists = [x if isinstance(x, list) else [] for x in lists]
+    K = max((len(x) for x in lists), default=0)
+    if K == 0:
+        return None
+    out = np.full((len(recs), K), np.nan)
+    for i, x in enumerate(lists):
+        for j, v in enumerate(x):
+            v = finite_number(v)
+            if v is not None:
+                out[i, j] = v
+    return out
 
 
 def read_map_quiet(path: Path) -> tuple[np.ndarray, float] | None:
@@ -135,6 +160,126 @@ def list_snapshots(run_dir: Path) -> list[tuple[int, Path]]:
         if m and p.is_file():
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def class_map_name(number: int) -> str:
+    """File name of class ``number``'s map (1-based, RELION's naming): ``volume_class001.mrc``."""
+    return f"volume_class{number:03d}.mrc"
+
+
+def list_class_maps(run_dir: Path) -> dict[int, Path]:
+    """``{class number: path}`` of the ``volume_classNNN.mrc`` files in the run folder."""
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return {}
+    out = {}
+    for p in entries:
+        m = CLASS_MAP_RE.match(p.name)
+        if m and int(m.group(1)) > 0 and p.is_file():
+            out[int(m.group(1))] = p
+    return dict(sorted(out.items()))
+
+
+def read_class_counts(run_dir: Path) -> dict[int, int] | None:
+    """Particles per class from ``rlnClassNumber`` in ``particles.star`` (``{class number:
+    count}``), or ``None`` when the file is absent, unreadable or has no such column."""
+    import pandas as pd
+
+    from ..errors import InputError
+    from ..io.star import read_star_blocks
+
+    path = Path(run_dir) / "particles.star"
+    if not path.is_file():
+        return None
+    try:
+        blocks = read_star_blocks(path)
+    except (InputError, OSError, ValueError):
+        return None
+    for df in blocks.values():
+        if "rlnClassNumber" in df.columns:
+            cls = pd.to_numeric(df["rlnClassNumber"], errors="coerce").to_numpy(np.float64)
+            cls = cls[np.isfinite(cls)].astype(np.int64)
+            numbers, counts = np.unique(cls, return_counts=True)
+            return {int(k): int(n) for k, n in zip(numbers, counts)}
+    return None
+
+
+@dataclass
+class ClassMap:
+    """One class of a run with several classes.
+
+    ``number`` is 1-based; ``volume`` is ``(map, Å/voxel)`` or ``None`` when the file is
+    absent or unreadable (``exists`` tells which); ``fraction`` the latest class prior (0..1,
+    ``None`` when unknown); ``particles`` the number of particles assigned to the class in
+    ``particles.star`` (``None`` when unknown).
+    """
+
+    number: int
+    path: Path
+    exists: bool
+    volume: tuple[np.ndarray, float] | None
+    fraction: float | None = None
+    particles: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def class_count(info: dict | None, metrics: Metrics, maps: dict[int, Path]) -> int:
+    """Number of classes K of a run: the largest of ``run.json``'s ``classes``, the length
+    of the metrics' ``class_fractions`` and the highest class map number (1 without any)."""
+    K = (info or {}).get("classes")
+    K = int(K) if isinstance(K, int) and not isinstance(K, bool) else 1
+    if metrics.class_fractions is not None:
+        K = max(K, metrics.class_fractions.shape[1])
+    return max([K, *maps])
+
+
+def final_class_fractions(info: dict | None, metrics: Metrics, K: int) -> list[float | None]:
+    """Each class's latest prior (0..1): from the last metrics record that has it, else
+    ``run.json``'s ``class_fractions``; ``None`` for a class with neither."""
+    out: list[float | None] = [None] * K
+    fr = metrics.class_fractions
+    if fr is not None:
+        for j in range(min(K, fr.shape[1])):
+            ok = np.nonzero(np.isfinite(fr[:, j]))[0]
+            if ok.size:
+                out[j] = float(fr[ok[-1], j])
+    saved = (info or {}).get("class_fractions")
+    if isinstance(saved, list):
+        for j, v in enumerate(saved[:K]):
+            if out[j] is None:
+                out[j] = finite_number(v)
+    return out
+
+
+def read_classes(run_dir: Path, info: dict | None, metrics: Metrics) -> list[ClassMap] | None:
+    """The classes of a run made with ``--classes K`` (K > 1), sorted by class number, each
+    with its map (read from ``volume_classNNN.mrc``), latest fraction and particle count;
+    ``None`` for a run with one class."""
+    run_dir = Path(run_dir)
+    paths = list_class_maps(run_dir)
+    K = class_count(info, metrics, paths)
+    if K <= 1:
+        return None
+    fractions = final_class_fractions(info, metrics, K)
+    counts = read_class_counts(run_dir)
+    out = []
+    for j in range(1, K + 1):
+        path = paths.get(j, run_dir / class_map_name(j))
+        out.append(
+            ClassMap(
+                number=j,
+                path=path,
+                exists=path.is_file(),
+                volume=read_map_quiet(path),
+                fraction=fractions[j - 1],
+                particles=None if counts is None else counts.get(j, 0),
+            )
+        )
+    return out
 
 
 def read_directions(run_dir: Path) -> np.ndarray | None:

@@ -63,6 +63,7 @@ th{background:#f0f3f6}
 code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;background:#f0f3f6;\
 padding:1px 4px;border-radius:3px}
 .cols{display:flex;flex-wrap:wrap;gap:24px}
+.class-panel{border-top:1px solid #d8dee4;margin-top:12px;padding-top:2px}
 """
 
 
@@ -276,7 +277,7 @@ def section_map(ctx: _Context) -> str:
             "CTF parameters and --diameter, or try another --seed.</p>"
         )
     parts.append("<h3>Central slices and projections</h3>")
-    parts.append(_img(plots.plot_slices(vol, apix), "central slices"))
+    parts.append(_slices(vol, apix, "central slices"))
     parts.append(
         '<p class="caption">Top: the central plane perpendicular to each axis (colour = density, '
         "shared scale). Bottom: projections (sums) along the same axes. Early in a run the map is "
@@ -284,16 +285,23 @@ def section_map(ctx: _Context) -> str:
         "diameter and an empty, flat background.</p>"
     )
     parts.append("<h3>Isosurface</h3>")
-    parts.append(_img(plots.plot_isosurface(vol, level), "isosurface"))
-    if level is None:
-        parts.append('<p class="caption">No surface: the map is flat.</p>')
-    else:
-        parts.append(
-            f'<p class="caption">Surface at density level {_fmt(level)} '
-            + _level_text(ctx, level)
-            + "</p>"
-        )
+    how = _level_text(ctx, level) if level is not None else ""
+    parts.append(_surface(vol, level, "isosurface", how))
     return "".join(parts)
+
+
+def _slices(vol: np.ndarray, apix: float, alt: str) -> str:
+    """Central slices and projections of a map (``apix`` Å/voxel) as an inline image."""
+    return _img(plots.plot_slices(vol, apix), alt)
+
+
+def _surface(vol: np.ndarray, level: float | None, alt: str, how: str) -> str:
+    """The isosurface of a map at ``level`` (density units) as an inline image, with a
+    caption giving the level and ``how`` it was chosen."""
+    png = _img(plots.plot_isosurface(vol, level), alt)
+    if level is None:
+        return png + '<p class="caption">No surface: the map is flat.</p>'
+    return png + f'<p class="caption">Surface at density level {_fmt(level)} {how}</p>'
 
 
 def _level_text(ctx: _Context, level) -> str:
@@ -321,6 +329,56 @@ def _level_text(ctx: _Context, level) -> str:
         "give the molecule's mass, <code>cryorecon report RUN --mass KDA</code>, for a level from "
         "its volume)." + dust
     )
+
+
+def section_classes(ctx: _Context) -> str | None:
+    """A run made with ``--classes K`` (K > 1): the class fractions over the run, then one
+    panel per class map; ``None`` (no section) for a run with one class."""
+    classes = data.read_classes(ctx.run_dir, ctx.info, ctx.metrics)
+    if classes is None:
+        return None
+    png = plots.plot_class_fractions(ctx.metrics)
+    if png is None:
+        parts = [_missing("metrics.jsonl has no class fractions yet.")]
+    else:
+        parts = [
+            _img(png, "class fractions"),
+            '<p class="caption">Fraction of the particles in each class (the class priors '
+            "estimated from the data) at each iteration. Early on the class posteriors are "
+            "tempered towards uniform (<code>class_similarity</code> in "
+            "<code>metrics.jsonl</code>), so the fractions stay near 1/K until the maps "
+            "differ.</p>",
+        ]
+    known = [c for c in classes if c.fraction is not None]
+    biggest = max(known, key=lambda c: c.fraction).number if known else None
+    for c in classes:
+        parts.append(_class_panel(ctx, c, c.number == biggest))
+    return "".join(parts)
+
+
+def _class_panel(ctx: _Context, c: data.ClassMap, biggest: bool) -> str:
+    """One class: its file, fraction (%), particle count, central slices and surface."""
+    title = f"Class {c.number}: <code>{_e(c.name)}</code>"
+    facts = []
+    if c.fraction is not None:
+        facts.append(f"{c.fraction:.1%} of the particles (class prior)")
+    if c.particles is not None:
+        facts.append(f"{c.particles} particles assigned in <code>particles.star</code>")
+    if biggest:
+        facts.append("the most populated class, <code>volume.mrc</code>")
+    parts = [f'<div class="class-panel"><h3>{title}</h3>']
+    if facts:
+        parts.append(f'<p class="note">{"; ".join(facts)}.</p>')
+    if c.volume is None:
+        why = "could not be read" if c.exists else "not written yet (it appears with a checkpoint)"
+        parts.append(_missing(f"{c.name} {why}."))
+        return "".join(parts) + "</div>"
+    vol, apix = c.volume
+    level = ctx.level(vol)
+    how = "(chosen as for the current map)." if ctx.level_override is None else "(set by the user)."
+    parts.append(_slices(vol, apix, f"central slices of class {c.number}"))
+    parts.append(_surface(vol, level, f"isosurface of class {c.number}", how))
+    return "".join(parts) + "</div>"
 
 
 def _snapshot_items(ctx: _Context) -> list[tuple[int | None, str, Path | None]]:
@@ -667,6 +725,7 @@ SECTIONS = [
     ("summary", "Summary", section_summary),
     ("convergence", "Convergence", section_convergence),
     ("map", "Current map", section_map),
+    ("classes", "Classes", section_classes),
     ("snapshots", "Progress over time", section_snapshots),
     ("halfmaps", "Half-map FSC", section_halfmaps),
     ("fsc", "FSC against a reference", section_fsc),

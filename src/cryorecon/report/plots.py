@@ -271,6 +271,32 @@ def plot_metrics(metrics) -> bytes | None:
     return to_png(fig)
 
 
+def plot_class_fractions(metrics) -> bytes | None:
+    """Each class's fraction (its prior, 0..1) against iteration (bottom axis) and run time
+    (top axis), one line per class labelled "class 1" ...; ``None`` when the metrics have
+    no ``class_fractions``."""
+    it, fr = metrics.get("iteration"), metrics.class_fractions
+    if it is None or fr is None or not np.isfinite(fr).any():
+        return None
+    s = _stride(len(it))
+    fig = _figure(9.0, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for j in range(fr.shape[1]):
+        ok = np.isfinite(it) & np.isfinite(fr[:, j])
+        ax.plot(it[ok][::s], fr[ok, j][::s], color=f"C{j % 10}", lw=1.5, label=f"class {j + 1}")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of particles")
+    ax.set_xlabel("iteration")
+    if len(it) == 1:
+        ax.set_xlim(it[0] - 1, it[0] + 1)
+    ax.set_title("Class fractions (class priors)", fontsize=10)
+    ax.grid(alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", ncol=min(fr.shape[1], 6))
+    _time_axis(ax, it, metrics.get("seconds"))
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.13, top=0.82)
+    return to_png(fig)
+
+
 def _no_data(ax) -> None:
     ax.text(
         0.5, 0.5, "not recorded yet", ha="center", va="center", transform=ax.transAxes, color="0.5"
