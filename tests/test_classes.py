@@ -38,13 +38,48 @@ def test_log_marginal_and_posteriors_are_bayes():
     )
 
 
-def test_weights_anneal_from_tempered_to_posterior():
-    cp = ClassPosteriors(2, 2, similarity=0.5, anneal_start=10, anneal_end=30)
-    cp.post[:] = [[1.0, 0.0], [0.2, 0.8]]
-    assert np.allclose(cp.weights([0, 1], 5), [[0.75, 0.25], [0.35, 0.65]])
-    assert np.allclose(cp.weights([0], 20), [[0.875, 0.125]])
-    assert np.allclose(cp.weights([0, 1], 30), cp.post)
-    assert np.allclose(cp.weights([0, 1], 5).sum(1), 1)
+def test_tempered_posteriors_are_balanced_and_as_soft_as_the_similarity():
+    """While s > 0: r = softmax(beta L + a) (rank-one structure: log r - beta L is a column
+    term minus a row term), the minibatch's mean posterior is (1 - s) pi + s / K, and the
+    mean entropy is s log K; at s = 0 the Bayes posteriors."""
+    rng = np.random.default_rng(1)
+    K, B = 3, 40
+    cp = ClassPosteriors(B, K, similarity=0.5, anneal_start=10, anneal_end=30)
+    cp.post[:] = rng.dirichlet(np.ones(K) * 2, size=B)
+    cp.seen[:] = True
+    pi = cp.priors()
+    # class 0 fits every image 80 nats better, plus per-image differences of ~30 nats
+    L = rng.normal(size=(B, K)) * 30 - 1000
+    L[:, 0] += 80
+    for tau, s in ((5, 0.5), (20, 0.25)):
+        assert cp.similarity(tau) == pytest.approx(s)
+        r, beta = cp.posteriors(L, tau)
+        assert 0 < beta < 1
+        assert np.allclose(r.sum(1), 1)
+        assert np.allclose(r.mean(0), (1 - s) * pi + s / K, atol=1e-8)
+        H = -(r * np.log(r)).sum(1).mean()
+        assert H == pytest.approx(s * np.log(K), rel=1e-6)
+        g = np.log(r) - beta * L
+        a = g - g[:, :1]  # a_k - a_0, the same on every row
+        assert np.allclose(a, a[:1], atol=1e-8)
+    r, beta = cp.posteriors(L, 30)
+    brute = pi[None, :] * np.exp(L - L.max(1, keepdims=True))
+    assert beta == 1.0 and np.allclose(r, brute / brute.sum(1, keepdims=True))
+    # the plain posteriors would hand class 0 almost every image; the balanced ones do not
+    assert (r.argmax(1) == 0).mean() > 0.9
+    r5, _ = cp.posteriors(L, 5)
+    assert r5[:, 0].mean() == pytest.approx(0.5 * pi[0] + 0.5 / K)
+
+
+def test_weights_are_the_previous_visit_and_held_out_particles_leave_the_priors():
+    cp = ClassPosteriors(4, 2, anneal_start=0, anneal_end=0)
+    assert np.allclose(cp.weights([0, 1]), 0.5)
+    r = cp.observe([0, 1], np.array([[0.0, -5.0], [-5.0, 0.0]]), tau=1)
+    assert np.allclose(cp.weights([0, 1]), r) and cp.beta == 1.0
+    pi = cp.priors()
+    cp.observe([2, 3], np.array([[0.0, -9.0], [0.0, -9.0]]), tau=1, train=False)
+    assert np.array_equal(cp.priors(), pi) and not cp.seen[2:].any()
+    assert list(cp.assignment()) == [1, 2, 1, 1]
     assert default_anneal(50) == (100, 200)
 
 

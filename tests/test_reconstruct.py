@@ -892,6 +892,27 @@ def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
     assert set(table["rlnClassNumber"]) <= {1, 2} and "rlnRandomSubset" not in table
     info = json.loads((one / "run.json").read_text())
     assert info["classes"] == 2 and len(info["class_fractions"]) == 2
+    # Each class's final map: its particles' half-set back-projections weighted by their
+    # corrected FSC, clamped at 0; the refined map kept beside it.
+    from cryorecon.gold_standard import combine_halves
+
+    gs = info["class_gold_standard"]
+    assert [e["class"] for e in gs] == [1, 2]
+    assert sum(e["particles"] for e in gs) == len(table)
+    for e in gs:
+        assert [e["particles"]] == [int((table["rlnClassNumber"] == e["class"]).sum())]
+        if e["final_map"] != "backprojection":
+            continue
+        name = f"volume_class{e['class']:03d}"
+        halves = [
+            torch.as_tensor(read_map(one / f"backprojection_class{e['class']:03d}_half{h}.mrc")[0])
+            for h in (1, 2)
+        ]
+        want = combine_halves(*halves, torch.tensor(e["fsc_corrected"])).clamp_min(0)
+        got = torch.as_tensor(read_map(one / f"{name}.mrc")[0])
+        assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+        assert (one / f"{name}_refined.mrc").exists()
+    assert any(e["final_map"] == "backprojection" for e in gs)
     # the map is the most populated class
     big = int(np.argmax(info["class_fractions"])) + 1
     assert np.array_equal(

@@ -183,6 +183,7 @@ class Run:
         self.half_sagd: list[SAGD] | None = None
         self.batch_half = [0] * self.K
         self.gold_standard: dict | None = None
+        self.class_gold_standard: list[dict] | None = None
         self.split_at: int | None = None
         # The finest cut-off (1/Å) the halves have been refined at: the gold-standard
         # resolution is stated no finer (their FSC beyond it is not signal).
@@ -272,8 +273,13 @@ class Run:
                     (self.out / name).unlink(missing_ok=True)
                 for snap in (self.out / "snapshots").glob("volume_*.mrc"):
                     snap.unlink()
-                for old in self.out.glob("volume_class[0-9][0-9][0-9].mrc"):
-                    old.unlink()
+                for pattern in (
+                    "volume_class[0-9][0-9][0-9].mrc",
+                    "volume_class[0-9][0-9][0-9]_refined.mrc",
+                    "backprojection_class[0-9][0-9][0-9]_half[12].mrc",
+                ):
+                    for old in self.out.glob(pattern):
+                        old.unlink()
             self.out.mkdir(parents=True, exist_ok=True)
             return
         finished = info.exists() and json.loads(info.read_text()).get("finished", False)
@@ -586,6 +592,9 @@ class Run:
         sparse (most voxels at 0 under the positivity constraint and the prior), so the
         support they share from the joint start gives them a high FSC at every frequency,
         beyond the cut-off too; the back-projections are linear in each half's images."""
+        if self.classes is not None:
+            self._class_final_maps()
+            return
         if self.halves is None:
             return
         from .backproject import half_set_reconstructions
@@ -645,6 +654,87 @@ class Run:
                 f"gold-standard resolution (half-set reconstructions, masked and corrected, "
                 f"FSC 0.143): {res:.1f} Å"
             )
+
+    def _class_final_maps(self) -> None:
+        """At the end of a run with classes: each class's final map is the reconstruction of
+        the particles assigned to it at their refined poses, as for one class
+        (:meth:`_gold_standard`): the two half-sets of its particles (the input's
+        ``rlnRandomSubset``, else a seeded random split) back-projected
+        (``backprojection_classNNN_half1/2.mrc``), their gold-standard FSC (masked,
+        corrected, stated no finer than the final cut-off), and ``volume_classNNN.mrc`` their
+        FSC-weighted combination clamped at 0; the refined class map is kept as
+        ``volume_classNNN_refined.mrc``. A class with fewer than 2 posed particles in a half
+        keeps its refined map. Results per class (its posed particles, the FSC curves) in
+        ``run.json`` ``class_gold_standard``."""
+        from .backproject import half_set_reconstructions
+        from .gold_standard import combine_halves, gold_standard_fsc
+
+        log.info("classes: reconstructing each class from its particles and poses")
+        poses = self.poses()
+        assign = self.classes.assignment()
+        given = self.p.random_subset
+        if given is not None:
+            halves = np.asarray(given, dtype=np.int64)
+        else:
+            halves = np.full(len(assign), 2, dtype=np.int64)
+            perm = np.random.default_rng([self.cfg.seed, 3]).permutation(len(assign))
+            halves[perm[: len(assign) // 2]] = 1
+        refined_to = 1.0 / self.resolution.omega_star(self.tau)
+        posed = np.isfinite(poses["eulers_deg"]).all(axis=1)
+        self.class_gold_standard, finals = [], []
+        for j, V in enumerate(self.class_maps, 1):
+            name = f"volume_class{j:03d}"
+            mine = (assign == j) & posed
+            entry = {"class": j, "particles": int(mine.sum()), "final_map": "refined"}
+            bp = half_set_reconstructions(
+                self.p,
+                poses["eulers_deg"],
+                poses["shifts_A"],
+                np.where(mine, halves, 0),
+                device=str(self.device),
+                diameter_A=self.diameter_px * self.apix,
+            )
+            final = self._symmetric(V).clamp_min(0).cpu()
+            if bp is not None:
+                bp = [self._symmetric(v.to(self.device)).cpu() for v in bp]
+                result = gold_standard_fsc(
+                    bp[0], bp[1], self.apix, seed=self.cfg.seed, refined_to_A=refined_to
+                )
+                for h, v in zip((1, 2), bp):
+                    write_map(
+                        self.out / f"backprojection_class{j:03d}_half{h}.mrc",
+                        v.numpy(),
+                        self.apix,
+                        overwrite=True,
+                    )
+                write_map(
+                    self.out / f"{name}_refined.mrc", final.numpy(), self.apix, overwrite=True
+                )
+                final = (
+                    self._symmetric(
+                        combine_halves(bp[0], bp[1], result.fsc_corrected).to(self.device)
+                    )
+                    .clamp_min(0)
+                    .cpu()
+                )
+                entry.update(result.to_json(), final_map="backprojection")
+            write_map(self.out / f"{name}.mrc", final.numpy(), self.apix, overwrite=True)
+            self.class_gold_standard.append(entry)
+            finals.append(final)
+        write_map(
+            self.out / "volume.mrc",
+            finals[self.class_order()[0]].numpy(),
+            self.apix,
+            overwrite=True,
+        )
+        log.info(
+            "classes (particles, gold-standard FSC 0.143 of each class's half-sets): "
+            + "; ".join(
+                f"{e['class']}: {e['particles']}"
+                + (f", {e['resolution_A']:.1f} Å" if e.get("resolution_A") else "")
+                for e in self.class_gold_standard
+            )
+        )
 
     def _local_batch(self, k: int) -> tuple[int, int]:
         """(half, index among that half's minibatches) of minibatch ``k`` (half 0: joint)."""
@@ -774,6 +864,7 @@ class Run:
                 1,
             )
             total -= float(self.classes.log_marginal(L).sum())
+            self.classes.observe(idx, L, self.tau, train=False)
         return total / len(self.heldout)
 
     # ---- loop ---------------------------------------------------------------------------
@@ -863,7 +954,7 @@ class Run:
         k = self.next_batch()
         idx = self.batches[k]
         batch = load_batch(self.p, idx, lvl.halfplane, self.diameter_px, self.device)
-        U = to_tensor(self.classes.weights(idx, tau), self.device)
+        U = to_tensor(self.classes.weights(idx), self.device)
         eps = self.resolution.epsilon(tau)
         prior, K = self.prior, self.K
         evs, doublings = [], 0
@@ -891,7 +982,7 @@ class Run:
             evs.append(ev)
         self.V, self.sagd = self.class_maps[0], self.class_sagd[0]
         L = np.stack([ev.loglik.double().cpu().numpy() for ev in evs], 1)
-        r = self.classes.observe(idx, L)
+        r = self.classes.observe(idx, L, tau)
         self._record_poses(idx, _pick(evs, r.argmax(1)))
         heldout = None
         if tau % c.heldout_every == 0:
@@ -906,6 +997,7 @@ class Run:
         rec["half"] = 0
         rec["class_fractions"] = [round(float(x), 5) for x in self.classes.priors()]
         rec["class_similarity"] = self.classes.similarity(tau)
+        rec["class_beta"] = self.classes.beta
         return rec
 
     def halfmap_resolution(self) -> dict:
@@ -1262,6 +1354,8 @@ class Run:
                 "source": "rlnRandomSubset" if self.p.random_subset is not None else "random",
                 "n": [int((self.subset == h).sum()) for h in (1, 2)],
             }
+        if self.class_gold_standard is not None:
+            info["class_gold_standard"] = self.class_gold_standard
         if self.gold_standard is not None:
             info["gold_standard"] = self.gold_standard
             info["gold_standard_resolution_A"] = self.gold_standard.get("resolution_A")

@@ -261,8 +261,10 @@ def add_reconstruct_arguments(p) -> None:
         "--class-similarity",
         type=at_least(0, float),
         default=d.class_similarity,
-        help="with --classes: initial tempering of the class posteriors towards uniform, annealed "
-        "to 0 over epochs 2-4 (cryoSPARC's class similarity; default 0.5)",
+        help="with --classes: how alike the classes are held at first, 0-1 (cryoSPARC's class "
+        "similarity; default 0.5): the class posteriors are tempered to this fraction of the "
+        "uniform entropy and each minibatch balanced towards equal classes, annealed to the "
+        "plain posteriors over epochs 2-4",
     )
     p.add_argument(
         "--no-halves",
