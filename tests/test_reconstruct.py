@@ -871,26 +871,34 @@ def test_reconstruct_refuses_bad_symmetry(dataset, tmp_path, name, capsys):
 
 
 def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
-    """--classes 2: two maps from independent starts, per-iteration class fractions summing
-    to 1, rlnClassNumber in the exported STAR, no half-sets; a stop and resume gives the
+    """--classes 2: one map until the cut-off passes --class-resolution, then two class maps;
+    per-iteration class fractions summing to 1 from the split on, rlnClassNumber in the
+    exported STAR, no half-sets; a run stopped after the split and resumed gives the
     uninterrupted run's iterations and maps bitwise."""
     import starfile
 
     args = [a for a in SCHEDULE]
-    args[args.index("--max-iters") + 1] = "30"
+    args[args.index("--max-iters") + 1] = "40"
+    args += ["--class-resolution", "45"]  # the cut-off steps from 50 to 40 Å at iteration 25
     star = str(dataset / "particles.star")
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["-q", "reconstruct", star, "-o", str(one), *args, "--classes", "2"]) == 0
     recs = _metrics(one)
+    info = json.loads((one / "run.json").read_text())
+    split = info["class_split_at_iteration"]
+    assert split == next(r["iteration"] for r in recs if r["resolution_A"] <= 45) > 1
+    assert all("class_fractions" not in r for r in recs if r["iteration"] < split)
+    after = [r for r in recs if r["iteration"] >= split]
+    assert len(after) == 40 - split + 1
     assert all(
-        abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2 for r in recs
+        abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2
+        for r in after
     )
     a, b = (read_map(one / f"volume_class00{k}.mrc")[0] for k in (1, 2))
     assert not np.array_equal(a, b)
     assert not (one / "volume_half1.mrc").exists()
     table = starfile.read(one / "particles.star")["particles"]
     assert set(table["rlnClassNumber"]) <= {1, 2} and "rlnRandomSubset" not in table
-    info = json.loads((one / "run.json").read_text())
     assert info["classes"] == 2 and len(info["class_fractions"]) == 2
     # Each class's final map: its particles' half-set back-projections weighted by their
     # corrected FSC, clamped at 0; the refined map kept beside it.
@@ -919,9 +927,9 @@ def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
         read_map(one / "volume.mrc")[0], read_map(one / f"volume_class00{big}.mrc")[0]
     )
 
-    args[args.index("--max-iters") + 1] = "17"
+    args[args.index("--max-iters") + 1] = str(split + 4)
     assert main(["-q", "reconstruct", star, "-o", str(two), *args, "--classes", "2"]) == 0
-    assert _reconstruct_cli(dataset / "particles.star", two, "--resume", "--max-iters", "30") == 0
+    assert _reconstruct_cli(dataset / "particles.star", two, "--resume", "--max-iters", "40") == 0
     assert [r["heldout_nll"] for r in _metrics(two)] == [r["heldout_nll"] for r in recs]
     for k in (1, 2):
         assert np.array_equal(

@@ -84,6 +84,8 @@ class ReconstructConfig:
     symmetry_c1_start: bool = True
     classes: int = 1
     class_similarity: float = 0.5
+    # With classes > 1: one map until the cut-off passes this, then K (Run.maybe_split_classes).
+    class_resolution_A: float = 30.0
     join_resolution_A: float = 40.0
     cache_gib: float = 2.0
 

@@ -191,6 +191,9 @@ class Run:
         # Several classes (Eq. 3 with a class index): class 0 is self.V / self.sagd /
         # self.objective; the lists hold all K (see _start_classes).
         self.classes: ClassPosteriors | None = None
+        self.class_maps: list[torch.Tensor] | None = None
+        self.class_sagd: list[SAGD] | None = None
+        self.class_split_at: int | None = None
         if c.classes > 1:
             if c.classes * 10 > len(particles) - len(self.heldout):
                 raise InputError(
@@ -341,17 +344,6 @@ class Run:
         self.V = self._symmetric(V.to(self.device))
         self.prior = self._make_prior(n_train=sum(len(b) for b in self.batches), h=h)
         self.sagd = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
-        if self.classes is not None:
-            self.class_maps, self.class_sagd = [self.V], [self.sagd]
-            for _ in range(1, c.classes):  # independent random starts, scaled alike
-                Vk = random_spheres(self.D, 0.5 * self.diameter_px, c.n_spheres, self.gen)
-                Vk, _ = scale_to_data(
-                    Vk, self.p, pilot, lvl, self.diameter_px, c.oversample, self.gen, self.device
-                )
-                self.class_maps.append(self._symmetric(Vk.to(self.device)))
-                self.class_sagd.append(
-                    SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
-                )
         if self.ranks.is_main:
             self.metrics_path.write_text("")
             write_map(self.out / "initial.mrc", self.V.cpu().numpy(), self.apix, overwrite=True)
@@ -478,8 +470,8 @@ class Run:
         from .model.importance import PoseHistory
         from .symmetry_align import symmetry_align
 
-        maps = self.class_maps if self.classes is not None else [self.V]
-        sagds = self.class_sagd if self.classes is not None else [self.sagd]
+        maps = self.class_maps if self.class_maps is not None else [self.V]
+        sagds = self.class_sagd if self.class_maps is not None else [self.sagd]
         out, scores = [], []
         for V in maps:
             al = symmetry_align(
@@ -491,10 +483,10 @@ class Run:
             SAGD(sg.K, sg.shape, self.device, L=sg.L, line_search_every=c.line_search_every)
             for sg in sagds
         ]
-        if self.classes is not None:
+        if self.class_maps is not None:
             self.class_maps, self.class_sagd = out, new_sagd
         self.V, self.sagd = out[0], new_sagd[0]
-        samplers = (self.class_samplers or []) if self.classes is not None else [self.sampler]
+        samplers = (self.class_samplers or []) if self.class_maps is not None else [self.sampler]
         for sm in samplers:
             if sm is not None:
                 sm.hist = PoseHistory(len(self.p), sm.cfg)
@@ -682,7 +674,8 @@ class Run:
         refined_to = 1.0 / self.resolution.omega_star(self.tau)
         posed = np.isfinite(poses["eulers_deg"]).all(axis=1)
         self.class_gold_standard, finals = [], []
-        for j, V in enumerate(self.class_maps, 1):
+        maps = self.class_maps if self.class_maps is not None else [self.V]
+        for j, V in enumerate(maps, 1):
             name = f"volume_class{j:03d}"
             mine = (assign == j) & posed
             entry = {"class": j, "particles": int(mine.sum()), "final_map": "refined"}
@@ -752,7 +745,7 @@ class Run:
         corrected FSC weighs them, :meth:`_gold_standard`);
         symmetrised once more with a point group (the map SAGD keeps is symmetric up to the
         clamp at zero and the interpolation of the gradients' symmetrisation)."""
-        if self.classes is not None:
+        if self.class_maps is not None:
             return self._symmetric(self.class_maps[self.class_order()[0]])
         if self.halves is None:
             return self._symmetric(self.V)
@@ -804,7 +797,7 @@ class Run:
         peek (no state changes).
         """
         c = self.cfg
-        if c.pose_search == "exact" or c.is_check <= 0 or self.classes is not None:
+        if c.pose_search == "exact" or c.is_check <= 0 or self.class_maps is not None:
             return None
         idx = self.check_particles()
         if c.pose_search == "search":
@@ -848,7 +841,7 @@ class Run:
         total = 0.0
         for s in range(0, len(self.heldout), self.cfg.minibatch):
             idx = self.heldout[s : s + self.cfg.minibatch]
-            if self.classes is None:
+            if self.class_maps is None:
                 total += self.batch_objective(
                     idx, lvl, want_grad=False, record=~np.isin(idx, pool)
                 ).value
@@ -894,7 +887,8 @@ class Run:
         self.maybe_split(omega)
         if self.halves is not None:
             self.half_omega = max(self.half_omega or 0.0, omega)
-        if self.classes is not None:
+        self.maybe_split_classes(omega)
+        if self.class_maps is not None:
             return self._step_classes(tau, omega, lvl)
         k = self.next_batch()
         idx = self.batches[k]
@@ -943,6 +937,45 @@ class Run:
                 f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
             )
         return heldout
+
+    def maybe_split_classes(self, omega: float) -> bool:
+        """With ``classes`` K > 1: once the cut-off passes ``class_resolution_A``, the one map
+        becomes K identical class maps (each with a copy of its SAGD memory), and every
+        particle is put in a class at random for its next visit, as RELION's 3D
+        classification starts from random subsets; their posteriors (tempered and balanced,
+        :mod:`cryorecon.model.classes`) take over from the visit after. The class-similarity
+        annealing runs over the following epochs (:func:`default_anneal`). Before the split
+        the run is a one-class run.
+
+        K maps from K independent random starts were tried first: each became the consensus
+        of the whole mixture in a frame of its own, and the particles split between those
+        copies at random, not by structure (docs/results.md, "Several classes on a
+        mixture")."""
+        c = self.cfg
+        if (
+            self.classes is None
+            or self.class_maps is not None
+            or omega < 1.0 / c.class_resolution_A * (1 - 1e-9)
+        ):
+            return False
+        self.class_maps, self.class_sagd = [self.V], [self.sagd]
+        for _ in range(1, c.classes):
+            self.class_maps.append(self.V.clone())
+            sg = SAGD(self.K, self.V.shape, self.device, line_search_every=c.line_search_every)
+            sg.load_state_dict(self.sagd.state_dict())
+            self.class_sagd.append(sg)
+        rng = np.random.default_rng([c.seed, 4])
+        self.classes.post[:] = np.eye(c.classes)[rng.integers(c.classes, size=len(self.p))]
+        self.classes.seen[:] = False
+        start, end = default_anneal(self.K)
+        self.classes.anneal_start, self.classes.anneal_end = self.tau + start, self.tau + end
+        self.class_split_at = self.tau
+        log.info(
+            f"iteration {self.tau}: the map split into {c.classes} classes at "
+            f"{1 / omega:.1f} Å (particles dealt at random; class similarity annealed over "
+            f"iterations {self.classes.anneal_start}-{self.classes.anneal_end})"
+        )
+        return True
 
     def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
         """One iteration with K classes: every class's map takes a SAGD step on the minibatch
@@ -1217,8 +1250,11 @@ class Run:
             if self.classes is None
             else {
                 "posteriors": self.classes.state_dict(),
-                "maps": [v.cpu() for v in self.class_maps[1:]],
-                "sagd": [sg.state_dict() for sg in self.class_sagd[1:]],
+                "split_at": self.class_split_at,
+                "maps": None if self.class_maps is None else [v.cpu() for v in self.class_maps[1:]],
+                "sagd": None
+                if self.class_maps is None
+                else [sg.state_dict() for sg in self.class_sagd[1:]],
                 "importance": None
                 if not self.class_samplers
                 else [
@@ -1231,7 +1267,7 @@ class Run:
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt_path)
         write_map(self.out / "volume.mrc", self.combined().cpu().numpy(), self.apix, overwrite=True)
-        if self.classes is not None:
+        if self.class_maps is not None:
             for j, V in enumerate(self.class_maps, 1):
                 write_map(
                     self.out / f"volume_class{j:03d}.mrc",
@@ -1290,9 +1326,11 @@ class Run:
         if s.get("classes") is not None:
             cl = s["classes"]
             self.classes.load_state_dict(cl["posteriors"])
-            self.class_maps = [self.V] + [v.to(self.device) for v in cl["maps"]]
-            self.class_sagd = [self.sagd]
-            for st in cl["sagd"]:
+            self.class_split_at = cl.get("split_at", 0)
+            if cl["maps"] is not None:
+                self.class_maps = [self.V] + [v.to(self.device) for v in cl["maps"]]
+                self.class_sagd = [self.sagd]
+            for st in cl["sagd"] or []:
                 sg = SAGD(
                     self.K, self.V.shape, self.device, line_search_every=self.cfg.line_search_every
                 )
@@ -1354,6 +1392,8 @@ class Run:
                 "source": "rlnRandomSubset" if self.p.random_subset is not None else "random",
                 "n": [int((self.subset == h).sum()) for h in (1, 2)],
             }
+        if self.classes is not None:
+            info["class_split_at_iteration"] = self.class_split_at
         if self.class_gold_standard is not None:
             info["class_gold_standard"] = self.class_gold_standard
         if self.gold_standard is not None:

@@ -264,7 +264,16 @@ def add_reconstruct_arguments(p) -> None:
         help="with --classes: how alike the classes are held at first, 0-1 (cryoSPARC's class "
         "similarity; default 0.5): the class posteriors are tempered to this fraction of the "
         "uniform entropy and each minibatch balanced towards equal classes, annealed to the "
-        "plain posteriors over epochs 2-4",
+        "plain posteriors over epochs 2-4 after the split (--class-resolution)",
+    )
+    p.add_argument(
+        "--class-resolution",
+        type=at_least(1, float),
+        default=d.class_resolution_A,
+        metavar="A",
+        help="with --classes: one map is refined until the cut-off passes this (Å), then it "
+        "splits into K class maps and the particles are dealt to them at random, as RELION's "
+        f"3D classification starts (default {d.class_resolution_A:g})",
     )
     p.add_argument(
         "--no-halves",
@@ -328,6 +337,7 @@ def config_from_args(args) -> ReconstructConfig:
         symmetry_c1_start=not getattr(args, "symmetric_start", False),
         classes=args.classes,
         class_similarity=min(1.0, args.class_similarity),
+        class_resolution_A=args.class_resolution,
     )
 
 

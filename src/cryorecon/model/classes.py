@@ -158,10 +158,18 @@ class ClassPosteriors:
         return self.post.argmax(1).astype(np.int64) + 1
 
     def state_dict(self) -> dict:
-        return {"post": self.post, "seen": self.seen}
+        return {
+            "post": self.post,
+            "seen": self.seen,
+            "anneal": (self.anneal_start, self.anneal_end),
+            "beta": self.beta,
+        }
 
     def load_state_dict(self, s: dict) -> None:
         self.post, self.seen = np.asarray(s["post"]), np.asarray(s["seen"])
+        if "anneal" in s:
+            self.anneal_start, self.anneal_end = s["anneal"]
+            self.beta = s["beta"]
 
 
 def default_anneal(n_batches: int) -> tuple[int, int]:
