@@ -1,6 +1,7 @@
-"""Multi-class ab initio on a simulated mixture (issue 16): GroEL-GroES (PDB 1AON) and GroEL
-alone (1AON without the GroES chains O-U), 50/50, plus a fraction of pure-noise images,
-reconstructed with ``--classes K`` from random starts.
+"""Multi-class ab initio on a simulated mixture (issue 16): GroEL-GroES (PDB 1AON) and a
+second structure (``--second``: GroEL alone, 1AON without the GroES chains O-U; or one
+GroEL ring, chains A-G), 50/50, plus a fraction of pure-noise images, reconstructed with
+``--classes K`` from a random start.
 
 Reports, per true structure: the class most of its particles went to, the purity (share of
 its particles in that class), the FSC 0.5 / 0.143 resolution of that class's map against the
@@ -8,7 +9,7 @@ structure's truth after alignment, beside the oracle (Wiener back-projection wit
 poses of that structure's particles); where the noise images went; wall time. Prints a table
 and writes ``results/classes.json``.
 
-    .venv/bin/python benchmarks/classes.py --n 4000 --box 32 --apix 10 --classes 3 --max-time 15
+    .venv/bin/python benchmarks/classes.py --n 4000 --box 64 --apix 5 --classes 3 --max-time 8
 """
 
 from __future__ import annotations
@@ -25,11 +26,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_info, quiet, score_vs_truth, write_json  # noqa: E402
 
+SECOND = {
+    # name: (chains kept from 1AON, label, centred on its own centre of mass)
+    "groel": (None, "GroEL", False),  # 1AON without GroES (chains O-U), in the same frame
+    "ring": (set("ABCDEFG"), "GroEL ring", True),  # one heptameric ring (GroES-bound cis ring)
+}
+
 
 def make_mixture(
-    root: Path, n: int, D: int, apix: float, snr: float, noise_fraction: float, seed: int
+    root: Path,
+    n: int,
+    D: int,
+    apix: float,
+    snr: float,
+    noise_fraction: float,
+    seed: int,
+    second: str = "groel",
 ):
-    """Write the mixture (particles.star + stack), the truths and the labels (0 = noise)."""
+    """Write the mixture (particles.star + stack), the truths and the labels (0 = noise):
+    GroEL-GroES and ``second`` (:data:`SECOND`), 50/50."""
     import gemmi
     import mrcfile
 
@@ -43,13 +58,20 @@ def make_mixture(
 
     root.mkdir(parents=True, exist_ok=True)
     st = gemmi.read_structure(str(builtin_model_path()))
-    for name in [ch.name for ch in st[0] if ch.name >= "O"]:  # GroES: chains O-U
-        st[0].remove_chain(name)
-    st.write_pdb(str(root / "groel.pdb"))
-    centre = model_centre(None)  # one frame for both, so they differ by GroES only
+    keep, _, own_centre = SECOND[second]
+    for name in [ch.name for ch in st[0]]:
+        if (name >= "O") if keep is None else (name not in keep):
+            st[0].remove_chain(name)
+    st.write_pdb(str(root / f"{second}.pdb"))
+    centre = model_centre(None)  # GroEL: one frame for both, so they differ by GroES only
     truths = [
         density_from_model(None, D=D, apix=apix, centre_A=centre),
-        density_from_model(root / "groel.pdb", D=D, apix=apix, centre_A=centre),
+        density_from_model(
+            root / f"{second}.pdb",
+            D=D,
+            apix=apix,
+            centre_A=model_centre(root / f"{second}.pdb") if own_centre else centre,
+        ),
     ]
     n_noise = int(round(noise_fraction * n))
     n_each = (n - n_noise) // 2
@@ -112,6 +134,9 @@ def main(argv=None) -> int:
     ap.add_argument("--snr", type=float, default=0.1)
     ap.add_argument("--noise", type=float, default=0.1, help="fraction of pure-noise images")
     ap.add_argument("--classes", type=int, default=3)
+    ap.add_argument(
+        "--second", choices=sorted(SECOND), default="groel", help="the structure beside GroEL-GroES"
+    )
     ap.add_argument("--max-time", type=float, default=15.0, help="minutes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=RESULTS / "classes_work")
@@ -124,7 +149,9 @@ def main(argv=None) -> int:
     from cryorecon.cli import main as cli
 
     data = args.work / "data"
-    truths = make_mixture(data, args.n, args.box, args.apix, args.snr, args.noise, args.seed)
+    truths = make_mixture(
+        data, args.n, args.box, args.apix, args.snr, args.noise, args.seed, args.second
+    )
     tp = np.load(data / "truth_poses.npz")
     run = args.work / f"run_k{args.classes}"
     t0 = time.perf_counter()
@@ -161,13 +188,14 @@ def main(argv=None) -> int:
         "snr": args.snr,
         "noise_fraction": args.noise,
         "classes": args.classes,
+        "second": args.second,
         "machine": machine_info(),
         "structures": [],
     }
     print(
         f"{'structure':<14}{'class':>6}{'purity':>8}{'FSC0.5':>9}{'FSC0.143':>10}{'oracle0.5':>11}"
     )
-    for k, name in ((1, "GroEL-GroES"), (2, "GroEL")):
+    for k, name in ((1, "GroEL-GroES"), (2, SECOND[args.second][1])):
         mine = labels == k
         cls, count = Counter(got[mine]).most_common(1)[0]
         from cryorecon.io.mrc import read_map

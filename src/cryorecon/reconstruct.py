@@ -931,7 +931,7 @@ class Run:
         """The held-out error at this iteration, fed to the stopping rule and the schedule."""
         heldout = self.heldout_error(lvl)
         self.heldout_state.observe(omega, heldout)
-        if self.resolution.observe(tau, heldout):
+        if not self.classes_holding(tau) and self.resolution.observe(tau, heldout):
             log.info(
                 f"iteration {tau}: held-out error levelled off at {1 / omega:.1f} Å; "
                 f"cut-off -> {1 / self.resolution.omega_star(tau + 1):.1f} Å"
@@ -976,6 +976,17 @@ class Run:
             f"iterations {self.classes.anneal_start}-{self.classes.anneal_end})"
         )
         return True
+
+    def classes_holding(self, tau: int) -> bool:
+        """True while the adaptive cut-off is held where the classes split: until one epoch
+        after the class-similarity annealing ends. The class log-likelihoods are compared at
+        a low cut-off, where a particle's own share of its class map (which makes every
+        particle fit the class it trained best, whatever its structure) is small beside the
+        structural difference; at the refinement's finer cut-offs that self-fit grows with
+        the coefficients of the map and locks the particles into the classes they were
+        dealt to (docs/results.md, "Several classes on a mixture"). The paper's schedule
+        raises omega* by the iteration and is not held."""
+        return self.class_split_at is not None and tau < self.classes.anneal_end + self.K
 
     def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
         """One iteration with K classes: every class's map takes a SAGD step on the minibatch
