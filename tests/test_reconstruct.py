@@ -891,8 +891,7 @@ def test_classes_write_one_map_each_and_resume(dataset, tmp_path):
     after = [r for r in recs if r["iteration"] >= split]
     assert len(after) == 40 - split + 1
     assert all(
-        abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2
-        for r in after
+        abs(sum(r["class_fractions"]) - 1) < 1e-4 and len(r["class_fractions"]) == 2 for r in after
     )
     a, b = (read_map(one / f"volume_class00{k}.mrc")[0] for k in (1, 2))
     assert not np.array_equal(a, b)
