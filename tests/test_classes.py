@@ -40,8 +40,8 @@ def test_log_marginal_and_posteriors_are_bayes():
 
 def test_tempered_posteriors_are_balanced_and_as_soft_as_the_similarity():
     """While s > 0: r = softmax(beta L + a) (rank-one structure: log r - beta L is a column
-    term minus a row term), the minibatch's mean posterior is (1 - s) pi + s / K, and the
-    mean entropy is s log K; at s = 0 the Bayes posteriors."""
+    term minus a row term), the minibatch's mean posterior is (1 - s) rbar + s / K (rbar: its
+    mean Bayes posterior), and the mean entropy is s log K; at s = 0 the Bayes posteriors."""
     rng = np.random.default_rng(1)
     K, B = 3, 40
     cp = ClassPosteriors(B, K, similarity=0.5, anneal_start=10, anneal_end=30)
@@ -51,12 +51,14 @@ def test_tempered_posteriors_are_balanced_and_as_soft_as_the_similarity():
     # class 0 fits every image 80 nats better, plus per-image differences of ~30 nats
     L = rng.normal(size=(B, K)) * 30 - 1000
     L[:, 0] += 80
+    bayes = pi[None, :] * np.exp(L - L.max(1, keepdims=True))
+    rbar = (bayes / bayes.sum(1, keepdims=True)).mean(0)
     for tau, s in ((5, 0.5), (20, 0.25)):
         assert cp.similarity(tau) == pytest.approx(s)
         r, beta = cp.posteriors(L, tau)
         assert 0 < beta < 1
         assert np.allclose(r.sum(1), 1)
-        assert np.allclose(r.mean(0), (1 - s) * pi + s / K, atol=1e-8)
+        assert np.allclose(r.mean(0), (1 - s) * rbar + s / K, atol=1e-8)
         H = -(r * np.log(r)).sum(1).mean()
         assert H == pytest.approx(s * np.log(K), rel=1e-6)
         g = np.log(r) - beta * L
@@ -65,10 +67,12 @@ def test_tempered_posteriors_are_balanced_and_as_soft_as_the_similarity():
     r, beta = cp.posteriors(L, 30)
     brute = pi[None, :] * np.exp(L - L.max(1, keepdims=True))
     assert beta == 1.0 and np.allclose(r, brute / brute.sum(1, keepdims=True))
-    # the plain posteriors would hand class 0 almost every image; the balanced ones do not
+    # the plain posteriors hand class 0 almost every image; the balanced ones leave every
+    # class at least s / K of them
     assert (r.argmax(1) == 0).mean() > 0.9
     r5, _ = cp.posteriors(L, 5)
-    assert r5[:, 0].mean() == pytest.approx(0.5 * pi[0] + 0.5 / K)
+    assert r5[:, 0].mean() == pytest.approx(0.5 * rbar[0] + 0.5 / K)
+    assert r5[:, 1:].mean(0).min() >= 0.5 / K - 1e-9
 
 
 def test_weights_are_the_previous_visit_and_held_out_particles_leave_the_priors():

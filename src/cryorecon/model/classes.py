@@ -24,9 +24,12 @@ with ``L_ik = log p(I_i | V_k)`` (deterministic annealing of the mixture). ``bet
 (0, 1] is the largest inverse temperature at which the posteriors' mean entropy is still
 ``s log K`` (``s`` = 1: every class alike): a particle's class log-likelihoods differ by
 tens of nats, so the Bayes posteriors are one-hot from the first visit. The offsets ``a_k``
-balance the minibatch (Sinkhorn's scaling): its mean posterior is ``(1 - s) pi + s / K``,
-so a class that fits every particle a little better (a sharper start, not a different
-structure) cannot empty the others while ``s > 0``. At ``s = 0`` they are the Bayes
+balance the minibatch (Sinkhorn's scaling): its mean posterior is ``(1 - s) rbar + s / K``,
+with ``rbar`` the minibatch's mean Bayes posterior ``softmax_k(L_ik + log pi_k)``, so every
+class keeps at least ``s / K`` of the particles while ``s > 0`` (a class that fits every
+particle a little better cannot empty the others) and the class fractions follow the data
+(a 10% junk class can shrink to 10%; balancing to ``pi`` instead would keep every class at
+exactly ``1 / K``, since ``pi`` is itself the mean of the balanced posteriors). At ``s = 0`` they are the Bayes
 posteriors ``r_ik ∝ pi_k p(I_i | V_k)``. The class priors ``pi_k`` are the mean posterior
 over the training particles seen so far (floored at ``min_prior / K`` so that an empty
 class can still take particles back).
@@ -125,7 +128,7 @@ class ClassPosteriors:
         pi = self.priors()
         if s <= 0 or self.K == 1:
             return _softmax(L + np.log(pi)[None, :]), 1.0
-        target = (1.0 - s) * pi + s / self.K
+        target = (1.0 - s) * _softmax(L + np.log(pi)[None, :]).mean(0) + s / self.K
         want = s * np.log(self.K)
         r, _ = balanced_posteriors(L, target)
         if mean_entropy(r) >= want:
