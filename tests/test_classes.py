@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cryorecon.model.classes import ClassPosteriors, default_anneal
 
@@ -97,3 +98,31 @@ def test_empty_class_keeps_a_floor_and_state_round_trips():
     assert np.array_equal(other.post, cp.post) and np.array_equal(other.seen, cp.seen)
     with pytest.raises(ValueError):
         ClassPosteriors(3, 0)
+
+
+def test_tied_class_maps_keep_their_mean_and_differ_only_inside_the_band():
+    """tie_to_mean: the weighted mean is unchanged; the differences between the tied maps are
+    those of the inputs inside the band (k <= kc - 1 Fourier pixels) and vanish beyond it
+    (k >= kc + 1), checked on the centred 3D FFT."""
+    from cryorecon.fourier.transforms import fft3c
+    from cryorecon.model.classes import tie_to_mean
+
+    g = torch.Generator().manual_seed(0)
+    D, apix, res = 24, 5.0, 30.0
+    maps = [torch.rand(D, D, D, generator=g, dtype=torch.float64) for _ in range(3)]
+    w = np.array([0.5, 0.3, 0.2])
+    tied = tie_to_mean(maps, w, apix, res)
+    mean_in = sum(float(a) * V for a, V in zip(w, maps))
+    mean_out = sum(float(a) * V for a, V in zip(w, tied))
+    assert torch.allclose(mean_in, mean_out, atol=1e-12)
+    k = torch.arange(D, dtype=torch.float64) - D // 2
+    kz, ky, kx = torch.meshgrid(k, k, k, indexing="ij")
+    r = torch.sqrt(kx**2 + ky**2 + kz**2)
+    kc = D * apix / res
+    d_in, d_out = fft3c(maps[0] - maps[1]), fft3c(tied[0] - tied[1])
+    inside, outside = r <= kc - 1, r >= kc + 1
+    assert torch.allclose(d_out[inside], d_in[inside], atol=1e-9)
+    assert d_out[outside].abs().max() < 1e-9 * d_in[outside].abs().max()
+    assert d_in[outside].abs().max() > 1  # the inputs did differ there
+    # beyond the band each tied map is the mean
+    assert torch.allclose(fft3c(tied[2])[outside], fft3c(mean_in)[outside], atol=1e-9)

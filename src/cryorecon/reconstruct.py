@@ -50,7 +50,7 @@ from .geometry.symmetry import parse_symmetry
 from .io.atomic import write_json
 from .io.checks import single_pixel_size
 from .io.mrc import write_map
-from .model.classes import ClassPosteriors, default_anneal, to_tensor
+from .model.classes import ClassPosteriors, default_anneal, tie_to_mean, to_tensor
 from .model.importance import ImportanceSampler, ISConfig
 from .model.objective import MAX_SAMPLED_FRACTION, Evaluation, ExactQuadrature, ImportanceSampled
 from .model.priors import make_prior
@@ -991,7 +991,9 @@ class Run:
     def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
         """One iteration with K classes: every class's map takes a SAGD step on the minibatch
         with per-image weights (:mod:`cryorecon.model.classes`), then the particles' class
-        posteriors are updated from this visit's K log-likelihoods."""
+        posteriors are updated from this visit's K log-likelihoods. While the cut-off is held
+        for the classes (:meth:`classes_holding`) the maps differ only below
+        ``class_difference_A`` (:func:`~cryorecon.model.classes.tie_to_mean`)."""
         import dataclasses
 
         c = self.cfg
@@ -1024,6 +1026,11 @@ class Run:
             )
             doublings += d
             evs.append(ev)
+        if c.class_difference_A and self.classes_holding(tau):
+            self.class_maps = [
+                V.clamp_min(0.0)
+                for V in tie_to_mean(self.class_maps, share, self.apix, c.class_difference_A)
+            ]
         self.V, self.sagd = self.class_maps[0], self.class_sagd[0]
         L = np.stack([ev.loglik.double().cpu().numpy() for ev in evs], 1)
         r = self.classes.observe(idx, L, tau)

@@ -252,8 +252,9 @@ def add_reconstruct_arguments(p) -> None:
         type=at_least(1),
         default=d.classes,
         metavar="K",
-        help="number of classes (maps) reconstructed together from independent random starts, "
-        "each particle's posterior marginalised over class and pose (default 1). Writes "
+        help="number of classes (maps) reconstructed together, split from one map at "
+        "--class-resolution, each particle's posterior marginalised over class and pose "
+        "(default 1). Writes "
         "volume_class001.mrc ...; volume.mrc is the most populated class. With K > 1 there "
         "are no half-sets",
     )
@@ -263,8 +264,9 @@ def add_reconstruct_arguments(p) -> None:
         default=d.class_similarity,
         help="with --classes: how alike the classes are held at first, 0-1 (cryoSPARC's class "
         "similarity; default 0.5): the class posteriors are tempered to this fraction of the "
-        "uniform entropy and each minibatch balanced towards equal classes, annealed to the "
-        "plain posteriors over epochs 2-4 after the split (--class-resolution)",
+        "uniform entropy and each minibatch balanced so that no class falls below this "
+        "fraction of an equal share, annealed to the plain posteriors over epochs 2-4 after "
+        "the split (--class-resolution)",
     )
     p.add_argument(
         "--class-resolution",
@@ -274,6 +276,15 @@ def add_reconstruct_arguments(p) -> None:
         help="with --classes: one map is refined until the cut-off passes this (Å), then it "
         "splits into K class maps and the particles are dealt to them at random, as RELION's "
         f"3D classification starts (default {d.class_resolution_A:g})",
+    )
+    p.add_argument(
+        "--class-difference-resolution",
+        type=at_least(0, float),
+        default=d.class_difference_A,
+        metavar="A",
+        help="with --classes: while the classes form (the cut-off held from the split until an "
+        "epoch after the annealing), the class maps differ from their mean only below this "
+        f"resolution (Å; default {d.class_difference_A:g}; 0: not tied)",
     )
     p.add_argument(
         "--no-halves",
@@ -338,6 +349,7 @@ def config_from_args(args) -> ReconstructConfig:
         classes=args.classes,
         class_similarity=min(1.0, args.class_similarity),
         class_resolution_A=args.class_resolution,
+        class_difference_A=args.class_difference_resolution,
     )
 
 

@@ -29,10 +29,10 @@ with ``rbar`` the minibatch's mean Bayes posterior ``softmax_k(L_ik + log pi_k)`
 class keeps at least ``s / K`` of the particles while ``s > 0`` (a class that fits every
 particle a little better cannot empty the others) and the class fractions follow the data
 (a 10% junk class can shrink to 10%; balancing to ``pi`` instead would keep every class at
-exactly ``1 / K``, since ``pi`` is itself the mean of the balanced posteriors). At ``s = 0`` they are the Bayes
-posteriors ``r_ik ∝ pi_k p(I_i | V_k)``. The class priors ``pi_k`` are the mean posterior
-over the training particles seen so far (floored at ``min_prior / K`` so that an empty
-class can still take particles back).
+exactly ``1 / K``, since ``pi`` is itself the mean of the balanced posteriors). At ``s = 0``
+they are the Bayes posteriors ``r_ik ∝ pi_k p(I_i | V_k)``. The class priors ``pi_k`` are
+the mean posterior over the training particles seen so far (floored at ``min_prior / K`` so
+that an empty class can still take particles back).
 """
 
 from __future__ import annotations
@@ -175,6 +175,27 @@ class ClassPosteriors:
             self.beta = s["beta"]
 
 
+def tie_to_mean(
+    maps: list[torch.Tensor], weights, apix: float, resolution_A: float
+) -> list[torch.Tensor]:
+    """The class maps with their differences from their weighted mean ``Vbar = sum_k w_k V_k``
+    (``weights`` (K,), summing to 1) low-passed to ``resolution_A`` Å:
+    ``Vbar + lowpass(V_k - Vbar)`` (raised-cosine edge,
+    :func:`cryorecon.gold_standard.lowpass`). The weighted mean is unchanged, and beyond the
+    band every class carries the mean's coefficients.
+
+    Used while the classes form: a class built from a third of the particles has a third of
+    the data behind each coefficient, and its noise at the finer coefficients makes every
+    particle fit best the class it has already trained (the particles lock into the classes
+    they were dealt at random). Structural differences such as a missing subunit or a
+    junk class are large-scale and survive the low-pass (docs/results.md, "Several classes on
+    a mixture")."""
+    from ..gold_standard import lowpass
+
+    mean = sum(float(w) * V for w, V in zip(weights, maps))
+    return [mean + lowpass(V - mean, apix, resolution_A) for V in maps]
+
+
 def default_anneal(n_batches: int) -> tuple[int, int]:
     """Iterations ``(anneal_start, anneal_end)`` of the class-similarity annealing: flat for
     two epochs, to zero by the fourth (an epoch is one visit of every minibatch)."""
@@ -185,4 +206,10 @@ def to_tensor(w: np.ndarray, device) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(w), dtype=torch.float32, device=device)
 
 
-__all__ = ["ClassPosteriors", "balanced_posteriors", "default_anneal", "mean_entropy"]
+__all__ = [
+    "ClassPosteriors",
+    "balanced_posteriors",
+    "default_anneal",
+    "mean_entropy",
+    "tie_to_mean",
+]
