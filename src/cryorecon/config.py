@@ -86,8 +86,8 @@ class ReconstructConfig:
     class_similarity: float = 0.5
     # With classes > 1: one map until the cut-off passes this, then K (Run.maybe_split_classes).
     class_resolution_A: float = 30.0
-    # With classes > 1, while the cut-off is held for them (Run.classes_holding): the class
-    # maps differ only below this resolution (model.classes.tie_to_mean); 0: no tie.
+    # With classes > 1: the refined class maps differ only below this resolution
+    # (model.classes.tie_to_mean); 0: no tie.
     class_difference_A: float = 40.0
     join_resolution_A: float = 40.0
     cache_gib: float = 2.0

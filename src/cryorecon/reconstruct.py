@@ -991,9 +991,10 @@ class Run:
     def _step_classes(self, tau: int, omega: float, lvl: Level) -> dict:
         """One iteration with K classes: every class's map takes a SAGD step on the minibatch
         with per-image weights (:mod:`cryorecon.model.classes`), then the particles' class
-        posteriors are updated from this visit's K log-likelihoods. While the cut-off is held
-        for the classes (:meth:`classes_holding`) the maps differ only below
-        ``class_difference_A`` (:func:`~cryorecon.model.classes.tie_to_mean`)."""
+        posteriors are updated from this visit's K log-likelihoods. The maps differ only
+        below ``class_difference_A`` (:func:`~cryorecon.model.classes.tie_to_mean`): finer
+        coefficients are shared, estimated from all the particles; each class's own map at
+        full resolution is the back-projection at the end (:meth:`_class_final_maps`)."""
         import dataclasses
 
         c = self.cfg
@@ -1026,7 +1027,7 @@ class Run:
             )
             doublings += d
             evs.append(ev)
-        if c.class_difference_A and self.classes_holding(tau):
+        if c.class_difference_A:
             self.class_maps = [
                 V.clamp_min(0.0)
                 for V in tie_to_mean(self.class_maps, share, self.apix, c.class_difference_A)

@@ -282,9 +282,9 @@ def add_reconstruct_arguments(p) -> None:
         type=at_least(0, float),
         default=d.class_difference_A,
         metavar="A",
-        help="with --classes: while the classes form (the cut-off held from the split until an "
-        "epoch after the annealing), the class maps differ from their mean only below this "
-        f"resolution (Å; default {d.class_difference_A:g}; 0: not tied)",
+        help="with --classes: the refined class maps differ from their mean only below this "
+        "resolution (Å), finer detail is shared; the final class maps are each class's own "
+        f"back-projection at full resolution (default {d.class_difference_A:g}; 0: not tied)",
     )
     p.add_argument(
         "--no-halves",

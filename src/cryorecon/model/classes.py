@@ -184,12 +184,12 @@ def tie_to_mean(
     :func:`cryorecon.gold_standard.lowpass`). The weighted mean is unchanged, and beyond the
     band every class carries the mean's coefficients.
 
-    Used while the classes form: a class built from a third of the particles has a third of
-    the data behind each coefficient, and its noise at the finer coefficients makes every
-    particle fit best the class it has already trained (the particles lock into the classes
-    they were dealt at random). Structural differences such as a missing subunit or a
-    junk class are large-scale and survive the low-pass (docs/results.md, "Several classes on
-    a mixture")."""
+    Why: a class refined from a third of the particles has a third of the data behind each
+    coefficient, and its noise at the finer coefficients makes every particle fit best the
+    class it has already trained, so the particles lock into the classes they were dealt at
+    random. Structural differences such as a missing subunit or a junk class are large-scale
+    and survive the low-pass (docs/results.md, "Several classes on a mixture").
+    """
     from ..gold_standard import lowpass
 
     mean = sum(float(w) * V for w, V in zip(weights, maps))
