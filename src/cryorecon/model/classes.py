@@ -184,7 +184,7 @@ def tie_to_mean(
     :func:`cryorecon.gold_standard.lowpass`). The weighted mean is unchanged, and beyond the
     band every class carries the mean's coefficients.
 
-    Why: a class refined from a third of the particles has a third of the data behind each
+    Why: a class refined from 1/K of the particles has 1/K of the data behind each
     coefficient, and its noise at the finer coefficients makes every particle fit best the
     class it has already trained, so the particles lock into the classes they were dealt at
     random. Structural differences such as a missing subunit or a junk class are large-scale
