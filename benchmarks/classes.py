@@ -126,24 +126,29 @@ def oracle(star: Path, rows: np.ndarray, angles, shifts):
     return wiener_backproject(ps)
 
 
-def confusion_and_targets(labels, got, K: int, structures: list[dict]) -> dict:
-    """The images of each true kind (``labels``: 1, 2; 0 noise) in each class (``got``), and
-    issue 16's targets: each structure within 1.5x of its oracle's FSC 0.5, >= 90% of its
-    images in its class, the two in different classes, and most noise images in a class of
-    neither."""
+def confusion(labels, got, K: int) -> dict:
+    """The images of each true kind (``labels``: 1, 2; 0 noise) in each class (``got``,
+    1-based): ``{kind: [count in class 1, ..., class K]}``."""
     names = {1: "structure1", 2: "structure2", 0: "noise"}
-    confusion = {
+    return {
         names[k]: [int(np.sum((labels == k) & (got == c))) for c in range(1, K + 1)]
         for k in (1, 2, 0)
         if (labels == k).any()
     }
+
+
+def confusion_and_targets(labels, got, K: int, structures: list[dict]) -> dict:
+    """:func:`confusion`, and issue 16's targets: each structure within 1.5x of its oracle's
+    FSC 0.5, >= 90% of its images in its class, the two in different classes, and most noise
+    images in a class of neither."""
+    table = confusion(labels, got, K)
     within = [
         s["resolution_A"]["0.5"] is not None
         and bool(s["resolution_A"]["0.5"] <= 1.5 * s["oracle_resolution_A"]["0.5"])
         for s in structures
     ]
     real = {s["class"] for s in structures}
-    noise = confusion.get("noise")
+    noise = table.get("noise")
     targets = {
         "within_1.5x_oracle": within,
         "at_least_90pc_in_class": [bool(s["purity"] >= 0.9) for s in structures],
@@ -151,13 +156,14 @@ def confusion_and_targets(labels, got, K: int, structures: list[dict]) -> dict:
         "noise_mostly_elsewhere": noise is not None
         and bool(sum(v for c, v in enumerate(noise, 1) if c not in real) > 0.5 * sum(noise)),
     }
-    return {"confusion": confusion, "targets": targets}
+    return {"confusion": table, "targets": targets}
 
 
-def trace_classes(labels: np.ndarray, t0: list) -> list[dict]:
+def trace_classes(labels: np.ndarray, t0: float) -> list[dict]:
     """Instrument the run: every half epoch after the classes split, record the images of each
     true kind (``labels``, all particles, held-out ones included) in each class (largest
-    posterior), the cut-off and the seconds since ``t0[0]``. Reads the run's state only."""
+    posterior), the cut-off and the seconds since ``t0`` (``time.perf_counter``). Reads the
+    run's state only."""
     import importlib
 
     R = importlib.import_module("cryorecon.reconstruct")
@@ -174,8 +180,8 @@ def trace_classes(labels: np.ndarray, t0: list) -> list[dict]:
                     "iteration": tau,
                     "epochs_since_split": round(n / self.K, 2),
                     "resolution_A": round(1 / omega, 2),
-                    "seconds": round(time.perf_counter() - t0[0], 1),
-                    "confusion": confusion_and_targets(labels, a, K, [])["confusion"],
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "confusion": confusion(labels, a, K),
                 }
             )
         return rec
@@ -204,7 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--score-only",
         action="store_true",
-        help="score the run already in --work (no reconstruction; wall_s is then null)",
+        help="score the run and the mixture already in --work (no simulation, no "
+        "reconstruction; wall_s is then null)",
     )
     ap.add_argument("extra", nargs="*", help="further `cryorecon reconstruct` flags (after --)")
     args = ap.parse_args(argv)
@@ -214,12 +221,19 @@ def main(argv=None) -> int:
     from cryorecon.cli import main as cli
 
     data = args.work / "data"
-    truths = make_mixture(
-        data, args.n, args.box, args.apix, args.snr, args.noise, args.seed, args.second
-    )
+    if args.score_only:
+        from cryorecon.io.mrc import read_map
+
+        if not (data / "truth_poses.npz").exists():
+            ap.error(f"--score-only: no mixture in {data} (run once without it)")
+        truths = [torch.as_tensor(read_map(data / f"truth{k}.mrc")[0]) for k in (1, 2)]
+    else:
+        truths = make_mixture(
+            data, args.n, args.box, args.apix, args.snr, args.noise, args.seed, args.second
+        )
     tp = np.load(data / "truth_poses.npz")
     run = args.work / f"run_k{args.classes}"
-    t0 = [time.perf_counter()]
+    t0 = time.perf_counter()
     trace = trace_classes(tp["labels"], t0)
     rc = (
         0
@@ -242,7 +256,7 @@ def main(argv=None) -> int:
             ]
         )
     )
-    wall = None if args.score_only else time.perf_counter() - t0[0]
+    wall = None if args.score_only else time.perf_counter() - t0
     table = starfile.read(run / "particles.star")["particles"]
     rows = table["rlnImageName"].str.split("@").str[0].astype(int).to_numpy() - 1
     got = table["rlnClassNumber"].to_numpy()
